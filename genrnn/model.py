@@ -1,0 +1,208 @@
+"""The encoder–decoder: embeddings, a recurrent encoder, a bridge, a recurrent decoder.
+
+Recurrent state is a tuple of tensors, each ``(layers, batch, hidden)``: ``(h, c)``
+for LSTM cells, ``(h,)`` for GRU and plain RNN cells. Keeping it a tuple lets the
+decoding engine select or reorder rows with one line whatever the cell.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from genrnn.config import ModelConfig
+from genrnn.tokenizer import PAD_ID
+
+State = tuple[torch.Tensor, ...]
+
+_CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+def state_size(cell: str) -> int:
+    """Number of state tensors a cell carries: 2 for LSTM (h, c), 1 otherwise."""
+    return 2 if cell == "lstm" else 1
+
+
+def init_recurrent(rnn: nn.RNNBase) -> None:
+    """Orthogonal recurrent matrices (one per gate), Xavier input matrices, forget bias 1.
+
+    PyTorch adds two bias vectors per layer (``bias_ih + bias_hh``); the forget gate's
+    effective bias is their sum, so one is set to 1 and the other to 0.
+    """
+    hidden = rnn.hidden_size
+    for name, param in rnn.named_parameters():
+        if name.startswith("weight_hh"):
+            for gate in param.data.split(hidden, dim=0):
+                nn.init.orthogonal_(gate)
+        elif name.startswith("weight_ih"):
+            nn.init.xavier_uniform_(param.data)
+        elif name.startswith("bias"):
+            param.data.zero_()
+            if isinstance(rnn, nn.LSTM) and name.startswith("bias_ih"):
+                param.data[hidden : 2 * hidden] = 1.0  # gate order: input, forget, cell, output
+
+
+def _map_data(x: torch.Tensor | PackedSequence, fn) -> torch.Tensor | PackedSequence:
+    """Apply an elementwise function to a tensor or to a packed sequence's data."""
+    return x._replace(data=fn(x.data)) if isinstance(x, PackedSequence) else fn(x)
+
+
+class StackedRNN(nn.Module):
+    """Layers of fused recurrent kernels (cuDNN on GPU) with dropout and optional residuals between."""
+
+    def __init__(
+        self,
+        cell: str,
+        input_size: int,
+        hidden: int,
+        layers: int,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        residual: bool = False,
+    ) -> None:
+        super().__init__()
+        directions = 2 if bidirectional else 1
+        sizes = [input_size] + [hidden * directions] * (layers - 1)
+        self.layers = nn.ModuleList(
+            _CELLS[cell](size, hidden, batch_first=True, bidirectional=bidirectional) for size in sizes
+        )
+        for layer in self.layers:
+            init_recurrent(layer)
+        self.dropout = nn.Dropout(dropout)
+        self.residual = residual
+        self.is_lstm = cell == "lstm"
+
+    def forward(
+        self, x: torch.Tensor | PackedSequence, state: State | None = None
+    ) -> tuple[torch.Tensor | PackedSequence, State]:
+        """Run every layer. ``state`` and the returned state: tensors ``(layers × directions, batch, hidden)``."""
+        directions = 2 if self.layers[0].bidirectional else 1
+        finals: list[State] = []
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                x = _map_data(x, self.dropout)
+            layer_state = None
+            if state is not None:
+                layer_state = tuple(s[i * directions : (i + 1) * directions] for s in state)
+                layer_state = layer_state if self.is_lstm else layer_state[0]
+            out, final = layer(x, layer_state)
+            if self.residual and i > 0:
+                out = _map_data(out, lambda data, x=x: data + (x.data if isinstance(x, PackedSequence) else x))
+            finals.append(final if self.is_lstm else (final,))
+            x = out
+        return x, tuple(torch.cat(parts, dim=0) for parts in zip(*finals))
+
+
+class Bridge(nn.Module):
+    """Maps the encoder's final state of every layer to the decoder's initial state.
+
+    ``bridge``: a learned projection of all layers and directions (tanh for ``h``,
+    linear for the LSTM cell ``c``); ``last``: a copy of the last encoder layers
+    (directions concatenated); ``zero``: zeros.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.kind = config.bridge
+        self.encoder_layers = config.encoder_layers
+        self.directions = 2 if config.bidirectional else 1
+        self.decoder_layers = config.decoder_layers
+        self.decoder_hidden = config.decoder_hidden
+        if self.kind == "bridge":
+            size_in = config.encoder_layers * config.encoder_output_size
+            size_out = config.decoder_layers * config.decoder_hidden
+            self.projections = nn.ModuleList(nn.Linear(size_in, size_out) for _ in range(state_size(config.cell)))
+
+    def _per_layer(self, s: torch.Tensor) -> torch.Tensor:
+        """(layers × directions, batch, hidden) → (layers, batch, directions × hidden)."""
+        layers_dirs, batch, hidden = s.shape
+        s = s.view(self.encoder_layers, self.directions, batch, hidden)
+        return s.permute(0, 2, 1, 3).reshape(self.encoder_layers, batch, self.directions * hidden)
+
+    def forward(self, encoder_state: State) -> State:
+        batch = encoder_state[0].shape[1]
+        if self.kind == "zero":
+            shape = (self.decoder_layers, batch, self.decoder_hidden)
+            return tuple(s.new_zeros(shape) for s in encoder_state)
+        per_layer = [self._per_layer(s) for s in encoder_state]
+        if self.kind == "last":
+            return tuple(s[-self.decoder_layers :].contiguous() for s in per_layer)
+        out = []
+        for i, (s, projection) in enumerate(zip(per_layer, self.projections)):
+            flat = s.permute(1, 0, 2).reshape(batch, -1)
+            mapped = projection(flat).view(batch, self.decoder_layers, self.decoder_hidden)
+            mapped = torch.tanh(mapped) if i == 0 else mapped  # h is bounded, c is not
+            out.append(mapped.permute(1, 0, 2).contiguous())
+        return tuple(out)
+
+
+@dataclass
+class Encoded:
+    """What the encoder hands the decoder."""
+
+    memory: torch.Tensor  # (batch, src_len, encoder_output_size), for attention
+    mask: torch.Tensor  # (batch, src_len), True at real tokens
+    state: State  # decoder initial state, each (decoder_layers, batch, decoder_hidden)
+
+
+class Seq2Seq(nn.Module):
+    """Encoder–decoder whose encoder's final state initialises the decoder."""
+
+    def __init__(self, config: ModelConfig, source_vocab_size: int, target_vocab_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.source_vocab_size = source_vocab_size
+        self.target_vocab_size = target_vocab_size
+        self.source_embedding = nn.Embedding(source_vocab_size, config.embedding_dim, padding_idx=PAD_ID)
+        self.target_embedding = nn.Embedding(target_vocab_size, config.embedding_dim, padding_idx=PAD_ID)
+        for embedding in (self.source_embedding, self.target_embedding):
+            nn.init.uniform_(embedding.weight, -0.1, 0.1)
+            embedding.weight.data[PAD_ID] = 0.0
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.encoder = StackedRNN(
+            config.cell,
+            config.embedding_dim,
+            config.encoder_hidden,
+            config.encoder_layers,
+            config.bidirectional,
+            config.layer_dropout,
+            config.residual,
+        )
+        self.bridge = Bridge(config)
+        self.decoder = StackedRNN(
+            config.cell,
+            config.embedding_dim,
+            config.decoder_hidden,
+            config.decoder_layers,
+            dropout=config.layer_dropout,
+            residual=config.residual,
+        )
+        self.output_dropout = nn.Dropout(config.output_dropout)
+        self.output = nn.Linear(config.decoder_hidden, target_vocab_size)
+        if config.tie_embeddings:
+            self.output.weight = self.target_embedding.weight
+
+    def encode(self, source: torch.Tensor, source_lengths: torch.Tensor) -> Encoded:
+        """Encode padded ``source`` (batch, src_len) of the given lengths (on any device)."""
+        embedded = self.embedding_dropout(self.source_embedding(source))
+        packed = pack_padded_sequence(embedded, source_lengths.cpu(), batch_first=True, enforce_sorted=False)
+        output, final = self.encoder(packed)
+        memory, _ = pad_packed_sequence(output, batch_first=True, total_length=source.shape[1])
+        return Encoded(memory=memory, mask=source != PAD_ID, state=self.bridge(final))
+
+    def decode(self, target_in: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Logits ``(batch, steps, vocab)`` for decoder inputs ``(batch, steps)``, and the new state."""
+        embedded = self.embedding_dropout(self.target_embedding(target_in))
+        output, state = self.decoder(embedded, state)
+        return self.output(self.output_dropout(output)), state
+
+    def forward(self, source: torch.Tensor, source_lengths: torch.Tensor, target_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: logits ``(batch, tgt_len, vocab)`` for ``target_in = BOS y1 … yn``."""
+        logits, _ = self.decode(target_in, self.encode(source, source_lengths).state)
+        return logits
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,81 @@
+"""sentencepiece tokenizers with the fixed special ids ``pad=0, unk=1, bos=2, eos=3``."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from genrnn.config import TokenizerConfig
+from genrnn.errors import BundleError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+    """One sentencepiece model: text ↔ ids, in batches, with the project's special ids."""
+
+    def __init__(self, model_proto: bytes) -> None:
+        self.model_proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        specials = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
+        if specials != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+            raise BundleError(f"sentencepiece model has special ids {specials}; genrnn needs (0, 1, 2, 3)")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        return cls(Path(path).read_bytes())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.model_proto)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without BOS or EOS."""
+        return self._sp.encode(list(texts))
+
+    def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Texts of each id list; special ids are dropped."""
+        return self._sp.decode([[i for i in row if i > EOS_ID] for row in ids])
+
+    def piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+
+def train_tokenizer(texts: Iterable[str], model_type: str, vocab_size: int) -> Tokenizer:
+    """Train a sentencepiece model on ``texts``; ``vocab_size`` is an upper bound."""
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=buffer,
+        model_type=model_type,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # small corpora may not have vocab_size pieces
+        character_coverage=1.0,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        # A char model would otherwise spend one step on a leading "▁" per input.
+        add_dummy_prefix=model_type != "char",
+        minloglevel=2,
+        num_threads=1,
+    )
+    return Tokenizer(buffer.getvalue())
+
+
+def train_tokenizers(
+    sources: Sequence[str], targets: Sequence[str], config: TokenizerConfig
+) -> tuple[Tokenizer, Tokenizer]:
+    """Source and target tokenizers trained on the training pairs (one shared model if asked)."""
+    if config.shared:
+        shared = train_tokenizer([*sources, *targets], config.source_type, config.source_vocab_size)
+        return shared, shared
+    source = train_tokenizer(sources, config.source_type, config.source_vocab_size)
+    target = train_tokenizer(targets, config.target_type, config.target_vocab_size)
+    return source, target

@@ -1,0 +1,96 @@
+"""The LightningModule: teacher-forced training of :class:`genrnn.model.Seq2Seq`."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from genrnn.config import ExperimentConfig, from_dict, to_dict
+from genrnn.data import Batch
+from genrnn.decoding import Generator
+from genrnn.metrics import score
+from genrnn.model import Seq2Seq
+from genrnn.tokenizer import PAD_ID
+
+
+class Seq2SeqModule(pl.LightningModule):
+    """Cross-entropy on ``y1 … yn EOS`` given ``BOS y1 … yn``; dev WER/PER by greedy decoding."""
+
+    def __init__(self, config: dict, source_vocab_size: int, target_vocab_size: int) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # plain data only, so checkpoints restore without our classes
+        self.config = from_dict(ExperimentConfig, config)
+        self.model = Seq2Seq(self.config.model, source_vocab_size, target_vocab_size)
+
+    @classmethod
+    def from_config(cls, config: ExperimentConfig, source_vocab_size: int, target_vocab_size: int):
+        return cls(to_dict(config), source_vocab_size, target_vocab_size)
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """Mean token cross-entropy over non-padding target positions, and their count."""
+        logits = self.model(batch.source, batch.source_lengths, batch.target_in)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            batch.target_out.flatten(),
+            ignore_index=PAD_ID,
+            label_smoothing=self.config.training.label_smoothing,
+        )
+        return loss, int((batch.target_out != PAD_ID).sum())
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss, tokens = self.loss(batch)
+        size = batch.source.shape[0]
+        self.log("train_loss", loss, prog_bar=True, batch_size=size)
+        self.log("padding_fraction", batch.padding_fraction, batch_size=size)
+        self.log("target_tokens", float(tokens), reduce_fx="sum", batch_size=size)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        loss, tokens = self.loss(batch)
+        self.log("val_loss", loss, prog_bar=True, batch_size=tokens, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """Greedy-decode the dev examples and log WER, PER and sequence accuracy."""
+        examples = self.trainer.datamodule.dev_examples
+        if not examples or self.trainer.sanity_checking:
+            return
+        datamodule = self.trainer.datamodule
+        generator = Generator(self.model, datamodule.source_tokenizer, datamodule.target_tokenizer)
+        generations = generator.generate_sorted([e.source for e in examples], self.config.decoding)
+        self.model.train(self.training)  # the generator switched the model to eval mode
+        scores = score([g.candidates[0].text for g in generations], [e.targets for e in examples])
+        # Every rank decodes the same examples, so the values agree without a reduction.
+        self.log("dev_wer", scores.wer, prog_bar=True)
+        self.log("dev_per", scores.per, prog_bar=True)
+        self.log("dev_sequence_accuracy", scores.sequence_accuracy)
+
+    def on_train_epoch_start(self) -> None:
+        sampler = self.trainer.train_dataloader.batch_sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.current_epoch)
+
+    def configure_optimizers(self):
+        training = self.config.training
+        optimizer_class = torch.optim.AdamW if training.optimizer == "adamw" else torch.optim.Adam
+        optimizer = optimizer_class(self.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+        if training.schedule == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=training.plateau_factor, patience=training.plateau_patience
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": training.monitor, "interval": "epoch"},
+            }
+        if training.schedule == "warmup":
+            warmup = training.warmup_steps
+
+            def factor(step: int) -> float:
+                step = max(step, 1)
+                return min(step / warmup, math.sqrt(warmup / step))
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer

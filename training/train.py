@@ -1,0 +1,151 @@
+"""The training entry point: data → tokenizers → Lightning fit → bundle of the best checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from genrnn.bundle import save_bundle
+from genrnn.config import ExperimentConfig, to_dict
+from genrnn.data import Example, default_valid_spec, read_examples
+from genrnn.tokenizer import Tokenizer, train_tokenizers
+from training.datamodule import PairDataModule
+from training.module import Seq2SeqModule
+
+DEV_SHARE = 21  # without a dev set, about 1/21 of the training sources are held out
+
+
+def fingerprint(examples: Sequence[Example]) -> str:
+    """sha256 of the examples, to recognise the same training data on a rerun."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update("\t".join((example.source, *example.targets)).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def hold_out_dev(examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
+    """A deterministic dev set by a hash of each source, so every target of a source is on one side."""
+
+    def is_dev(example: Example) -> bool:
+        return int(hashlib.sha1(example.source.encode()).hexdigest()[:8], 16) % DEV_SHARE == 0
+
+    return [e for e in examples if not is_dev(e)], [e for e in examples if is_dev(e)]
+
+
+def load_data(config: ExperimentConfig) -> tuple[list[Example], list[Example]]:
+    """Training and dev examples as the config names them."""
+    train = read_examples(config.data.train)
+    valid_spec = config.data.valid or default_valid_spec(config.data.train)
+    if valid_spec is None:
+        return hold_out_dev(train)
+    return train, read_examples(valid_spec)
+
+
+def prepare_tokenizers(
+    train: Sequence[Example], config: ExperimentConfig, directory: Path, data_fingerprint: str
+) -> tuple[Tokenizer, Tokenizer]:
+    """Tokenizers trained on the training pairs, or the ones an earlier run on the same data left."""
+    source_path, target_path = directory / "source.model", directory / "target.model"
+    stamp_path = directory / "fingerprint.json"
+    stamp = {"data": data_fingerprint, "tokenizer": to_dict(config.tokenizer)}
+    if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        return Tokenizer.load(source_path), Tokenizer.load(target_path)
+    pairs = [(e.source, t) for e in train for t in e.targets]
+    source, target = train_tokenizers([s for s, _ in pairs], [t for _, t in pairs], config.tokenizer)
+    directory.mkdir(parents=True, exist_ok=True)
+    source.save(source_path)
+    target.save(target_path)
+    stamp_path.write_text(json.dumps(stamp))
+    return source, target
+
+
+def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, ModelCheckpoint]:
+    """A Trainer with checkpoints on the dev metric, early stopping, and CSV + TensorBoard logs."""
+    training = config.training
+    checkpoint = ModelCheckpoint(
+        dirpath=output / "checkpoints",
+        filename="best-{epoch}-{step}",
+        monitor=training.monitor,
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+    )
+    early_stopping = EarlyStopping(monitor=training.monitor, mode="min", patience=training.early_stopping_patience)
+    interval = training.val_check_interval
+    devices = training.devices if not training.devices.isdigit() else int(training.devices)
+    trainer = pl.Trainer(
+        accelerator=training.accelerator,
+        devices=devices,
+        num_nodes=training.num_nodes,
+        strategy=training.strategy,
+        precision=training.precision,
+        max_epochs=training.max_epochs,
+        max_steps=training.max_steps,
+        max_time=training.max_time,
+        gradient_clip_val=training.gradient_clip or None,
+        val_check_interval=int(interval) if interval > 1 else interval,
+        callbacks=[checkpoint, early_stopping, LearningRateMonitor(logging_interval="step")],
+        logger=[CSVLogger(output, name="logs"), TensorBoardLogger(output, name="tensorboard")],
+        log_every_n_steps=20,
+        use_distributed_sampler=False,  # the token-budget batch sampler shards by rank itself
+        num_sanity_val_steps=0,
+    )
+    return trainer, checkpoint
+
+
+def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> Path | None:
+    """Train, then write the bundle of the best checkpoint to ``output/bundle``.
+
+    Rerunning with the same output directory resumes from its last checkpoint.
+    Returns the bundle's path (``None`` on ranks other than 0).
+    """
+    output = Path(output)
+    pl.seed_everything(config.training.seed, workers=True, verbose=False)
+    train_examples, dev_examples = load_data(config)
+    data_fingerprint = fingerprint(train_examples)
+    source_tokenizer, target_tokenizer = prepare_tokenizers(
+        train_examples, config, output / "tokenizer", data_fingerprint
+    )
+    datamodule = PairDataModule(
+        train_examples, dev_examples, source_tokenizer, target_tokenizer, config.data, config.training.seed
+    )
+    module = Seq2SeqModule.from_config(config, source_tokenizer.vocab_size, target_tokenizer.vocab_size)
+    trainer, checkpoint = build_trainer(config, output)
+    last = output / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if resume and last.is_file() else None
+    if ckpt_path and trainer.is_global_zero:
+        print(f"resuming from {last}")
+    started = time.monotonic()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if not trainer.is_global_zero:
+        return None
+
+    best_path = checkpoint.best_model_path or str(last)
+    best = Seq2SeqModule.load_from_checkpoint(best_path, map_location="cpu", weights_only=False)
+    best_score = checkpoint.best_model_score
+    facts = {
+        "data": config.data.train,
+        "data_fingerprint": data_fingerprint,
+        "train_pairs": len(datamodule.train_set),
+        "dev_examples": len(dev_examples),
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "best_checkpoint": Path(best_path).name,
+        "best_dev": {config.training.monitor: float(best_score)} if best_score is not None else {},
+        "seconds_this_run": round(time.monotonic() - started, 1),
+        "device": str(trainer.strategy.root_device),
+        "parameters": best.model.num_parameters(),
+        "config": to_dict(config),
+    }
+    bundle = save_bundle(
+        output / "bundle", best.model, source_tokenizer, target_tokenizer, config.tokenizer, config.name, facts
+    )
+    print(f"bundle written to {bundle}")
+    return bundle
