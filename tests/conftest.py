@@ -1,0 +1,46 @@
+"""Shared fixtures: small real data and a tiny real bundle, trained once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from genrnn.config import load_config, replace
+from genrnn.data import read_examples
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CONFIG = ROOT / "training" / "configs" / "tiny.yaml"
+
+
+def write_tsv(path: Path, examples) -> Path:
+    """Write examples as ``source<TAB>target[<TAB>target…]`` lines."""
+    path.write_text("".join("\t".join((e.source, *e.targets)) + "\n" for e in examples))
+    return path
+
+
+@pytest.fixture(scope="session")
+def g2p_files(tmp_path_factory) -> dict[str, Path]:
+    """A small slice of the built-in CMUdict task as TSV files: train, dev and test."""
+    directory = tmp_path_factory.mktemp("g2p")
+    return {
+        "train": write_tsv(directory / "train.tsv", read_examples("builtin:cmudict:train")[::25]),
+        "dev": write_tsv(directory / "dev.tsv", read_examples("builtin:cmudict:dev")[::20]),
+        "test": write_tsv(directory / "test.tsv", read_examples("builtin:cmudict:test")[::20]),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(g2p_files, tmp_path_factory) -> Path:
+    """A tiny G2P bundle trained for real (a few seconds on a CPU)."""
+    from training.train import train
+
+    config = load_config(TINY_CONFIG)
+    config = replace(
+        config,
+        data=replace(config.data, train=str(g2p_files["train"]), valid=str(g2p_files["dev"])),
+        training=replace(config.training, max_epochs=8, accelerator="cpu"),
+    )
+    bundle = train(config, tmp_path_factory.mktemp("tiny-run"))
+    assert bundle is not None
+    return bundle
