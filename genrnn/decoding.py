@@ -247,11 +247,13 @@ class Generator:
         for t in range(steps):
             logits, logp, state = self._step_logprobs(tokens, state)
             tokens = self._choose(logits, live, t)
-            row = live["row"]
-            out[row, t] = tokens
-            logprob[row] += logp.gather(1, tokens[:, None]).squeeze(1).double()
-            eos = tokens == EOS_ID
-            finished = eos | (t + 1 >= live["max_len"])
+            # Without compaction finished rows keep stepping, but their results are left alone.
+            running = slice(None) if self.compact else ~done_rows
+            row, chosen = live["row"][running], tokens[running]
+            out[row, t] = chosen
+            logprob[row] += logp[running].gather(1, chosen[:, None]).squeeze(1).double()
+            eos = chosen == EOS_ID
+            finished = eos | (t + 1 >= live["max_len"][running])
             length[row] = torch.where(eos, t, t + 1)
             ended_by_eos[row] = eos
             done_rows[row] |= finished

@@ -1,0 +1,234 @@
+"""The decoding engine: each mode against a plain reference, seeds, and compaction."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from genrnn.bundle import load_bundle
+from genrnn.config import DecodingConfig, ModelConfig
+from genrnn.decoding import Generator, filtered_distribution, length_penalty
+from genrnn.model import Seq2Seq
+from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+
+WORDS = ["cat", "dog", "house", "a", "mouse", "spelling", "x", "tree"]
+
+
+@pytest.fixture(scope="module")
+def generator() -> Generator:
+    """An untrained model whose EOS is likely enough that rows end at different steps."""
+    torch.manual_seed(3)
+    source = train_tokenizer(WORDS * 3, "char", 64)
+    target = train_tokenizer(["K AE1 T", "D AO1 G", "HH AW1 S", "AH0", "T R IY1"] * 3, "word", 64)
+    config = ModelConfig(
+        embedding_dim=16,
+        encoder_hidden=16,
+        decoder_hidden=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        embedding_dropout=0.0,
+        layer_dropout=0.0,
+        output_dropout=0.0,
+    )
+    model = Seq2Seq(config, source.vocab_size, target.vocab_size)
+    with torch.no_grad():
+        model.output.bias[EOS_ID] = 2.0
+    return Generator(model, source, target, seed=0)
+
+
+def greedy_reference(generator: Generator, source: str, max_new_tokens: int) -> list[int]:
+    """Step-by-step argmax over one sequence, written plainly."""
+    model = generator.model
+    ids = generator.source_tokenizer.encode([source])[0]
+    with torch.no_grad():
+        state = model.encode(torch.tensor([ids]), torch.tensor([len(ids)])).state
+        token, out = BOS_ID, []
+        for _ in range(max_new_tokens):
+            logits, state = model.decode(torch.tensor([[token]]), state)
+            logits = logits[0, 0]
+            logits[[PAD_ID, BOS_ID]] = float("-inf")
+            token = int(logits.argmax())
+            if token == EOS_ID:
+                break
+            out.append(token)
+    return out
+
+
+def test_greedy_equals_a_step_by_step_argmax(generator):
+    results = generator.generate(WORDS, DecodingConfig(mode="greedy", max_new_tokens=12))
+    for word, result in zip(WORDS, results):
+        assert result.candidates[0].tokens == greedy_reference(generator, word, 12)
+    reasons = {r.candidates[0].finish_reason for r in results}
+    assert reasons == {"eos", "length"} or reasons == {"eos"}
+
+
+def test_length_cap_ends_with_reason_length(generator):
+    result = generator.generate(["spelling"], DecodingConfig(mode="greedy", max_new_tokens=1))[0].candidates[0]
+    assert len(result.tokens) <= 1
+    assert result.finish_reason == ("length" if result.tokens else "eos")
+
+
+def test_beam_of_size_one_equals_greedy(generator):
+    greedy = generator.generate(WORDS, DecodingConfig(mode="greedy", max_new_tokens=10))
+    beam = generator.generate(WORDS, DecodingConfig(mode="beam", beam_size=1, max_new_tokens=10))
+    for g, b in zip(greedy, beam):
+        assert g.candidates[0].tokens == b.candidates[0].tokens
+        assert g.candidates[0].logprob == pytest.approx(b.candidates[0].logprob, abs=1e-4)
+
+
+def normalised(candidate, alpha: float) -> float:
+    length = len(candidate.tokens) + (candidate.finish_reason == "eos")
+    return candidate.logprob / float(length_penalty(torch.tensor(length), torch.tensor(alpha), torch.tensor(False)))
+
+
+def test_beam_returns_distinct_hypotheses_in_score_order(generator):
+    settings = DecodingConfig(mode="beam", beam_size=5, num_return_sequences=5, max_new_tokens=8, length_penalty=0.6)
+    for result in generator.generate(WORDS, settings):
+        candidates = result.candidates
+        assert len(candidates) == 5
+        assert len({tuple(c.tokens) for c in candidates}) == 5
+        scores = [normalised(c, 0.6) for c in candidates]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_beam_finds_the_exhaustive_optimum_on_a_tiny_vocabulary():
+    torch.manual_seed(7)
+    source = train_tokenizer(["ab", "ba", "abba"] * 4, "char", 16)
+    target = train_tokenizer(["x y", "y x"] * 4, "word", 16)
+    assert target.vocab_size == 6  # pad unk bos eos ▁x ▁y: emitted tokens are unk, eos, x, y
+    config = ModelConfig(
+        embedding_dim=8,
+        encoder_hidden=8,
+        decoder_hidden=8,
+        encoder_layers=1,
+        decoder_layers=1,
+        bidirectional=False,
+        embedding_dropout=0.0,
+        layer_dropout=0.0,
+        output_dropout=0.0,
+    )
+    model = Seq2Seq(config, source.vocab_size, target.vocab_size).eval()
+    generator = Generator(model, source, target)
+    max_len, alpha = 3, 1.0
+    ids = source.encode(["abba"])[0]
+
+    def logprob(sequence: tuple[int, ...]) -> float:
+        with torch.no_grad():
+            state = model.encode(torch.tensor([ids]), torch.tensor([len(ids)])).state
+            total, previous = 0.0, BOS_ID
+            for token in sequence:
+                logits, state = model.decode(torch.tensor([[previous]]), state)
+                logits = logits[0, 0]
+                logits[[PAD_ID, BOS_ID]] = float("-inf")
+                total += float(logits.log_softmax(-1)[token])
+                previous = token
+        return total
+
+    emitted = [1, 4, 5]
+    sequences = [(*prefix, EOS_ID) for n in range(max_len) for prefix in itertools.product(emitted, repeat=n)]
+    sequences += list(itertools.product(emitted, repeat=max_len))  # stopped by the length cap
+    best = max(logprob(s) / ((5 + len(s)) / 6) ** alpha for s in sequences)
+
+    settings = DecodingConfig(mode="beam", beam_size=len(sequences), max_new_tokens=max_len, length_penalty=alpha)
+    top = generator.generate(["abba"], settings)[0].candidates[0]
+    assert normalised(top, alpha) == pytest.approx(best, abs=1e-5)
+
+
+def test_top_k_one_and_a_tiny_temperature_equal_greedy(generator):
+    greedy = generator.generate(WORDS, DecodingConfig(mode="greedy", max_new_tokens=10))
+    top1 = generator.generate(WORDS, DecodingConfig(mode="sample", top_k=1, seed=1, max_new_tokens=10))
+    cold = generator.generate(WORDS, DecodingConfig(mode="sample", temperature=1e-4, seed=2, max_new_tokens=10))
+    for g, a, b in zip(greedy, top1, cold):
+        assert g.candidates[0].tokens == a.candidates[0].tokens == b.candidates[0].tokens
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5, 0.3, 0.15, 0.05
+    logits = probs.log()[None].repeat(5, 1)
+    top_p = torch.tensor([0.3, 0.75, 0.85, 0.99, 1.0])
+    kept, order = filtered_distribution(logits, torch.ones(5), torch.zeros(5, dtype=torch.long), top_p)
+    assert order[0].tolist() == [1, 3, 2, 0]
+    assert (kept > 0).sum(dim=1).tolist() == [1, 2, 3, 4, 4]
+    torch.testing.assert_close(kept[1, :2], torch.tensor([0.5, 0.3]) / 0.8)
+    torch.testing.assert_close(kept.sum(dim=1), torch.ones(5))
+
+
+def test_top_k_keeps_the_k_likeliest():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    kept, order = filtered_distribution(logits, torch.ones(1), torch.tensor([2]), torch.ones(1))
+    assert order[0, :2].tolist() == [1, 3] and (kept[0] > 0).tolist() == [True, True, False, False]
+
+
+def test_seeded_samples_follow_the_tempered_softmax(generator):
+    temperature, n = 0.7, 4000
+    ids = generator.source_tokenizer.encode(["house"])[0]
+    with torch.no_grad():
+        state = generator.model.encode(torch.tensor([ids]), torch.tensor([len(ids)])).state
+        logits, _ = generator.model.decode(torch.tensor([[BOS_ID]]), state)
+    logits = logits[0, 0]
+    logits[[PAD_ID, BOS_ID]] = float("-inf")
+    expected = (logits / temperature).softmax(-1)
+
+    settings = [DecodingConfig(mode="sample", temperature=temperature, seed=s, max_new_tokens=1) for s in range(n)]
+    first = [r.candidates[0].tokens[:1] or [EOS_ID] for r in generator.generate(["house"] * n, settings)]
+    counts = torch.bincount(torch.tensor([f[0] for f in first]), minlength=len(expected)).double()
+    for token, p in enumerate(expected.tolist()):
+        tolerance = 4.5 * math.sqrt(max(p * (1 - p), 1e-4) / n)
+        assert abs(counts[token] / n - p) < tolerance, (token, p, counts[token] / n)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bundle) -> Generator:
+    bundle = load_bundle(tiny_bundle)
+    return Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer, seed=5)
+
+
+def mixed_batch(words: list[str]) -> list[DecodingConfig]:
+    """37 requests with every mode and a spread of settings."""
+    choices = [
+        DecodingConfig(mode="greedy", max_new_tokens=20),
+        DecodingConfig(mode="sample", temperature=0.7, top_p=0.9, seed=11, max_new_tokens=20),
+        DecodingConfig(mode="sample", temperature=1.3, top_k=5, num_return_sequences=3, max_new_tokens=4),
+        DecodingConfig(mode="beam", beam_size=3, num_return_sequences=2, max_new_tokens=20),
+        DecodingConfig(mode="beam", beam_size=5, length_penalty_form="average", max_new_tokens=6),
+    ]
+    return [choices[i % len(choices)] for i in range(len(words))]
+
+
+def test_a_seed_gives_the_same_output_alone_and_in_a_mixed_batch(trained, g2p_files):
+    words = [line.split("\t")[0] for line in g2p_files["test"].read_text().splitlines()[:37]]
+    settings = mixed_batch(words)
+    settings[17] = DecodingConfig(mode="sample", temperature=1.0, seed=1234, num_return_sequences=2, max_new_tokens=20)
+    in_batch = trained.generate(words, settings)[17]
+    alone = trained.generate([words[17]], settings[17])[0]
+    assert [c.tokens for c in alone.candidates] == [c.tokens for c in in_batch.candidates]
+    other_seed = trained.generate([words[17]], DecodingConfig(mode="sample", seed=99, num_return_sequences=2))[0]
+    assert len(other_seed.candidates) == 2
+
+
+def test_compaction_changes_no_result(trained, g2p_files):
+    words = [line.split("\t")[0] for line in g2p_files["test"].read_text().splitlines()[:37]]
+    settings = mixed_batch(words)
+    parts = (trained.model, trained.source_tokenizer, trained.target_tokenizer)
+    # The same engine seed, so that unseeded requests draw the same streams too.
+    compact = Generator(*parts, seed=8).generate(words, settings)
+    plain = Generator(*parts, seed=8, compact=False).generate(words, settings)
+    for a, b in zip(compact, plain):
+        assert [c.tokens for c in a.candidates] == [c.tokens for c in b.candidates]
+        assert [c.finish_reason for c in a.candidates] == [c.finish_reason for c in b.candidates]
+        for x, y in zip(a.candidates, b.candidates):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
+def test_sampled_candidates_come_best_first(trained):
+    result = trained.generate(["testing"], DecodingConfig(mode="sample", num_return_sequences=6, seed=3))[0]
+    logprobs = [c.logprob for c in result.candidates]
+    assert len(logprobs) == 6 and logprobs == sorted(logprobs, reverse=True)
+
+
+def test_max_new_tokens_over_the_cap_is_refused(generator):
+    with pytest.raises(ValueError, match="cap"):
+        generator.generate(["cat"], DecodingConfig(max_new_tokens=generator.max_new_tokens_cap + 1))

@@ -1,0 +1,138 @@
+"""The encoder–decoder: shapes, masking, the bridge, initialisation."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from genrnn.config import ModelConfig
+from genrnn.model import Seq2Seq
+from genrnn.tokenizer import PAD_ID
+
+SRC_VOCAB, TGT_VOCAB = 11, 13
+
+
+def small(**overrides) -> ModelConfig:
+    values = dict(
+        embedding_dim=8,
+        encoder_hidden=6,
+        decoder_hidden=10,
+        encoder_layers=1,
+        decoder_layers=1,
+        embedding_dropout=0.0,
+        layer_dropout=0.0,
+        output_dropout=0.0,
+    )
+    return ModelConfig(**{**values, **overrides})
+
+
+def batch(lengths=(5, 3, 1)):
+    torch.manual_seed(0)
+    source = torch.randint(4, SRC_VOCAB, (len(lengths), max(lengths)))
+    for i, n in enumerate(lengths):
+        source[i, n:] = PAD_ID
+    return source, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize(
+    "cell,bidirectional,layers,bridge",
+    [
+        (cell, bi, layers, bridge)
+        for cell, bi, layers, bridge in itertools.product(
+            ["lstm", "gru", "rnn"], [False, True], [(1, 1), (2, 1), (1, 3), (3, 2)], ["bridge", "zero"]
+        )
+    ],
+)
+def test_shapes_for_every_cell_direction_depth_and_bridge(cell, bidirectional, layers, bridge):
+    config = small(
+        cell=cell, bidirectional=bidirectional, encoder_layers=layers[0], decoder_layers=layers[1], bridge=bridge
+    )
+    model = Seq2Seq(config, SRC_VOCAB, TGT_VOCAB)
+    source, lengths = batch()
+    encoded = model.encode(source, lengths)
+    assert encoded.memory.shape == (3, 5, config.encoder_output_size)
+    assert len(encoded.state) == (2 if cell == "lstm" else 1)
+    for s in encoded.state:
+        assert s.shape == (layers[1], 3, config.decoder_hidden)
+    logits = model(source, lengths, torch.randint(4, TGT_VOCAB, (3, 4)))
+    assert logits.shape == (3, 4, TGT_VOCAB)
+
+
+def test_last_bridge_copies_the_final_encoder_layers():
+    config = small(
+        bidirectional=True, encoder_layers=3, decoder_layers=2, encoder_hidden=5, decoder_hidden=10, bridge="last"
+    )
+    model = Seq2Seq(config, SRC_VOCAB, TGT_VOCAB).eval()
+    source, lengths = batch()
+    encoded = model.encode(source, lengths)
+    # Recompute the encoder's final states directly and check the copy, directions concatenated.
+    packed = torch.nn.utils.rnn.pack_padded_sequence(
+        model.source_embedding(source), lengths, batch_first=True, enforce_sorted=False
+    )
+    _, (h, c) = model.encoder(packed)
+    h = h.view(3, 2, 3, 5)
+    expected_h = torch.cat([h[1:, 0], h[1:, 1]], dim=-1)  # last two layers, forward ‖ backward
+    torch.testing.assert_close(encoded.state[0], expected_h)
+
+
+def test_last_bridge_rejects_sizes_that_do_not_fit():
+    from genrnn.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="model.bridge"):
+        small(bridge="last", encoder_hidden=6, decoder_hidden=10, bidirectional=True)
+
+
+def test_zero_bridge_starts_the_decoder_from_zeros():
+    model = Seq2Seq(small(bridge="zero"), SRC_VOCAB, TGT_VOCAB)
+    encoded = model.encode(*batch())
+    assert all(torch.count_nonzero(s) == 0 for s in encoded.state)
+
+
+def test_padding_does_not_change_the_encoding():
+    model = Seq2Seq(small(bidirectional=True, encoder_layers=2, decoder_layers=2), SRC_VOCAB, TGT_VOCAB).eval()
+    source, lengths = batch((5, 2))
+    alone = model.encode(source[1:, :2], lengths[1:])
+    padded = model.encode(source, lengths)
+    for a, b in zip(alone.state, padded.state):
+        torch.testing.assert_close(a[:, 0], b[:, 1])
+    assert padded.mask.tolist()[1] == [True, True, False, False, False]
+    assert torch.all(padded.memory[1, 2:] == 0)
+
+
+def test_decoder_is_causal_so_padding_after_a_target_changes_nothing():
+    model = Seq2Seq(small(), SRC_VOCAB, TGT_VOCAB).eval()
+    source, lengths = batch((4,))
+    target = torch.tensor([[2, 5, 6]])
+    short = model(source, lengths, target)
+    longer = model(source, lengths, torch.cat([target, torch.zeros(1, 3, dtype=torch.long)], dim=1))
+    torch.testing.assert_close(short, longer[:, :3])
+
+
+def test_forget_gate_bias_sums_to_one_and_recurrent_matrices_are_orthogonal():
+    model = Seq2Seq(small(encoder_layers=2, bidirectional=True), SRC_VOCAB, TGT_VOCAB)
+    for layer in [*model.encoder.layers, *model.decoder.layers]:
+        hidden = layer.hidden_size
+        for suffix in ["_l0", "_l0_reverse"] if layer.bidirectional else ["_l0"]:
+            total = getattr(layer, "bias_ih" + suffix) + getattr(layer, "bias_hh" + suffix)
+            gates = total.split(hidden)
+            assert torch.all(gates[1] == 1.0)  # forget gate (order: input, forget, cell, output)
+            assert all(torch.all(g == 0.0) for i, g in enumerate(gates) if i != 1)
+            for block in getattr(layer, "weight_hh" + suffix).split(hidden):
+                torch.testing.assert_close(block @ block.T, torch.eye(hidden), atol=1e-5, rtol=0)
+
+
+def test_tied_embeddings_share_one_matrix():
+    model = Seq2Seq(small(embedding_dim=10, tie_embeddings=True), SRC_VOCAB, TGT_VOCAB)
+    assert model.output.weight is model.target_embedding.weight
+
+
+def test_residual_connections_change_the_stacked_output():
+    torch.manual_seed(0)
+    plain = Seq2Seq(small(encoder_layers=3, decoder_layers=3), SRC_VOCAB, TGT_VOCAB).eval()
+    torch.manual_seed(0)
+    residual = Seq2Seq(small(encoder_layers=3, decoder_layers=3, residual=True), SRC_VOCAB, TGT_VOCAB).eval()
+    source, lengths = batch()
+    target = torch.randint(4, TGT_VOCAB, (3, 4))
+    assert not torch.allclose(plain(source, lengths, target), residual(source, lengths, target))
