@@ -1,0 +1,94 @@
+"""The bundle: a round trip gives identical outputs; damage is refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from genrnn.bundle import load_bundle, save_bundle
+from genrnn.config import DecodingConfig, ModelConfig, TokenizerConfig
+from genrnn.decoding import Generator
+from genrnn.errors import BundleError
+from genrnn.model import Seq2Seq
+from genrnn.tokenizer import train_tokenizers
+
+
+@pytest.fixture()
+def bundle_dir(tmp_path):
+    torch.manual_seed(0)
+    source, target = train_tokenizers(
+        ["cat", "dog", "house"] * 4, ["K AE1 T", "D AO1 G", "HH AW1 S"] * 4, TokenizerConfig()
+    )
+    config = ModelConfig(embedding_dim=16, encoder_hidden=8, decoder_hidden=16, tie_embeddings=True)
+    model = Seq2Seq(config, source.vocab_size, target.vocab_size).eval()
+    save_bundle(tmp_path / "b", model, source, target, TokenizerConfig(), "demo", {"steps": 7})
+    return tmp_path / "b", model
+
+
+def test_round_trip_gives_identical_outputs(bundle_dir):
+    directory, model = bundle_dir
+    bundle = load_bundle(directory)
+    assert bundle.name == "demo" and bundle.training == {"steps": 7}
+    assert bundle.model.output.weight is bundle.model.target_embedding.weight  # tying survives
+    for a, b in zip(model.state_dict().values(), bundle.model.state_dict().values()):
+        assert torch.equal(a, b)
+    settings = DecodingConfig(mode="beam", beam_size=3, num_return_sequences=3, max_new_tokens=6)
+    before = Generator(model, bundle.source_tokenizer, bundle.target_tokenizer).generate(["house"], settings)
+    after = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer).generate(["house"], settings)
+    assert before == after
+
+
+def test_manifest_lists_a_checksum_for_every_file(bundle_dir):
+    directory, _ = bundle_dir
+    manifest = json.loads((directory / "genrnn.json").read_text())
+    assert set(manifest["files"]) == {"model.safetensors", "source.model", "target.model"}
+    assert manifest["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+    assert manifest["format_version"] == 1
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "source.model", "target.model"])
+def test_an_altered_file_is_refused_by_name(bundle_dir, name):
+    directory, _ = bundle_dir
+    path = directory / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{name} does not match its checksum"):
+        load_bundle(directory)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "target.model", "genrnn.json"])
+def test_a_missing_file_is_refused_by_name(bundle_dir, name):
+    directory, _ = bundle_dir
+    (directory / name).unlink()
+    with pytest.raises(BundleError, match=f"{name} is missing"):
+        load_bundle(directory)
+
+
+def test_unknown_format_version_is_refused(bundle_dir, tmp_path):
+    directory, _ = bundle_dir
+    copy = shutil.copytree(directory, tmp_path / "copy")
+    manifest = json.loads((copy / "genrnn.json").read_text())
+    manifest["format_version"] = 99
+    (copy / "genrnn.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format version 99"):
+        load_bundle(copy)
+
+
+def test_library_loads_and_decodes_without_lightning_or_litserve(bundle_dir):
+    import subprocess
+    import sys
+
+    directory, _ = bundle_dir
+    code = (
+        "import sys; sys.modules['pytorch_lightning'] = None; sys.modules['lightning'] = None; "
+        "sys.modules['litserve'] = None\n"
+        "from genrnn.bundle import load_bundle; from genrnn.decoding import Generator\n"
+        f"b = load_bundle({str(directory)!r})\n"
+        "print(Generator(b.model, b.source_tokenizer, b.target_tokenizer).generate(['cat'])[0].input)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "cat"

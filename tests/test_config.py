@@ -1,0 +1,60 @@
+"""Configuration: YAML parsed once, every bad key named."""
+
+from __future__ import annotations
+
+import pytest
+
+from genrnn.config import DecodingConfig, ExperimentConfig, ModelConfig, from_dict, load_config
+from genrnn.errors import ConfigurationError
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("name", ["g2p.yaml", "tiny.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(ROOT / "training" / "configs" / name)
+    assert isinstance(config.model, ModelConfig)
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"model": {"cell": "transformer"}}, "model.cell: must be one of lstm, gru, rnn"),
+        ({"model": {"hidden": 3}}, "model.hidden: unknown key"),
+        ({"model": {"encoder_layers": 0}}, "model.encoder_layers: must be at least 1"),
+        ({"model": {"layer_dropout": 1.5}}, "model.layer_dropout"),
+        ({"model": {"bidirectional": "yes"}}, "model.bidirectional: must be true or false"),
+        ({"training": {"lr": "fast"}}, "training.lr: must be a number"),
+        ({"training": {"max_time": "20 minutes"}}, "training.max_time: must be DD:HH:MM:SS"),
+        ({"tokenizer": {"source_type": "bytes"}}, "tokenizer.source_type"),
+        ({"data": "x"}, "data: must be a mapping"),
+        ({"colour": "blue"}, "colour: unknown key"),
+    ],
+)
+def test_bad_values_name_their_key(values, message):
+    with pytest.raises(ConfigurationError, match=message.replace(".", r"\.")):
+        from_dict(ExperimentConfig, values)
+
+
+def test_missing_file_and_bad_yaml_are_clear(tmp_path):
+    with pytest.raises(ConfigurationError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigurationError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "values,field",
+    [
+        ({"temperature": 0}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"mode": "beam", "beam_size": 2, "num_return_sequences": 3}, "num_return_sequences"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
+def test_decoding_ranges(values, field):
+    with pytest.raises(ConfigurationError, match=f"^{field}:"):
+        DecodingConfig(**values)

@@ -1,0 +1,105 @@
+"""Reading pairs, the built-in CMUdict task, and length-bucketed batches."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from genrnn.data import (
+    Example,
+    PairDataset,
+    TokenBudgetBatchSampler,
+    cmudict_split,
+    collate,
+    read_examples,
+)
+from genrnn.errors import DataError
+from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+
+
+def test_tsv_and_jsonl_read_the_same_examples(tmp_path):
+    (tmp_path / "a.tsv").write_text("cat\tK AE1 T\n\nread\tR EH1 D\tR IY1 D\n")
+    (tmp_path / "a.jsonl").write_text(
+        '{"source": "cat", "target": "K AE1 T"}\n{"source": "read", "target": ["R EH1 D", "R IY1 D"]}\n'
+    )
+    expected = [Example("cat", ("K AE1 T",)), Example("read", ("R EH1 D", "R IY1 D"))]
+    assert read_examples(tmp_path / "a.tsv") == expected
+    assert read_examples(tmp_path / "a.jsonl") == expected
+
+
+@pytest.mark.parametrize(
+    "name,content,line,message",
+    [
+        ("bad.tsv", "cat\tK AE1 T\ndog K AO1 G\n", 2, "no tab"),
+        ("bad.tsv", "cat\tK AE1 T\n\n\tK\n", 3, "empty"),
+        ("bad.jsonl", '{"source": "cat", "target": "K"}\n{"source": "dog"\n', 2, "not valid JSON"),
+        ("bad.jsonl", '{"source": "cat"}\n', 1, '"source" and "target"'),
+        ("bad.jsonl", '{"source": 3, "target": "K"}\n', 1, "must be strings"),
+    ],
+)
+def test_a_malformed_line_names_its_file_and_line(tmp_path, name, content, line, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=f"{name}:{line}: .*{message}"):
+        read_examples(path)
+
+
+def test_missing_file_and_unknown_builtin():
+    with pytest.raises(DataError, match="not found"):
+        read_examples("/nonexistent/pairs.tsv")
+    with pytest.raises(DataError, match="unknown built-in"):
+        read_examples("builtin:timit")
+
+
+def test_builtin_cmudict_splits_by_word_and_keeps_every_pronunciation():
+    train, dev = read_examples("builtin:cmudict"), read_examples("builtin:cmudict:dev")
+    assert 100_000 < len(train) and 5_000 < len(dev) < 8_000
+    assert not {e.source for e in train} & {e.source for e in dev}
+    read = next(e for e in [*train, *dev, *read_examples("builtin:cmudict:test")] if e.source == "read")
+    assert set(read.targets) == {"R EH1 D", "R IY1 D"}
+    assert all(cmudict_split(e.source) == "dev" for e in dev)
+    assert all(e.source == e.source.lower() for e in dev[:100])
+
+
+def test_collate_builds_teacher_forcing_inputs_and_outputs():
+    batch = collate([(0, [5, 6, 7], [8, 9]), (1, [5], [8, 9, 10])])
+    assert batch.source.tolist() == [[5, 6, 7], [5, PAD_ID, PAD_ID]]
+    assert batch.source_lengths.tolist() == [3, 1]
+    assert batch.target_in.tolist() == [[BOS_ID, 8, 9, PAD_ID], [BOS_ID, 8, 9, 10]]
+    assert batch.target_out.tolist() == [[8, 9, EOS_ID, PAD_ID], [8, 9, 10, EOS_ID]]
+    assert batch.padding_fraction == pytest.approx(3 / 14)
+
+
+def test_dataset_drops_pairs_over_the_length_limits():
+    tok = train_tokenizer(["abcdef", "ab"] * 5, "char", 32)
+    dataset = PairDataset([("abcdef", "ab"), ("ab", "ab")], tok, tok, max_source_length=4)
+    assert len(dataset) == 1 and dataset.dropped == 1
+
+
+def test_token_budget_batches_cover_everything_once_within_budget():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 40) for _ in range(1000)]
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens=200, seed=1)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert all(len(b) * max(lengths[i] for i in b) <= 200 for b in batches)
+    assert len(sampler) == len(batches)
+    # bucketing keeps padding small compared with batches of the same size in random order
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert sum(lengths) / padded > 0.9
+    sampler.set_epoch(1)
+    assert list(sampler) != batches  # a new order each epoch
+
+
+def test_batch_size_caps_the_number_of_pairs():
+    sampler = TokenBudgetBatchSampler([3] * 100, max_tokens=1000, max_items=8, shuffle=False)
+    assert max(len(b) for b in sampler) == 8
+
+
+def test_ranks_share_the_batches_evenly_without_overlap():
+    lengths = [random.Random(i).randint(1, 30) for i in range(301)]
+    ranks = [list(TokenBudgetBatchSampler(lengths, 120, seed=3, num_replicas=2, rank=r)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1])
+    covered = {i for batches in ranks for b in batches for i in b}
+    assert covered == set(range(301))

@@ -1,0 +1,42 @@
+"""sentencepiece tokenizers with fixed special ids."""
+
+from __future__ import annotations
+
+from genrnn.config import TokenizerConfig
+from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizers
+
+WORDS = ["cat", "dog", "house", "mouse"] * 5
+PHONES = ["K AE1 T", "D AO1 G", "HH AW1 S", "M AW1 S"] * 5
+
+
+def test_special_ids_are_fixed_and_round_trip_is_exact(tmp_path):
+    source, target = train_tokenizers(WORDS, PHONES, TokenizerConfig())
+    for tokenizer in (source, target):
+        sp = tokenizer._sp
+        assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (PAD_ID, UNK_ID, BOS_ID, EOS_ID)
+    assert source.decode(source.encode(WORDS[:4])) == WORDS[:4]
+    assert target.decode(target.encode(PHONES[:4])) == PHONES[:4]
+    # a word model gives one piece per phoneme, a char model one per letter
+    assert [len(ids) for ids in target.encode(PHONES[:4])] == [3, 3, 3, 3]
+    assert [len(ids) for ids in source.encode(WORDS[:4])] == [3, 3, 5, 5]
+    source.save(tmp_path / "s.model")
+    assert Tokenizer.load(tmp_path / "s.model").encode(["cab"]) == source.encode(["cab"])
+
+
+def test_decode_drops_special_ids():
+    source, _ = train_tokenizers(WORDS, PHONES, TokenizerConfig())
+    ids = source.encode(["cat"])[0]
+    assert source.decode([[BOS_ID, *ids, EOS_ID, PAD_ID]]) == ["cat"]
+
+
+def test_shared_model_serves_both_sides():
+    source, target = train_tokenizers(
+        WORDS, PHONES, TokenizerConfig(shared=True, source_type="bpe", source_vocab_size=40)
+    )
+    assert source is target
+    assert source.decode(source.encode(["K AE1 T"])) == ["K AE1 T"]
+
+
+def test_vocab_size_is_an_upper_bound():
+    source, _ = train_tokenizers(WORDS, PHONES, TokenizerConfig(source_type="unigram", source_vocab_size=5000))
+    assert source.vocab_size < 5000
