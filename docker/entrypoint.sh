@@ -1,0 +1,80 @@
+#!/bin/sh
+# Start genrnn the way the container does, with settings from the environment.
+#
+#   entrypoint.sh [serve] [--option value ...]   serve GENRNN_MODEL over HTTP
+#   entrypoint.sh COMMAND [ARG ...]              run anything else as it is (genrnn generate ..., bash)
+#
+# Each GENRNN_* variable below becomes the `genrnn serve` option of the same name
+# (GENRNN_MAX_BATCH_SIZE=32 -> --max-batch-size 32); options given as arguments come
+# after them and win. The script `exec`s the server so that it receives `docker stop`'s
+# SIGTERM itself and drains the requests in flight before it exits.
+#
+# `make serve` runs this same script on the host, so the container's start is the one
+# that the quickstart and the tests exercise.
+set -eu
+
+# The variables that mirror `genrnn serve`'s options, one to one (tests/test_docker.py
+# checks this list against `genrnn serve --help`).
+SERVE_SETTINGS="MODEL HOST PORT ACCELERATOR DEVICES WORKERS_PER_DEVICE MAX_BATCH_SIZE BATCH_TIMEOUT MAX_QUEUE TIMEOUT API_KEY_ENV"
+
+case "${1:-serve}" in
+    serve) [ "$#" -gt 0 ] && shift ;;
+    -*) ;;  # options only: they are for `genrnn serve`
+    *) exec "$@" ;;
+esac
+
+# Put the options from the environment before the arguments given, so the arguments win
+# (argparse keeps the last value). `set --` keeps every value one word, spaces and all.
+given_model=no
+for argument in "$@"; do
+    case "$argument" in --model | --model=*) given_model=yes ;; esac
+done
+for name in $SERVE_SETTINGS; do
+    value=$(printenv "GENRNN_$name" || true)
+    if [ -n "$value" ]; then
+        set -- "--$(echo "$name" | tr 'A-Z_' 'a-z-')" "$value" "$@"
+    fi
+done
+
+# A missing bundle is the usual first mistake in a container: say where one should be.
+model="${GENRNN_MODEL:-}"
+if [ "$given_model" = no ] && [ -n "$model" ] && [ ! -f "$model/genrnn.json" ]; then
+    echo "genrnn: no bundle at $model (genrnn.json missing)." >&2
+    echo "  Mount one there (docker run -v \$PWD/runs/g2p-en/bundle:$model:ro ...), bake one in" >&2
+    echo "  (docker build --build-arg BUNDLE=runs/g2p-en/bundle ...), or point GENRNN_MODEL at one;" >&2
+    echo "  'make bundle' or 'genrnn train' writes one." >&2
+    exit 1
+fi
+
+# Once /health answers, print where the service is and a request that works. The
+# watcher is detached (double fork) so that it is not left as a child of the server,
+# and it gives up as soon as the server process is gone.
+port="${GENRNN_PORT:-8000}"
+case "${GENRNN_HOST:-127.0.0.1}" in
+    0.0.0.0 | :: | "") shown_host=localhost ;;
+    *) shown_host="${GENRNN_HOST:-127.0.0.1}" ;;
+esac
+url="http://$shown_host:$port"
+server_pid=$$
+auth=""
+if [ -n "${GENRNN_API_KEY_ENV:-}" ]; then
+    auth=" -H \"Authorization: Bearer \$$GENRNN_API_KEY_ENV\""
+fi
+announce() {
+    while kill -0 "$server_pid" 2>/dev/null; do
+        if python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+            "$url/health" >/dev/null 2>&1; then
+            cat <<EOF
+
+genrnn is ready at $url
+  try:     curl -s $url/v1/generate -H 'Content-Type: application/json'$auth -d '{"inputs": ["cat", "dog"], "mode": "beam"}'
+  metrics: $url/metrics    model: $url/info
+EOF
+            return 0
+        fi
+        sleep 1
+    done
+}
+(announce &)
+
+exec genrnn serve "$@"
