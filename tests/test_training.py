@@ -1,0 +1,206 @@
+"""Training for real: convergence, the command line end to end, resuming, and DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from genrnn.bundle import load_bundle
+from genrnn.config import DecodingConfig, ExperimentConfig, from_dict
+from genrnn.data import read_examples
+from genrnn.decoding import Generator
+from genrnn.metrics import score
+from tests.conftest import TINY_CONFIG
+
+GENRNN = [sys.executable, "-m", "genrnn.cli"]
+
+
+def reversal_file(path: Path, count: int, seed: int) -> Path:
+    """Random letter strings and their reversals, one pair a line: ``abc<TAB>c b a``."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 7)))
+        lines.append(f"{word}\t{' '.join(reversed(word))}\n")
+    path.write_text("".join(lines))
+    return path
+
+
+def test_a_tiny_model_learns_to_reverse_strings(tmp_path):
+    from training.train import train
+
+    config = from_dict(
+        ExperimentConfig,
+        {
+            "name": "reverse",
+            "model": {
+                "embedding_dim": 32,
+                "encoder_hidden": 64,
+                "encoder_layers": 1,
+                "decoder_hidden": 128,
+                "decoder_layers": 1,
+                "embedding_dropout": 0.0,
+                "layer_dropout": 0.0,
+                "output_dropout": 0.0,
+            },
+            "tokenizer": {"source_type": "char", "target_type": "word"},
+            "data": {
+                "train": str(reversal_file(tmp_path / "train.tsv", 4000, 1)),
+                "valid": str(reversal_file(tmp_path / "dev.tsv", 200, 2)),
+                "max_tokens": 512,
+            },
+            # About a minute on an idle 2-core CPU; the time cap only guards against a hang.
+            "training": {
+                "lr": 0.01,
+                "max_epochs": 15,
+                "max_time": "00:00:08:00",
+                "accelerator": "cpu",
+                "early_stopping_patience": 50,
+            },
+        },
+    )
+    bundle = load_bundle(train(config, tmp_path / "run"))
+    held_out = read_examples(reversal_file(tmp_path / "test.tsv", 300, 3))
+    generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
+    outputs = generator.generate_sorted([e.source for e in held_out], DecodingConfig(max_new_tokens=16))
+    scores = score([o.candidates[0].text for o in outputs], [e.targets for e in held_out])
+    assert scores.sequence_accuracy >= 0.9, scores
+
+
+def run_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([*GENRNN, *args], capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"genrnn {' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def test_train_then_evaluate_from_the_command_line(g2p_files, tmp_path):
+    run = tmp_path / "run"
+    run_cli(
+        "train",
+        "--config",
+        str(TINY_CONFIG),
+        "--train",
+        str(g2p_files["train"]),
+        "--valid",
+        str(g2p_files["dev"]),
+        "--output",
+        str(run),
+        "--max-epochs",
+        "2",
+        "--accelerator",
+        "cpu",
+    )
+    manifest = json.loads((run / "bundle" / "genrnn.json").read_text())
+    assert manifest["training"]["epochs"] == 2 and manifest["training"]["steps"] > 0
+    assert (run / "logs").is_dir() and (run / "tensorboard").is_dir() and (run / "checkpoints" / "last.ckpt").is_file()
+
+    out = tmp_path / "scores.json"
+    result = run_cli("evaluate", "--model", str(run / "bundle"), "--data", str(g2p_files["test"]), "--output", str(out))
+    scores = json.loads(out.read_text())
+    assert set(scores) == {"wer", "per", "sequence_accuracy", "items"}
+    assert scores["items"] == len(g2p_files["test"].read_text().splitlines())
+    assert 0.0 <= scores["wer"] <= 1.0 and scores["wer"] == pytest.approx(1 - scores["sequence_accuracy"])
+    assert "WER" in result.stdout and "PER" in result.stdout
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(g2p_files, tmp_path):
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--config",
+        str(TINY_CONFIG),
+        "--train",
+        str(g2p_files["train"]),
+        "--valid",
+        str(g2p_files["dev"]),
+        "--output",
+        str(run),
+        "--max-epochs",
+        "4",
+        "--accelerator",
+        "cpu",
+    ]
+    process = subprocess.Popen([*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert last.exists() and not (run / "bundle" / "genrnn.json").exists()
+
+    result = run_cli(*args)
+    assert "resuming from" in result.stdout
+    resumed = json.loads((run / "bundle" / "genrnn.json").read_text())["training"]
+    fresh_run = tmp_path / "fresh"
+    run_cli(*[a if a != str(run) else str(fresh_run) for a in args])
+    fresh = json.loads((fresh_run / "bundle" / "genrnn.json").read_text())["training"]
+    assert resumed["epochs"] == fresh["epochs"] == 4
+    assert resumed["steps"] == fresh["steps"]  # no step lost or repeated
+    assert resumed["seconds_this_run"] < fresh["seconds_this_run"]
+
+
+def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = [
+        "train",
+        "--config",
+        str(TINY_CONFIG),
+        "--train",
+        str(g2p_files["train"]),
+        "--valid",
+        str(g2p_files["dev"]),
+        "--max-epochs",
+        "1",
+        "--accelerator",
+        "cpu",
+    ]
+    run_cli(*common, "--output", str(one), "--devices", "1")
+    run_cli(*common, "--output", str(two), "--devices", "2", "--strategy", "ddp", timeout=300)
+    single = json.loads((one / "bundle" / "genrnn.json").read_text())["training"]
+    double = json.loads((two / "bundle" / "genrnn.json").read_text())["training"]
+    # Each of the two ranks takes every other batch: half the optimiser steps per epoch.
+    assert double["steps"] == (single["steps"] + 1) // 2
+    assert load_bundle(two / "bundle").model.num_parameters() == single["parameters"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--train", "/nonexistent.tsv"], "data file not found: /nonexistent.tsv"),
+        (["train", "--config", "/nonexistent.yaml"], "config file not found"),
+        (["evaluate", "--model", "/nonexistent", "--data", "x.tsv"], "bundle directory not found"),
+        (["evaluate", "--model", ".", "--data", "x.tsv"], "genrnn.json is missing"),
+    ],
+)
+def test_user_errors_end_with_one_clear_line(args, message, tmp_path):
+    result = run_cli(*args, check=False, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_malformed_training_line_is_named(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("cat\tK AE1 T\ndog\n")
+    result = run_cli(
+        "train", "--config", str(TINY_CONFIG), "--train", str(bad), "--output", str(tmp_path / "r"), check=False
+    )
+    assert result.returncode == 1 and f"{bad}:2: expected 'source<TAB>target'" in result.stderr
+
+
+def test_bad_config_value_names_the_key(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  cell: transformer\n")
+    result = run_cli("train", "--config", str(config), check=False)
+    assert result.returncode == 1 and "model.cell: must be one of lstm, gru, rnn" in result.stderr
+    assert os.path.exists(config)
