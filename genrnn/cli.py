@@ -160,6 +160,57 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         Path(args.output).write_text(json.dumps(scores.to_dict(), indent=2) + "\n")
 
 
+# -- serve ---------------------------------------------------------------------------------------
+
+# Options left out keep serving.config.ServeConfig's defaults (quoted in the help lines).
+_SERVE_LIMITS = ("max_inputs", "max_input_length", "max_new_tokens", "max_beam_size", "max_return_sequences")
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a bundle over HTTP (POST /v1/generate, /health, /info, /metrics)",
+        description="Serve a bundle over HTTP with dynamic batching; SIGTERM or Ctrl+C drains requests in flight.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--model", required=True, help="bundle directory")
+    p.add_argument("--host", help="address to listen on: 127.0.0.1 (default), 0.0.0.0 or ::")
+    p.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    p.add_argument("--accelerator", help="auto (default: a GPU when there is one), cpu, cuda or mps")
+    p.add_argument("--devices", help="number of devices, or auto (default: all of the accelerator's)")
+    p.add_argument("--workers-per-device", type=int, help="inference processes per device (default 1)")
+    p.add_argument("--api-servers", type=int, help="HTTP processes (default: one per inference worker)")
+    p.add_argument("--max-batch-size", type=int, help="most inputs decoded together (default 64)")
+    p.add_argument("--batch-timeout", type=float, help="seconds a batch waits to fill (default 0.005)")
+    p.add_argument("--max-queue", type=int, help="requests in the server at once; beyond it, 429 (default 256)")
+    p.add_argument("--timeout", type=float, help="seconds a request may wait for a worker; beyond it, 504 (default 30)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body; beyond it, 413 (default 1048576)")
+    p.add_argument("--api-key-env", help="environment variable holding an API key; when set, /v1/* requires it")
+    p.add_argument("--max-inputs", type=int, help="most inputs in one request (default 256)")
+    p.add_argument("--max-input-length", type=int, help="most characters in one input (default 1024)")
+    p.add_argument("--max-new-tokens", type=int, help="cap on max_new_tokens (default 256)")
+    p.add_argument("--max-beam-size", type=int, help="cap on beam_size (default 16)")
+    p.add_argument("--max-return-sequences", type=int, help="cap on num_return_sequences (default 16)")
+    p.add_argument("--log-level", help="critical, error, warning, info (default) or debug")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from serving.config import ServeConfig
+    from serving.schemas import Limits
+    from serving.server import serve
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+    limits = Limits(**{k: options.pop(k) for k in _SERVE_LIMITS if k in options})
+    if options.get("devices", "auto") != "auto":
+        try:
+            options["devices"] = int(options["devices"])
+        except ValueError:
+            raise ConfigurationError(f"--devices: must be 'auto' or a count; got {options['devices']!r}") from None
+    serve(ServeConfig(**options, limits=limits))
+
+
 # -- entry point ---------------------------------------------------------------------------------
 
 
@@ -168,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _evaluate_parser(sub)
+    _serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,59 @@
+"""The server's configuration: one frozen dataclass, checked once, each error naming its option."""
+
+from dataclasses import dataclass, field, fields
+
+from genrnn.errors import ConfigurationError
+from serving.schemas import Limits
+
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServe binds to
+ACCELERATORS = ("auto", "cpu", "cuda", "mps")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _require(condition: bool, option: str, message: str) -> None:
+    if not condition:
+        raise ConfigurationError(f"{option}: {message}")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``genrnn serve`` needs; the defaults are the command line's."""
+
+    model: str  # bundle directory
+    host: str = "127.0.0.1"
+    port: int = 8000
+    accelerator: str = "auto"
+    devices: int | str = "auto"  # a count, or "auto": every device of the accelerator
+    workers_per_device: int = 1
+    api_servers: int | None = None  # HTTP processes; None: one per inference worker
+    max_batch_size: int = 64  # inputs decoded together
+    batch_timeout: float = 0.005  # seconds a batch waits to fill once its first request is in
+    max_queue: int = 256  # requests admitted and unanswered; beyond it, 429
+    timeout: float = 30.0  # seconds a request may wait for a worker; beyond it, 504
+    max_body_bytes: int = 1 << 20  # beyond it, 413
+    api_key_env: str | None = None  # name of the environment variable that holds the API key
+    log_level: str = "info"
+    access_log: bool = False
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        _require(self.host in HOSTS, "--host", f"must be one of {', '.join(HOSTS)}; got {self.host!r}")
+        _require(1024 <= self.port <= 65535, "--port", f"must be in 1024..65535; got {self.port}")
+        _require(self.accelerator in ACCELERATORS, "--accelerator", f"must be one of {', '.join(ACCELERATORS)}")
+        _require(
+            self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1),
+            "--devices",
+            f"must be 'auto' or a positive count; got {self.devices!r}",
+        )
+        for name in ("workers_per_device", "max_batch_size", "max_queue", "max_body_bytes"):
+            _require(getattr(self, name) >= 1, _option(name), "must be at least 1")
+        _require(self.api_servers is None or self.api_servers >= 1, "--api-servers", "must be at least 1")
+        _require(self.batch_timeout >= 0, "--batch-timeout", "must be 0 or more")
+        _require(self.timeout > self.batch_timeout, "--timeout", "must be longer than --batch-timeout")
+        _require(self.log_level in LOG_LEVELS, "--log-level", f"must be one of {', '.join(LOG_LEVELS)}")
+        for limit in fields(self.limits):
+            _require(getattr(self.limits, limit.name) >= 1, _option(limit.name), "must be at least 1")

@@ -1,0 +1,48 @@
+"""Error replies: every error is JSON ``{"detail": "<one line a person can act on>"}``.
+
+Validation errors add ``"errors": [{"field": .., "message": ..}]``; a value over a size
+limit (too many inputs, an input too long) is a 413, any other bad field a 422.
+"""
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import Send
+
+from serving.schemas import TOO_LARGE
+
+
+async def reply_error(send: Send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """Send an error reply from ASGI middleware."""
+    body = json.dumps({"detail": detail}).encode()
+    start_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": start_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _field_and_message(error: dict[str, Any]) -> tuple[str, str]:
+    """The offending field, named as in the body (``inputs.2``), and what is wrong with it."""
+    context = error.get("ctx") or {}
+    if error["type"] == "out_of_range":  # a DecodingConfig range, checked on the whole body
+        return context["field"], context["message"]
+    if error["type"] == "json_invalid":
+        return "body", f"not valid JSON ({context.get('error', 'decode error')})"
+    location = [str(part) for part in error["loc"][1:]]  # the first part is always "body"
+    return ".".join(location) or "body", error["msg"]
+
+
+async def validation_error_reply(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field, or 413 when every problem is a size limit."""
+    problems = [_field_and_message(e) for e in error.errors()]
+    status = 413 if all(e["type"] == TOO_LARGE for e in error.errors()) else 422
+    return JSONResponse(
+        {
+            "detail": "; ".join(f"{field}: {message}" for field, message in problems),
+            "errors": [{"field": field, "message": message} for field, message in problems],
+        },
+        status_code=status,
+    )

@@ -1,0 +1,94 @@
+"""LitServe's batched loop, with batches measured in inputs rather than requests.
+
+LitServe fills a batch with up to ``max_batch_size`` *requests*; a request here may
+carry a list of inputs, and the engine's cost grows with inputs. This loop fills a
+batch with up to ``max_batch_size`` *inputs*: a request that does not fit waits for
+the next batch (a request is never split), and one larger than the whole budget is
+decoded on its own. Everything else (decode, predict, encode, replies) is LitServe's.
+
+It also differs in how it waits: it blocks until a first request arrives, then
+gathers more for at most ``batch_timeout``, instead of polling the queue every
+millisecond while idle.
+"""
+
+import time
+from collections import deque
+from queue import Empty, Queue
+from typing import Any
+
+from fastapi import HTTPException
+from litserve import LitAPI
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+from litserve.loops.simple_loops import BatchedLoop
+from litserve.transport.base import MessageTransport
+from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
+
+from serving import metrics
+
+# An idle worker wakes this often, so that LitServe's loop stays responsive.
+_IDLE_WAIT = 1.0
+
+
+def timeout_error(waited: float, limit: float) -> HTTPException:
+    """The 504 of a request that waited in the queue longer than the server's timeout."""
+    return HTTPException(
+        504, f"the request waited {waited:.2f} s for a worker, longer than the server's timeout of {limit:g} s"
+    )
+
+
+class InputBudgetLoop(BatchedLoop):
+    """Batches of at most ``max_batch_size`` inputs, requests kept whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: deque = deque()  # a request that did not fit the previous batch
+
+    def _next(self, request_queue: Queue, deadline: float | None) -> Any:
+        """The held request, else the next queued one; ``None`` when none comes before the deadline."""
+        if self._held:
+            return self._held.popleft()
+        timeout = _IDLE_WAIT if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return request_queue.get(timeout=timeout)
+        except Empty:
+            return None
+
+    def get_batch_requests(self, lit_api: LitAPI, request_queue: Queue, transport: MessageTransport):
+        """One batch ``[(response_queue_id, uid, request)]`` and the requests that waited too long."""
+        batch, late, inputs, deadline = [], [], 0, None
+        timeout = lit_api.request_timeout
+        while inputs < lit_api.max_batch_size:
+            item = self._next(request_queue, deadline)
+            if item is None:
+                break
+            if item == _SENTINEL_VALUE:
+                raise _StopLoopError()
+            response_queue_id, uid, arrived, request = item
+            waited = time.monotonic() - arrived  # monotonic clocks agree across processes on one machine
+            if timeout not in (-1, False, None) and waited > timeout:
+                metrics.QUEUE_WAIT.observe(waited)
+                late.append((response_queue_id, uid, waited))
+                continue
+            size = len(request.inputs)
+            if batch and inputs + size > lit_api.max_batch_size:
+                self._held.append(item)
+                break
+            metrics.QUEUE_WAIT.observe(waited)
+            batch.append((response_queue_id, uid, request))
+            inputs += size
+            if deadline is None:
+                deadline = time.monotonic() + lit_api.batch_timeout
+        for response_queue_id, uid, waited in late:
+            self.put_error(transport, response_queue_id, uid, timeout_error(waited, timeout))
+        return batch, []
+
+    def put_error(self, transport: MessageTransport, response_queue_id: int, uid: str, error: HTTPException) -> None:
+        """Answer one request with an HTTP error."""
+        self.put_response(
+            transport,
+            response_queue_id,
+            uid,
+            PickleableHTTPException.from_exception(error),
+            LitAPIStatus.ERROR,
+            LoopResponseType.REGULAR,
+        )

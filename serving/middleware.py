@@ -1,0 +1,114 @@
+"""ASGI middlewares of the HTTP processes: API key, admission (429), request metrics.
+
+Each is a plain ASGI wrapper, so it can answer before the body is read (a rejected
+request costs no parsing) and see the status code of every reply, errors included.
+"""
+
+import hashlib
+import hmac
+import time
+from multiprocessing.sharedctypes import Synchronized
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving import metrics
+from serving.errors import reply_error
+
+
+def _digest(key: bytes) -> bytes:
+    # Comparing fixed-size digests keeps the comparison's time independent of the key's length too.
+    return hashlib.sha256(key).digest()
+
+
+class ApiKeyMiddleware:
+    """Paths under ``prefix`` need the key, as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
+
+    def __init__(self, app: ASGIApp, prefix: str, key: str) -> None:
+        self.app = app
+        self.prefix = prefix
+        self.key_digest = _digest(key.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix) and not self._authorized(scope):
+            await reply_error(
+                send,
+                401,
+                "missing or wrong API key: send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                [(b"www-authenticate", b"Bearer")],
+            )
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        headers = dict(scope["headers"])  # lower-case names, as ASGI guarantees
+        presented = headers.get(b"x-api-key")
+        if presented is None:
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            presented = token.strip() if scheme.lower() == b"bearer" else b""
+        return hmac.compare_digest(_digest(presented), self.key_digest)
+
+
+class AdmissionMiddleware:
+    """Answers 429 while ``limit`` requests to ``path`` are admitted and unanswered, counted across processes."""
+
+    def __init__(self, app: ASGIApp, path: str, limit: int, admitted: Synchronized, retry_after: int = 1) -> None:
+        self.app = app
+        self.path = path
+        self.limit = limit
+        self.admitted = admitted  # an mp.Value shared by every HTTP process (they are forked from the server)
+        self.retry_after = retry_after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        with self.admitted.get_lock():
+            full = self.admitted.value >= self.limit
+            if not full:
+                self.admitted.value += 1
+        if full:
+            detail = f"the server is saturated ({self.limit} requests waiting); retry in {self.retry_after} s"
+            await reply_error(send, 429, detail, [(b"retry-after", str(self.retry_after).encode())])
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            with self.admitted.get_lock():
+                self.admitted.value -= 1
+
+
+class RequestMetricsMiddleware:
+    """Counts requests to ``path`` by mode and status, times them, and tracks how many are in flight."""
+
+    def __init__(self, app: ASGIApp, path: str) -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        body = bytearray()  # kept as the app reads it, for the mode label
+        status = 500  # what the client gets if the app raises
+
+        async def receive_and_keep() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                body.extend(message.get("body", b""))
+            return message
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics.INFLIGHT.inc()
+        try:
+            await self.app(scope, receive_and_keep, send_and_note)
+        finally:
+            metrics.INFLIGHT.dec()
+            mode = metrics.mode_label(bytes(body))
+            metrics.REQUESTS.labels(mode, str(status)).inc()
+            metrics.REQUEST_DURATION.labels(mode).observe(time.perf_counter() - started)

@@ -1,0 +1,152 @@
+"""The body and the reply of ``POST /v1/generate``.
+
+The request model is the annotation of the API's ``decode_request``, so LitServe has
+FastAPI validate every body in the HTTP process, before the request is queued: a bad
+field costs no worker time and never shares a batch with good requests. Ranges come
+from :class:`genrnn.config.DecodingConfig` (one definition for the CLI, batch jobs and
+HTTP); the server's own caps come from :class:`Limits`.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from genrnn.config import DecodingConfig
+from genrnn.errors import ConfigurationError
+
+_DEFAULTS = DecodingConfig()
+
+# Error type of a value over a size limit: answered with 413 rather than 422.
+TOO_LARGE = "too_large"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's caps on one request (checked by the server's configuration)."""
+
+    max_inputs: int = 256  # inputs in one request
+    max_input_length: int = 1024  # characters in one input
+    max_new_tokens: int = 256  # the engine's length cap
+    max_beam_size: int = 16
+    max_return_sequences: int = 16
+
+
+def _at_most(value: int, cap: int) -> int:
+    if value > cap:
+        raise PydanticCustomError("over_cap", "must be at most {cap} on this server", {"cap": cap})
+    return value
+
+
+class GenerateRequest(BaseModel):
+    """The body of ``POST /v1/generate``; a field that does not apply to ``mode`` is ignored."""
+
+    # Strict: "0.8" is not a temperature. Unknown keys are refused, so a typo is not silently ignored.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    # Set once by the server before its HTTP processes start (they are forked, so they inherit it).
+    limits: ClassVar[Limits] = Limits()
+
+    inputs: list[str] = Field(description="one string, or a list of strings (kept in this order in the reply)")
+    mode: Literal["greedy", "sample", "beam"] = _DEFAULTS.mode
+    temperature: float = _DEFAULTS.temperature
+    top_k: int = _DEFAULTS.top_k
+    top_p: float = _DEFAULTS.top_p
+    seed: int | None = _DEFAULTS.seed
+    num_return_sequences: int = _DEFAULTS.num_return_sequences
+    beam_size: int = _DEFAULTS.beam_size
+    length_penalty: float = _DEFAULTS.length_penalty
+    length_penalty_form: Literal["gnmt", "average"] = _DEFAULTS.length_penalty_form
+    max_new_tokens: int | None = None  # None: the engine's default, bounded by the server's cap
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _one_string_is_a_list_of_one(cls, inputs: object) -> object:
+        return [inputs] if isinstance(inputs, str) else inputs
+
+    @field_validator("inputs")
+    @classmethod
+    def _check_inputs(cls, items: list[str]) -> list[str]:
+        if not items:
+            raise PydanticCustomError("empty", "must hold at least one input")
+        if len(items) > cls.limits.max_inputs:
+            raise PydanticCustomError(
+                TOO_LARGE,
+                "{count} inputs; this server takes at most {cap} per request",
+                {"count": len(items), "cap": cls.limits.max_inputs},
+            )
+        for index, text in enumerate(items):
+            if not text:
+                raise PydanticCustomError("empty", "input {index} is an empty string", {"index": index})
+            if len(text) > cls.limits.max_input_length:
+                raise PydanticCustomError(
+                    TOO_LARGE,
+                    "input {index} has {length} characters; this server takes at most {cap}",
+                    {"index": index, "length": len(text), "cap": cls.limits.max_input_length},
+                )
+        return items
+
+    @field_validator("beam_size")
+    @classmethod
+    def _check_beam_size(cls, value: int) -> int:
+        return _at_most(value, cls.limits.max_beam_size)
+
+    @field_validator("num_return_sequences")
+    @classmethod
+    def _check_num_return_sequences(cls, value: int) -> int:
+        return _at_most(value, cls.limits.max_return_sequences)
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _check_max_new_tokens(cls, value: int | None) -> int | None:
+        return value if value is None else _at_most(value, cls.limits.max_new_tokens)
+
+    @model_validator(mode="after")
+    def _check_decoding(self) -> "GenerateRequest":
+        # Resolved here, in the HTTP process: the worker sees only the finished request.
+        if self.max_new_tokens is None:
+            self.max_new_tokens = min(_DEFAULTS.max_new_tokens, self.limits.max_new_tokens)
+        try:
+            self.decoding()
+        except ConfigurationError as error:  # "field: what is wrong"
+            field, _, message = str(error).partition(": ")
+            raise PydanticCustomError(
+                "out_of_range", "{field}: {message}", {"field": field, "message": message}
+            ) from None
+        return self
+
+    def decoding(self) -> DecodingConfig:
+        """The engine settings of every input of this request."""
+        return DecodingConfig(**self.model_dump(exclude={"inputs"}))
+
+
+class ReplyCandidate(BaseModel):
+    """One output sequence."""
+
+    text: str
+    tokens: list[int]
+    logprob: float
+    finish_reason: Literal["eos", "length"]
+
+
+class ReplyOutput(BaseModel):
+    """Every candidate for one input, best first."""
+
+    input: str
+    candidates: list[ReplyCandidate]
+
+
+class Usage(BaseModel):
+    """Tokens read and written for the whole request."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+class GenerateReply(BaseModel):
+    """The reply of ``POST /v1/generate``; ``outputs`` keeps the order of ``inputs``."""
+
+    model: str
+    outputs: list[ReplyOutput]
+    usage: Usage

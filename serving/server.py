@@ -1,0 +1,156 @@
+"""The entry point of ``genrnn serve``: wire the API, middlewares and metrics into LitServe, and run it.
+
+Processes: this main process; ``--api-servers`` HTTP processes (forked: they inherit
+the request caps and the admission counter set up here); ``--workers-per-device``
+inference workers per device (spawned: each loads the bundle in ``setup``); and
+LitServe's queue manager.
+
+LitServe drains on SIGINT to this process alone, but SIGTERM (``docker stop``) would
+kill this process and leave the others serving. Both signals are therefore routed to
+LitServe's own shutdown: the HTTP processes stop accepting, finish the requests in
+flight (the workers still decode them), exit; then the workers and the manager stop.
+"""
+
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from litserve.callbacks import Callback
+
+from genrnn.bundle import load_bundle
+from serving.config import ServeConfig
+from serving.schemas import GenerateRequest
+
+METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def fresh_metrics_directory() -> tuple[Path, bool]:
+    """An empty directory for multiprocess metrics, set in the environment; and whether it is ours to delete.
+
+    Values left by an earlier run would be added to this run's, so a directory the
+    operator chose is emptied of metric files, and otherwise a new one is made.
+    """
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before its multiprocess directory was set")
+    chosen = os.environ.get(METRICS_DIR_VARIABLE)
+    if chosen:
+        directory = Path(chosen)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink()
+        return directory, False
+    directory = Path(tempfile.mkdtemp(prefix="genrnn-metrics-"))
+    os.environ[METRICS_DIR_VARIABLE] = str(directory)
+    return directory, True
+
+
+def api_key(config: ServeConfig) -> str | None:
+    """The API key, when the configured environment variable holds one."""
+    if config.api_key_env is None:
+        return None
+    return os.environ.get(config.api_key_env) or None
+
+
+class WorkersIgnoreSigint(Callback):
+    """A terminal's Ctrl+C reaches every process of the group; the main process drains, workers go on."""
+
+    def on_before_setup(self, *args: Any, **kwargs: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # runs in each inference worker, before setup
+
+
+def drain_on_signals(server: ls.LitServer) -> None:
+    """Make SIGTERM and SIGINT start LitServe's graceful shutdown."""
+
+    def stop(signum: int, frame: Any) -> None:
+        event = server._shutdown_event  # LitServe's main thread waits on it in run()
+        if event is None:  # nothing started yet
+            raise KeyboardInterrupt
+        # LitServe stops its HTTP processes one after the other, so the later ones would keep
+        # accepting while the first drains: tell them all now (uvicorn drains on SIGTERM).
+        for child in multiprocessing.active_children():
+            if child.name.startswith("LitServer-"):
+                child.terminate()
+        # The main thread is blocked inside a call to the queue manager; setting the event
+        # from another thread uses a connection of its own instead of interleaving with it.
+        threading.Thread(target=event.set, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None) -> ls.LitServer:
+    """The LitServer with its API, middlewares, ``/metrics`` and error replies."""
+    # Imported here, after the metrics directory is set: see serving.metrics.
+    from serving import metrics
+    from serving.api import GENERATE_PATH, GenerationAPI
+    from serving.errors import validation_error_reply
+    from serving.middleware import AdmissionMiddleware, ApiKeyMiddleware, RequestMetricsMiddleware
+
+    GenerateRequest.limits = config.limits
+    api = GenerationAPI(config.model, config.limits, config.max_batch_size, config.batch_timeout)
+    admitted = multiprocessing.Value("i", 0)  # shared by the HTTP processes forked from this one
+
+    # Listed innermost first: each middleware wraps the ones before it. Metrics sees every reply.
+    middlewares: list = [
+        (AdmissionMiddleware, {"path": GENERATE_PATH, "limit": config.max_queue, "admitted": admitted})
+    ]
+    if key:
+        middlewares.append((ApiKeyMiddleware, {"prefix": "/v1/", "key": key}))
+    middlewares.append((RequestMetricsMiddleware, {"path": GENERATE_PATH}))
+
+    server = ls.LitServer(
+        api,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        workers_per_device=config.workers_per_device,
+        timeout=config.timeout,
+        max_payload_size=config.max_body_bytes,  # bytes: LitServe's check compares it as a number
+        middlewares=middlewares,
+        model_metadata=metadata,
+        callbacks=[WorkersIgnoreSigint()],
+    )
+
+    async def metrics_endpoint() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    server.app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    server.app.add_exception_handler(RequestValidationError, validation_error_reply)
+    return server
+
+
+def serve(config: ServeConfig) -> None:
+    """Serve the bundle until SIGTERM or SIGINT; requests in flight are answered first."""
+    bundle = load_bundle(config.model)  # a bad bundle fails here, with one line, before any process starts
+    metadata = {**bundle.info(), "limits": {**asdict(config.limits), "max_body_bytes": config.max_body_bytes}}
+    del bundle
+    key = api_key(config)
+    if config.api_key_env:
+        state = "set: /v1/* requires the key" if key else "not set: no key required"
+        print(f"genrnn serve: {config.api_key_env} is {state}", file=sys.stderr)
+
+    directory, ours = fresh_metrics_directory()
+    try:
+        server = build_server(config, metadata, key)
+        drain_on_signals(server)
+        server.run(
+            host=config.host,
+            port=config.port,
+            num_api_servers=config.api_servers,
+            log_level=config.log_level,
+            generate_client_file=False,
+            access_log=config.access_log,
+        )
+    finally:
+        if ours:
+            shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,516 @@
+"""The HTTP service for real: ``genrnn serve`` on a loopback port, a tiny trained bundle, httpx.
+
+Three servers, each started once: ``keyed`` (2 workers, API key on, small caps) for
+replies, validation, batching and metrics; ``small`` (1 worker, no key, a short queue
+and timeout) for saturation; and one per shutdown test. Saturation and shutdown are
+made deterministic by pausing the inference worker (SIGSTOP) while requests pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from queue import Queue
+
+import httpx
+import pytest
+from litserve.transport.process_transport import MPQueueTransport
+from prometheus_client.parser import text_string_to_metric_families
+
+from genrnn.bundle import load_bundle
+from genrnn.cli import main
+from genrnn.config import DecodingConfig
+from genrnn.decoding import Generator
+from serving.api import Failure, GenerationAPI
+from serving.schemas import GenerateRequest, Limits
+
+KEY = "s3cret-key"
+KEY_ENV = "GENRNN_TEST_API_KEY"
+STARTUP_SECONDS = 180  # two slow shared cores: imports and the bundle take a while in every process
+
+
+# -- the parts, in this process ------------------------------------------------------------------
+
+
+def _queued(*sizes: int, age: float = 0.0) -> Queue:
+    """A LitServe request queue holding one request per size, with that many inputs each."""
+    queue: Queue = Queue()
+    for i, size in enumerate(sizes):
+        request = GenerateRequest(inputs=[f"w{j}" for j in range(size)])
+        queue.put((0, f"uid{i}", time.monotonic() - age, request))
+    return queue
+
+
+def _batches(api: GenerationAPI, queue: Queue, transport: MPQueueTransport) -> list[list[int]]:
+    """The input counts of each batch the loop forms until the queue is empty."""
+    batches = []
+    while True:
+        batch, _ = api.loop.get_batch_requests(api, queue, transport)
+        if not batch:
+            return batches
+        batches.append([len(request.inputs) for _, _, request in batch])
+
+
+def test_a_batch_is_filled_with_inputs_not_requests():
+    api = GenerationAPI("unused", Limits(), max_batch_size=4, batch_timeout=0.01)
+    api.request_timeout = 30.0
+    transport = MPQueueTransport(None, [Queue()])
+
+    assert _batches(api, _queued(3, 2, 1, 6, 1), transport) == [[3], [2, 1], [6], [1]]
+
+
+def test_a_request_that_waited_past_the_timeout_is_answered_504_without_decoding():
+    api = GenerationAPI("unused", Limits(), max_batch_size=4, batch_timeout=0.01)
+    api.request_timeout = 1.0
+    replies: Queue = Queue()
+
+    assert _batches(api, _queued(1, age=5.0), MPQueueTransport(None, [replies])) == []
+    uid, (error, status, *_) = replies.get_nowait()
+    assert (uid, status, error.status_code) == ("uid0", "ERROR", 504)
+
+
+def test_a_request_that_fails_in_the_engine_fails_alone(tiny_bundle):
+    api = GenerationAPI(str(tiny_bundle), Limits(), max_batch_size=8, batch_timeout=0.0)
+    api.setup("cpu")
+    good = GenerateRequest(inputs=["cat", "dog"])
+    # Built without validation: past the engine's length cap, so the engine refuses the whole batch.
+    bad = GenerateRequest.model_construct(**{**good.model_dump(), "max_new_tokens": 10_000})
+
+    outputs = api.predict([good, bad, good])
+
+    assert isinstance(outputs[1], Failure) and api.encode_response(outputs[1]).status_code == 500
+    assert outputs[0] == outputs[2] == api.predict([good])[0]
+    assert [o.input for o in outputs[0].outputs] == ["cat", "dog"]
+
+
+def test_serve_refuses_bad_options_and_bundles_with_one_line(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path), "--port", "80"]) == 1
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 1
+    errors = capsys.readouterr().err.splitlines()
+    assert errors[0] == "genrnn serve: error: --port: must be in 1024..65535; got 80"
+    assert errors[1].startswith("genrnn serve: error: bundle directory not found")
+
+
+# -- a real server in a subprocess ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        found += kids
+        frontier += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def inference_workers(pid: int) -> list[int]:
+    """The server's inference workers: LitServe spawns them (its HTTP processes are forked)."""
+    workers = []
+    for child in children(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(child)
+        except OSError:
+            continue
+    return workers
+
+
+class Server:
+    """A running ``genrnn serve`` and an HTTP client for it."""
+
+    def __init__(self, process: subprocess.Popen, port: int, log: Path, headers: dict[str, str]) -> None:
+        self.process = process
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def generate(self, **body) -> httpx.Response:
+        return self.client.post("/v1/generate", json=body)
+
+    def metrics(self) -> Counter:
+        """Every sample of /metrics, keyed by (name, sorted labels)."""
+        response = self.client.get("/metrics")
+        assert response.status_code == 200
+        samples: Counter = Counter()
+        for family in text_string_to_metric_families(response.text):
+            for s in family.samples:
+                samples[s.name, tuple(sorted(s.labels.items()))] += s.value
+        return samples
+
+    @contextmanager
+    def paused_worker(self) -> Iterator[None]:
+        """Requests queue up while the (single) inference worker is stopped."""
+        (worker,) = inference_workers(self.process.pid)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(worker, signal.SIGCONT)
+
+    def wait_for_inflight(self, count: int) -> None:
+        wait_until(lambda: self.metrics()["genrnn_inflight_requests", ()] == count, f"{count} requests in flight")
+
+
+def wait_until(condition: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@contextmanager
+def running_server(bundle: Path, log: Path, *options: str, key: str | None = None) -> Iterator[Server]:
+    """Start ``genrnn serve``, wait until /health says ready, and stop it (and all its processes) after."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    if key:
+        env[KEY_ENV] = key
+    command = [sys.executable, "-m", "genrnn.cli", "serve", "--model", str(bundle), "--port", str(port), *options]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(process, port, log, {"X-API-Key": key} if key else {})
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            assert process.poll() is None, f"server exited during startup:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"server not ready:\n{log.read_text()[-3000:]}"
+            try:
+                if server.client.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        yield server
+    finally:
+        server.client.close()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def in_background(function: Callable, **kwargs) -> Queue:
+    """Run ``function(**kwargs)`` in a thread; its result arrives on the returned queue."""
+    results: Queue = Queue()
+    executor = ThreadPoolExecutor(1)
+    executor.submit(lambda: results.put(function(**kwargs)))
+    executor.shutdown(wait=False)
+    return results
+
+
+KEYED_OPTIONS = (
+    "--workers-per-device", "2", "--api-key-env", KEY_ENV, "--batch-timeout", "0.05", "--max-batch-size", "16",
+    "--max-inputs", "8", "--max-input-length", "32", "--max-beam-size", "4", "--max-return-sequences", "4",
+    "--max-new-tokens", "24", "--max-body-bytes", "4096",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_bundle, tmp_path_factory) -> Iterator[Server]:
+    """Two workers (and two HTTP processes), API key required, small caps."""
+    log = tmp_path_factory.mktemp("keyed") / "server.log"
+    with running_server(tiny_bundle, log, *KEYED_OPTIONS, key=KEY) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def small(tiny_bundle, tmp_path_factory) -> Iterator[Server]:
+    """One worker, no API key: a queue of 3 requests and a 2-second timeout."""
+    log = tmp_path_factory.mktemp("small") / "server.log"
+    with running_server(tiny_bundle, log, "--max-queue", "3", "--timeout", "2") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle) -> Generator:
+    """The same bundle, decoded offline: what every HTTP reply must agree with."""
+    bundle = load_bundle(tiny_bundle)
+    return Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
+
+
+# -- replies -------------------------------------------------------------------------------------
+
+
+MODES = {
+    "greedy": {"mode": "greedy"},
+    "sample": {"mode": "sample", "temperature": 0.9, "top_k": 20, "top_p": 0.95, "seed": 7, "num_return_sequences": 3},
+    "beam": {"mode": "beam", "beam_size": 4, "num_return_sequences": 2, "length_penalty": 0.6},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_replies_in_the_design_shape_with_the_engine_output(keyed, engine, mode):
+    inputs = ["cat", "pronunciation", "dog"]
+    response = keyed.generate(inputs=inputs, max_new_tokens=20, **MODES[mode])
+
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    assert set(reply) == {"model", "outputs", "usage"}
+    assert reply["model"] == "tiny"
+    assert [o["input"] for o in reply["outputs"]] == inputs
+    expected = engine.generate(inputs, DecodingConfig(max_new_tokens=20, **MODES[mode]))
+    for output, generation in zip(reply["outputs"], expected):
+        assert output["candidates"] == [
+            {
+                "text": c.text,
+                "tokens": c.tokens,
+                "logprob": pytest.approx(c.logprob, abs=1e-4),
+                "finish_reason": c.finish_reason,
+            }
+            for c in generation.candidates
+        ]
+    assert reply["usage"] == {
+        "input_tokens": sum(g.input_tokens for g in expected),
+        "output_tokens": sum(len(c.tokens) for g in expected for c in g.candidates),
+    }
+
+
+def test_a_seed_gives_the_same_sample_every_time(keyed):
+    body = {"inputs": ["banana", "kiwi"], "mode": "sample", "temperature": 1.5, "seed": 123, "num_return_sequences": 4}
+    first, second = keyed.generate(**body), keyed.generate(**body)
+
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json()
+    assert len(first.json()["outputs"][0]["candidates"]) == 4
+
+
+def test_a_single_string_input_gets_a_list_of_one_output(keyed):
+    response = keyed.generate(inputs="cat")
+
+    assert response.status_code == 200
+    assert [o["input"] for o in response.json()["outputs"]] == ["cat"]
+
+
+def test_health_and_info_describe_the_loaded_bundle(keyed):
+    assert keyed.client.get("/health").status_code == 200
+    info = keyed.client.get("/info").json()["model"]
+
+    assert info["name"] == "tiny"
+    assert info["model"]["decoder_hidden"] == 64
+    assert info["training"]["steps"] > 0
+    assert info["limits"]["max_new_tokens"] == 24
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+INVALID = [
+    ({"inputs": "cat", "temperature": 0}, 422, "temperature"),
+    ({"inputs": "cat", "temperature": "0.8"}, 422, "temperature"),
+    ({"inputs": "cat", "top_p": 0}, 422, "top_p"),
+    ({"inputs": "cat", "top_p": 1.5}, 422, "top_p"),
+    ({"inputs": "cat", "top_k": -1}, 422, "top_k"),
+    ({"inputs": "cat", "mode": "nucleus"}, 422, "mode"),
+    ({"inputs": "cat", "beam_size": 5}, 422, "beam_size"),
+    ({"inputs": "cat", "num_return_sequences": 5}, 422, "num_return_sequences"),
+    ({"inputs": "cat", "mode": "beam", "beam_size": 2, "num_return_sequences": 3}, 422, "num_return_sequences"),
+    ({"inputs": "cat", "max_new_tokens": 25}, 422, "max_new_tokens"),
+    ({"inputs": "cat", "max_new_tokens": 0}, 422, "max_new_tokens"),
+    ({"inputs": "cat", "seed": 1.5}, 422, "seed"),
+    ({"inputs": "cat", "temprature": 0.5}, 422, "temprature"),
+    ({"inputs": ""}, 422, "inputs"),
+    ({"inputs": ["cat", ""]}, 422, "inputs"),
+    ({"inputs": []}, 422, "inputs"),
+    ({"inputs": 5}, 422, "inputs"),
+    ({"mode": "greedy"}, 422, "inputs"),
+    ({"inputs": ["cat"] * 9}, 413, "inputs"),
+    ({"inputs": "a" * 33}, 413, "inputs"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "field"), INVALID, ids=[f"{s}-{f}" for _, s, f in INVALID])
+def test_a_bad_field_gets_its_status_and_a_message_naming_it(keyed, body, status, field):
+    response = keyed.generate(**body)
+
+    assert response.status_code == status
+    assert field in response.json()["detail"]
+    assert response.json()["errors"][0]["field"].split(".")[0] == field
+
+
+def test_a_body_that_is_not_json_gets_422(keyed):
+    response = keyed.client.post(
+        "/v1/generate", content=b'{"inputs": "cat",', headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 422
+    assert "JSON" in response.json()["detail"]
+
+
+def test_a_body_over_the_size_limit_gets_413(keyed):
+    response = keyed.client.post("/v1/generate", json={"inputs": "cat", "padding": "x" * 5000})
+
+    assert response.status_code == 413
+    assert response.json()["detail"]
+
+
+def test_bad_requests_are_refused_before_the_queue_and_the_server_still_answers(keyed, engine):
+    before = keyed.metrics()
+    with ThreadPoolExecutor(8) as pool:
+        bad = list(pool.map(lambda case: keyed.generate(**case[0]).status_code, INVALID))
+    good = keyed.generate(inputs=["cat"])
+    after = keyed.metrics()
+
+    assert bad == [status for _, status, _ in INVALID]
+    assert after["genrnn_queue_wait_seconds_count", ()] - before["genrnn_queue_wait_seconds_count", ()] == 1
+    assert good.status_code == 200
+    assert good.json()["outputs"][0]["candidates"][0]["text"] == engine.generate(["cat"])[0].candidates[0].text
+
+
+# -- batching and metrics ------------------------------------------------------------------------
+
+
+async def _many(server: Server, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=server.url, headers=dict(server.client.headers), timeout=120) as client:
+        return await asyncio.gather(*(client.post("/v1/generate", json=b) for b in bodies))
+
+
+def test_64_concurrent_requests_of_mixed_modes_succeed_in_shared_batches(keyed):
+    bodies = [{"inputs": [f"word{i}"], **MODES[("greedy", "sample", "beam")[i % 3]]} for i in range(64)]
+    before = keyed.metrics()
+    responses = asyncio.run(_many(keyed, bodies))
+    after = keyed.metrics()
+
+    assert [r.status_code for r in responses] == [200] * 64
+    assert [r.json()["outputs"][0]["input"] for r in responses] == [f"word{i}" for i in range(64)]
+    batches = after["genrnn_batch_size_count", ()] - before["genrnn_batch_size_count", ()]
+    singles = after["genrnn_batch_size_bucket", (("le", "1.0"),)] - before["genrnn_batch_size_bucket", (("le", "1.0"),)]
+    assert after["genrnn_batch_size_sum", ()] - before["genrnn_batch_size_sum", ()] == 64
+    assert singles < batches  # some batches held several requests
+
+
+def test_metrics_from_every_process_add_up_to_the_requests_sent(keyed):
+    bodies = [{"inputs": ["cat", "dog"], **MODES["greedy"]}] * 9 + [{"inputs": ["tree"], **MODES["sample"]}] * 6
+    bodies += [{"inputs": ["house"], **MODES["beam"]}] * 3 + [{"inputs": "cat", "temperature": -1}] * 2
+    before = keyed.metrics()
+    replies = asyncio.run(_many(keyed, bodies))
+    after = keyed.metrics()
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before[key]
+
+    sent = Counter((b.get("mode", "greedy"), r.status_code) for b, r in zip(bodies, replies))
+    assert sent == {("greedy", 200): 9, ("sample", 200): 6, ("beam", 200): 3, ("greedy", 422): 2}
+    for (mode, status), count in sent.items():
+        assert delta("genrnn_requests_total", mode=mode, status=str(status)) == count
+    for mode in MODES:
+        ok = [r.json()["usage"] for b, r in zip(bodies, replies) if b.get("mode") == mode and r.status_code == 200]
+        assert delta("genrnn_output_tokens_total", mode=mode) == sum(u["output_tokens"] for u in ok)
+        assert delta("genrnn_input_tokens_total", mode=mode) == sum(u["input_tokens"] for u in ok)
+        assert delta("genrnn_time_per_output_token_seconds_count", mode=mode) == len(ok)
+        assert delta("genrnn_request_duration_seconds_count", mode=mode) == sent[mode, 200] + sent[mode, 422]
+    assert delta("genrnn_queue_wait_seconds_count") == 18
+    assert delta("genrnn_batch_size_sum") == 9 * 2 + 6 + 3
+    assert after["genrnn_inflight_requests", ()] == 0
+    assert after["genrnn_model_info", (("device", "cpu"), ("model", "tiny"), ("version", "0.1.0"))] == 1
+
+
+# -- API key -------------------------------------------------------------------------------------
+
+
+def test_the_api_key_is_required_on_v1_when_set(keyed):
+    url = f"{keyed.url}/v1/generate"
+    body = {"inputs": "cat"}
+
+    assert httpx.post(url, json=body).status_code == 401
+    assert httpx.post(url, json=body, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert "API key" in httpx.post(url, json=body).json()["detail"]
+    assert httpx.post(url, json=body, headers={"X-API-Key": KEY}).status_code == 200
+    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_health_and_metrics_stay_open_with_an_api_key(keyed):
+    assert httpx.get(f"{keyed.url}/health").status_code == 200
+    assert httpx.get(f"{keyed.url}/metrics").status_code == 200
+
+
+def test_without_a_key_configured_no_key_is_needed(small):
+    assert httpx.post(f"{small.url}/v1/generate", json={"inputs": "cat"}).status_code == 200
+
+
+# -- saturation ----------------------------------------------------------------------------------
+
+
+def test_past_the_queue_limit_requests_get_429_with_retry_after(small):
+    with small.paused_worker():
+        waiting = [in_background(small.generate, inputs=[f"w{i}"]) for i in range(3)]
+        small.wait_for_inflight(3)
+        refused = small.generate(inputs="cat")
+
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "saturated" in refused.json()["detail"]
+    assert all(w.get(timeout=60).status_code in (200, 504) for w in waiting)  # answered, one way or the other
+    assert small.generate(inputs="cat").status_code == 200
+
+
+def test_a_request_that_waits_past_the_timeout_gets_504(small):
+    with small.paused_worker():
+        waiting = [in_background(small.generate, inputs=[f"w{i}"]) for i in range(2)]
+        small.wait_for_inflight(2)
+        time.sleep(2.5)  # longer than --timeout 2
+    late = [w.get(timeout=60) for w in waiting]
+
+    assert [r.status_code for r in late] == [504, 504]
+    assert "timeout" in late[0].json()["detail"]
+    assert small.generate(inputs="cat").status_code == 200
+
+
+# -- shutdown ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_drains_the_request_in_flight_and_every_process_exits(tiny_bundle, tmp_path, signum):
+    with running_server(tiny_bundle, tmp_path / "server.log") as server:
+        processes = children(server.process.pid)
+        with server.paused_worker():
+            in_flight = in_background(server.generate, inputs=["cat", "dog"], mode="beam")
+            server.wait_for_inflight(1)
+            server.process.send_signal(signum)
+            time.sleep(1.0)  # the HTTP processes stop accepting
+            with pytest.raises(httpx.TransportError):
+                httpx.get(f"{server.url}/health", timeout=1)
+        reply = in_flight.get(timeout=60)
+
+        assert reply.status_code == 200
+        assert [o["input"] for o in reply.json()["outputs"]] == ["cat", "dog"]
+        assert server.process.wait(timeout=60) == 0
+        wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
