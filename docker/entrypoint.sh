@@ -14,11 +14,15 @@
 set -eu
 
 # The variables that mirror `genrnn serve`'s options, one to one (tests/test_docker.py
-# checks this list against `genrnn serve --help`).
-SERVE_SETTINGS="MODEL HOST PORT ACCELERATOR DEVICES WORKERS_PER_DEVICE MAX_BATCH_SIZE BATCH_TIMEOUT MAX_QUEUE TIMEOUT API_KEY_ENV"
+# checks these lists against `genrnn serve --help`). Unset ones keep the server's defaults.
+SERVE_OPTIONS="MODEL HOST PORT ACCELERATOR DEVICES WORKERS_PER_DEVICE API_SERVERS MAX_BATCH_SIZE BATCH_TIMEOUT
+    MAX_QUEUE TIMEOUT MAX_BODY_BYTES API_KEY_ENV MAX_INPUTS MAX_INPUT_LENGTH MAX_NEW_TOKENS MAX_BEAM_SIZE
+    MAX_RETURN_SEQUENCES LOG_LEVEL"
+# Options without a value: on when the variable is 1, true or yes (GENRNN_ACCESS_LOG=1).
+SERVE_SWITCHES="ACCESS_LOG"
 
 case "${1:-serve}" in
-    serve) [ "$#" -gt 0 ] && shift ;;
+    serve) if [ "$#" -gt 0 ]; then shift; fi ;;
     -*) ;;  # options only: they are for `genrnn serve`
     *) exec "$@" ;;
 esac
@@ -29,19 +33,25 @@ given_model=no
 for argument in "$@"; do
     case "$argument" in --model | --model=*) given_model=yes ;; esac
 done
-for name in $SERVE_SETTINGS; do
+option() { echo "--$1" | tr 'A-Z_' 'a-z-'; }
+for name in $SERVE_OPTIONS; do
     value=$(printenv "GENRNN_$name" || true)
     if [ -n "$value" ]; then
-        set -- "--$(echo "$name" | tr 'A-Z_' 'a-z-')" "$value" "$@"
+        set -- "$(option "$name")" "$value" "$@"
     fi
+done
+for name in $SERVE_SWITCHES; do
+    case "$(printenv "GENRNN_$name" || true)" in
+        1 | true | yes) set -- "$(option "$name")" "$@" ;;
+    esac
 done
 
 # A missing bundle is the usual first mistake in a container: say where one should be.
 model="${GENRNN_MODEL:-}"
 if [ "$given_model" = no ] && [ -n "$model" ] && [ ! -f "$model/genrnn.json" ]; then
     echo "genrnn: no bundle at $model (genrnn.json missing)." >&2
-    echo "  Mount one there (docker run -v \$PWD/runs/g2p-en/bundle:$model:ro ...), bake one in" >&2
-    echo "  (docker build --build-arg BUNDLE=runs/g2p-en/bundle ...), or point GENRNN_MODEL at one;" >&2
+    echo "  Mount one there (docker run -v \$PWD/runs/g2p-en-small/bundle:$model:ro ...), bake one in" >&2
+    echo "  (docker build --build-arg BUNDLE=runs/g2p-en-small/bundle ...), or point GENRNN_MODEL at one;" >&2
     echo "  'make bundle' or 'genrnn train' writes one." >&2
     exit 1
 fi
