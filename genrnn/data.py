@@ -58,7 +58,10 @@ def _parse_jsonl_line(line: str, where: str) -> Example:
 
 
 def read_file(path: str | Path) -> list[Example]:
-    """Examples from a TSV (``source<TAB>target[<TAB>target…]``) or JSONL file, one a line."""
+    """Examples from a TSV (``source<TAB>target[<TAB>target…]``) or JSONL file, one a line.
+
+    Lines that share a source are merged into one example with all their targets.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -71,7 +74,19 @@ def read_file(path: str | Path) -> list[Example]:
                 examples.append(parse(line, f"{path}:{number}"))
     if not examples:
         raise DataError(f"{path}: no examples")
-    return examples
+    return merge_sources(examples)
+
+
+def merge_sources(examples: Sequence[Example]) -> list[Example]:
+    """One example per source with all its targets, in order of first appearance.
+
+    Files such as CMUdict's give each pronunciation of a word its own line; scoring
+    needs them together, since any of them is right.
+    """
+    targets: dict[str, dict[str, None]] = {}
+    for example in examples:
+        targets.setdefault(example.source, {}).update(dict.fromkeys(example.targets))
+    return [Example(source, tuple(t)) for source, t in targets.items()]
 
 
 def cmudict_split(word: str) -> str:

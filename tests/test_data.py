@@ -45,6 +45,14 @@ def test_a_malformed_line_names_its_file_and_line(tmp_path, name, content, line,
         read_examples(path)
 
 
+def test_lines_of_one_source_are_merged_for_scoring(tmp_path):
+    (tmp_path / "a.tsv").write_text("read\tR EH1 D\ncat\tK AE1 T\nread\tR IY1 D\nread\tR EH1 D\n")
+    assert read_examples(tmp_path / "a.tsv") == [
+        Example("read", ("R EH1 D", "R IY1 D")),
+        Example("cat", ("K AE1 T",)),
+    ]
+
+
 def test_missing_file_and_unknown_builtin():
     with pytest.raises(DataError, match="not found"):
         read_examples("/nonexistent/pairs.tsv")

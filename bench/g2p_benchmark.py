@@ -1,0 +1,93 @@
+"""The standard CMUdict G2P benchmark (g014b2b split): train, select on dev, score the test words.
+
+    python bench/g2p_benchmark.py --data-dir ../shared/data/cmudict-g014b2b \\
+        [--config training/configs/g2p.yaml] [--output runs/g014b2b] [--max-time 00:00:20:00] [--beam-size 4]
+
+The dev set is held out of the train file deterministically (about 1/21 of the
+words, by hash), and every choice — the checkpoint kept — is made on it. The
+12,000 test words are decoded once per configuration (greedy and beam) and
+scored as the literature does: a word is wrong unless the output equals one of
+its references; PER is the edit distance to the closest reference over that
+reference's length. Writes ``results.json`` in the run directory and prints a
+table row for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from genrnn.bundle import load_bundle
+from genrnn.config import DecodingConfig, load_config, replace
+from genrnn.data import read_examples
+from genrnn.decoding import Generator
+from genrnn.metrics import score
+
+
+def train_model(args: argparse.Namespace, run: Path) -> tuple[Path, float]:
+    """Train on the split's train file (dev held out by hash); the bundle and the seconds it took."""
+    from training.train import train
+
+    config = load_config(args.config)
+    training = replace(config.training, accelerator=args.accelerator)
+    if args.max_time:
+        training = replace(training, max_time=args.max_time)
+    data = replace(config.data, train=str(Path(args.data_dir) / "g014b2b.train"), valid=None)
+    config = replace(config, name=f"{config.name}-g014b2b", data=data, training=training)
+    started = time.monotonic()
+    bundle = train(config, run)
+    return bundle, time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, help="directory with g014b2b.train and g014b2b.ref")
+    parser.add_argument("--config", default="training/configs/g2p.yaml")
+    parser.add_argument("--output", default="runs/g014b2b", help="run directory (rerun to resume)")
+    parser.add_argument("--max-time", help="training budget DD:HH:MM:SS")
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="decoding device")
+    args = parser.parse_args()
+
+    run = Path(args.output)
+    bundle_dir, seconds = train_model(args, run)
+    bundle = load_bundle(bundle_dir, args.device)
+    test = read_examples(Path(args.data_dir) / "g014b2b.ref")
+    generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
+    results = {
+        "config": args.config,
+        "parameters": bundle.model.num_parameters(),
+        "training_seconds": round(seconds, 1),
+        "training": bundle.training,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "test_words": len(test),
+        "scores": {},
+    }
+    modes = {
+        "greedy": DecodingConfig(mode="greedy"),
+        f"beam{args.beam_size}": DecodingConfig(mode="beam", beam_size=args.beam_size),
+    }
+    for name, settings in modes.items():
+        outputs = generator.generate_sorted([e.source for e in test], settings)
+        results["scores"][name] = score([o.candidates[0].text for o in outputs], [e.targets for e in test]).to_dict()
+    (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    best_dev = bundle.training.get("best_dev", {})
+    print("| config | decoding | test WER | test PER | dev (selection) | parameters | training | device |")
+    print("| --- | --- | ---: | ---: | --- | ---: | ---: | --- |")
+    for name, scores in results["scores"].items():
+        print(
+            f"| {Path(args.config).name} | {name} | {scores['wer']:.2%} | {scores['per']:.2%} | "
+            f"{', '.join(f'{k} {v:.2%}' for k, v in best_dev.items())} | {results['parameters']:,} | "
+            f"{seconds / 60:.0f} min | {results['device']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
