@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from genrnn.config import DecodingConfig, ExperimentConfig, load_config, replace
+from genrnn.config import DecodingConfig, ExperimentConfig, load_config, override, replace
 from genrnn.errors import ConfigurationError, GenrnnError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "training" / "configs" / "g2p.yaml"
@@ -78,12 +78,19 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, help="step budget")
     p.add_argument("--max-time", help="time budget DD:HH:MM:SS")
     p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set model.cell=gru --set training.lr=0.001",
+    )
     p.set_defaults(run=_run_train)
 
 
 def config_from_train_args(args: argparse.Namespace) -> ExperimentConfig:
     """The experiment config with the command line's overrides applied."""
-    config = load_config(args.config)
+    config = override(load_config(args.config), args.set)
     data, training = config.data, config.training
     if args.data:
         data = replace(data, train=args.data, valid=args.valid)

@@ -184,6 +184,7 @@ class OptimConfig:
     plateau_patience: int = 2
     label_smoothing: float = 0.0
     gradient_clip: float = 1.0
+    ema_decay: float = 0.0  # exponential moving average of the weights, used for dev and the bundle (0: off)
     max_epochs: int = 60
     max_steps: int = -1
     max_time: str | None = None  # DD:HH:MM:SS
@@ -201,6 +202,7 @@ class OptimConfig:
         _require(self.lr > 0, "training.lr", "must be positive")
         _require(0.0 <= self.label_smoothing < 1.0, "training.label_smoothing", "must be in [0, 1)")
         _require(self.gradient_clip >= 0, "training.gradient_clip", "must be 0 (off) or more")
+        _require(0.0 <= self.ema_decay < 1.0, "training.ema_decay", "must be in [0, 1); 0 switches it off")
         _require(self.max_epochs >= 1 or self.max_epochs == -1, "training.max_epochs", "must be positive or -1")
         _require(0 < self.plateau_factor < 1, "training.plateau_factor", "must be in (0, 1)")
         _require(self.warmup_steps >= 1, "training.warmup_steps", "must be at least 1")
@@ -267,6 +269,22 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raise ConfigurationError(f"config file not found: {path}") from None
     except yaml.YAMLError as error:
         raise ConfigurationError(f"{path}: not valid YAML: {error}") from None
+    return from_dict(ExperimentConfig, values)
+
+
+def override(config: ExperimentConfig, assignments: list[str]) -> ExperimentConfig:
+    """Apply ``section.key=value`` assignments (values read as YAML scalars), validating again."""
+    values = to_dict(config)
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        _require(bool(sep) and bool(key), assignment, "an override must look like section.key=value")
+        *sections, name = key.split(".")
+        target = values
+        for section in sections:
+            _require(isinstance(target.get(section), dict), key, f"unknown section {section!r}")
+            target = target[section]
+        _require(name in target, key, "unknown key")
+        target[name] = yaml.safe_load(raw)
     return from_dict(ExperimentConfig, values)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from genrnn.config import DecodingConfig, ExperimentConfig, ModelConfig, from_dict, load_config
+from genrnn.config import DecodingConfig, ExperimentConfig, ModelConfig, from_dict, load_config, override
 from genrnn.errors import ConfigurationError
 from tests.conftest import ROOT
 
@@ -58,3 +58,14 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
 def test_decoding_ranges(values, field):
     with pytest.raises(ConfigurationError, match=f"^{field}:"):
         DecodingConfig(**values)
+
+
+def test_overrides_set_nested_keys_and_are_validated():
+    config = override(ExperimentConfig(), ["model.cell=gru", "training.lr=0.01", "data.valid=dev.tsv"])
+    assert (config.model.cell, config.training.lr, config.data.valid) == ("gru", 0.01, "dev.tsv")
+    with pytest.raises(ConfigurationError, match="model.cell: must be one of"):
+        override(ExperimentConfig(), ["model.cell=cnn"])
+    with pytest.raises(ConfigurationError, match="model.size: unknown key"):
+        override(ExperimentConfig(), ["model.size=3"])
+    with pytest.raises(ConfigurationError, match="section.key=value"):
+        override(ExperimentConfig(), ["model.cell"])

@@ -204,3 +204,32 @@ def test_bad_config_value_names_the_key(tmp_path):
     result = run_cli("train", "--config", str(config), check=False)
     assert result.returncode == 1 and "model.cell: must be one of lstm, gru, rnn" in result.stderr
     assert os.path.exists(config)
+
+
+def test_weight_averaging_puts_the_averaged_weights_in_the_bundle(g2p_files, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    run_cli(
+        "train",
+        "--config",
+        str(TINY_CONFIG),
+        "--train",
+        str(g2p_files["train"]),
+        "--valid",
+        str(g2p_files["dev"]),
+        "--output",
+        str(run),
+        "--max-epochs",
+        "1",
+        "--accelerator",
+        "cpu",
+        "--set",
+        "training.ema_decay=0.9",
+    )
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    averaged, current = checkpoint["state_dict"], checkpoint["current_model_state"]
+    bundle = load_bundle(run / "bundle").model.state_dict()
+    name = "decoder.layers.0.weight_hh_l0"
+    assert not torch.equal(averaged["model." + name], current["model." + name])
+    assert torch.equal(bundle[name], averaged["model." + name])

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from genrnn.bundle import save_bundle
@@ -78,6 +78,10 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         save_last=True,
     )
     early_stopping = EarlyStopping(monitor=training.monitor, mode="min", patience=training.early_stopping_patience)
+    callbacks = [checkpoint, early_stopping, LearningRateMonitor(logging_interval="step")]
+    if training.ema_decay:
+        # Validation, checkpoints and hence the bundle see the averaged weights.
+        callbacks.append(EMAWeightAveraging(decay=training.ema_decay))
     interval = training.val_check_interval
     devices = training.devices if not training.devices.isdigit() else int(training.devices)
     trainer = pl.Trainer(
@@ -91,7 +95,7 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         max_time=training.max_time,
         gradient_clip_val=training.gradient_clip or None,
         val_check_interval=int(interval) if interval > 1 else interval,
-        callbacks=[checkpoint, early_stopping, LearningRateMonitor(logging_interval="step")],
+        callbacks=callbacks,
         logger=[CSVLogger(output, name="logs"), TensorBoardLogger(output, name="tensorboard")],
         log_every_n_steps=20,
         use_distributed_sampler=False,  # the token-budget batch sampler shards by rank itself
