@@ -176,12 +176,18 @@ def env_default(value: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle, tmp_path_factory) -> Iterator[str]:
+def server_log(tmp_path_factory) -> Path:
+    """Where the server's output goes."""
+    return tmp_path_factory.mktemp("entrypoint") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, server_log) -> Iterator[str]:
     """The container's entry command run on the host: the Dockerfile's ENTRYPOINT + CMD and its
-    GENRNN_* settings, with the bundle, the address and an API key set the way `docker run -e`
-    would set them. Yields the base URL."""
+    GENRNN_* settings, with the bundle, the address, an API key, a cap and a switch set the way
+    `docker run -e` would set them. Yields the base URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("entrypoint") / "server.log"
+    log = server_log
     environment = host_environment(
         **{
             **image_environment(),
@@ -190,6 +196,8 @@ def server(tiny_bundle, tmp_path_factory) -> Iterator[str]:
             "GENRNN_PORT": str(port),
             "GENRNN_API_KEY_ENV": "GENRNN_TEST_API_KEY",
             "GENRNN_TEST_API_KEY": API_KEY,
+            "GENRNN_MAX_BEAM_SIZE": "4",
+            "GENRNN_ACCESS_LOG": "1",
         }
     )
     with log.open("w") as output:
@@ -215,13 +223,18 @@ def generate(url: str, **body: Any) -> httpx.Response:
     return httpx.post(f"{url}/v1/generate", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
 
 
-def test_entry_command_serves_with_the_image_settings(server):
+def test_entry_command_serves_with_the_image_settings(server, server_log):
     assert httpx.get(f"{server}/health", timeout=5).status_code == 200
-    # GENRNN_API_KEY_ENV reached `genrnn serve`: the API wants the key, and accepts it.
+    # Each kind of setting reached `genrnn serve`. GENRNN_API_KEY_ENV: the API wants the key.
     assert httpx.post(f"{server}/v1/generate", json={"inputs": "cat"}, timeout=30).status_code == 401
     reply = generate(server, inputs=["cat"], mode="beam", beam_size=2)
     assert reply.status_code == 200, reply.text
     assert reply.json()["outputs"][0]["input"] == "cat"
+    # GENRNN_MAX_BEAM_SIZE=4: a value; beyond it, 422 naming the field.
+    refused = generate(server, inputs=["cat"], mode="beam", beam_size=5)
+    assert refused.status_code == 422 and "beam_size" in refused.text
+    # GENRNN_ACCESS_LOG=1: a switch; every request is logged.
+    wait_for(lambda: '"POST /v1/generate HTTP/1.1" 200' in server_log.read_text(), 10, "the access log line")
 
 
 def test_healthcheck_command_follows_the_server(server):
