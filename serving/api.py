@@ -97,7 +97,7 @@ class GenerationAPI(ls.LitAPI):
 
     def _generate(self, requests: list[GenerateRequest]) -> list[GenerateReply]:
         sources = [text for r in requests for text in r.inputs]
-        settings = [r.decoding() for r in requests for _ in r.inputs]
+        settings = [setting for r in requests for setting in [r.decoding()] * len(r.inputs)]
         started = time.perf_counter()
         generations = self.generator.generate(sources, settings)
         seconds = time.perf_counter() - started

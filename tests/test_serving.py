@@ -1,9 +1,9 @@
 """The HTTP service for real: ``genrnn serve`` on a loopback port, a tiny trained bundle, httpx.
 
-Three servers, each started once: ``keyed`` (2 workers, API key on, small caps) for
-replies, validation, batching and metrics; ``small`` (1 worker, no key, a short queue
-and timeout) for saturation; and one per shutdown test. Saturation and shutdown are
-made deterministic by pausing the inference worker (SIGSTOP) while requests pile up.
+Four servers, started together once: ``keyed`` (2 workers, API key on, small caps)
+for replies, validation, batching and metrics; ``small`` (1 worker, no key, a short
+queue and timeout) for saturation; and one per shutdown test. Saturation and shutdown
+are made deterministic by pausing the inference worker (SIGSTOP) while requests pile up.
 """
 
 from __future__ import annotations
@@ -150,13 +150,50 @@ def inference_workers(pid: int) -> list[int]:
 
 
 class Server:
-    """A running ``genrnn serve`` and an HTTP client for it."""
+    """A ``genrnn serve`` subprocess and an HTTP client for it."""
 
-    def __init__(self, process: subprocess.Popen, port: int, log: Path, headers: dict[str, str]) -> None:
-        self.process = process
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, bundle: Path, log: Path, *options: str, key: str | None = None) -> None:
+        """Start the server (without waiting for it: several start at once)."""
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        if key:
+            env[KEY_ENV] = key
+        command = [sys.executable, "-m", "genrnn.cli", "serve", "--model", str(bundle), "--port", str(port), *options]
+        with log.open("w") as out:
+            self.process = subprocess.Popen(
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.log = log
-        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=60)
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.url, headers={"X-API-Key": key} if key else {}, timeout=60)
+
+    def ready(self) -> Server:
+        """Wait until /health says every worker has loaded the model."""
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            assert self.process.poll() is None, f"server exited during startup:\n{self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"server not ready:\n{self.log.read_text()[-3000:]}"
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+
+    def terminate(self) -> None:
+        """Ask the server to drain and exit (without waiting: several stop at once)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Wait for the server to exit, and SIGKILL its whole process group if it does not."""
+        self.client.close()
+        self.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
     def generate(self, **body) -> httpx.Response:
         return self.client.post("/v1/generate", json=body)
@@ -192,40 +229,6 @@ def wait_until(condition: Callable[[], bool], what: str, seconds: float = 60) ->
         time.sleep(0.05)
 
 
-@contextmanager
-def running_server(bundle: Path, log: Path, *options: str, key: str | None = None) -> Iterator[Server]:
-    """Start ``genrnn serve``, wait until /health says ready, and stop it (and all its processes) after."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    if key:
-        env[KEY_ENV] = key
-    command = [sys.executable, "-m", "genrnn.cli", "serve", "--model", str(bundle), "--port", str(port), *options]
-    with log.open("w") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(process, port, log, {"X-API-Key": key} if key else {})
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            assert process.poll() is None, f"server exited during startup:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"server not ready:\n{log.read_text()[-3000:]}"
-            try:
-                if server.client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        yield server
-    finally:
-        server.client.close()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
 def in_background(function: Callable, **kwargs) -> Queue:
     """Run ``function(**kwargs)`` in a thread; its result arrives on the returned queue."""
     results: Queue = Queue()
@@ -240,22 +243,41 @@ KEYED_OPTIONS = (
     "--max-inputs", "8", "--max-input-length", "32", "--max-beam-size", "4", "--max-return-sequences", "4",
     "--max-new-tokens", "24", "--max-body-bytes", "4096",
 )  # fmt: skip
+SERVERS = {
+    # Two workers (and two HTTP processes), API key required, small caps.
+    "keyed": (KEYED_OPTIONS, KEY),
+    # One worker, no API key: a queue of 3 requests and a 2-second timeout.
+    "small": (("--max-queue", "3", "--timeout", "2"), None),
+    # One per shutdown test; two HTTP processes, which must both stop accepting at once.
+    "SIGTERM": (("--api-servers", "2"), None),
+    "SIGINT": (("--api-servers", "2"), None),
+}
 
 
 @pytest.fixture(scope="module")
-def keyed(tiny_bundle, tmp_path_factory) -> Iterator[Server]:
-    """Two workers (and two HTTP processes), API key required, small caps."""
-    log = tmp_path_factory.mktemp("keyed") / "server.log"
-    with running_server(tiny_bundle, log, *KEYED_OPTIONS, key=KEY) as server:
-        yield server
+def servers(tiny_bundle, tmp_path_factory) -> Iterator[dict[str, Server]]:
+    """Every server of this file, started together so that their startups overlap."""
+    logs = tmp_path_factory.mktemp("servers")
+    started = {
+        name: Server(tiny_bundle, logs / f"{name}.log", *options, key=key) for name, (options, key) in SERVERS.items()
+    }
+    try:
+        yield started
+    finally:
+        for server in started.values():
+            server.terminate()
+        for server in started.values():
+            server.stop()
 
 
 @pytest.fixture(scope="module")
-def small(tiny_bundle, tmp_path_factory) -> Iterator[Server]:
-    """One worker, no API key: a queue of 3 requests and a 2-second timeout."""
-    log = tmp_path_factory.mktemp("small") / "server.log"
-    with running_server(tiny_bundle, log, "--max-queue", "3", "--timeout", "2") as server:
-        yield server
+def keyed(servers) -> Server:
+    return servers["keyed"].ready()
+
+
+@pytest.fixture(scope="module")
+def small(servers) -> Server:
+    return servers["small"].ready()
 
 
 @pytest.fixture(scope="module")
@@ -498,19 +520,21 @@ def test_a_request_that_waits_past_the_timeout_gets_504(small):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_drains_the_request_in_flight_and_every_process_exits(tiny_bundle, tmp_path, signum):
-    with running_server(tiny_bundle, tmp_path / "server.log") as server:
-        processes = children(server.process.pid)
-        with server.paused_worker():
-            in_flight = in_background(server.generate, inputs=["cat", "dog"], mode="beam")
-            server.wait_for_inflight(1)
-            server.process.send_signal(signum)
-            time.sleep(1.0)  # the HTTP processes stop accepting
+def test_a_signal_drains_the_request_in_flight_and_every_process_exits(servers, signum):
+    server = servers[signal.Signals(signum).name].ready()
+    processes = children(server.process.pid)
+    with server.paused_worker():
+        # Several connections, so that both HTTP processes are likely to hold one.
+        in_flight = [in_background(server.generate, inputs=["cat", f"dog{i}"], mode="beam") for i in range(4)]
+        server.wait_for_inflight(4)
+        server.process.send_signal(signum)
+        time.sleep(1.0)  # every HTTP process stops accepting, even one still draining
+        for _ in range(3):
             with pytest.raises(httpx.TransportError):
                 httpx.get(f"{server.url}/health", timeout=1)
-        reply = in_flight.get(timeout=60)
+    replies = [r.get(timeout=60) for r in in_flight]
 
-        assert reply.status_code == 200
-        assert [o["input"] for o in reply.json()["outputs"]] == ["cat", "dog"]
-        assert server.process.wait(timeout=60) == 0
-        wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
+    assert [r.status_code for r in replies] == [200] * 4
+    assert [[o["input"] for o in r.json()["outputs"]] for r in replies] == [["cat", f"dog{i}"] for i in range(4)]
+    assert server.process.wait(timeout=60) == 0
+    wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
