@@ -28,7 +28,7 @@ REQUEST_DURATION = Histogram(
 )
 QUEUE_WAIT = Histogram(
     "genrnn_queue_wait_seconds",
-    "Time a request waited between its arrival and the start of its batch.",
+    "Time a validated request spent queued before its batch started.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 TIME_PER_OUTPUT_TOKEN = Histogram(
