@@ -46,6 +46,12 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length cap per output")
 
 
+def add_quantize_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantize", choices=["int8"], help="decode with int8 weights (dynamic quantization; CPU only)"
+    )
+
+
 def decoding_from_args(args: argparse.Namespace) -> DecodingConfig:
     names = [f.name for f in dataclasses.fields(DecodingConfig)]
     return DecodingConfig(**{name: getattr(args, name) for name in names})
@@ -138,6 +144,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--output", help="also write the scores here as JSON")
     p.add_argument("--batch-size", type=int, default=256, help="inputs decoded together")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add_quantize_option(p)
     add_decoding_options(p)
     p.set_defaults(run=_run_evaluate)
 
@@ -147,12 +154,13 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from genrnn.data import read_examples
     from genrnn.decoding import Generator
     from genrnn.metrics import score
+    from genrnn.quantization import quantize_int8
 
     bundle = load_bundle(args.model, args.device)
     examples = read_examples(args.data)
     settings = decoding_from_args(args)
     generator = Generator(
-        bundle.model,
+        quantize_int8(bundle.model) if args.quantize == "int8" else bundle.model,
         bundle.source_tokenizer,
         bundle.target_tokenizer,
         max_new_tokens_cap=max(256, settings.max_new_tokens),
@@ -165,6 +173,51 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     )
     if args.output:
         Path(args.output).write_text(json.dumps(scores.to_dict(), indent=2) + "\n")
+
+
+# -- generate ------------------------------------------------------------------------------------
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="decode every line of a file into JSONL (resumable, multi-device)",
+        description=(
+            "Decode a plain-text (one source a line), TSV (id<TAB>source) or JSONL "
+            '({"id": .., "source": .., optional decoding fields}) file into JSONL, one object per input, '
+            "in input order. Rerun the same command after an interruption to resume."
+        ),
+    )
+    p.add_argument("--model", required=True, help="bundle directory")
+    p.add_argument("--input", required=True, help="input file: .jsonl, .tsv, or anything else as plain text")
+    p.add_argument("--output", required=True, help="output JSONL file (parts are kept in OUTPUT.parts/ until done)")
+    p.add_argument("--batch-size", type=int, default=256, help="inputs decoded together")
+    p.add_argument("--accelerator", default="auto", help="cpu, gpu, or auto")
+    p.add_argument("--devices", default="1", help="number of devices, 'auto', or a list such as 0,1")
+    p.add_argument("--num-nodes", type=int, default=1, help="number of machines")
+    p.add_argument("--skip-bad-lines", action="store_true", help="record malformed lines in the output and go on")
+    add_quantize_option(p)
+    add_decoding_options(p)
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from serving.batch import GenerateJob, run_generate
+
+    run_generate(
+        GenerateJob(
+            model=Path(args.model),
+            input=Path(args.input),
+            output=Path(args.output),
+            settings=decoding_from_args(args),
+            batch_size=args.batch_size,
+            accelerator=args.accelerator,
+            devices=args.devices,
+            num_nodes=args.num_nodes,
+            skip_bad_lines=args.skip_bad_lines,
+            quantize=args.quantize,
+        )
+    )
 
 
 # -- serve ---------------------------------------------------------------------------------------
@@ -226,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _evaluate_parser(sub)
+    _generate_parser(sub)
     _serve_parser(sub)
     return parser
 

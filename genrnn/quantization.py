@@ -1,0 +1,25 @@
+"""int8 dynamic quantization for CPU decoding: int8 weights, activations quantized on the fly."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from genrnn.errors import ConfigurationError
+from genrnn.model import Seq2Seq
+
+
+def quantize_int8(model: Seq2Seq) -> Seq2Seq:
+    """A copy of ``model`` whose LSTM/GRU and linear layers run with int8 weights (CPU only)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ConfigurationError(f"quantize: int8 decoding runs on the CPU; the model is on {device}")
+    with warnings.catch_warnings():
+        # torch.ao.quantization warns that it moves to torchao, whose quantize_ has no recurrent layers.
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(model).eval(), {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)

@@ -1,0 +1,196 @@
+"""Batch generation jobs: decode every line of a file through Lightning's (distributed) predict.
+
+The items are sorted by length and cut into batches; batch ``b`` belongs to rank
+``b mod world_size``. Ownership depends only on the input and the number of ranks,
+never on what is already done, so ranks need not agree on progress: each skips
+the items of its own that a part file already holds and decodes the rest. Rank 0
+merges the parts in input order once every rank is through.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.accelerators import CPUAccelerator
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from genrnn.bundle import WEIGHTS, load_bundle, sha256
+from genrnn.config import DecodingConfig
+from genrnn.decoding import Generator
+from genrnn.errors import ConfigurationError
+from genrnn.quantization import quantize_int8
+from serving.batch_input import MAX_NEW_TOKENS, Item, read_items
+from serving.batch_parts import PartStore
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """Everything ``genrnn generate`` was asked to do."""
+
+    model: Path
+    input: Path
+    output: Path
+    settings: DecodingConfig
+    batch_size: int = 256
+    accelerator: str = "auto"
+    devices: str = "1"  # an integer, "auto", or a list like "0,1"
+    num_nodes: int = 1
+    skip_bad_lines: bool = False
+    quantize: str | None = None  # "int8": dynamic quantization for CPU decoding
+
+
+def owned_batches(items: list[Item], batch_size: int, rank: int, world_size: int) -> list[list[Item]]:
+    """The rank's share of the length-sorted batches of all items."""
+    ordered = sorted(items, key=lambda item: (len(item.source), item.index))
+    batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+    return batches[rank::world_size]
+
+
+class Progress:
+    """Items/s and ETA on stderr, at most every few seconds; counts rank 0's work × the number of ranks."""
+
+    def __init__(self, total: int, done: int, world_size: int, every: float = 2.0) -> None:
+        self.total, self.done, self.world_size, self.every = total, done, world_size, every
+        self.new = 0
+        self.started = self.shown = time.monotonic()
+
+    def advance(self, items: int, final: bool = False) -> None:
+        self.new += items * self.world_size
+        now = time.monotonic()
+        if not final and now - self.shown < self.every:
+            return
+        self.shown = now
+        done = min(self.done + self.new, self.total)
+        rate = self.new / max(now - self.started, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?"
+        print(
+            f"generate: {done}/{self.total} items ({done / self.total:.0%})  {rate:.1f} items/s  ETA {eta_text}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+class GenerationModule(pl.LightningModule):
+    """Wraps the decoding engine for Lightning's predict: a batch of items in, output records out."""
+
+    def __init__(self, generator: Generator) -> None:
+        super().__init__()
+        self.generator = generator
+        self.model = generator.model  # a submodule, so that Lightning places it on the rank's device
+
+    def transfer_batch_to_device(self, batch: list[Item], device: Any, dataloader_idx: int) -> list[Item]:
+        return batch  # plain Python items: the engine places its own tensors
+
+    def predict_step(self, batch: list[Item], batch_idx: int) -> list[tuple[int, dict[str, Any]]]:
+        generations = self.generator.generate([item.source for item in batch], [item.settings for item in batch])
+        return [
+            (item.index, item.output([c.to_dict() for c in generation.candidates]))
+            for item, generation in zip(batch, generations)
+        ]
+
+
+class ItemBatches(pl.LightningDataModule):
+    """The rank's pending batches: its own share, less what the part files already hold."""
+
+    def __init__(self, items: list[Item], store: PartStore, batch_size: int) -> None:
+        super().__init__()
+        self.items, self.store, self.batch_size = items, store, batch_size
+
+    def predict_dataloader(self) -> DataLoader:
+        done = self.store.done()
+        mine = owned_batches(self.items, self.batch_size, self.trainer.global_rank, self.trainer.world_size)
+        pending = [item for batch in mine for item in batch if item.index not in done]
+        # Re-cut in order after skipping, so that a resumed job still runs full batches of similar length.
+        return DataLoader(pending, batch_size=self.batch_size, collate_fn=list)
+
+
+class PartWriter(BasePredictionWriter):
+    """Appends each batch's records to the rank's part file as soon as it is decoded."""
+
+    def __init__(self, store: PartStore, total: int) -> None:
+        super().__init__(write_interval="batch")
+        self.store, self.total = store, total
+        self.part = None
+        self.progress: Progress | None = None
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.part = self.store.open_part(trainer.global_rank)
+        if trainer.is_global_zero:
+            self.progress = Progress(self.total, len(self.store.done()), trainer.world_size)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self.store.write(self.part, prediction)
+        if self.progress:
+            self.progress.advance(len(prediction))
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.part.close()
+        if self.progress:
+            self.progress.advance(0, final=True)
+
+
+def _quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (devices, TPU/HPU lines, tips) off the job's output."""
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="pytorch_lightning")
+
+
+def run_generate(job: GenerateJob) -> None:
+    """Decode the input file into the output file, resuming from its part files if a run was cut short."""
+    if job.batch_size < 1:
+        raise ConfigurationError(f"batch_size: must be at least 1; got {job.batch_size}")
+    store = PartStore(job.output)
+    if job.output.exists() and not store.directory.exists():
+        print(f"genrnn generate: {job.output} exists: nothing to do (remove it to generate again)", file=sys.stderr)
+        return
+    items, bad_lines = read_items(job.input, job.settings, job.skip_bad_lines)
+    for bad in bad_lines:
+        print(f"genrnn generate: {job.input}:{bad.line}: {bad.error} (recorded, skipped)", file=sys.stderr)
+    bundle = load_bundle(job.model)
+    store.check_stamp(
+        {
+            "input_sha256": sha256(job.input),
+            "model_sha256": bundle.manifest["files"][WEIGHTS],
+            "settings": asdict(job.settings),
+            "quantize": job.quantize,
+            "skip_bad_lines": job.skip_bad_lines,
+        }
+    )
+
+    _quiet_lightning()
+    total = len(items) + len(bad_lines)
+    trainer = pl.Trainer(
+        accelerator=job.accelerator,
+        devices=int(job.devices) if job.devices.isdigit() else job.devices,
+        num_nodes=job.num_nodes,
+        strategy="auto",  # DDP as soon as there are several devices or nodes
+        callbacks=[PartWriter(store, total)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,  # Progress reports items/s, which Lightning's bar (batches/s) does not
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # ItemBatches shards by rank itself
+    )
+    model = bundle.model
+    if job.quantize == "int8":
+        if not isinstance(trainer.accelerator, CPUAccelerator):
+            raise ConfigurationError("quantize: int8 decoding runs on the CPU; add --accelerator cpu")
+        model = quantize_int8(model)
+    generator = Generator(model, bundle.source_tokenizer, bundle.target_tokenizer, max_new_tokens_cap=MAX_NEW_TOKENS)
+    trainer.predict(
+        GenerationModule(generator), datamodule=ItemBatches(items, store, job.batch_size), return_predictions=False
+    )
+    trainer.strategy.barrier("merge")  # every rank's part is complete before rank 0 reads them
+    if trainer.is_global_zero:
+        store.merge(total, {bad.index: bad.output() for bad in bad_lines})
+        print(f"genrnn generate: {total} items written to {job.output}", file=sys.stderr)

@@ -1,0 +1,154 @@
+"""Inputs of a batch generation job: plain text, TSV (``id<TAB>source``) or JSONL, one item a line.
+
+Every non-blank line is one item; its position among them (``index``) is its place
+in the output. A JSONL line may carry its own decoding settings, which override the
+job's. With a job-level seed every item gets its own random stream, derived from
+the seed and the item's id, so sampled output does not depend on batch size, sort
+order or the number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from genrnn.config import DecodingConfig, from_dict
+from genrnn.errors import ConfigurationError, DataError
+
+MAX_NEW_TOKENS = 1024  # the most any item may ask for: bounds the memory one batch can take
+SETTING_KEYS = frozenset(f.name for f in dataclasses.fields(DecodingConfig))
+
+ItemId = str | int
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input to decode."""
+
+    index: int  # place in the output
+    line: int  # line number in the input file
+    id: ItemId
+    source: str
+    settings: DecodingConfig
+
+    def output(self, candidates: list[dict[str, Any]]) -> dict[str, Any]:
+        """The output object: the same candidate objects as the HTTP reply."""
+        return {"id": self.id, "input": self.source, "candidates": candidates}
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A malformed input line, recorded in the output in its place when bad lines are skipped."""
+
+    index: int
+    line: int
+    id: ItemId
+    error: str
+
+    def output(self) -> dict[str, Any]:
+        return {"id": self.id, "line": self.line, "error": self.error}
+
+
+class _Malformed(Exception):
+    """A line that cannot become an item; carries the id when one was read."""
+
+    def __init__(self, message: str, item_id: ItemId | None = None) -> None:
+        super().__init__(message)
+        self.item_id = item_id
+
+
+def item_seed(job_seed: int, item_id: ItemId) -> int:
+    """The seed of one item's random stream: a hash of the job's seed and the item's id."""
+    digest = hashlib.blake2b(f"{job_seed}:{json.dumps(item_id)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: a non-negative int64
+
+
+def input_format(path: Path) -> str:
+    """``jsonl``, ``tsv`` or ``text``, by the file's suffix."""
+    return {".jsonl": "jsonl", ".tsv": "tsv"}.get(path.suffix.lower(), "text")
+
+
+def _parse_text(line: str, number: int) -> tuple[ItemId, str, dict[str, Any]]:
+    return number, line.strip(), {}
+
+
+def _parse_tsv(line: str, number: int) -> tuple[ItemId, str, dict[str, Any]]:
+    fields = line.split("\t")
+    if len(fields) != 2:
+        raise _Malformed(f"expected 'id<TAB>source', found {len(fields)} tab-separated fields")
+    item_id, source = fields[0].strip(), fields[1].strip()
+    if not item_id or not source:
+        raise _Malformed("empty id or source", item_id or None)
+    return item_id, source, {}
+
+
+def _parse_jsonl(line: str, number: int) -> tuple[ItemId, str, dict[str, Any]]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise _Malformed(f"not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise _Malformed('expected an object with "source"')
+    item_id = record.pop("id", number)
+    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+        raise _Malformed('"id" must be a string or an integer')
+    source = record.pop("source", None)
+    if not isinstance(source, str) or not source.strip():
+        raise _Malformed('"source" must be a non-empty string', item_id)
+    unknown = sorted(set(record) - SETTING_KEYS)
+    if unknown:
+        allowed = ", ".join(["id", "source", *sorted(SETTING_KEYS)])
+        raise _Malformed(f"unknown key {unknown[0]!r}; allowed keys: {allowed}", item_id)
+    return item_id, source.strip(), record
+
+
+_PARSERS = {"text": _parse_text, "tsv": _parse_tsv, "jsonl": _parse_jsonl}
+
+
+def _settings(defaults: DecodingConfig, overrides: dict[str, Any], item_id: ItemId) -> DecodingConfig:
+    """The job's settings with a line's overrides, and the item's own seed where the job has one."""
+    try:
+        settings = from_dict(DecodingConfig, {**dataclasses.asdict(defaults), **overrides})
+    except ConfigurationError as error:
+        raise _Malformed(str(error), item_id) from None
+    if settings.max_new_tokens > MAX_NEW_TOKENS:
+        raise _Malformed(f"max_new_tokens: at most {MAX_NEW_TOKENS}; got {settings.max_new_tokens}", item_id)
+    if "seed" not in overrides and defaults.seed is not None:
+        settings = dataclasses.replace(settings, seed=item_seed(defaults.seed, item_id))
+    return settings
+
+
+def read_items(
+    path: str | Path, defaults: DecodingConfig, skip_bad_lines: bool = False
+) -> tuple[list[Item], list[BadLine]]:
+    """Items of an input file, and its bad lines (only with ``skip_bad_lines``; else the first one raises)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input file not found: {path}")
+    if defaults.max_new_tokens > MAX_NEW_TOKENS:
+        raise ConfigurationError(f"max_new_tokens: at most {MAX_NEW_TOKENS}; got {defaults.max_new_tokens}")
+    parse = _PARSERS[input_format(path)]
+    items: list[Item] = []
+    bad: list[BadLine] = []
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            index = len(items) + len(bad)
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if not line.strip():
+                    continue
+                item_id, source, overrides = parse(line, number)
+                items.append(Item(index, number, item_id, source, _settings(defaults, overrides, item_id)))
+            except (_Malformed, UnicodeDecodeError) as error:
+                message = "not valid UTF-8" if isinstance(error, UnicodeDecodeError) else str(error)
+                if not skip_bad_lines:
+                    raise DataError(f"{path}:{number}: {message} (--skip-bad-lines records it and goes on)") from None
+                item_id = getattr(error, "item_id", None)
+                bad.append(BadLine(index, number, number if item_id is None else item_id, message))
+    if not items and not bad:
+        raise DataError(f"{path}: no inputs")
+    return items, bad

@@ -1,0 +1,111 @@
+"""The part files of a batch job: what makes it resumable and lets several ranks write at once.
+
+While a job runs, each rank appends its results to its own part file in
+``OUTPUT.parts/``, one ``INDEX<TAB>JSON`` line per item, flushed to disk after each
+batch. A line counts only once it is whole (a kill can leave half a line: it is
+ignored and cut off). A rerun skips every index already in a part; at the end the
+parts are merged in input order into the output, written under a temporary name
+and renamed, so the output appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from genrnn.errors import GenrnnError
+
+STAMP = "job.json"
+
+
+def parts_directory(output: Path) -> Path:
+    return output.with_name(output.name + ".parts")
+
+
+class PartStore:
+    """The part files of one job's output."""
+
+    def __init__(self, output: str | Path) -> None:
+        self.output = Path(output)
+        self.directory = parts_directory(self.output)
+
+    def check_stamp(self, stamp: dict[str, Any]) -> None:
+        """Record what the job is (input, model, settings), or check that the parts come from the same job."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / STAMP
+        if path.is_file():
+            if json.loads(path.read_text()) != stamp:
+                raise GenrnnError(
+                    f"{self.directory} holds the parts of a different job (input, model or decoding settings "
+                    f"changed); remove it to start afresh"
+                )
+            return
+        temporary = path.with_name(f"{STAMP}.{os.getpid()}.tmp")  # several ranks may write it at once
+        temporary.write_text(json.dumps(stamp, indent=2) + "\n")
+        os.replace(temporary, path)
+
+    def _part_paths(self) -> list[Path]:
+        return sorted(self.directory.glob("part-*.jsonl"))
+
+    @staticmethod
+    def _whole_lines(path: Path) -> Iterator[tuple[int, str, int]]:
+        """``(index, json, end offset)`` of each whole line; stops at the first half-written one."""
+        offset = 0
+        with path.open("rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    return
+                try:
+                    index, text = raw.decode("utf-8").rstrip("\n").split("\t", 1)
+                    json.loads(text)
+                    yield int(index), text, offset + len(raw)
+                except ValueError:
+                    return
+                offset += len(raw)
+
+    def done(self) -> set[int]:
+        """Indices of the items already in a part."""
+        if not self.directory.is_dir():
+            return set()
+        return {index for path in self._part_paths() for index, _, _ in self._whole_lines(path)}
+
+    def open_part(self, rank: int) -> TextIO:
+        """The rank's part, opened for appending after cutting off a half-written last line."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"part-{rank}.jsonl"
+        if path.is_file():
+            whole = 0
+            for _, _, end in self._whole_lines(path):
+                whole = end
+            if whole < path.stat().st_size:
+                os.truncate(path, whole)
+        return path.open("a", encoding="utf-8")
+
+    @staticmethod
+    def write(part: TextIO, results: list[tuple[int, dict[str, Any]]]) -> None:
+        """Append results and push them to disk, so that a kill loses at most the batch in flight."""
+        part.write("".join(f"{index}\t{json.dumps(record, ensure_ascii=False)}\n" for index, record in results))
+        part.flush()
+        os.fsync(part.fileno())
+
+    def merge(self, total: int, extra: dict[int, dict[str, Any]]) -> None:
+        """Write the output in input order from the parts and ``extra`` records, then remove the parts."""
+        lines = {index: json.dumps(record, ensure_ascii=False) for index, record in extra.items()}
+        for path in self._part_paths():
+            for index, text, _ in self._whole_lines(path):
+                lines.setdefault(index, text)  # a rerun after a lost line may have written an index twice
+        missing = [i for i in range(total) if i not in lines]
+        if missing:
+            raise GenrnnError(f"{len(missing)} items are missing from {self.directory}; rerun to finish them")
+        temporary = self.output.with_name(self.output.name + ".tmp")
+        with temporary.open("w", encoding="utf-8") as f:
+            for index in range(total):
+                f.write(lines[index] + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self.output)
+        shutil.rmtree(self.directory)

@@ -1,0 +1,221 @@
+"""Batch generation jobs: formats, order, bad lines, seeded sampling, resuming after a kill, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from genrnn.bundle import load_bundle
+from genrnn.cli import main
+from genrnn.config import DecodingConfig
+from genrnn.decoding import Generator
+from genrnn.errors import GenrnnError
+from serving.batch import GenerateJob, owned_batches, run_generate
+from serving.batch_input import read_items
+
+GENRNN = [sys.executable, "-m", "genrnn.cli"]
+CANDIDATE_KEYS = {"text", "tokens", "logprob", "finish_reason"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Decode the tiny model on one thread: a busy CPU makes multithreaded small kernels crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def words(g2p_files) -> list[str]:
+    """Test-set words in file order, which is not length order."""
+    return [line.split("\t")[0] for line in g2p_files["test"].read_text().splitlines()]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def generate(bundle: Path, input: Path, output: Path, **options) -> list[dict]:
+    """Run a job in this process and return its output objects."""
+    settings = options.pop("settings", DecodingConfig())
+    run_generate(GenerateJob(bundle, input, output, settings, accelerator="cpu", **options))
+    return read_jsonl(output)
+
+
+def assert_same_outputs(got: list[dict], expected: list[dict]) -> None:
+    """Same items and candidates; log-probabilities may differ in the last bits with other batch shapes."""
+    assert [(o["id"], o["input"]) for o in got] == [(o["id"], o["input"]) for o in expected]
+    for g, e in zip(got, expected):
+        assert [(c["tokens"], c["text"], c["finish_reason"]) for c in g["candidates"]] == [
+            (c["tokens"], c["text"], c["finish_reason"]) for c in e["candidates"]
+        ], g["id"]
+        assert [c["logprob"] for c in g["candidates"]] == pytest.approx([c["logprob"] for c in e["candidates"]], 1e-4)
+
+
+def test_text_tsv_and_jsonl_inputs_give_the_engines_candidates_in_input_order(tiny_bundle, words, tmp_path):
+    sources = words[:12]
+    (tmp_path / "in.txt").write_text("\n".join(sources) + "\n")
+    (tmp_path / "in.tsv").write_text("".join(f"w{i}\t{s}\n" for i, s in enumerate(sources)))
+    records = [{"id": f"w{i}", "source": s} for i, s in enumerate(sources)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    text = generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "text.jsonl", batch_size=3)
+    tsv = generate(tiny_bundle, tmp_path / "in.tsv", tmp_path / "tsv.jsonl", batch_size=5)
+    jsonl = generate(tiny_bundle, tmp_path / "in.jsonl", tmp_path / "jsonl.jsonl", batch_size=64)
+
+    assert [o["id"] for o in text] == list(range(1, 13))  # plain text: the line number
+    assert [o["id"] for o in tsv] == [o["id"] for o in jsonl] == [f"w{i}" for i in range(12)]
+    assert [o["input"] for o in text] == [o["input"] for o in tsv] == [o["input"] for o in jsonl] == sources
+    bundle = load_bundle(tiny_bundle)
+    engine = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer).generate(sources)
+    for output in (text, tsv, jsonl):
+        assert all(set(c) == CANDIDATE_KEYS for o in output for c in o["candidates"])
+        expected = [
+            {"id": o["id"], "input": o["input"], "candidates": [c.to_dict() for c in g.candidates]}
+            for o, g in zip(output, engine)
+        ]
+        assert_same_outputs(output, expected)
+
+
+def test_jsonl_lines_carry_their_own_decoding_settings(tiny_bundle, words, tmp_path):
+    lines = [
+        {"source": words[0]},
+        {"source": words[1], "mode": "beam", "beam_size": 4, "num_return_sequences": 3},
+        {"source": words[2], "mode": "sample", "seed": 3, "num_return_sequences": 2, "temperature": 2.0},
+        {"source": words[3], "max_new_tokens": 1},
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = generate(tiny_bundle, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+    assert [o["id"] for o in out] == [1, 2, 3, 4]  # no id: the line number
+    assert [len(o["candidates"]) for o in out] == [1, 3, 2, 1]
+    beam = [c["logprob"] for c in out[1]["candidates"]]
+    assert len({tuple(c["tokens"]) for c in out[1]["candidates"]}) == 3
+    assert beam == sorted(beam, reverse=True)
+    assert out[3]["candidates"][0]["finish_reason"] == "length" or out[3]["candidates"][0]["tokens"] == []
+    assert len(out[3]["candidates"][0]["tokens"]) <= 1
+
+
+def test_a_bad_line_stops_the_job_with_its_line_number(tiny_bundle, words, tmp_path, capsys):
+    lines = [json.dumps({"source": words[0]}), "{not json", json.dumps({"source": words[1], "temperature": -1})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["generate", "--model", str(tiny_bundle), "--input", str(tmp_path / "in.jsonl"), "--accelerator", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "out.jsonl")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("genrnn generate: error:") and f"{tmp_path / 'in.jsonl'}:2: not valid JSON" in error
+    assert len(error.splitlines()) == 1
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_skip_bad_lines_records_each_error_in_its_place(tiny_bundle, words, tmp_path):
+    lines = [
+        json.dumps({"id": "a", "source": words[0]}),
+        "{not json",
+        json.dumps({"id": "c", "source": words[1], "temperature": -1}),
+        json.dumps({"id": "d", "source": words[2], "colour": "red"}),
+        "",  # blank lines are no items
+        json.dumps({"id": "e", "source": words[3]}),
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    out = generate(tiny_bundle, tmp_path / "in.jsonl", tmp_path / "out.jsonl", skip_bad_lines=True)
+    assert [o["id"] for o in out] == ["a", 2, "c", "d", "e"]
+    assert [o.get("line") for o in out] == [None, 2, 3, 4, None]
+    assert "not valid JSON" in out[1]["error"]
+    assert out[2]["error"].startswith("temperature:")
+    assert "unknown key 'colour'" in out[3]["error"]
+    assert out[0]["candidates"] and out[4]["candidates"] and out[4]["input"] == words[3]
+
+
+def test_seeded_sampling_does_not_depend_on_batch_size_or_order(tiny_bundle, words, tmp_path):
+    sources = words[:12]
+    (tmp_path / "in.tsv").write_text("".join(f"w{i}\t{s}\n" for i, s in enumerate(sources)))
+    shuffled = list(enumerate(sources))
+    random.Random(0).shuffle(shuffled)
+    (tmp_path / "shuffled.tsv").write_text("".join(f"w{i}\t{s}\n" for i, s in shuffled))
+    sample = DecodingConfig(mode="sample", seed=11, num_return_sequences=2, max_new_tokens=16)
+
+    one = generate(tiny_bundle, tmp_path / "in.tsv", tmp_path / "one.jsonl", settings=sample, batch_size=1)
+    many = generate(tiny_bundle, tmp_path / "shuffled.tsv", tmp_path / "many.jsonl", settings=sample, batch_size=64)
+    by_id = {o["id"]: o for o in many}
+    assert_same_outputs(one, [by_id[o["id"]] for o in one])
+
+    other_seed = DecodingConfig(mode="sample", seed=12, num_return_sequences=2, max_new_tokens=16)
+    other = generate(tiny_bundle, tmp_path / "in.tsv", tmp_path / "other.jsonl", settings=other_seed)
+    assert [o["candidates"] for o in other] != [o["candidates"] for o in one]
+    # Each item has its own stream: the same word under two ids is sampled differently.
+    items, _ = read_items(tmp_path / "in.tsv", sample)
+    assert len({item.settings.seed for item in items}) == len(items)
+
+
+def test_batches_are_cut_by_length_and_shared_out_among_ranks(words, tmp_path):
+    (tmp_path / "in.txt").write_text("\n".join(words[:50]) + "\n")
+    items, _ = read_items(tmp_path / "in.txt", DecodingConfig())
+    shares = [owned_batches(items, 8, rank, 3) for rank in range(3)]
+    assert sorted(item.index for share in shares for batch in share for item in batch) == list(range(50))
+    lengths = [len(item.source) for batch in owned_batches(items, 8, 0, 1) for item in batch]
+    assert lengths == sorted(lengths)
+
+
+def test_a_killed_job_resumes_with_nothing_lost_or_written_twice(tiny_bundle, words, tmp_path, capsys):
+    sources = words[:300]
+    source_file = tmp_path / "in.txt"
+    source_file.write_text("\n".join(sources) + "\n")
+    output = tmp_path / "out.jsonl"
+    part = tmp_path / "out.jsonl.parts" / "part-0.jsonl"
+    command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(source_file), "--output", str(output)]
+    command += ["--accelerator", "cpu", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (part.is_file() and part.read_bytes().count(b"\n") >= 4):
+        assert job.poll() is None, "the job ended before it could be interrupted"
+        assert time.monotonic() < deadline, "the job wrote nothing in time"
+        time.sleep(0.01)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    written = part.read_bytes().count(b"\n")
+    assert 0 < written < len(sources) and not output.exists()
+    # Mark one finished item, to see that the rerun keeps it rather than decoding it again, and
+    # end the part with half a line, as a kill in the middle of a write leaves it.
+    first, *rest = part.read_text().splitlines(keepends=True)
+    index, record = first.split("\t", 1)
+    marked = json.loads(record)
+    marked["candidates"][0]["text"] = "kept from the first run"
+    part.write_text("".join([f"{index}\t{json.dumps(marked)}\n", *rest, '7\t{"id": 8, "inp']))
+
+    # The rerun (here in this process, with another batch size) takes up where the killed job stopped.
+    with pytest.raises(GenrnnError, match="different job"):
+        generate(tiny_bundle, source_file, output, settings=DecodingConfig(mode="beam"))
+    resumed = generate(tiny_bundle, source_file, output, batch_size=64)
+    assert not part.parent.exists()
+    assert resumed[int(index)] == marked
+    reference = generate(tiny_bundle, source_file, tmp_path / "reference.jsonl", batch_size=64)
+    reference[int(index)] = marked
+    assert_same_outputs(resumed, reference)
+    progress = capsys.readouterr().err
+    assert "items/s" in progress and "ETA" in progress
+    generate(tiny_bundle, source_file, output)
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_two_cpu_processes_merge_to_the_single_process_output(tiny_bundle, words, tmp_path):
+    source_file = tmp_path / "in.txt"
+    source_file.write_text("\n".join(words[:60]) + "\n")
+    output = tmp_path / "out.jsonl"
+    command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(source_file), "--output", str(output)]
+    command += ["--accelerator", "cpu", "--devices", "2", "--batch-size", "8"]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "out.jsonl.parts").exists()
+    single = generate(tiny_bundle, source_file, tmp_path / "single.jsonl", batch_size=8)
+    assert_same_outputs(read_jsonl(output), single)
