@@ -22,6 +22,7 @@ T = TypeVar("T")
 
 CellType = Literal["lstm", "gru", "rnn"]
 BridgeType = Literal["bridge", "last", "zero"]
+AttentionType = Literal["none", "luong", "bahdanau"]
 DecodingMode = Literal["greedy", "sample", "beam"]
 LengthPenaltyForm = Literal["gnmt", "average"]
 
@@ -104,6 +105,10 @@ class ModelConfig:
     layer_dropout: float = 0.2  # between stacked layers
     output_dropout: float = 0.2  # on the decoder output, before the projection
     tie_embeddings: bool = False  # share target embedding and output projection
+    # On top of the bridge: Luong's global attention with input feeding, or Bahdanau's
+    # additive attention. Either steps the decoder one token at a time in training (slower).
+    attention: AttentionType = "none"
+    attention_size: int = 256  # hidden size of Bahdanau's scoring layer
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "encoder_hidden", "encoder_layers", "decoder_hidden", "decoder_layers"):
@@ -122,6 +127,7 @@ class ModelConfig:
                 "model.bridge",
                 "'last' needs at least as many encoder layers as decoder layers; use 'bridge' otherwise",
             )
+        _require(self.attention_size >= 1, "model.attention_size", "must be at least 1")
         if self.tie_embeddings:
             _require(
                 self.embedding_dim == self.decoder_hidden,

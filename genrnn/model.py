@@ -1,8 +1,10 @@
 """The encoder–decoder: embeddings, a recurrent encoder, a bridge, a recurrent decoder.
 
-Recurrent state is a tuple of tensors, each ``(layers, batch, hidden)``: ``(h, c)``
-for LSTM cells, ``(h,)`` for GRU and plain RNN cells. Keeping it a tuple lets the
-decoding engine select or reorder rows with one line whatever the cell.
+Decoder state is a tuple of tensors with the batch on dimension 1: ``(h, c)`` for
+LSTM cells and ``(h,)`` for GRU and plain RNN cells, each ``(layers, batch, hidden)``;
+with attention it also carries the attentional vector fed back as input, the encoder
+memory, its projected keys and its mask. Keeping it one tuple lets the decoding
+engine select or reorder rows with one line whatever the architecture.
 """
 
 from __future__ import annotations
@@ -139,6 +141,39 @@ class Bridge(nn.Module):
         return tuple(out)
 
 
+class Attention(nn.Module):
+    """Global attention over the encoder memory: Luong's bilinear score or Bahdanau's additive one.
+
+    The memory is projected to keys once per batch (:meth:`keys`); each step scores
+    the keys against a query ``(batch, decoder_hidden)``, masks the padding, and
+    returns the context vector ``(batch, memory_size)``.
+    """
+
+    def __init__(self, kind: str, memory_size: int, query_size: int, attention_size: int) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "luong":  # score = q · W m
+            self.key = nn.Linear(memory_size, query_size, bias=False)
+        else:  # score = v · tanh(W_k m + W_q q)
+            self.key = nn.Linear(memory_size, attention_size, bias=False)
+            self.query = nn.Linear(query_size, attention_size)
+            self.energy = nn.Linear(attention_size, 1, bias=False)
+
+    def keys(self, memory: torch.Tensor) -> torch.Tensor:
+        """(src_len, batch, memory_size) → (src_len, batch, key_size)."""
+        return self.key(memory)
+
+    def forward(
+        self, query: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        if self.kind == "luong":
+            scores = (keys * query[None]).sum(-1)
+        else:
+            scores = self.energy(torch.tanh(keys + self.query(query)[None])).squeeze(-1)
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=0)  # (src_len, batch)
+        return (weights[:, :, None] * memory).sum(0)
+
+
 @dataclass
 class Encoded:
     """What the encoder hands the decoder."""
@@ -172,9 +207,19 @@ class Seq2Seq(nn.Module):
             config.residual,
         )
         self.bridge = Bridge(config)
+        self.recurrent_states = state_size(config.cell)
+        decoder_input = config.embedding_dim
+        if config.attention != "none":
+            self.attention = Attention(
+                config.attention, config.encoder_output_size, config.decoder_hidden, config.attention_size
+            )
+            # Luong feeds the previous attentional vector back in; Bahdanau feeds the context.
+            fed = config.decoder_hidden if config.attention == "luong" else config.encoder_output_size
+            decoder_input += fed
+            self.attentional = nn.Linear(config.encoder_output_size + config.decoder_hidden, config.decoder_hidden)
         self.decoder = StackedRNN(
             config.cell,
-            config.embedding_dim,
+            decoder_input,
             config.decoder_hidden,
             config.decoder_layers,
             dropout=config.layer_dropout,
@@ -191,13 +236,42 @@ class Seq2Seq(nn.Module):
         packed = pack_padded_sequence(embedded, source_lengths.cpu(), batch_first=True, enforce_sorted=False)
         output, final = self.encoder(packed)
         memory, _ = pad_packed_sequence(output, batch_first=True, total_length=source.shape[1])
-        return Encoded(memory=memory, mask=source != PAD_ID, state=self.bridge(final))
+        mask = source != PAD_ID
+        state = self.bridge(final)
+        if self.config.attention != "none":
+            batch = source.shape[0]
+            feed = memory.new_zeros(1, batch, self.config.decoder_hidden)
+            memory_t = memory.transpose(0, 1).contiguous()  # batch on dimension 1, like the rest of the state
+            state = (*state, feed, memory_t, self.attention.keys(memory_t), mask.t().contiguous())
+        return Encoded(memory=memory, mask=mask, state=state)
 
     def decode(self, target_in: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Logits ``(batch, steps, vocab)`` for decoder inputs ``(batch, steps)``, and the new state."""
         embedded = self.embedding_dropout(self.target_embedding(target_in))
-        output, state = self.decoder(embedded, state)
+        if self.config.attention == "none":
+            output, state = self.decoder(embedded, state)
+        else:
+            output, state = self._attend(embedded, state)
         return self.output(self.output_dropout(output)), state
+
+    def _attend(self, embedded: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The attentional decoder, one step at a time: ``(batch, steps, embedding)`` → ``(batch, steps, hidden)``."""
+        recurrent, (feed, memory, keys, mask) = state[: self.recurrent_states], state[self.recurrent_states :]
+        outputs = []
+        for t in range(embedded.shape[1]):
+            if self.config.attention == "luong":
+                step_input = torch.cat([embedded[:, t], feed[0]], dim=-1)
+                top, recurrent = self.decoder(step_input[:, None], recurrent)
+                top = top[:, 0]
+                context = self.attention(top, memory, keys, mask)
+            else:
+                context = self.attention(recurrent[0][-1], memory, keys, mask)  # query: the previous top state
+                top, recurrent = self.decoder(torch.cat([embedded[:, t], context], dim=-1)[:, None], recurrent)
+                top = top[:, 0]
+            attentional = torch.tanh(self.attentional(torch.cat([context, top], dim=-1)))
+            feed = attentional[None]
+            outputs.append(attentional)
+        return torch.stack(outputs, dim=1), (*recurrent, feed, memory, keys, mask)
 
     def forward(self, source: torch.Tensor, source_lengths: torch.Tensor, target_in: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: logits ``(batch, tgt_len, vocab)`` for ``target_in = BOS y1 … yn``."""

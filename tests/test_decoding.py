@@ -232,3 +232,30 @@ def test_sampled_candidates_come_best_first(trained):
 def test_max_new_tokens_over_the_cap_is_refused(generator):
     with pytest.raises(ValueError, match="cap"):
         generator.generate(["cat"], DecodingConfig(max_new_tokens=generator.max_new_tokens_cap + 1))
+
+
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_every_mode_runs_on_an_attention_model(generator, attention):
+    torch.manual_seed(4)
+    config = ModelConfig(
+        embedding_dim=16,
+        encoder_hidden=16,
+        decoder_hidden=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        embedding_dropout=0.0,
+        layer_dropout=0.0,
+        output_dropout=0.0,
+        attention=attention,
+    )
+    model = Seq2Seq(config, generator.source_tokenizer.vocab_size, generator.target_tokenizer.vocab_size)
+    with torch.no_grad():
+        model.output.bias[EOS_ID] = 2.0
+    attending = Generator(model, generator.source_tokenizer, generator.target_tokenizer)
+    greedy = attending.generate(WORDS, DecodingConfig(mode="greedy", max_new_tokens=10))
+    for word, result in zip(WORDS, greedy):
+        assert result.candidates[0].tokens == greedy_reference(attending, word, 10)
+    beam = attending.generate(WORDS, DecodingConfig(mode="beam", beam_size=1, max_new_tokens=10))
+    assert [b.candidates[0].tokens for b in beam] == [g.candidates[0].tokens for g in greedy]
+    sampled = attending.generate(WORDS, DecodingConfig(mode="sample", num_return_sequences=3, seed=1))
+    assert all(len(s.candidates) == 3 for s in sampled)

@@ -136,3 +136,34 @@ def test_residual_connections_change_the_stacked_output():
     source, lengths = batch()
     target = torch.randint(4, TGT_VOCAB, (3, 4))
     assert not torch.allclose(plain(source, lengths, target), residual(source, lengths, target))
+
+
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_attention_shapes(attention, cell):
+    model = Seq2Seq(small(cell=cell, attention=attention, attention_size=7), SRC_VOCAB, TGT_VOCAB)
+    source, lengths = batch()
+    assert model(source, lengths, torch.randint(4, TGT_VOCAB, (3, 4))).shape == (3, 4, TGT_VOCAB)
+
+
+@pytest.mark.parametrize("attention", ["none", "luong", "bahdanau"])
+def test_teacher_forcing_equals_decoding_one_step_at_a_time(attention):
+    model = Seq2Seq(small(attention=attention, encoder_layers=2, decoder_layers=2), SRC_VOCAB, TGT_VOCAB).eval()
+    source, lengths = batch()
+    target = torch.randint(4, TGT_VOCAB, (3, 5))
+    whole, _ = model.decode(target, model.encode(source, lengths).state)
+    state, steps = model.encode(source, lengths).state, []
+    for t in range(5):
+        logits, state = model.decode(target[:, t : t + 1], state)
+        steps.append(logits)
+    torch.testing.assert_close(whole, torch.cat(steps, dim=1))
+
+
+@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+def test_attention_never_looks_at_padding(attention):
+    model = Seq2Seq(small(attention=attention), SRC_VOCAB, TGT_VOCAB).eval()
+    source, lengths = batch((5, 2))
+    target = torch.randint(4, TGT_VOCAB, (2, 3))
+    padded = model(source, lengths, target)
+    alone = model(source[1:, :2], lengths[1:], target[1:])
+    torch.testing.assert_close(padded[1], alone[0])
