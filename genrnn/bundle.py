@@ -46,8 +46,15 @@ class Bundle:
     training: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the weights: it changes whenever the model does."""
+        return self.manifest["files"][WEIGHTS]
+
     def info(self) -> dict[str, Any]:
         """Metadata for people: name, versions, configs, training facts, size."""
+        if "members" in self.manifest:
+            return {"name": self.name, "ensemble": self.manifest["members"], "parameters": self.model.num_parameters()}
         return {
             "name": self.name,
             "format_version": self.manifest.get("format_version"),
@@ -130,7 +137,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bundle:
-    """Load and verify a bundle; the model is placed on ``device`` in eval mode."""
+    """Load and verify a bundle; the model is placed on ``device`` in eval mode.
+
+    Several bundle directories separated by commas load as one ensemble, decoded by
+    averaging the members' probabilities; they must share their tokenizers.
+    """
+    if "," in str(directory):
+        return _load_ensemble([d for d in str(directory).split(",") if d], device)
     directory = Path(directory)
     manifest = read_manifest(directory)
     try:
@@ -154,4 +167,28 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
         name=manifest.get("name", directory.name),
         training=manifest.get("training", {}),
         manifest=manifest,
+    )
+
+
+def _load_ensemble(directories: list[str], device: str | torch.device) -> Bundle:
+    from genrnn.ensemble import Ensemble
+
+    members = [load_bundle(d, device) for d in directories]
+    first = members[0]
+    for directory, member in zip(directories[1:], members[1:]):
+        same = (member.source_tokenizer.model_proto, member.target_tokenizer.model_proto) == (
+            first.source_tokenizer.model_proto,
+            first.target_tokenizer.model_proto,
+        )
+        if not same:
+            raise BundleError(f"{directory}: its tokenizers differ from {directories[0]}'s; an ensemble needs the same")
+    combined = hashlib.sha256("".join(m.fingerprint for m in members).encode()).hexdigest()
+    return Bundle(
+        model=Ensemble([m.model for m in members]).eval(),
+        source_tokenizer=first.source_tokenizer,
+        target_tokenizer=first.target_tokenizer,
+        model_config=first.model_config,
+        tokenizer_config=first.tokenizer_config,
+        name="+".join(m.name for m in members),
+        manifest={"files": {WEIGHTS: combined}, "members": [m.info() for m in members]},
     )

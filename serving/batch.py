@@ -22,7 +22,7 @@ from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from genrnn.bundle import WEIGHTS, load_bundle, sha256
+from genrnn.bundle import load_bundle, sha256
 from genrnn.config import DecodingConfig
 from genrnn.decoding import Generator
 from genrnn.errors import ConfigurationError
@@ -160,7 +160,7 @@ def run_generate(job: GenerateJob) -> None:
     store.check_stamp(
         {
             "input_sha256": sha256(job.input),
-            "model_sha256": bundle.manifest["files"][WEIGHTS],
+            "model_sha256": bundle.fingerprint,
             "settings": asdict(job.settings),
             "quantize": job.quantize,
             "skip_bad_lines": job.skip_bad_lines,

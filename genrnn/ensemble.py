@@ -1,0 +1,50 @@
+"""Several models decoded together: their next-token probabilities are averaged at each step.
+
+An :class:`Ensemble` has the interface the decoding engine uses (``encode``,
+``decode``), so every mode decodes it unchanged. Its state is the members' states
+side by side; its "logits" are the log of the mean of the members' probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from genrnn.model import Encoded, Seq2Seq, State
+
+
+class Ensemble(nn.Module):
+    """Log-probability averaging over models that share one source and one target vocabulary."""
+
+    def __init__(self, members: Sequence[Seq2Seq]) -> None:
+        super().__init__()
+        if len({(m.source_vocab_size, m.target_vocab_size) for m in members}) != 1:
+            raise ValueError("ensemble members must share their vocabularies")
+        self.members = nn.ModuleList(members)
+        self.config = members[0].config
+        self.source_vocab_size = members[0].source_vocab_size
+        self.target_vocab_size = members[0].target_vocab_size
+        self._sizes: list[int] = []  # state tensors per member, learnt at the first encode
+
+    def encode(self, source: torch.Tensor, source_lengths: torch.Tensor) -> Encoded:
+        encoded = [m.encode(source, source_lengths) for m in self.members]
+        self._sizes = [len(e.state) for e in encoded]
+        state = tuple(s for e in encoded for s in e.state)
+        return Encoded(memory=encoded[0].memory, mask=encoded[0].mask, state=state)
+
+    def decode(self, target_in: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Log of the members' mean probabilities ``(batch, steps, vocab)``, and the new state."""
+        log_probs, new_state, start = [], [], 0
+        for member, size in zip(self.members, self._sizes):
+            logits, member_state = member.decode(target_in, state[start : start + size])
+            log_probs.append(logits.float().log_softmax(dim=-1))
+            new_state.extend(member_state)
+            start += size
+        averaged = torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(self.members))
+        return averaged, tuple(new_state)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,66 @@
+"""Ensembles: several bundles decoded together by averaging their probabilities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genrnn.bundle import load_bundle, save_bundle
+from genrnn.config import DecodingConfig, ModelConfig, TokenizerConfig
+from genrnn.decoding import Generator
+from genrnn.ensemble import Ensemble
+from genrnn.errors import BundleError
+from genrnn.model import Seq2Seq
+from genrnn.tokenizer import BOS_ID, train_tokenizers
+
+WORDS, PHONES = ["cat", "dog", "house", "mouse"] * 4, ["K AE1 T", "D AO1 G", "HH AW1 S", "M AW1 S"] * 4
+
+
+def member(seed: int, tokenizers, attention: str = "none") -> Seq2Seq:
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        embedding_dim=16, encoder_hidden=8, decoder_hidden=16, encoder_layers=1, decoder_layers=1, attention=attention
+    )
+    return Seq2Seq(config, tokenizers[0].vocab_size, tokenizers[1].vocab_size).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return train_tokenizers(WORDS, PHONES, TokenizerConfig())
+
+
+def test_an_ensemble_of_one_decodes_like_its_member(tokenizers):
+    model = member(0, tokenizers)
+    settings = DecodingConfig(mode="beam", beam_size=3, num_return_sequences=2, max_new_tokens=6)
+    alone = Generator(model, *tokenizers).generate(WORDS[:4], settings)
+    together = Generator(Ensemble([model]), *tokenizers).generate(WORDS[:4], settings)
+    for a, b in zip(alone, together):
+        assert [c.tokens for c in a.candidates] == [c.tokens for c in b.candidates]
+        assert [c.logprob for c in a.candidates] == pytest.approx([c.logprob for c in b.candidates], abs=1e-5)
+
+
+def test_the_next_token_distribution_is_the_mean_of_the_members(tokenizers):
+    members = [member(1, tokenizers), member(2, tokenizers, attention="luong")]
+    ensemble = Ensemble(members)
+    ids = torch.tensor(tokenizers[0].encode(["house"]))
+    lengths = torch.tensor([ids.shape[1]])
+    bos = torch.tensor([[BOS_ID]])
+    with torch.no_grad():
+        averaged, _ = ensemble.decode(bos, ensemble.encode(ids, lengths).state)
+        expected = torch.stack([m.decode(bos, m.encode(ids, lengths).state)[0].softmax(-1) for m in members]).mean(0)
+    torch.testing.assert_close(averaged.exp(), expected)
+
+
+def test_bundles_joined_by_commas_load_as_an_ensemble(tokenizers, tmp_path):
+    for i in range(2):
+        save_bundle(tmp_path / f"m{i}", member(i, tokenizers), *tokenizers, TokenizerConfig(), f"m{i}")
+    bundle = load_bundle(f"{tmp_path / 'm0'},{tmp_path / 'm1'}")
+    assert isinstance(bundle.model, Ensemble) and bundle.name == "m0+m1"
+    assert [m["name"] for m in bundle.info()["ensemble"]] == ["m0", "m1"]
+    result = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer).generate(["cat"])
+    assert result[0].candidates[0].finish_reason in {"eos", "length"}
+
+    other = train_tokenizers(["x", "y"] * 5, ["A", "B"] * 5, TokenizerConfig())
+    save_bundle(tmp_path / "other", member(3, other), *other, TokenizerConfig(), "other")
+    with pytest.raises(BundleError, match="tokenizers differ"):
+        load_bundle(f"{tmp_path / 'm0'},{tmp_path / 'other'}")
