@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,19 +176,20 @@ def env_default(value: str) -> str:
 # -- the image's entry command on the host ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server_log(tmp_path_factory) -> Path:
-    """Where the server's output goes."""
-    return tmp_path_factory.mktemp("entrypoint") / "server.log"
+@dataclass(frozen=True)
+class Served:
+    url: str
+    log: Path
+    pid: int  # of the process the entry command started
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle, server_log) -> Iterator[str]:
+def entry_command(tiny_bundle, tmp_path_factory) -> Iterator[Served]:
     """The container's entry command run on the host: the Dockerfile's ENTRYPOINT + CMD and its
     GENRNN_* settings, with the bundle, the address, an API key, a cap and a switch set the way
-    `docker run -e` would set them. Yields the base URL."""
+    `docker run -e` would set them."""
     port = free_port()
-    log = server_log
+    log = tmp_path_factory.mktemp("entrypoint") / "server.log"
     environment = host_environment(
         **{
             **image_environment(),
@@ -214,17 +216,29 @@ def server(tiny_bundle, server_log) -> Iterator[str]:
         wait_for(healthy, 120, "/health of the entry command's server")
         # The entry script announces the service once it is ready: the URL and a curl that works.
         wait_for(lambda: "try:" in log.read_text(), 15, "the entry script's announcement")
-        yield url
+        yield Served(url, log, process.pid)
     finally:
+        # What `docker stop` does: SIGTERM to that process; then nothing of it may be left.
         stop_process_group(process)
+
+
+@pytest.fixture(scope="module")
+def server(entry_command) -> str:
+    """The base URL of the entry command's server."""
+    return entry_command.url
 
 
 def generate(url: str, **body: Any) -> httpx.Response:
     return httpx.post(f"{url}/v1/generate", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
 
 
-def test_entry_command_serves_with_the_image_settings(server, server_log):
+def test_entry_command_serves_with_the_image_settings(entry_command):
+    server = entry_command.url
     assert httpx.get(f"{server}/health", timeout=5).status_code == 200
+    # The script execs the server, so the container's main process is `genrnn serve` itself
+    # and `docker stop`'s SIGTERM reaches it (a shell in between would not pass it on).
+    command_line = Path(f"/proc/{entry_command.pid}/cmdline").read_bytes().split(b"\0")
+    assert any(part.endswith(b"genrnn") for part in command_line) and b"serve" in command_line
     # Each kind of setting reached `genrnn serve`. GENRNN_API_KEY_ENV: the API wants the key.
     assert httpx.post(f"{server}/v1/generate", json={"inputs": "cat"}, timeout=30).status_code == 401
     reply = generate(server, inputs=["cat"], mode="beam", beam_size=2)
@@ -234,7 +248,8 @@ def test_entry_command_serves_with_the_image_settings(server, server_log):
     refused = generate(server, inputs=["cat"], mode="beam", beam_size=5)
     assert refused.status_code == 422 and "beam_size" in refused.text
     # GENRNN_ACCESS_LOG=1: a switch; every request is logged.
-    wait_for(lambda: '"POST /v1/generate HTTP/1.1" 200' in server_log.read_text(), 10, "the access log line")
+    log = entry_command.log
+    wait_for(lambda: '"POST /v1/generate HTTP/1.1" 200' in log.read_text(), 10, "the access log line")
 
 
 def test_healthcheck_command_follows_the_server(server):
