@@ -233,3 +233,24 @@ def test_weight_averaging_puts_the_averaged_weights_in_the_bundle(g2p_files, tmp
     name = "decoder.layers.0.weight_hh_l0"
     assert not torch.equal(averaged["model." + name], current["model." + name])
     assert torch.equal(bundle[name], averaged["model." + name])
+
+
+def test_a_budget_spent_before_the_first_validation_still_writes_a_bundle(g2p_files, tmp_path):
+    run = tmp_path / "run"
+    run_cli(
+        "train",
+        "--config",
+        str(TINY_CONFIG),
+        "--train",
+        str(g2p_files["train"]),
+        "--valid",
+        str(g2p_files["dev"]),
+        "--output",
+        str(run),
+        "--max-steps",
+        "3",
+        "--accelerator",
+        "cpu",
+    )
+    facts = load_bundle(run / "bundle").training
+    assert facts["steps"] == 3 and facts["best_checkpoint"] is None and facts["best_dev"] == {}

@@ -82,7 +82,13 @@ class Seq2SeqModule(pl.LightningModule):
             )
             return {
                 "optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": training.monitor, "interval": "epoch"},
+                # Not strict: an epoch cut short by a budget may end before its first validation.
+                "lr_scheduler": {
+                    "scheduler": scheduler,
+                    "monitor": training.monitor,
+                    "interval": "epoch",
+                    "strict": False,
+                },
             }
         if training.schedule == "warmup":
             warmup = training.warmup_steps

@@ -77,7 +77,13 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         save_top_k=1,
         save_last=True,
     )
-    early_stopping = EarlyStopping(monitor=training.monitor, mode="min", patience=training.early_stopping_patience)
+    # Checked after each validation only: a budget may end an epoch before any validation ran.
+    early_stopping = EarlyStopping(
+        monitor=training.monitor,
+        mode="min",
+        patience=training.early_stopping_patience,
+        check_on_train_epoch_end=False,
+    )
     callbacks = [checkpoint, early_stopping, LearningRateMonitor(logging_interval="step")]
     if training.ema_decay:
         # Validation, checkpoints and hence the bundle see the averaged weights.
@@ -131,8 +137,11 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     if not trainer.is_global_zero:
         return None
 
-    best_path = checkpoint.best_model_path or str(last)
-    best = Seq2SeqModule.load_from_checkpoint(best_path, map_location="cpu", weights_only=False)
+    best_path = checkpoint.best_model_path
+    if best_path:
+        best = Seq2SeqModule.load_from_checkpoint(best_path, map_location="cpu", weights_only=False)
+    else:  # the budget ran out before the first validation: the weights as they are
+        best = module.cpu()
     best_score = checkpoint.best_model_score
     facts = {
         "data": config.data.train,
@@ -141,7 +150,7 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
         "dev_examples": len(dev_examples),
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
-        "best_checkpoint": Path(best_path).name,
+        "best_checkpoint": Path(best_path).name if best_path else None,
         "best_dev": {config.training.monitor: float(best_score)} if best_score is not None else {},
         "seconds_this_run": round(time.monotonic() - started, 1),
         "device": str(trainer.strategy.root_device),
