@@ -2,8 +2,9 @@
 
     python bench/serve.py --model runs/g2p-en/bundle [--clients 1,8,64,256] [--duration 10]
 
-Closed-loop clients (asyncio + httpx on loopback) each send one greedy request at a
-time, one CMUdict test word per request, for ``--duration`` seconds per level. The
+Closed-loop clients (asyncio, one keep-alive connection each, on loopback) each send
+one greedy request at a time, one CMUdict test word per request, for ``--duration``
+seconds per level; httpx reads /health and /metrics. The
 same words go through: the server with ``--max-batch-size`` (default 64); the same
 server with ``--max-batch-size 1`` (the baseline); and the engine in this process,
 offline, in batches of the same size. Reported per level: requests/s, output
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import signal
@@ -86,7 +88,8 @@ def free_port() -> int:
 class Server:
     """``genrnn serve`` in a subprocess, for the length of a ``with`` block."""
 
-    def __init__(self, model: str, *options: str) -> None:
+    def __init__(self, model: str, threads: int, *options: str) -> None:
+        self.threads = threads
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "genrnn.cli", "serve", "--model", model, "--port", str(self.port)]
@@ -94,6 +97,7 @@ class Server:
 
     def __enter__(self) -> Server:
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        env["OMP_NUM_THREADS"] = str(self.threads)  # torch's threads in each inference worker
         self.process = subprocess.Popen(self.command, env=env, start_new_session=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -121,29 +125,58 @@ class Server:
         return values.get("genrnn_batch_size_sum", 0.0), values.get("genrnn_batch_size_count", 0.0)
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection, written by hand: on a small machine the client's own
+    CPU time competes with the server, and this costs a fraction of a general-purpose client's."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+        self.reader, self.writer, self.host = reader, writer, host
+
+    @classmethod
+    async def open(cls, url: str) -> Connection:
+        address = httpx.URL(url)
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        return cls(reader, writer, f"{address.host}:{address.port}")
+
+    async def post(self, path: str, body: dict) -> tuple[int, dict]:
+        """Status code and JSON reply of one POST."""
+        payload = json.dumps(body).encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+        self.writer.write(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        status = int((await self.reader.readline()).split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return status, json.loads(await self.reader.readexactly(length))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 async def load(url: str, words: list[str], clients: int, seconds: float) -> tuple[int, int, list[float], int]:
     """Closed-loop clients for ``seconds``: requests done, output tokens, latencies, errors."""
     latencies: list[float] = []
     tokens = errors = 0
     stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async def one_client(index: int) -> None:
+        nonlocal tokens, errors
+        connection = await Connection.open(url)
+        i = index
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            status, reply = await connection.post("/v1/generate", {"inputs": words[i % len(words)]})
+            if status != 200:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+            tokens += reply["usage"]["output_tokens"]
+            i += clients
+        connection.close()
 
-        async def one_client(index: int) -> None:
-            nonlocal tokens, errors
-            i = index
-            while time.perf_counter() < stop:
-                started = time.perf_counter()
-                response = await client.post("/v1/generate", json={"inputs": words[i % len(words)]})
-                if response.status_code != 200:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - started)
-                tokens += response.json()["usage"]["output_tokens"]
-                i += clients
-
-        await asyncio.gather(*(one_client(i) for i in range(clients)))
+    await asyncio.gather(*(one_client(i) for i in range(clients)))
     return len(latencies), tokens, latencies, errors
 
 
@@ -198,20 +231,24 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per level")
     parser.add_argument("--max-batch-size", type=int, default=64, help="the batched server's batch size")
     parser.add_argument("--words", type=int, default=2000, help="distinct CMUdict test words to send")
-    parser.add_argument("--server-option", action="append", default=[], help="extra genrnn serve option (repeat)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, offline and in each server worker")
+    parser.add_argument("--batch-timeout", help="the batched server's --batch-timeout (default: the server's)")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     words = [e.source for e in read_examples("builtin:cmudict:test")][: args.words]
 
-    print(f"machine: {machine()}", flush=True)
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}; {args.threads} torch thread(s)", flush=True)
     results = [measure_offline(args.model, words, args.max_batch_size, args.duration)]
     print(results[-1].row(), flush=True)
-    common = ["--max-queue", "4096", *args.server_option]
-    for setup, size in (
-        (f"server, --max-batch-size {args.max_batch_size}", args.max_batch_size),
-        ("server, --max-batch-size 1", 1),
-    ):
-        with Server(args.model, "--max-batch-size", str(size), *common) as server:
+    batched_options = ["--max-batch-size", str(args.max_batch_size)]
+    batched_setup = f"server, --max-batch-size {args.max_batch_size}"
+    if args.batch_timeout:
+        batched_options += ["--batch-timeout", args.batch_timeout]
+        batched_setup += f" --batch-timeout {args.batch_timeout}"
+    unbatched_setup = "server, --max-batch-size 1"
+    for setup, options in ((batched_setup, batched_options), (unbatched_setup, ["--max-batch-size", "1"])):
+        with Server(args.model, args.threads, "--max-queue", "4096", *options) as server:
             for clients in levels:
                 results.append(measure_server(server, setup, words, clients, args.duration))
                 print(results[-1].row(), flush=True)
@@ -221,8 +258,8 @@ def main() -> None:
         print(result.row())
     offline = results[0]
     for clients in levels:
-        batched = next(r for r in results[1:] if r.clients == clients and "batch-size 1" not in r.setup)
-        single = next(r for r in results[1:] if r.clients == clients and "batch-size 1" in r.setup)
+        batched = next(r for r in results if r.clients == clients and r.setup == batched_setup)
+        single = next(r for r in results if r.clients == clients and r.setup == unbatched_setup)
         print(
             f"\n{clients} clients: batched/unbatched requests/s {batched.rps / single.rps:.1f}x; "
             f"batched/offline {batched.rps / offline.rps:.0%}",
