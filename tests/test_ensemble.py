@@ -64,3 +64,31 @@ def test_bundles_joined_by_commas_load_as_an_ensemble(tokenizers, tmp_path):
     save_bundle(tmp_path / "other", member(3, other), *other, TokenizerConfig(), "other")
     with pytest.raises(BundleError, match="tokenizers differ"):
         load_bundle(f"{tmp_path / 'm0'},{tmp_path / 'other'}")
+
+
+def test_evaluate_takes_an_ensemble_and_two_copies_score_like_one(tiny_bundle, g2p_files, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def wer(model: str) -> float:
+        out = tmp_path / "scores.json"
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "genrnn.cli",
+                "evaluate",
+                "--model",
+                model,
+                "--data",
+                str(g2p_files["test"]),
+                "--output",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        return json.loads(out.read_text())["wer"]
+
+    assert wer(f"{tiny_bundle},{tiny_bundle}") == wer(str(tiny_bundle))
