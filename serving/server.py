@@ -68,7 +68,21 @@ class WorkersIgnoreSigint(Callback):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # runs in each inference worker, before setup
 
 
-def drain_on_signals(server: ls.LitServer) -> None:
+class Server(ls.LitServer):
+    """LitServer whose shutdown first lets its worker monitor see the shutdown and stop.
+
+    The monitor polls LitServe's queue manager every ``monitor_internal`` seconds; had
+    the manager already been shut down, its next poll would die with a traceback.
+    """
+
+    def _perform_graceful_shutdown(self, *args: Any, **kwargs: Any) -> None:
+        for thread in threading.enumerate():
+            if thread.name == "litserve-monitoring" and thread is not threading.current_thread():
+                thread.join(timeout=self.monitor_internal + 1)
+        super()._perform_graceful_shutdown(*args, **kwargs)
+
+
+def drain_on_signals(server: Server) -> None:
     """Make SIGTERM and SIGINT start LitServe's graceful shutdown."""
 
     def stop(signum: int, frame: Any) -> None:
@@ -88,7 +102,7 @@ def drain_on_signals(server: ls.LitServer) -> None:
     signal.signal(signal.SIGINT, stop)
 
 
-def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None) -> ls.LitServer:
+def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None) -> Server:
     """The LitServer with its API, middlewares, ``/metrics`` and error replies."""
     # Imported here, after the metrics directory is set: see serving.metrics.
     from serving import metrics
@@ -108,7 +122,7 @@ def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None)
         middlewares.append((ApiKeyMiddleware, {"prefix": "/v1/", "key": key}))
     middlewares.append((RequestMetricsMiddleware, {"path": GENERATE_PATH}))
 
-    server = ls.LitServer(
+    server = Server(
         api,
         accelerator=config.accelerator,
         devices=config.devices,
@@ -124,6 +138,7 @@ def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None)
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    server.monitor_internal = 0.5  # seconds between the monitor's polls: also how long shutdown waits for it
     server.app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     server.app.add_exception_handler(RequestValidationError, validation_error_reply)
     return server

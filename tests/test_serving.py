@@ -538,3 +538,4 @@ def test_a_signal_drains_the_request_in_flight_and_every_process_exits(servers, 
     assert [[o["input"] for o in r.json()["outputs"]] for r in replies] == [["cat", f"dog{i}"] for i in range(4)]
     assert server.process.wait(timeout=60) == 0
     wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
+    assert "Traceback" not in server.log.read_text()
