@@ -1,16 +1,17 @@
 """Load test of ``genrnn serve``: dynamic batching against an unbatched server and offline decoding.
 
-    python bench/serve.py --model runs/g2p-en/bundle [--clients 1,8,64,256] [--duration 10]
+    python bench/serve.py --model runs/g2p-en/bundle [--clients 1,8,64,256] [--duration 10] [--rounds 2]
 
 Closed-loop clients (asyncio, one keep-alive connection each, on loopback) each send
-one greedy request at a time, one CMUdict test word per request, for ``--duration``
-seconds per level; httpx reads /health and /metrics. The
-same words go through: the server with ``--max-batch-size`` (default 64); the same
-server with ``--max-batch-size 1`` (the baseline); and the engine in this process,
-offline, in batches of the same size. Reported per level: requests/s, output
-tokens/s, latency p50/p95/p99 and the mean batch size read from ``/metrics``.
-The client shares the machine with the server, so on a small machine it takes CPU
-from the server too.
+one greedy request at a time, one CMUdict test word per request. The same words go
+through: the server with ``--max-batch-size`` (default 64); the same server with
+``--max-batch-size 1`` (the baseline); and the engine in this process, offline, in
+batches of the same size. Both servers run side by side, and at each concurrency
+level the three are measured in turn, ``--rounds`` times, ``--duration`` seconds
+each in all: on a shared machine whose load drifts, each level's ratios compare
+numbers taken seconds apart. Reported: requests/s, output tokens/s, latency
+p50/p95/p99, and the mean batch size read from ``/metrics``. The clients share the
+machine with the server; on a small machine they take CPU from it too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -40,15 +41,16 @@ from genrnn.decoding import Generator
 
 @dataclass
 class Result:
-    """One row of the table."""
+    """One row of the table, accumulated over rounds."""
 
     setup: str
     clients: int | None
-    requests: int
-    seconds: float
-    output_tokens: int
-    latencies: list[float]
-    mean_batch: float | None
+    requests: int = 0
+    seconds: float = 0.0
+    output_tokens: int = 0
+    latencies: list[float] = field(default_factory=list)
+    batch_inputs: float = 0.0
+    batches: float = 0.0
     errors: int = 0
 
     @property
@@ -66,7 +68,7 @@ class Result:
             return "–" if value is None else f"{value * 1000:.0f}"
 
         clients = "–" if self.clients is None else str(self.clients)
-        batch = "–" if self.mean_batch is None else f"{self.mean_batch:.1f}"
+        batch = f"{self.batch_inputs / self.batches:.1f}" if self.batches else "–"
         return (
             f"| {self.setup} | {clients} | {self.rps:.0f} | {self.output_tokens / self.seconds:.0f} | "
             f"{ms(self.latency(0.5))} | {ms(self.latency(0.95))} | {ms(self.latency(0.99))} | {batch} | {self.errors} |"
@@ -180,33 +182,46 @@ async def load(url: str, words: list[str], clients: int, seconds: float) -> tupl
     return len(latencies), tokens, latencies, errors
 
 
-def measure_server(server: Server, setup: str, words: list[str], clients: int, seconds: float) -> Result:
-    asyncio.run(load(server.url, words, clients, min(2.0, seconds)))  # warm up: connections, first batches
-    batch_sum, batch_count = server.batch_totals()
+def measure_server(server: Server, row: Result, words: list[str], seconds: float, warm_up: bool) -> None:
+    """Add ``seconds`` of load from ``row.clients`` clients to ``row``."""
+    if warm_up:  # connections, first batches
+        asyncio.run(load(server.url, words, row.clients, 1.0))
+    batch_inputs, batches = server.batch_totals()
     started = time.perf_counter()
-    requests, tokens, latencies, errors = asyncio.run(load(server.url, words, clients, seconds))
-    elapsed = time.perf_counter() - started
-    batch_sum_after, batch_count_after = server.batch_totals()
-    batches = batch_count_after - batch_count
-    mean_batch = (batch_sum_after - batch_sum) / batches if batches else None
-    return Result(setup, clients, requests, elapsed, tokens, latencies, mean_batch, errors)
+    requests, tokens, latencies, errors = asyncio.run(load(server.url, words, row.clients, seconds))
+    row.seconds += time.perf_counter() - started
+    batch_inputs_after, batches_after = server.batch_totals()
+    row.requests += requests
+    row.output_tokens += tokens
+    row.latencies += latencies
+    row.errors += errors
+    row.batch_inputs += batch_inputs_after - batch_inputs
+    row.batches += batches_after - batches
 
 
-def measure_offline(model: str, words: list[str], batch_size: int, seconds: float) -> Result:
-    """The engine in this process, greedy, in batches of ``batch_size`` words, for about ``seconds``."""
-    bundle = load_bundle(model)
-    generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
-    settings = DecodingConfig()
-    generator.generate(words[:batch_size], settings)  # warm up
-    requests = tokens = 0
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        chunk = [words[(requests + k) % len(words)] for k in range(batch_size)]
-        generations = generator.generate(chunk, settings)
-        requests += len(chunk)
-        tokens += sum(len(c.tokens) for g in generations for c in g.candidates)
-    elapsed = time.perf_counter() - started
-    return Result(f"offline engine, batches of {batch_size}", None, requests, elapsed, tokens, [], batch_size)
+class Offline:
+    """The engine in this process, greedy, in batches of ``batch_size`` words."""
+
+    def __init__(self, model: str, words: list[str], batch_size: int) -> None:
+        bundle = load_bundle(model)
+        self.generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
+        self.words = words
+        self.batch_size = batch_size
+        self.done = 0
+        self.generator.generate(words[:batch_size])  # warm up
+
+    def measure(self, row: Result, seconds: float) -> None:
+        """Add about ``seconds`` of decoding to ``row``."""
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            chunk = [self.words[(self.done + k) % len(self.words)] for k in range(self.batch_size)]
+            self.done += len(chunk)
+            generations = self.generator.generate(chunk, DecodingConfig())
+            row.requests += len(chunk)
+            row.output_tokens += sum(len(c.tokens) for g in generations for c in g.candidates)
+            row.batch_inputs += len(chunk)
+            row.batches += 1
+        row.seconds += time.perf_counter() - started
 
 
 def machine() -> str:
@@ -228,44 +243,52 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="bundle directory (the default G2P model)")
     parser.add_argument("--clients", default="1,8,64,256", help="comma-separated concurrency levels")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per level")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per setup and level")
+    parser.add_argument("--rounds", type=int, default=2, help="turns the duration is split into, per level")
     parser.add_argument("--max-batch-size", type=int, default=64, help="the batched server's batch size")
+    parser.add_argument("--batch-timeout", help="the batched server's --batch-timeout (default: the server's)")
     parser.add_argument("--words", type=int, default=2000, help="distinct CMUdict test words to send")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, offline and in each server worker")
-    parser.add_argument("--batch-timeout", help="the batched server's --batch-timeout (default: the server's)")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     words = [e.source for e in read_examples("builtin:cmudict:test")][: args.words]
+    seconds = args.duration / args.rounds
 
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}; {args.threads} torch thread(s)", flush=True)
-    results = [measure_offline(args.model, words, args.max_batch_size, args.duration)]
-    print(results[-1].row(), flush=True)
+    offline = Offline(args.model, words, args.max_batch_size)
     batched_options = ["--max-batch-size", str(args.max_batch_size)]
     batched_setup = f"server, --max-batch-size {args.max_batch_size}"
     if args.batch_timeout:
         batched_options += ["--batch-timeout", args.batch_timeout]
         batched_setup += f" --batch-timeout {args.batch_timeout}"
-    unbatched_setup = "server, --max-batch-size 1"
-    for setup, options in ((batched_setup, batched_options), (unbatched_setup, ["--max-batch-size", "1"])):
-        with Server(args.model, args.threads, "--max-queue", "4096", *options) as server:
-            for clients in levels:
-                results.append(measure_server(server, setup, words, clients, args.duration))
-                print(results[-1].row(), flush=True)
+    # A long timeout: the baseline's queue at 256 clients is measured, not cut short by 504s.
+    common = ["--max-queue", "4096", "--timeout", "300"]
+    rows: list[Result] = []
+    with (
+        Server(args.model, args.threads, *common, *batched_options) as batched,
+        Server(args.model, args.threads, *common, "--max-batch-size", "1") as unbatched,
+    ):
+        for clients in levels:
+            level = [
+                Result(f"offline engine, batches of {args.max_batch_size}", clients),
+                Result(batched_setup, clients),
+                Result("server, --max-batch-size 1", clients),
+            ]
+            for round_ in range(args.rounds):
+                offline.measure(level[0], seconds)
+                measure_server(batched, level[1], words, seconds, warm_up=round_ == 0)
+                measure_server(unbatched, level[2], words, seconds, warm_up=round_ == 0)
+            rows += level
+            print("\n".join(r.row() for r in level), flush=True)
+            print(
+                f"{clients} clients: batched/unbatched requests/s {level[1].rps / level[2].rps:.1f}x, "
+                f"batched/offline {level[1].rps / level[0].rps:.0%}",
+                flush=True,
+            )
 
     print("\n" + HEADER)
-    for result in results:
-        print(result.row())
-    offline = results[0]
-    for clients in levels:
-        batched = next(r for r in results if r.clients == clients and r.setup == batched_setup)
-        single = next(r for r in results if r.clients == clients and r.setup == unbatched_setup)
-        print(
-            f"\n{clients} clients: batched/unbatched requests/s {batched.rps / single.rps:.1f}x; "
-            f"batched/offline {batched.rps / offline.rps:.0%}",
-            end="",
-        )
-    print()
+    print("\n".join(r.row() for r in rows))
 
 
 if __name__ == "__main__":
