@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,6 +26,10 @@ from genrnn.model import Seq2Seq, State
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 _MASK32 = 0xFFFFFFFF
+# oneDNN's CPU LSTM re-packs the weights on every call: it pays off from a few hundred rows
+# a step, and is several times slower than PyTorch's own kernel for a handful (measured in
+# BENCHMARKS.md's "Decoding speed"). GPUs ignore the switch.
+ONEDNN_MIN_ROWS = 256
 
 
 @dataclass
@@ -119,6 +124,17 @@ def _select_rows(state: State, index: torch.Tensor) -> State:
     return tuple(s.index_select(1, index) for s in state)
 
 
+@contextmanager
+def _recurrent_kernel(rows: int) -> Iterator[None]:
+    """Run recurrent layers on oneDNN only for batches of at least ``ONEDNN_MIN_ROWS`` rows."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled and rows >= ONEDNN_MIN_ROWS
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
 # -- the engine ---------------------------------------------------------------------------------
 
 
@@ -190,7 +206,8 @@ class Generator:
         source = torch.full((len(rows), int(lengths.max())), PAD_ID, dtype=torch.long)
         for i, r in enumerate(rows):
             source[i, : len(r)] = torch.tensor(r)
-        encoded = self.model.encode(source.to(self.device), lengths)
+        with _recurrent_kernel(len(rows)):
+            encoded = self.model.encode(source.to(self.device), lengths)
 
         results: list[list[_Hypothesis]] = [[] for _ in rows]
         beam = [i for i, s in enumerate(settings) if s.mode == "beam"]
@@ -205,7 +222,8 @@ class Generator:
 
     def _step_logprobs(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor, State]:
         """One decoder step: logits and log-probabilities ``(rows, vocab)``; PAD and BOS are never emitted."""
-        logits, state = self.model.decode(tokens[:, None], state)
+        with _recurrent_kernel(tokens.shape[0]):
+            logits, state = self.model.decode(tokens[:, None], state)
         logits = logits[:, 0].float()
         logits[:, PAD_ID] = float("-inf")
         logits[:, BOS_ID] = float("-inf")

@@ -127,7 +127,16 @@ class PartWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             self.progress = Progress(self.total, len(self.store.done()), trainer.world_size)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: list[tuple[int, dict[str, Any]]],
+        batch_indices: Any,
+        batch: list[Item],
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         self.store.write(self.part, prediction)
         if self.progress:
             self.progress.advance(len(prediction))
@@ -163,7 +172,6 @@ def run_generate(job: GenerateJob) -> None:
             "model_sha256": bundle.fingerprint,
             "settings": asdict(job.settings),
             "quantize": job.quantize,
-            "skip_bad_lines": job.skip_bad_lines,
         }
     )
 

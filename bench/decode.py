@@ -1,0 +1,350 @@
+"""Decoding speed of the default G2P model on this machine, against a naive baseline and torch.mm.
+
+    python bench/decode.py [--model runs/bench-g2p/bundle] [--batch-sizes 1 8 64 256 1024] [--write BENCHMARKS.md]
+
+For greedy, sampled (temperature 0.8, top-p 0.9) and beam (size 4) decoding at each
+batch size: sequences/s and output tokens/s of :meth:`Generator.generate` (tokenizing,
+decoding and detokenizing) on CMUdict dev words in a fixed random order. The naive
+baseline decodes one sequence at a time without compaction, in the same run. Greedy
+decoding at the largest batch is also counted in floating-point operations (the
+matrix multiplies of the encoder, bridge, decoder steps actually taken and output
+projection) and set against the rate of one large ``torch.mm`` measured in the same
+run. Last, int8 dynamic quantization: greedy speed and dev-set WER/PER against float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from genrnn import decoding
+from genrnn.bundle import load_bundle
+from genrnn.config import DecodingConfig, ModelConfig, load_config
+from genrnn.data import read_examples
+from genrnn.decoding import Generator
+from genrnn.metrics import score
+from genrnn.model import Seq2Seq
+from genrnn.quantization import quantize_int8
+from genrnn.tokenizer import Tokenizer, train_tokenizers
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "training" / "configs" / "g2p.yaml"
+SECTION = "## Decoding speed"
+NOTES = "### Notes"
+ONEDNN_ALWAYS = "greedy, oneDNN LSTM at every batch size"
+MODES = {
+    "greedy": DecodingConfig(mode="greedy", max_new_tokens=48),
+    "sample": DecodingConfig(mode="sample", temperature=0.8, top_p=0.9, seed=1, max_new_tokens=48),
+    "beam": DecodingConfig(mode="beam", beam_size=4, max_new_tokens=48),
+}
+
+
+@dataclass
+class Speed:
+    sequences_per_s: float
+    tokens_per_s: float
+    seconds: float
+    sequences: int
+    decoder_row_steps: int = 0  # decoder rows × steps actually run (greedy: one row per sequence)
+    source_tokens: int = 0
+
+
+# -- the model ----------------------------------------------------------------------------------
+
+
+def find_bundle(architecture: ModelConfig) -> Path | None:
+    """The newest bundle under runs/ with the default architecture."""
+    candidates = sorted(ROOT.glob("runs/*/bundle/genrnn.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for manifest in candidates:
+        try:
+            bundle = load_bundle(manifest.parent)
+        except Exception:  # an unfinished or foreign bundle: look further
+            continue
+        if bundle.model_config == architecture:
+            return manifest.parent
+    return None
+
+
+def load_model(model: str | None) -> tuple[Seq2Seq, Tokenizer, Tokenizer, str]:
+    """A trained bundle if there is one, else random weights of the default architecture."""
+    config = load_config(DEFAULT_CONFIG)
+    path = Path(model) if model else find_bundle(config.model)
+    if path is not None:
+        bundle = load_bundle(path)
+        steps = bundle.training.get("steps", "?")
+        return bundle.model, bundle.source_tokenizer, bundle.target_tokenizer, f"bundle {path} ({steps} training steps)"
+    examples = read_examples("builtin:cmudict:train")
+    source, target = train_tokenizers(
+        [e.source for e in examples], [t for e in examples for t in e.targets[:1]], config.tokenizer
+    )
+    torch.manual_seed(0)
+    model = Seq2Seq(config.model, source.vocab_size, target.vocab_size).eval()
+    return model, source, target, "random weights of training/configs/g2p.yaml's architecture (no bundle found)"
+
+
+# -- counting work ------------------------------------------------------------------------------
+
+
+def rnn_flops(cell: str, input_size: int, hidden: int) -> int:
+    """Multiply-add FLOPs of one step of one recurrent layer (one direction) for one row."""
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    return 2 * gates * hidden * (input_size + hidden)
+
+
+def greedy_flops(config: ModelConfig, vocab: int, source_tokens: int, rows: int, decoder_row_steps: int) -> int:
+    """Matrix-multiply FLOPs of encoding ``source_tokens``, bridging ``rows`` and ``decoder_row_steps`` steps."""
+    if getattr(config, "attention", "none") != "none":
+        raise ValueError("the FLOP count covers models without attention")
+    directions = 2 if config.bidirectional else 1
+    encoder = 0
+    for layer in range(config.encoder_layers):
+        size = config.embedding_dim if layer == 0 else config.encoder_output_size
+        encoder += directions * rnn_flops(config.cell, size, config.encoder_hidden)
+    bridge = 0
+    if config.bridge == "bridge":
+        states = 2 if config.cell == "lstm" else 1
+        bridge = (
+            states
+            * 2
+            * (config.encoder_layers * config.encoder_output_size)
+            * (config.decoder_layers * config.decoder_hidden)
+        )
+    decoder = 2 * config.decoder_hidden * vocab
+    for layer in range(config.decoder_layers):
+        size = config.embedding_dim if layer == 0 else config.decoder_hidden
+        decoder += rnn_flops(config.cell, size, config.decoder_hidden)
+    return encoder * source_tokens + bridge * rows + decoder * decoder_row_steps
+
+
+def clock() -> float:
+    """Seconds of this process's CPU time on one thread, else of the wall clock.
+
+    The machine may be shared: on one thread, CPU time leaves out the time other
+    processes hold the core, and equals the wall clock on an idle machine.
+    """
+    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
+def mm_gflops(n: int = 2048, seconds: float = 2.0) -> float:
+    """The best rate of ``torch.mm`` on ``n × n`` float32 matrices over a few timed rounds."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    deadline = clock() + seconds
+    while clock() < deadline:
+        started = clock()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (clock() - started) / 1e9)
+    return best
+
+
+# -- timing ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def onednn_from(rows: int) -> Iterator[None]:
+    """Decode with oneDNN's LSTM from ``rows`` rows a step on (0: always, as before the engine switched)."""
+    saved = decoding.ONEDNN_MIN_ROWS
+    decoding.ONEDNN_MIN_ROWS = rows
+    try:
+        yield
+    finally:
+        decoding.ONEDNN_MIN_ROWS = saved
+
+
+def timed(generator: Generator, settings: DecodingConfig, words: Sequence[str], batch: int, seconds: float) -> Speed:
+    """Decode consecutive batches of ``words`` (after one warm-up batch) for at least ``seconds``."""
+    generator.generate(list(words[:batch]), settings)
+    sequences = tokens = row_steps = source_tokens = 0
+    elapsed, start = 0.0, batch
+    while elapsed < seconds or sequences == 0:
+        chunk = [words[(start + i) % len(words)] for i in range(batch)]
+        start += batch
+        began = clock()
+        generations = generator.generate(chunk, settings)
+        elapsed += clock() - began
+        sequences += len(generations)
+        for g in generations:
+            best = g.candidates[0]
+            tokens += len(best.tokens)
+            row_steps += len(best.tokens) + (best.finish_reason == "eos")
+            source_tokens += max(g.input_tokens, 1)
+    return Speed(sequences / elapsed, tokens / elapsed, elapsed, sequences, row_steps, source_tokens)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    timing = "CPU time of the process" if torch.get_num_threads() == 1 else "wall clock"
+    return (
+        f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"timed by the {timing}, load average {load:.1f} at the start"
+    )
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace this benchmark's section of ``path`` (or add it), leaving the other sections alone.
+
+    A ``### Notes`` subsection written by hand is kept.
+    """
+    existing = path.read_text() if path.is_file() else "# Benchmarks\n"
+    lines = existing.splitlines()
+    if SECTION in lines:
+        start = lines.index(SECTION)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        notes = next((i for i in range(start, end) if lines[i] == NOTES), end)
+        lines[start:end] = text.rstrip("\n").splitlines() + [""] + lines[notes:end]
+    else:
+        lines += ["", *text.rstrip("\n").splitlines()]
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="bundle directory (default: the newest default-sized bundle under runs/)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--seconds", type=float, default=3.0, help="least time measured per cell")
+    parser.add_argument("--naive-seconds", type=float, default=5.0, help="least time measured per naive row")
+    parser.add_argument("--dev-items", type=int, default=0, help="dev words scored for int8 (0: all)")
+    parser.add_argument("--write", type=Path, help="also write the tables into this Markdown file's section")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (more than 1: timed by the wall clock)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, source_tokenizer, target_tokenizer, model_note = load_model(args.model)
+    dev = read_examples("builtin:cmudict:dev")
+    words = [e.source for e in dev]
+    random.Random(0).shuffle(words)
+    host = machine()
+    wall_started, cpu_started = time.perf_counter(), time.process_time()
+    print(host)
+    print(f"model: {model_note}, {model.num_parameters():,} parameters")
+
+    engine = Generator(model, source_tokenizer, target_tokenizer)
+    naive = Generator(model, source_tokenizer, target_tokenizer, compact=False)
+    for settings in MODES.values():  # warm up: allocator, kernels, caches
+        engine.generate(words[:256], settings)
+
+    header = ["mode", *[f"batch {b}" for b in args.batch_sizes], "naive (1 at a time, no compaction)"]
+    rows = []
+    for label in [*args.modes, ONEDNN_ALWAYS]:
+        settings = MODES["greedy" if label == ONEDNN_ALWAYS else label]
+        with onednn_from(0 if label == ONEDNN_ALWAYS else decoding.ONEDNN_MIN_ROWS):
+            speeds = [timed(engine, settings, words, batch, args.seconds) for batch in args.batch_sizes]
+            baseline = timed(naive, settings, words, 1, args.naive_seconds) if label != ONEDNN_ALWAYS else None
+        cells = [f"{s.sequences_per_s:,.0f} / {s.tokens_per_s:,.0f}" for s in speeds]
+        naive_cell = f"{baseline.sequences_per_s:,.1f} / {baseline.tokens_per_s:,.0f}" if baseline else "—"
+        rows.append([label, *cells, naive_cell])
+        print(" | ".join(rows[-1]), flush=True)
+    speed_table = table(header, rows)
+
+    # Greedy at the largest batch, in FLOP/s, against torch.mm measured now (the machine may be shared).
+    largest = max(args.batch_sizes)
+    greedy = timed(engine, MODES["greedy"], words, largest, args.seconds)
+    flops = greedy_flops(
+        model.config, model.target_vocab_size, greedy.source_tokens, greedy.sequences, greedy.decoder_row_steps
+    )
+    achieved = flops / greedy.seconds / 1e9
+    mm = mm_gflops()
+    flop_line = (
+        f"Greedy at batch {largest}: {achieved:.1f} GFLOP/s ({flops / greedy.sequences / 1e6:.1f} MFLOP a sequence); "
+        f"torch.mm 2048×2048 float32: {mm:.1f} GFLOP/s; ratio {achieved / mm:.0%} (target: 50%)."
+    )
+    print(speed_table)
+    print(flop_line)
+
+    # int8 dynamic quantization: speed and accuracy against float.
+    quantized = Generator(quantize_int8(model), source_tokenizer, target_tokenizer)
+    int8_rows = []
+    for batch in sorted({1, 64, largest} & set(args.batch_sizes) or {largest}):
+        exact = timed(engine, MODES["greedy"], words, batch, args.seconds)
+        approx = timed(quantized, MODES["greedy"], words, batch, args.seconds)
+        speedup = approx.sequences_per_s / exact.sequences_per_s
+        int8_rows.append(
+            [
+                f"greedy, batch {batch}",
+                f"{exact.sequences_per_s:,.0f}",
+                f"{approx.sequences_per_s:,.0f}",
+                f"{speedup:.2f}×",
+            ]
+        )
+    scored = dev[: args.dev_items] if args.dev_items else dev
+    sources, references = [e.source for e in scored], [e.targets for e in scored]
+    outputs = {}
+    for name, generator in (("float32", engine), ("int8", quantized)):
+        generations = generator.generate_sorted(sources, MODES["greedy"], batch_size=256)
+        outputs[name] = [g.candidates[0].text for g in generations]
+    float_scores = score(outputs["float32"], references)
+    int8_scores = score(outputs["int8"], references)
+    same = sum(a == b for a, b in zip(outputs["float32"], outputs["int8"])) / len(sources)
+    int8_table = table(["", "float32 seq/s", "int8 seq/s", "speed-up"], int8_rows)
+    accuracy_table = table(
+        ["CMUdict dev", "items", "WER", "PER", "same output as float32"],
+        [
+            ["float32", f"{float_scores.items}", f"{float_scores.wer:.2%}", f"{float_scores.per:.2%}", "—"],
+            ["int8", f"{int8_scores.items}", f"{int8_scores.wer:.2%}", f"{int8_scores.per:.2%}", f"{same:.1%}"],
+        ],
+    )
+    print(int8_table)
+    print(accuracy_table)
+    wall, cpu = time.perf_counter() - wall_started, time.process_time() - cpu_started
+    share = f"The run took {wall:.0f} s of wall clock for {cpu:.0f} s of CPU time."
+    print(share)
+
+    if args.write:
+        options = [f"--batch-sizes {' '.join(map(str, args.batch_sizes))}", f"--seconds {args.seconds:g}"]
+        options += [f"--threads {args.threads}"] if args.threads != 1 else []
+        command = "python bench/decode.py " + " ".join(options)
+        write_section(
+            args.write,
+            f"""{SECTION}
+
+`{command} --write BENCHMARKS.md`
+
+Machine: {host}. {share}
+Model: {model_note}, {model.num_parameters():,} parameters; inputs: CMUdict dev words in a fixed random order.
+Each cell: sequences/s / output tokens/s of `Generator.generate` (tokenize, decode, detokenize), greedy; sample
+at temperature 0.8, top-p 0.9; beam size 4, best candidate. The naive baseline decodes one sequence at a time
+without compaction. The last row is greedy decoding with oneDNN's LSTM kernel at every batch size; the engine
+uses PyTorch's own kernel below {decoding.ONEDNN_MIN_ROWS} rows a step (`ONEDNN_MIN_ROWS` in `genrnn/decoding.py`).
+
+{speed_table}
+
+{flop_line}
+
+### int8 dynamic quantization (`--quantize int8`)
+
+{int8_table}
+
+{accuracy_table}
+""",
+        )
+
+
+if __name__ == "__main__":
+    main()
