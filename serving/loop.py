@@ -54,7 +54,7 @@ class InputBudgetLoop(BatchedLoop):
             return None
 
     def get_batch_requests(self, lit_api: LitAPI, request_queue: Queue, transport: MessageTransport):
-        """One batch ``[(response_queue_id, uid, request)]`` and the requests that waited too long."""
+        """One batch ``[(response_queue_id, uid, request)]``; requests that waited too long get their 504 here."""
         batch, late, inputs, deadline = [], [], 0, None
         timeout = lit_api.request_timeout
         while inputs < lit_api.max_batch_size:
