@@ -273,7 +273,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._all_batches()
         per_rank = math.ceil(len(batches) / self.num_replicas)
-        batches += batches[: per_rank * self.num_replicas - len(batches)]  # even out the ranks
+        batches += (batches * self.num_replicas)[: per_rank * self.num_replicas - len(batches)]  # even out ranks
         yield from batches[self.rank :: self.num_replicas]
 
     def __len__(self) -> int:

@@ -27,11 +27,10 @@ class Ensemble(nn.Module):
         self.config = members[0].config
         self.source_vocab_size = members[0].source_vocab_size
         self.target_vocab_size = members[0].target_vocab_size
-        self._sizes: list[int] = []  # state tensors per member, learnt at the first encode
+        self._sizes = [len(m.state_layout()) for m in members]  # state tensors per member
 
     def encode(self, source: torch.Tensor, source_lengths: torch.Tensor) -> Encoded:
         encoded = [m.encode(source, source_lengths) for m in self.members]
-        self._sizes = [len(e.state) for e in encoded]
         state = tuple(s for e in encoded for s in e.state)
         return Encoded(memory=encoded[0].memory, mask=encoded[0].mask, state=state)
 

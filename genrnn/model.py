@@ -278,5 +278,10 @@ class Seq2Seq(nn.Module):
         logits, _ = self.decode(target_in, self.encode(source, source_lengths).state)
         return logits
 
+    def state_layout(self) -> tuple[str, ...]:
+        """Names of the decoder state's tensors, in order."""
+        recurrent = ("h", "c") if self.recurrent_states == 2 else ("h",)
+        return recurrent if self.config.attention == "none" else (*recurrent, "feed", "memory", "keys", "mask")
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -12,6 +12,7 @@ from genrnn.config import TokenizerConfig
 from genrnn.errors import BundleError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+_CONTROL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
 
 
 class Tokenizer:
@@ -40,8 +41,8 @@ class Tokenizer:
         return self._sp.encode(list(texts))
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
-        """Texts of each id list; special ids are dropped."""
-        return self._sp.decode([[i for i in row if i > EOS_ID] for row in ids])
+        """Texts of each id list; PAD, BOS and EOS are dropped, UNK is sentencepiece's " ⁇ "."""
+        return self._sp.decode([[i for i in row if i not in _CONTROL_IDS] for row in ids])
 
     def piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -227,12 +228,41 @@ def test_weight_averaging_puts_the_averaged_weights_in_the_bundle(g2p_files, tmp
         "--set",
         "training.ema_decay=0.9",
     )
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
     averaged, current = checkpoint["state_dict"], checkpoint["current_model_state"]
-    bundle = load_bundle(run / "bundle").model.state_dict()
+    bundle = load_bundle(run / "bundle")
     name = "decoder.layers.0.weight_hh_l0"
     assert not torch.equal(averaged["model." + name], current["model." + name])
-    assert torch.equal(bundle[name], averaged["model." + name])
+    assert torch.equal(bundle.model.state_dict()[name], averaged["model." + name])
+    # The dev WER that chose the checkpoint was measured on the averaged weights too.
+    logged = [row for row in csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()) if row["dev_wer"]]
+    examples = read_examples(g2p_files["dev"])
+    generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
+    outputs = generator.generate_sorted([e.source for e in examples], DecodingConfig(max_new_tokens=32))
+    wer = score([o.candidates[0].text for o in outputs], [e.targets for e in examples]).wer
+    assert float(logged[-1]["dev_wer"]) == pytest.approx(wer, abs=1e-6)
+
+
+def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):
+    run = tmp_path / "run"
+    common = [
+        "train",
+        "--config",
+        str(TINY_CONFIG),
+        "--valid",
+        str(g2p_files["dev"]),
+        "--output",
+        str(run),
+        "--max-epochs",
+        "1",
+        "--accelerator",
+        "cpu",
+    ]
+    run_cli(*common, "--train", str(g2p_files["train"]))
+    result = run_cli(*common, "--train", str(g2p_files["test"]), check=False)
+    assert result.returncode == 1 and "holds a run on other data" in result.stderr
+    run_cli(*common, "--train", str(g2p_files["test"]), "--no-resume")
 
 
 def test_a_budget_spent_before_the_first_validation_still_writes_a_bundle(g2p_files, tmp_path):

@@ -52,15 +52,26 @@ class Seq2SeqModule(pl.LightningModule):
         loss, tokens = self.loss(batch)
         self.log("val_loss", loss, prog_bar=True, batch_size=tokens, sync_dist=True)
 
-    def on_validation_epoch_end(self) -> None:
-        """Greedy-decode the dev examples and log WER, PER and sequence accuracy."""
+    def on_validation_epoch_start(self) -> None:
+        """Decode the dev examples and log WER, PER and sequence accuracy.
+
+        Done at the start of validation: callbacks' hooks run before the module's, so
+        weight averaging has swapped the averaged weights in here, and has already
+        swapped them out again at the end.
+        """
         examples = self.trainer.datamodule.dev_examples
         if not examples or self.trainer.sanity_checking:
             return
         datamodule = self.trainer.datamodule
-        generator = Generator(self.model, datamodule.source_tokenizer, datamodule.target_tokenizer)
-        generations = generator.generate_sorted([e.source for e in examples], self.config.decoding)
-        self.model.train(self.training)  # the generator switched the model to eval mode
+        decoding = self.config.decoding
+        generator = Generator(
+            self.model,
+            datamodule.source_tokenizer,
+            datamodule.target_tokenizer,
+            max_new_tokens_cap=decoding.max_new_tokens,
+            seed=self.config.training.seed,  # every rank must score the same outputs
+        )
+        generations = generator.generate_sorted([e.source for e in examples], decoding)
         scores = score([g.candidates[0].text for g in generations], [e.targets for e in examples])
         # Every rank decodes the same examples, so the values agree without a reduction.
         self.log("dev_wer", scores.wer, prog_bar=True)

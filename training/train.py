@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,8 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from genrnn.bundle import save_bundle
 from genrnn.config import ExperimentConfig, to_dict
-from genrnn.data import Example, default_valid_spec, read_examples
+from genrnn.data import Example, default_valid_spec, read_examples, training_pairs
+from genrnn.errors import ConfigurationError
 from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
 from training.module import Seq2SeqModule
@@ -57,13 +59,38 @@ def prepare_tokenizers(
     stamp = {"data": data_fingerprint, "tokenizer": to_dict(config.tokenizer)}
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         return Tokenizer.load(source_path), Tokenizer.load(target_path)
-    pairs = [(e.source, t) for e in train for t in e.targets]
+    pairs = training_pairs(train)
     source, target = train_tokenizers([s for s, _ in pairs], [t for _, t in pairs], config.tokenizer)
     directory.mkdir(parents=True, exist_ok=True)
-    source.save(source_path)
-    target.save(target_path)
-    stamp_path.write_text(json.dumps(stamp))
+    # Written whole or not at all: under torchrun every rank trains (identical) tokenizers at once.
+    for path, content in (
+        (source_path, source.model_proto),
+        (target_path, target.model_proto),
+        (stamp_path, json.dumps(stamp).encode()),
+    ):
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temporary.write_bytes(content)
+        os.replace(temporary, path)
     return source, target
+
+
+def stamp_run(output: Path, config: ExperimentConfig, data_fingerprint: str, resuming: bool) -> None:
+    """Record what the run trains on; refuse to resume checkpoints made from other data or another model."""
+    stamp = {"data": data_fingerprint, "model": to_dict(config.model), "tokenizer": to_dict(config.tokenizer)}
+    path = output / "run.json"
+    if resuming and path.is_file() and (output / "checkpoints" / "last.ckpt").is_file():
+        if json.loads(path.read_text()) != stamp:
+            raise ConfigurationError(
+                f"{output} holds a run on other data or with another model or tokenizer; "
+                "use another --output, or --no-resume to start afresh there"
+            )
+    output.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stamp))
+
+
+def trainer_is_rank_zero() -> bool:
+    """Whether this process prints for the run (rank 0 of a distributed launch, or the only one)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, ModelCheckpoint]:
@@ -75,7 +102,12 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         monitor=training.monitor,
         mode="min",
         save_top_k=1,
-        save_last=True,
+    )
+    # The checkpoint to resume from is written at the end of each epoch only: the batch
+    # order is not part of a checkpoint, so resuming mid-epoch would repeat some batches
+    # and skip others. A kill loses at most the epoch in progress.
+    resumable = ModelCheckpoint(
+        dirpath=output / "checkpoints", save_top_k=0, save_last=True, save_on_train_epoch_end=True
     )
     # Checked after each validation only: a budget may end an epoch before any validation ran.
     early_stopping = EarlyStopping(
@@ -84,7 +116,7 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         patience=training.early_stopping_patience,
         check_on_train_epoch_end=False,
     )
-    callbacks = [checkpoint, early_stopping, LearningRateMonitor(logging_interval="step")]
+    callbacks = [checkpoint, resumable, early_stopping, LearningRateMonitor(logging_interval="step")]
     if training.ema_decay:
         # Validation, checkpoints and hence the bundle see the averaged weights.
         callbacks.append(EMAWeightAveraging(decay=training.ema_decay))
@@ -120,12 +152,18 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     pl.seed_everything(config.training.seed, workers=True, verbose=False)
     train_examples, dev_examples = load_data(config)
     data_fingerprint = fingerprint(train_examples)
+    stamp_run(output, config, data_fingerprint, resuming=resume)
     source_tokenizer, target_tokenizer = prepare_tokenizers(
         train_examples, config, output / "tokenizer", data_fingerprint
     )
     datamodule = PairDataModule(
         train_examples, dev_examples, source_tokenizer, target_tokenizer, config.data, config.training.seed
     )
+    if datamodule.train_set.dropped and trainer_is_rank_zero():
+        print(
+            f"{datamodule.train_set.dropped} training pairs are longer than data.max_source_length / "
+            "data.max_target_length and were left out"
+        )
     module = Seq2SeqModule.from_config(config, source_tokenizer.vocab_size, target_tokenizer.vocab_size)
     trainer, checkpoint = build_trainer(config, output)
     last = output / "checkpoints" / "last.ckpt"
