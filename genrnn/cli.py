@@ -169,7 +169,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     scores = score([g.candidates[0].text for g in generations], [e.targets for e in examples])
     print(
         f"items {scores.items}  WER {scores.wer:.2%}  PER {scores.per:.2%}  "
-        f"sequence accuracy {scores.sequence_accuracy:.2%}"
+        f"sequence accuracy {scores.sequence_accuracy:.2%}  BLEU {scores.bleu:.2%}  chrF {scores.chrf:.2%}"
     )
     if args.output:
         Path(args.output).write_text(json.dumps(scores.to_dict(), indent=2) + "\n")

@@ -107,7 +107,7 @@ def test_train_then_evaluate_from_the_command_line(g2p_files, tmp_path):
     out = tmp_path / "scores.json"
     result = run_cli("evaluate", "--model", str(run / "bundle"), "--data", str(g2p_files["test"]), "--output", str(out))
     scores = json.loads(out.read_text())
-    assert set(scores) == {"wer", "per", "sequence_accuracy", "items"}
+    assert set(scores) == {"wer", "per", "sequence_accuracy", "items", "bleu", "chrf"}
     assert scores["items"] == len(g2p_files["test"].read_text().splitlines())
     assert 0.0 <= scores["wer"] <= 1.0 and scores["wer"] == pytest.approx(1 - scores["sequence_accuracy"])
     assert "WER" in result.stdout and "PER" in result.stdout
