@@ -20,6 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from genrnn.bundle import load_bundle, sha256
@@ -154,6 +155,25 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", module="pytorch_lightning")
 
 
+def build_trainer(job: GenerateJob, writer: PartWriter) -> pl.Trainer:
+    """A Trainer for predict on the job's devices; a device setting Lightning rejects is a user's error."""
+    try:
+        return pl.Trainer(
+            accelerator=job.accelerator,
+            devices=int(job.devices) if job.devices.isdigit() else job.devices,
+            num_nodes=job.num_nodes,
+            strategy="auto",  # DDP as soon as there are several devices or nodes
+            callbacks=[writer],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,  # Progress reports items/s, which Lightning's bar (batches/s) does not
+            enable_model_summary=False,
+            use_distributed_sampler=False,  # ItemBatches shards by rank itself
+        )
+    except (MisconfigurationException, TypeError, ValueError) as error:
+        raise ConfigurationError(f"accelerator/devices/num_nodes: {error}") from None
+
+
 def run_generate(job: GenerateJob) -> None:
     """Decode the input file into the output file, resuming from its part files if a run was cut short."""
     if job.batch_size < 1:
@@ -166,6 +186,14 @@ def run_generate(job: GenerateJob) -> None:
     for bad in bad_lines:
         print(f"genrnn generate: {job.input}:{bad.line}: {bad.error} (recorded, skipped)", file=sys.stderr)
     bundle = load_bundle(job.model)
+    _quiet_lightning()
+    total = len(items) + len(bad_lines)
+    trainer = build_trainer(job, PartWriter(store, total))
+    model = bundle.model
+    if job.quantize == "int8":
+        if not isinstance(trainer.accelerator, CPUAccelerator):
+            raise ConfigurationError("quantize: int8 decoding runs on the CPU; add --accelerator cpu")
+        model = quantize_int8(model)
     store.check_stamp(
         {
             "input_sha256": sha256(job.input),
@@ -175,25 +203,6 @@ def run_generate(job: GenerateJob) -> None:
         }
     )
 
-    _quiet_lightning()
-    total = len(items) + len(bad_lines)
-    trainer = pl.Trainer(
-        accelerator=job.accelerator,
-        devices=int(job.devices) if job.devices.isdigit() else job.devices,
-        num_nodes=job.num_nodes,
-        strategy="auto",  # DDP as soon as there are several devices or nodes
-        callbacks=[PartWriter(store, total)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,  # Progress reports items/s, which Lightning's bar (batches/s) does not
-        enable_model_summary=False,
-        use_distributed_sampler=False,  # ItemBatches shards by rank itself
-    )
-    model = bundle.model
-    if job.quantize == "int8":
-        if not isinstance(trainer.accelerator, CPUAccelerator):
-            raise ConfigurationError("quantize: int8 decoding runs on the CPU; add --accelerator cpu")
-        model = quantize_int8(model)
     generator = Generator(model, bundle.source_tokenizer, bundle.target_tokenizer, max_new_tokens_cap=MAX_NEW_TOKENS)
     trainer.predict(
         GenerationModule(generator), datamodule=ItemBatches(items, store, job.batch_size), return_predictions=False
