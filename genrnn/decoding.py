@@ -22,10 +22,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from genrnn.config import DecodingConfig
+from genrnn.data import pad
 from genrnn.model import Seq2Seq, State
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 _MASK32 = 0xFFFFFFFF
+MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy decoding
 # oneDNN's CPU LSTM re-packs the weights on every call: it pays off from a few hundred rows
 # a step, and is several times slower than PyTorch's own kernel for a handful (measured in
 # BENCHMARKS.md's "Decoding speed"). GPUs ignore the switch.
@@ -203,9 +205,7 @@ class Generator:
         # An input that tokenises to nothing is decoded as the empty sequence (EOS alone).
         rows = [list(ids) or [EOS_ID] for ids in source_ids]
         lengths = torch.tensor([len(r) for r in rows])
-        source = torch.full((len(rows), int(lengths.max())), PAD_ID, dtype=torch.long)
-        for i, r in enumerate(rows):
-            source[i, : len(r)] = torch.tensor(r)
+        source = pad(rows)
         with _recurrent_kernel(len(rows)):
             encoded = self.model.encode(source.to(self.device), lengths)
 
@@ -237,12 +237,13 @@ class Generator:
         request_of_row, keys, params = [], [], []
         for r, s in enumerate(settings):
             n = s.num_return_sequences if s.mode == "sample" else 1
-            seed = s.seed if s.seed is not None else self._rng.getrandbits(63)
+            # A temperature this close to 0 is argmax, and dividing by it would overflow.
+            greedy = s.mode == "greedy" or s.temperature < MIN_TEMPERATURE
+            seed = s.seed if s.seed is not None or greedy else self._rng.getrandbits(63)
             for j in range(n):
                 request_of_row.append(r)
-                keys.append(row_key(seed, j))
-                greedy = s.mode == "greedy"
-                params.append((s.temperature, 1 if greedy else s.top_k, s.top_p, s.max_new_tokens, greedy))
+                keys.append(row_key(seed or 0, j))
+                params.append((s.temperature, s.top_k, s.top_p, s.max_new_tokens, greedy))
         temperature, top_k, top_p, max_len, greedy = zip(*params)
         live = {
             "row": torch.arange(len(params), device=device),
@@ -279,9 +280,10 @@ class Generator:
                 if bool(done_rows.all()):
                     break
                 continue
-            if bool(finished.all()):
+            ended = int(finished.sum())  # the step's one wait for the device
+            if ended == finished.numel():
                 break
-            if bool(finished.any()):
+            if ended:
                 keep = (~finished).nonzero().squeeze(1)
                 live = {k: v.index_select(0, keep) for k, v in live.items()}
                 state = _select_rows(state, keep)

@@ -141,8 +141,9 @@ def test_top_k_one_and_a_tiny_temperature_equal_greedy(generator):
     greedy = generator.generate(WORDS, DecodingConfig(mode="greedy", max_new_tokens=10))
     top1 = generator.generate(WORDS, DecodingConfig(mode="sample", top_k=1, seed=1, max_new_tokens=10))
     cold = generator.generate(WORDS, DecodingConfig(mode="sample", temperature=1e-4, seed=2, max_new_tokens=10))
-    for g, a, b in zip(greedy, top1, cold):
-        assert g.candidates[0].tokens == a.candidates[0].tokens == b.candidates[0].tokens
+    frozen = generator.generate(WORDS, DecodingConfig(mode="sample", temperature=1e-30, seed=3, max_new_tokens=10))
+    for g, a, b, c in zip(greedy, top1, cold, frozen):
+        assert g.candidates[0].tokens == a.candidates[0].tokens == b.candidates[0].tokens == c.candidates[0].tokens
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
