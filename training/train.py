@@ -107,7 +107,11 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
     # order is not part of a checkpoint, so resuming mid-epoch would repeat some batches
     # and skip others. A kill loses at most the epoch in progress.
     resumable = ModelCheckpoint(
-        dirpath=output / "checkpoints", save_top_k=0, save_last=True, save_on_train_epoch_end=True
+        dirpath=output / "checkpoints",
+        filename="last",
+        save_top_k=1,  # with no monitor: the newest, overwritten each epoch
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
     )
     # Checked after each validation only: a budget may end an epoch before any validation ran.
     early_stopping = EarlyStopping(
