@@ -138,6 +138,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(g2p_files, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert last.exists() and not (run / "bundle" / "genrnn.json").exists()
+    import torch
+
+    done_before_kill = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert done_before_kill > 0
 
     result = run_cli(*args)
     assert "resuming from" in result.stdout
@@ -146,8 +150,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(g2p_files, tmp_path):
     run_cli(*[a if a != str(run) else str(fresh_run) for a in args])
     fresh = json.loads((fresh_run / "bundle" / "genrnn.json").read_text())["training"]
     assert resumed["epochs"] == fresh["epochs"] == 4
-    assert resumed["steps"] == fresh["steps"]  # no step lost or repeated
-    assert resumed["seconds_this_run"] < fresh["seconds_this_run"]
+    assert resumed["steps"] == fresh["steps"]  # the steps done before the kill were kept, none repeated
 
 
 def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):
