@@ -18,6 +18,7 @@ import argparse
 import os
 import platform
 import random
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -317,9 +318,7 @@ def main() -> None:
     print(share)
 
     if args.write:
-        options = [f"--batch-sizes {' '.join(map(str, args.batch_sizes))}", f"--seconds {args.seconds:g}"]
-        options += [f"--threads {args.threads}"] if args.threads != 1 else []
-        command = "python bench/decode.py " + " ".join(options)
+        command = "python bench/decode.py " + " ".join(sys.argv[1:])
         write_section(
             args.write,
             f"""{SECTION}
