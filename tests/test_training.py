@@ -83,23 +83,27 @@ def run_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedPro
     return result
 
 
-def test_train_then_evaluate_from_the_command_line(g2p_files, tmp_path):
-    run = tmp_path / "run"
-    run_cli(
+def tiny_train(g2p_files, output, *options: str, train: str = "train") -> list[str]:
+    """``genrnn train`` arguments: the tiny config on the G2P slice, on the CPU."""
+    return [
         "train",
         "--config",
         str(TINY_CONFIG),
         "--train",
-        str(g2p_files["train"]),
+        str(g2p_files[train]),
         "--valid",
         str(g2p_files["dev"]),
         "--output",
-        str(run),
-        "--max-epochs",
-        "2",
+        str(output),
         "--accelerator",
         "cpu",
-    )
+        *options,
+    ]
+
+
+def test_train_then_evaluate_from_the_command_line(g2p_files, tmp_path):
+    run = tmp_path / "run"
+    run_cli(*tiny_train(g2p_files, run, "--max-epochs", "2"))
     manifest = json.loads((run / "bundle" / "genrnn.json").read_text())
     assert manifest["training"]["epochs"] == 2 and manifest["training"]["steps"] > 0
     assert (run / "logs").is_dir() and (run / "tensorboard").is_dir() and (run / "checkpoints" / "last.ckpt").is_file()
@@ -115,21 +119,7 @@ def test_train_then_evaluate_from_the_command_line(g2p_files, tmp_path):
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(g2p_files, tmp_path):
     run = tmp_path / "run"
-    args = [
-        "train",
-        "--config",
-        str(TINY_CONFIG),
-        "--train",
-        str(g2p_files["train"]),
-        "--valid",
-        str(g2p_files["dev"]),
-        "--output",
-        str(run),
-        "--max-epochs",
-        "4",
-        "--accelerator",
-        "cpu",
-    ]
+    args = tiny_train(g2p_files, run, "--max-epochs", "4")
     process = subprocess.Popen([*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
@@ -147,7 +137,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(g2p_files, tmp_path):
     assert "resuming from" in result.stdout
     resumed = json.loads((run / "bundle" / "genrnn.json").read_text())["training"]
     fresh_run = tmp_path / "fresh"
-    run_cli(*[a if a != str(run) else str(fresh_run) for a in args])
+    run_cli(*tiny_train(g2p_files, fresh_run, "--max-epochs", "4"))
     fresh = json.loads((fresh_run / "bundle" / "genrnn.json").read_text())["training"]
     assert resumed["epochs"] == fresh["epochs"] == 4
     assert resumed["steps"] == fresh["steps"]  # the steps done before the kill were kept, none repeated
@@ -155,21 +145,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(g2p_files, tmp_path):
 
 def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = [
-        "train",
-        "--config",
-        str(TINY_CONFIG),
-        "--train",
-        str(g2p_files["train"]),
-        "--valid",
-        str(g2p_files["dev"]),
-        "--max-epochs",
-        "1",
-        "--accelerator",
-        "cpu",
-    ]
-    run_cli(*common, "--output", str(one), "--devices", "1")
-    run_cli(*common, "--output", str(two), "--devices", "2", "--strategy", "ddp", timeout=300)
+    run_cli(*tiny_train(g2p_files, one, "--max-epochs", "1", "--devices", "1"))
+    run_cli(*tiny_train(g2p_files, two, "--max-epochs", "1", "--devices", "2", "--strategy", "ddp"), timeout=300)
     single = json.loads((one / "bundle" / "genrnn.json").read_text())["training"]
     double = json.loads((two / "bundle" / "genrnn.json").read_text())["training"]
     # Each of the two ranks takes every other batch: half the optimiser steps per epoch.
@@ -214,23 +191,7 @@ def test_weight_averaging_puts_the_averaged_weights_in_the_bundle(g2p_files, tmp
     import torch
 
     run = tmp_path / "run"
-    run_cli(
-        "train",
-        "--config",
-        str(TINY_CONFIG),
-        "--train",
-        str(g2p_files["train"]),
-        "--valid",
-        str(g2p_files["dev"]),
-        "--output",
-        str(run),
-        "--max-epochs",
-        "1",
-        "--accelerator",
-        "cpu",
-        "--set",
-        "training.ema_decay=0.9",
-    )
+    run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--set", "training.ema_decay=0.9"))
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
     checkpoint = torch.load(best, map_location="cpu", weights_only=False)
     averaged, current = checkpoint["state_dict"], checkpoint["current_model_state"]
@@ -249,41 +210,14 @@ def test_weight_averaging_puts_the_averaged_weights_in_the_bundle(g2p_files, tmp
 
 def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):
     run = tmp_path / "run"
-    common = [
-        "train",
-        "--config",
-        str(TINY_CONFIG),
-        "--valid",
-        str(g2p_files["dev"]),
-        "--output",
-        str(run),
-        "--max-epochs",
-        "1",
-        "--accelerator",
-        "cpu",
-    ]
-    run_cli(*common, "--train", str(g2p_files["train"]))
-    result = run_cli(*common, "--train", str(g2p_files["test"]), check=False)
+    run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1"))
+    result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", train="test"), check=False)
     assert result.returncode == 1 and "holds a run on other data" in result.stderr
-    run_cli(*common, "--train", str(g2p_files["test"]), "--no-resume")
+    run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--no-resume", train="test"))
 
 
 def test_a_budget_spent_before_the_first_validation_still_writes_a_bundle(g2p_files, tmp_path):
     run = tmp_path / "run"
-    run_cli(
-        "train",
-        "--config",
-        str(TINY_CONFIG),
-        "--train",
-        str(g2p_files["train"]),
-        "--valid",
-        str(g2p_files["dev"]),
-        "--output",
-        str(run),
-        "--max-steps",
-        "3",
-        "--accelerator",
-        "cpu",
-    )
+    run_cli(*tiny_train(g2p_files, run, "--max-steps", "3"))
     facts = load_bundle(run / "bundle").training
     assert facts["steps"] == 3 and facts["best_checkpoint"] is None and facts["best_dev"] == {}
