@@ -266,6 +266,11 @@ class ExperimentConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)  # used for dev metrics
 
 
+def parse_devices(devices: str) -> int | str:
+    """A devices setting as Lightning takes it: a count ("2") as an int, "auto" or a list ("0,1") as is."""
+    return int(devices) if devices.isdigit() else devices
+
+
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML file."""
     path = Path(path)

@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from genrnn.bundle import load_bundle, sha256
-from genrnn.config import DecodingConfig
+from genrnn.config import DecodingConfig, parse_devices
 from genrnn.decoding import Generator
 from genrnn.errors import ConfigurationError
 from genrnn.quantization import quantize_int8
@@ -160,7 +160,7 @@ def build_trainer(job: GenerateJob, writer: PartWriter) -> pl.Trainer:
     try:
         return pl.Trainer(
             accelerator=job.accelerator,
-            devices=int(job.devices) if job.devices.isdigit() else job.devices,
+            devices=parse_devices(job.devices),
             num_nodes=job.num_nodes,
             strategy="auto",  # DDP as soon as there are several devices or nodes
             callbacks=[writer],

@@ -17,13 +17,9 @@ from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 WORDS = ["cat", "dog", "house", "a", "mouse", "spelling", "x", "tree"]
 
 
-@pytest.fixture(scope="module")
-def generator() -> Generator:
-    """An untrained model whose EOS is likely enough that rows end at different steps."""
-    torch.manual_seed(3)
-    source = train_tokenizer(WORDS * 3, "char", 64)
-    target = train_tokenizer(["K AE1 T", "D AO1 G", "HH AW1 S", "AH0", "T R IY1"] * 3, "word", 64)
-    config = ModelConfig(
+def small_config(**overrides) -> ModelConfig:
+    """A one-layer model small enough to decode in milliseconds, without dropout."""
+    values = dict(
         embedding_dim=16,
         encoder_hidden=16,
         decoder_hidden=32,
@@ -33,7 +29,16 @@ def generator() -> Generator:
         layer_dropout=0.0,
         output_dropout=0.0,
     )
-    model = Seq2Seq(config, source.vocab_size, target.vocab_size)
+    return ModelConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def generator() -> Generator:
+    """An untrained model whose EOS is likely enough that rows end at different steps."""
+    torch.manual_seed(3)
+    source = train_tokenizer(WORDS * 3, "char", 64)
+    target = train_tokenizer(["K AE1 T", "D AO1 G", "HH AW1 S", "AH0", "T R IY1"] * 3, "word", 64)
+    model = Seq2Seq(small_config(), source.vocab_size, target.vocab_size)
     with torch.no_grad():
         model.output.bias[EOS_ID] = 2.0
     return Generator(model, source, target, seed=0)
@@ -99,17 +104,7 @@ def test_beam_finds_the_exhaustive_optimum_on_a_tiny_vocabulary():
     source = train_tokenizer(["ab", "ba", "abba"] * 4, "char", 16)
     target = train_tokenizer(["x y", "y x"] * 4, "word", 16)
     assert target.vocab_size == 6  # pad unk bos eos ▁x ▁y: emitted tokens are unk, eos, x, y
-    config = ModelConfig(
-        embedding_dim=8,
-        encoder_hidden=8,
-        decoder_hidden=8,
-        encoder_layers=1,
-        decoder_layers=1,
-        bidirectional=False,
-        embedding_dropout=0.0,
-        layer_dropout=0.0,
-        output_dropout=0.0,
-    )
+    config = small_config(embedding_dim=8, encoder_hidden=8, decoder_hidden=8, bidirectional=False)
     model = Seq2Seq(config, source.vocab_size, target.vocab_size).eval()
     generator = Generator(model, source, target)
     max_len, alpha = 3, 1.0
@@ -238,17 +233,7 @@ def test_max_new_tokens_over_the_cap_is_refused(generator):
 @pytest.mark.parametrize("attention", ["luong", "bahdanau"])
 def test_every_mode_runs_on_an_attention_model(generator, attention):
     torch.manual_seed(4)
-    config = ModelConfig(
-        embedding_dim=16,
-        encoder_hidden=16,
-        decoder_hidden=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        embedding_dropout=0.0,
-        layer_dropout=0.0,
-        output_dropout=0.0,
-        attention=attention,
-    )
+    config = small_config(attention=attention)
     model = Seq2Seq(config, generator.source_tokenizer.vocab_size, generator.target_tokenizer.vocab_size)
     with torch.no_grad():
         model.output.bias[EOS_ID] = 2.0

@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging, Learn
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from genrnn.bundle import save_bundle
-from genrnn.config import ExperimentConfig, to_dict
+from genrnn.config import ExperimentConfig, parse_devices, to_dict
 from genrnn.data import Example, default_valid_spec, read_examples, training_pairs
 from genrnn.errors import ConfigurationError
 from genrnn.tokenizer import Tokenizer, train_tokenizers
@@ -125,10 +125,9 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         # Validation, checkpoints and hence the bundle see the averaged weights.
         callbacks.append(EMAWeightAveraging(decay=training.ema_decay))
     interval = training.val_check_interval
-    devices = training.devices if not training.devices.isdigit() else int(training.devices)
     trainer = pl.Trainer(
         accelerator=training.accelerator,
-        devices=devices,
+        devices=parse_devices(training.devices),
         num_nodes=training.num_nodes,
         strategy=training.strategy,
         precision=training.precision,
