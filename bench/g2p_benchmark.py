@@ -1,7 +1,8 @@
 """The standard CMUdict G2P benchmark (g014b2b split): train, select on dev, score the test words.
 
     python bench/g2p_benchmark.py --data-dir ../shared/data/cmudict-g014b2b \\
-        [--config training/configs/g2p.yaml] [--output runs/g014b2b] [--max-time 00:00:20:00] [--beam-size 4]
+        [--config training/configs/g2p.yaml] [--set key=value ...] [--output runs/g014b2b] \\
+        [--max-time 00:00:20:00] [--beam-size 4] [--model BUNDLE[,BUNDLE...]]
 
 The dev set is held out of the train file deterministically (about 1/21 of the
 words, by hash), and every choice — the checkpoint kept — is made on it. The
@@ -10,6 +11,9 @@ scored as the literature does: a word is wrong unless the output equals one of
 its references; PER is the edit distance to the closest reference over that
 reference's length. Writes ``results.json`` in the run directory and prints a
 table row for BENCHMARKS.md.
+
+``--model a,b,c`` skips training and scores bundles already trained this way,
+several of them as one ensemble.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from genrnn.bundle import load_bundle
-from genrnn.config import DecodingConfig, load_config, replace
+from genrnn.bundle import Bundle, load_bundle
+from genrnn.config import DecodingConfig, load_config, override, replace
 from genrnn.data import read_examples
 from genrnn.decoding import Generator
 from genrnn.metrics import score
@@ -33,7 +37,7 @@ def train_model(args: argparse.Namespace, run: Path) -> tuple[Path, float]:
     """Train on the split's train file (dev held out by hash); the bundle and the seconds it took."""
     from training.train import train
 
-    config = load_config(args.config)
+    config = override(load_config(args.config), args.set)
     training = replace(config.training, accelerator=args.accelerator)
     if args.max_time:
         training = replace(training, max_time=args.max_time)
@@ -44,11 +48,21 @@ def train_model(args: argparse.Namespace, run: Path) -> tuple[Path, float]:
     return bundle, time.monotonic() - started
 
 
+def training_seconds(bundle: Bundle) -> float:
+    """Seconds spent training the bundle, summed over an ensemble's members."""
+    members = [m["training"] for m in bundle.manifest.get("members", [])] or [bundle.training]
+    return sum(t.get("seconds_this_run", 0.0) for t in members)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="directory with g014b2b.train and g014b2b.ref")
     parser.add_argument("--config", default="training/configs/g2p.yaml")
     parser.add_argument("--output", default="runs/g014b2b", help="run directory (rerun to resume)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
+    )
+    parser.add_argument("--model", help="score these bundles (comma-separated: an ensemble) instead of training")
     parser.add_argument("--max-time", help="training budget DD:HH:MM:SS")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--beam-size", type=int, default=4)
@@ -56,12 +70,18 @@ def main() -> None:
     args = parser.parse_args()
 
     run = Path(args.output)
-    bundle_dir, seconds = train_model(args, run)
-    bundle = load_bundle(bundle_dir, args.device)
+    if args.model:
+        run.mkdir(parents=True, exist_ok=True)
+        bundle = load_bundle(args.model, args.device)
+        seconds = training_seconds(bundle)
+    else:
+        bundle_dir, seconds = train_model(args, run)
+        bundle = load_bundle(bundle_dir, args.device)
     test = read_examples(Path(args.data_dir) / "g014b2b.ref")
     generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
     results = {
-        "config": args.config,
+        "config": args.model or args.config,
+        "overrides": args.set,
         "parameters": bundle.model.num_parameters(),
         "training_seconds": round(seconds, 1),
         "training": bundle.training,
@@ -79,11 +99,12 @@ def main() -> None:
     (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     best_dev = bundle.training.get("best_dev", {})
+    label = args.model or " ".join([Path(args.config).name, *args.set])
     print("| config | decoding | test WER | test PER | dev (selection) | parameters | training | device |")
     print("| --- | --- | ---: | ---: | --- | ---: | ---: | --- |")
     for name, scores in results["scores"].items():
         print(
-            f"| {Path(args.config).name} | {name} | {scores['wer']:.2%} | {scores['per']:.2%} | "
+            f"| {label} | {name} | {scores['wer']:.2%} | {scores['per']:.2%} | "
             f"{', '.join(f'{k} {v:.2%}' for k, v in best_dev.items())} | {results['parameters']:,} | "
             f"{seconds / 60:.0f} min | {results['device']} |"
         )
