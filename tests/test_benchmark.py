@@ -1,0 +1,56 @@
+"""The G2P benchmark script, end to end on a small split laid out like g014b2b."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genrnn.data import read_examples
+from tests.conftest import ROOT, TINY_CONFIG, write_tsv
+
+BENCHMARK = [sys.executable, str(ROOT / "bench" / "g2p_benchmark.py")]
+
+
+@pytest.fixture(scope="module")
+def split(g2p_files, tmp_path_factory) -> Path:
+    """Train and reference files named as in g014b2b; the test words carry every reference."""
+    directory = tmp_path_factory.mktemp("split")
+    (directory / "g014b2b.train").write_text(g2p_files["train"].read_text())
+    write_tsv(directory / "g014b2b.ref", read_examples(g2p_files["test"])[:60])
+    return directory
+
+
+def run_benchmark(split: Path, output: Path, *args: str) -> dict:
+    """Run the script; its results.json."""
+    command = [*BENCHMARK, "--data-dir", str(split), "--output", str(output), "--accelerator", "cpu", *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| greedy |" in result.stdout and "| beam2 |" in result.stdout  # the table rows
+    return json.loads((output / "results.json").read_text())
+
+
+def test_trains_with_overrides_and_scores_the_test_words(split, tmp_path):
+    overrides = ["--set", "training.max_epochs=2", "--set", "model.attention=luong"]
+    results = run_benchmark(split, tmp_path / "run", "--config", str(TINY_CONFIG), "--beam-size", "2", *overrides)
+
+    assert results["test_words"] == 60
+    assert results["overrides"] == ["training.max_epochs=2", "model.attention=luong"]
+    assert results["training"]["config"]["model"]["attention"] == "luong"
+    assert results["training"]["epochs"] == 2
+    # the dev set was held out of the train file, and selection used it
+    assert 0 < results["training"]["dev_examples"] < results["training"]["train_pairs"] / 10
+    assert set(results["training"]["best_dev"]) == {"dev_wer"}
+    for scores in results["scores"].values():
+        assert 0.0 <= scores["wer"] <= 1.0 and 0.0 <= scores["per"]
+
+    # scoring a trained bundle again, and as an ensemble of two copies, gives the same figures
+    bundle = tmp_path / "run" / "bundle"
+    again = run_benchmark(split, tmp_path / "again", "--model", str(bundle), "--beam-size", "2")
+    pair = run_benchmark(split, tmp_path / "pair", "--model", f"{bundle},{bundle}", "--beam-size", "2")
+    assert again["scores"] == results["scores"]
+    assert pair["scores"]["greedy"] == results["scores"]["greedy"]
+    assert pair["parameters"] == 2 * results["parameters"]
