@@ -245,9 +245,25 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.rank = rank
         self.epoch = 0
         self._count: tuple[int, int] | None = None  # (epoch, batches), as sorting is not free
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches already served)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, served: int) -> None:
+        """Start the next pass at ``epoch`` after its first ``served`` batches (of this rank), once.
+
+        A later :meth:`set_epoch` to another epoch cancels the skip: a run that stopped
+        at the end of an epoch resumes at the start of the next.
+        """
+        self.epoch = epoch
+        self._resume_at = (epoch, served)
+
+    def skipped_next_pass(self) -> int:
+        """How many of this epoch's batches the next pass skips, having served them before a resume."""
+        if self._resume_at is None or self._resume_at[0] != self.epoch:
+            return 0
+        return self._resume_at[1]
 
     def _all_batches(self) -> list[list[int]]:
         rng = random.Random(self.seed + self.epoch)
@@ -274,7 +290,8 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         batches = self._all_batches()
         per_rank = math.ceil(len(batches) / self.num_replicas)
         batches += (batches * self.num_replicas)[: per_rank * self.num_replicas - len(batches)]  # even out ranks
-        yield from batches[self.rank :: self.num_replicas]
+        start, self._resume_at = self.skipped_next_pass(), None
+        yield from batches[self.rank :: self.num_replicas][start:]
 
     def __len__(self) -> int:
         if self._count is None or self._count[0] != self.epoch:

@@ -16,10 +16,11 @@ import pytest
 
 from genrnn.bundle import load_bundle
 from genrnn.config import DecodingConfig, ExperimentConfig, from_dict
-from genrnn.data import read_examples
+from genrnn.data import TokenBudgetBatchSampler, read_examples
 from genrnn.decoding import Generator
 from genrnn.metrics import score
 from tests.conftest import TINY_CONFIG
+from training.datamodule import ResumableLoader
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
 
@@ -117,30 +118,74 @@ def test_train_then_evaluate_from_the_command_line(g2p_files, tmp_path):
     assert "WER" in result.stdout and "PER" in result.stdout
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(g2p_files, tmp_path):
-    run = tmp_path / "run"
-    args = tiny_train(g2p_files, run, "--max-epochs", "4")
-    process = subprocess.Popen([*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert last.exists() and not (run / "bundle" / "genrnn.json").exists()
+def training_loader(lengths: list[int], seed: int = 7) -> ResumableLoader:
+    """The training loader over a dataset of plain indices, batched as the trainer batches."""
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens=60, seed=seed)
+    return ResumableLoader(list(range(len(lengths))), batch_sampler=sampler, collate_fn=list)
+
+
+def test_the_training_loader_resumes_at_the_first_batch_it_had_not_served():
+    lengths = [random.Random(i).randint(1, 12) for i in range(200)]
+    before = training_loader(lengths)
+    before.batch_sampler.set_epoch(3)
+    epoch = list(before)
+    served = iter(before)
+    for _ in range(5):
+        next(served)
+    state = before.state_dict()
+    assert state == {"epoch": 3, "served": 5}
+
+    after = training_loader(lengths)  # a new process: the state comes from the checkpoint
+    after.load_state_dict(state)
+    after.batch_sampler.set_epoch(3)  # as Lightning does before each epoch
+    assert list(after) == epoch[5:]
+    assert after.state_dict() == {"epoch": 3, "served": len(epoch)}
+    assert list(after) == epoch  # the skip applies to one pass only
+
+    ended = training_loader(lengths)
+    ended.load_state_dict({"epoch": 3, "served": len(epoch)})
+    ended.batch_sampler.set_epoch(4)  # a run saved at an epoch end goes on with the whole next epoch
+    following = training_loader(lengths)
+    following.batch_sampler.set_epoch(4)
+    assert list(ended) == list(following)
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_unbroken_run(g2p_files, tmp_path):
     import torch
 
-    done_before_kill = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert done_before_kill > 0
+    # A resume point after every few steps, so the kill lands mid-epoch.
+    options = ("--max-epochs", "3", "--set", "training.checkpoint_minutes=0.001")
+    fresh_run, run = tmp_path / "fresh", tmp_path / "run"
+    run_cli(*tiny_train(g2p_files, fresh_run, *options))
+    fresh = json.loads((fresh_run / "bundle" / "genrnn.json").read_text())["training"]
+    steps_per_epoch = fresh["steps"] // fresh["epochs"]
+
+    args = tiny_train(g2p_files, run, *options)
+    process = subprocess.Popen([*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 180
+    step = 0
+    while process.poll() is None and time.monotonic() < deadline:
+        if last.exists():
+            step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+            if step > steps_per_epoch and step % steps_per_epoch:  # inside the second epoch or later
+                break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(last, map_location="cpu", weights_only=False)
+    assert killed_at["global_step"] % steps_per_epoch, "the kill should land mid-epoch"
+    assert not (run / "bundle" / "genrnn.json").exists()
 
     result = run_cli(*args)
     assert "resuming from" in result.stdout
     resumed = json.loads((run / "bundle" / "genrnn.json").read_text())["training"]
-    fresh_run = tmp_path / "fresh"
-    run_cli(*tiny_train(g2p_files, fresh_run, "--max-epochs", "4"))
-    fresh = json.loads((fresh_run / "bundle" / "genrnn.json").read_text())["training"]
-    assert resumed["epochs"] == fresh["epochs"] == 4
-    assert resumed["steps"] == fresh["steps"]  # the steps done before the kill were kept, none repeated
+    assert resumed["steps"] == fresh["steps"] and resumed["epochs"] == fresh["epochs"] == 3
+    # Every batch was trained on once and in the same order, so the final weights agree.
+    final = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    fresh_final = torch.load(fresh_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    for name, tensor in fresh_final["state_dict"].items():
+        torch.testing.assert_close(final[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):

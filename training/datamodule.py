@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
 
 from genrnn.config import DataConfig
-from genrnn.data import Example, PairDataset, TokenBudgetBatchSampler, collate, training_pairs
+from genrnn.data import Batch, Example, PairDataset, TokenBudgetBatchSampler, collate, training_pairs
 from genrnn.tokenizer import Tokenizer
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """A training loader whose place in the epoch goes into checkpoints.
+
+    Lightning saves ``state_dict()`` with every checkpoint and hands it back to
+    ``load_state_dict()`` before the resumed run draws its first batch, so a run
+    killed mid-epoch goes on with the first batch it had not yet served: none is
+    repeated or skipped. Counting happens where batches leave the loader, which is
+    exact whatever the workers have fetched ahead.
+    """
+
+    batch_sampler: TokenBudgetBatchSampler
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._served = self.batch_sampler.skipped_next_pass()
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.batch_sampler.epoch, "served": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.resume(state["epoch"], state["served"])
 
 
 class PairDataModule(pl.LightningDataModule):
@@ -36,6 +65,7 @@ class PairDataModule(pl.LightningDataModule):
         self.dev_examples = list(dev_examples)[:limit]  # decoded for dev WER/PER at each validation
 
     def _loader(self, dataset: PairDataset, shuffle: bool) -> torch.utils.data.DataLoader:
+        """Training batches come from a :class:`ResumableLoader`; dev batches, in a fixed order, need not."""
         trainer = self.trainer
         sampler = TokenBudgetBatchSampler(
             [dataset.cost(i) for i in range(len(dataset))],
@@ -46,7 +76,8 @@ class PairDataModule(pl.LightningDataModule):
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
         )
-        return torch.utils.data.DataLoader(
+        loader = ResumableLoader if shuffle else torch.utils.data.DataLoader
+        return loader(
             dataset,
             batch_sampler=sampler,
             collate_fn=collate,

@@ -20,6 +20,7 @@ from genrnn.errors import ConfigurationError
 from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
 from training.module import Seq2SeqModule
+from training.resume import ResumePoint
 
 DEV_SHARE = 21  # without a dev set, about 1/21 of the training sources are held out
 
@@ -103,16 +104,6 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         mode="min",
         save_top_k=1,
     )
-    # The checkpoint to resume from is written at the end of each epoch only: the batch
-    # order is not part of a checkpoint, so resuming mid-epoch would repeat some batches
-    # and skip others. A kill loses at most the epoch in progress.
-    resumable = ModelCheckpoint(
-        dirpath=output / "checkpoints",
-        filename="last",
-        save_top_k=1,  # with no monitor: the newest, overwritten each epoch
-        save_on_train_epoch_end=True,
-        enable_version_counter=False,
-    )
     # Checked after each validation only: a budget may end an epoch before any validation ran.
     early_stopping = EarlyStopping(
         monitor=training.monitor,
@@ -120,7 +111,8 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         patience=training.early_stopping_patience,
         check_on_train_epoch_end=False,
     )
-    callbacks = [checkpoint, resumable, early_stopping, LearningRateMonitor(logging_interval="step")]
+    resume_point = ResumePoint(output / "checkpoints" / "last.ckpt", training.checkpoint_minutes)
+    callbacks = [checkpoint, resume_point, early_stopping, LearningRateMonitor(logging_interval="step")]
     if training.ema_decay:
         # Validation, checkpoints and hence the bundle see the averaged weights.
         callbacks.append(EMAWeightAveraging(decay=training.ema_decay))
