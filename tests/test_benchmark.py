@@ -37,15 +37,17 @@ def test_trains_with_overrides_and_scores_the_test_words(split, tmp_path):
     overrides = ["--set", "training.max_epochs=2", "--set", "model.attention=luong"]
     results = run_benchmark(split, tmp_path / "run", "--config", str(TINY_CONFIG), "--beam-size", "2", *overrides)
 
-    assert results["test_words"] == 60
+    assert results["words"]["test"] == 60
     assert results["overrides"] == ["training.max_epochs=2", "model.attention=luong"]
     assert results["training"]["config"]["model"]["attention"] == "luong"
     assert results["training"]["epochs"] == 2
     # the dev set was held out of the train file, and selection used it
     assert 0 < results["training"]["dev_examples"] < results["training"]["train_pairs"] / 10
     assert set(results["training"]["best_dev"]) == {"dev_wer"}
+    assert results["words"]["dev"] == results["training"]["dev_examples"]  # the dev set the run selected on
     for scores in results["scores"].values():
-        assert 0.0 <= scores["wer"] <= 1.0 and 0.0 <= scores["per"]
+        for words in ("dev", "test"):
+            assert 0.0 <= scores[words]["wer"] <= 1.0 and 0.0 <= scores[words]["per"]
 
     # scoring a trained bundle again, and as an ensemble of two copies, gives the same figures
     bundle = tmp_path / "run" / "bundle"
