@@ -187,7 +187,7 @@ class OptimConfig:
     schedule: Literal["plateau", "warmup", "constant"] = "plateau"
     warmup_steps: int = 1000  # warmup: linear rise, then inverse square-root decay
     plateau_factor: float = 0.5
-    plateau_patience: int = 2
+    plateau_patience: int = 2  # validations without improvement before the rate is cut
     label_smoothing: float = 0.0
     gradient_clip: float = 1.0
     ema_decay: float = 0.0  # exponential moving average of the weights, used for dev and the bundle (0: off)
@@ -214,6 +214,11 @@ class OptimConfig:
         _require(0 < self.plateau_factor < 1, "training.plateau_factor", "must be in (0, 1)")
         _require(self.warmup_steps >= 1, "training.warmup_steps", "must be at least 1")
         _require(self.early_stopping_patience >= 1, "training.early_stopping_patience", "must be at least 1")
+        _require(
+            self.schedule != "plateau" or self.early_stopping_patience > self.plateau_patience + 1,
+            "training.early_stopping_patience",
+            "must exceed training.plateau_patience + 1, or training stops before the learning rate is ever cut",
+        )
         _require(self.num_nodes >= 1, "training.num_nodes", "must be at least 1")
         _require(self.checkpoint_minutes >= 0, "training.checkpoint_minutes", "must be 0 (epoch ends only) or more")
         if self.max_time is not None:

@@ -9,7 +9,7 @@ from genrnn.errors import ConfigurationError
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("name", ["g2p.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["g2p.yaml", "g2p-small.yaml", "tiny.yaml"])
 def test_shipped_configs_load(name):
     config = load_config(ROOT / "training" / "configs" / name)
     assert isinstance(config.model, ModelConfig)
@@ -25,6 +25,10 @@ def test_shipped_configs_load(name):
         ({"model": {"bidirectional": "yes"}}, "model.bidirectional: must be true or false"),
         ({"training": {"lr": "fast"}}, "training.lr: must be a number"),
         ({"training": {"max_time": "20 minutes"}}, "training.max_time: must be DD:HH:MM:SS"),
+        (
+            {"training": {"plateau_patience": 4, "early_stopping_patience": 5}},
+            "training.early_stopping_patience: must exceed training.plateau_patience",
+        ),
         ({"tokenizer": {"source_type": "bytes"}}, "tokenizer.source_type"),
         ({"data": "x"}, "data: must be a mapping"),
         ({"colour": "blue"}, "colour: unknown key"),

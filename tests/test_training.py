@@ -188,6 +188,19 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_unbroken_run(g
         torch.testing.assert_close(final[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_the_plateau_schedule_is_stepped_after_every_validation(g2p_files, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    run_cli(*tiny_train(g2p_files, run, "--max-epochs", "2", "--set", "training.val_check_interval=0.25"))
+    with open(run / "logs" / "version_0" / "metrics.csv") as file:
+        validations = sum(1 for row in csv.DictReader(file) if row["dev_wer"])
+    assert validations >= 8  # four or more an epoch
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # one step per validation, so its patience and early stopping's count the same thing
+    assert checkpoint["lr_schedulers"][0]["last_epoch"] == validations
+
+
 def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli(*tiny_train(g2p_files, one, "--max-epochs", "1", "--devices", "1"))

@@ -83,6 +83,22 @@ class Seq2SeqModule(pl.LightningModule):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.current_epoch)
 
+    def _after_each_validation(self) -> dict[str, object]:
+        """When Lightning steps the plateau schedule: right after each validation.
+
+        Its patience then counts validations, as early stopping's does, so that the
+        rate is cut before early stopping gives up. Lightning steps a "step" schedule
+        once ``frequency`` batches of an epoch are done, just after it validates there.
+        """
+        interval = self.config.training.val_check_interval
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if interval > 1:
+            return {"interval": "step", "frequency": int(interval)}
+        if datamodule is None:  # no epoch length to go by: once an epoch
+            return {"interval": "epoch"}
+        batches = len(datamodule.train_dataloader())
+        return {"interval": "step", "frequency": max(1, int(batches * interval))}
+
     def configure_optimizers(self):
         training = self.config.training
         optimizer_class = torch.optim.AdamW if training.optimizer == "adamw" else torch.optim.Adam
@@ -97,7 +113,7 @@ class Seq2SeqModule(pl.LightningModule):
                 "lr_scheduler": {
                     "scheduler": scheduler,
                     "monitor": training.monitor,
-                    "interval": "epoch",
+                    **self._after_each_validation(),
                     "strict": False,
                 },
             }
