@@ -28,7 +28,9 @@ class ResumePoint(Checkpoint):
         self._saved_at = time.monotonic()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        due = bool(self.every_seconds) and time.monotonic() - self._saved_at >= self.every_seconds
+        if not self.every_seconds:
+            return
+        due = time.monotonic() - self._saved_at >= self.every_seconds
         if trainer.strategy.broadcast(due):  # rank 0's clock decides, so that every rank saves together
             self._save(trainer)
 
