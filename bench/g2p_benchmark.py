@@ -28,9 +28,9 @@ import torch
 
 from genrnn.bundle import Bundle, load_bundle
 from genrnn.config import DecodingConfig, load_config, override, replace
-from genrnn.data import Example, read_examples
+from genrnn.data import read_examples
 from genrnn.decoding import Generator
-from genrnn.metrics import score
+from genrnn.evaluation import evaluate
 from training.train import hold_out_dev, train
 
 
@@ -51,12 +51,6 @@ def training_seconds(bundle: Bundle) -> float:
     """Seconds spent training the bundle, summed over an ensemble's members."""
     members = [m["training"] for m in bundle.manifest.get("members", [])] or [bundle.training]
     return sum(t.get("seconds_this_run", 0.0) for t in members)
-
-
-def evaluate(generator: Generator, examples: list[Example], settings: DecodingConfig) -> dict[str, float]:
-    """1-best outputs scored against every reference of each word."""
-    outputs = generator.generate_sorted([e.source for e in examples], settings)
-    return score([o.candidates[0].text for o in outputs], [e.targets for e in examples]).to_dict()
 
 
 def main() -> None:
@@ -101,7 +95,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "words": {split: len(examples) for split, examples in splits.items()},
         "scores": {
-            mode: {split: evaluate(generator, examples, settings) for split, examples in splits.items()}
+            mode: {split: evaluate(generator, examples, settings).to_dict() for split, examples in splits.items()}
             for mode, settings in modes.items()
         },
     }

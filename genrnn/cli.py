@@ -153,7 +153,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from genrnn.bundle import load_bundle
     from genrnn.data import read_examples
     from genrnn.decoding import Generator
-    from genrnn.metrics import score
+    from genrnn.evaluation import evaluate
     from genrnn.quantization import quantize_int8
 
     bundle = load_bundle(args.model, args.device)
@@ -165,8 +165,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         bundle.target_tokenizer,
         max_new_tokens_cap=max(256, settings.max_new_tokens),
     )
-    generations = generator.generate_sorted([e.source for e in examples], settings, args.batch_size)
-    scores = score([g.candidates[0].text for g in generations], [e.targets for e in examples])
+    scores = evaluate(generator, examples, settings, args.batch_size)
     print(
         f"items {scores.items}  WER {scores.wer:.2%}  PER {scores.per:.2%}  "
         f"sequence accuracy {scores.sequence_accuracy:.2%}  BLEU {scores.bleu:.2%}  chrF {scores.chrf:.2%}"

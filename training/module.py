@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from genrnn.config import ExperimentConfig, from_dict, to_dict
 from genrnn.data import Batch
 from genrnn.decoding import Generator
-from genrnn.metrics import score
+from genrnn.evaluation import evaluate
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import PAD_ID
 
@@ -71,8 +71,7 @@ class Seq2SeqModule(pl.LightningModule):
             max_new_tokens_cap=decoding.max_new_tokens,
             seed=self.config.training.seed,  # every rank must score the same outputs
         )
-        generations = generator.generate_sorted([e.source for e in examples], decoding)
-        scores = score([g.candidates[0].text for g in generations], [e.targets for e in examples])
+        scores = evaluate(generator, examples, decoding)
         # Every rank decodes the same examples, so the values agree without a reduction.
         self.log("dev_wer", scores.wer, prog_bar=True)
         self.log("dev_per", scores.per, prog_bar=True)
