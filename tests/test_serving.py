@@ -24,6 +24,7 @@ from queue import Queue
 
 import httpx
 import pytest
+import torch
 from litserve.transport.process_transport import MPQueueTransport
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -461,7 +462,8 @@ def test_metrics_from_every_process_add_up_to_the_requests_sent(keyed):
     assert delta("genrnn_queue_wait_seconds_count") == 18
     assert delta("genrnn_batch_size_sum") == 9 * 2 + 6 + 3
     assert after["genrnn_inflight_requests", ()] == 0
-    assert after["genrnn_model_info", (("device", "cpu"), ("model", "tiny"), ("version", "0.1.0"))] == 1
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # the servers run on the default accelerator
+    assert after["genrnn_model_info", (("device", device), ("model", "tiny"), ("version", "0.1.0"))] == 1
 
 
 # -- API key -------------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""The CUDA paths: placement, cuDNN kernels, mixed-precision training, and GPU decoding against the CPU.
+
+Skipped where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from genrnn.bundle import load_bundle
+from genrnn.config import DecodingConfig
+from genrnn.data import read_examples
+from genrnn.decoding import Generator
+from genrnn.model import Seq2Seq
+from tests.test_decoding import small_config
+from tests.test_training import run_cli, tiny_train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+MODES = {"greedy": DecodingConfig(mode="greedy"), "beam": DecodingConfig(mode="beam", beam_size=4)}
+
+
+@pytest.fixture
+def float32_matmul():
+    """TF32 off, so that the GPU and the CPU agree to float32 rounding."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def generator_on(bundle_dir, device: str) -> Generator:
+    bundle = load_bundle(bundle_dir, device)
+    return Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
+
+
+def test_a_bundle_loads_onto_the_gpu_in_eval_mode(tiny_bundle):
+    model = load_bundle(tiny_bundle, "cuda").model
+    assert all(p.is_cuda for p in model.parameters())
+    assert not model.training
+
+
+def test_the_recurrent_layers_run_on_cudnn(tiny_bundle):
+    generator = generator_on(tiny_bundle, "cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        generator.generate(["cat", "spelling"], MODES["greedy"])
+    ops = {event.key for event in profile.key_averages()}
+    assert "aten::_cudnn_rnn" in ops, sorted(op for op in ops if "rnn" in op or "lstm" in op)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_decoding_gives_the_cpus_outputs(tiny_bundle, g2p_files, float32_matmul, mode):
+    sources = [e.source for e in read_examples(g2p_files["test"])]
+    cpu = generator_on(tiny_bundle, "cpu").generate_sorted(sources, MODES[mode])
+    gpu = generator_on(tiny_bundle, "cuda").generate_sorted(sources, MODES[mode])
+    same = [c.candidates[0].text == g.candidates[0].text for c, g in zip(cpu, gpu)]
+    # Summation order differs between the two, so a near-tie may rarely flip; a wrong path flips most.
+    assert sum(same) >= 0.98 * len(same), f"{len(same) - sum(same)} of {len(same)} differ"
+    for c, g, equal in zip(cpu, gpu, same):
+        if equal:
+            assert g.candidates[0].logprob == pytest.approx(c.candidates[0].logprob, abs=1e-3)
+
+
+@pytest.mark.parametrize("attention", ["none", "luong", "bahdanau"])
+def test_teacher_forced_logits_agree_with_the_cpu(attention, float32_matmul):
+    torch.manual_seed(0)
+    model = Seq2Seq(small_config(attention=attention, encoder_layers=2, decoder_layers=2), 40, 50).eval()
+    lengths = torch.tensor([7, 3, 5])
+    source = torch.randint(4, 40, (3, 7)) * (torch.arange(7) < lengths[:, None])
+    target = torch.randint(4, 50, (3, 6))
+    with torch.no_grad():
+        expected = model(source, lengths, target)
+        actual = model.cuda()(source.cuda(), lengths, target.cuda())
+    torch.testing.assert_close(actual.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_training_on_the_gpu(g2p_files, tmp_path, precision):
+    run = tmp_path / "run"
+    options = ("--max-epochs", "3", "--precision", precision)
+    run_cli(*[a if a != "cpu" else "gpu" for a in tiny_train(g2p_files, run, *options)])
+    manifest = json.loads((run / "bundle" / "genrnn.json").read_text())
+    assert manifest["training"]["device"].startswith("cuda")
+    (metrics,) = (run / "logs").glob("*/metrics.csv")
+    val_loss = [float(row["val_loss"]) for row in csv.DictReader(metrics.open()) if row["val_loss"]]
+    assert len(val_loss) == 3 and all(math.isfinite(v) for v in val_loss)
+    assert val_loss[-1] < 0.95 * val_loss[0]  # it learns: the tiny slice is too small for whole words in three epochs
+    model = load_bundle(run / "bundle", "cuda").model
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_generate_job_on_the_gpu_matches_the_cpu(tiny_bundle, g2p_files, tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("".join(e.source + "\n" for e in read_examples(g2p_files["test"])))
+    outputs = {}
+    for accelerator in ("cpu", "gpu"):
+        out = tmp_path / f"{accelerator}.jsonl"
+        args = ["generate", "--model", str(tiny_bundle), "--input", str(words), "--output", str(out)]
+        run_cli(*args, "--accelerator", accelerator)
+        outputs[accelerator] = [json.loads(line)["candidates"][0]["text"] for line in out.read_text().splitlines()]
+    same = sum(c == g for c, g in zip(outputs["cpu"], outputs["gpu"]))
+    assert len(outputs["gpu"]) == len(outputs["cpu"]) > 0 and same >= 0.98 * len(outputs["cpu"])
