@@ -37,7 +37,9 @@ from training.train import hold_out_dev, train
 def train_model(args: argparse.Namespace, run: Path) -> tuple[Path, float]:
     """Train on the split's train file (dev held out by hash); the bundle and the seconds it took."""
     config = override(load_config(args.config), args.set)
-    training = replace(config.training, accelerator=args.accelerator)
+    training = config.training
+    if args.accelerator:
+        training = replace(training, accelerator=args.accelerator)
     if args.max_time:
         training = replace(training, max_time=args.max_time)
     data = replace(config.data, train=str(Path(args.data_dir) / "g014b2b.train"), valid=None)
@@ -63,7 +65,7 @@ def main() -> None:
     )
     parser.add_argument("--model", help="score these bundles (comma-separated: an ensemble) instead of training")
     parser.add_argument("--max-time", help="training budget DD:HH:MM:SS")
-    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--accelerator", help="training accelerator (default: the config's)")
     parser.add_argument("--beam-size", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="decoding device")
     args = parser.parse_args()

@@ -56,3 +56,26 @@ def test_trains_with_overrides_and_scores_the_test_words(split, tmp_path):
     assert again["scores"] == results["scores"]
     assert pair["scores"]["greedy"] == results["scores"]["greedy"]
     assert pair["parameters"] == 2 * results["parameters"]
+
+
+def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split, tmp_path):
+    output = tmp_path / "sweep"
+    command = [sys.executable, str(ROOT / "bench" / "g2p_sweep.py"), "--data-dir", str(split), "--output", str(output)]
+    command += ["--config", str(TINY_CONFIG), "--only", "base,luong", "--set", "training.max_epochs=1"]
+    command += ["--set", "training.accelerator=cpu", "--beam-size", "2", "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    summary = json.loads((output / "summary.json").read_text())
+    assert list(summary) == ["base", "luong", "ensemble-all"]  # the other ensembles would have one member
+    assert summary["luong"]["training"]["config"]["model"]["attention"] == "luong"
+    assert summary["base"]["training"]["config"]["model"]["attention"] == "none"
+    assert summary["base"]["training"]["device"] == "cpu"  # --set reaches every variant
+    assert summary["ensemble-all"]["parameters"] == summary["base"]["parameters"] + summary["luong"]["parameters"]
+    rows = (output / "summary.md").read_text().splitlines()
+    assert len(rows) == 2 + 3 * 2 and rows[-1].startswith("| ensemble-all | beam2 |")
+
+    # a rerun finds every result in place and trains nothing again
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0 and "start" not in again.stdout
+    assert json.loads((output / "summary.json").read_text()) == summary

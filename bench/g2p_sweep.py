@@ -1,0 +1,130 @@
+"""Several G2P benchmark configurations trained side by side on one machine, then decoded as ensembles.
+
+    python bench/g2p_sweep.py --data-dir ../shared/data/cmudict-g014b2b --output runs/g014b2b-sweep \\
+        [--max-time 00:00:05:00] [--only base,luong] [--config training/configs/g2p.yaml]
+
+Each variant is one ``bench/g2p_benchmark.py`` run (its own process, log and
+results.json under the output directory); they share the machine's GPU, or its
+cores. When all have finished, the ensembles named below are scored from the
+variants' bundles. ``summary.json`` gathers every result and ``summary.md`` holds
+the table rows; rerunning resumes unfinished variants and skips finished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARK = Path(__file__).with_name("g2p_benchmark.py")
+
+# name → config overrides on top of --config
+VARIANTS: dict[str, list[str]] = {
+    "base": [],
+    "base-seed7": ["training.seed=7"],
+    "base-ema": ["training.ema_decay=0.999"],
+    "base-wide": ["model.encoder_hidden=512", "model.decoder_hidden=1024"],
+    "luong": ["model.attention=luong"],
+    "luong-seed7": ["model.attention=luong", "training.seed=7"],
+    "luong-deep": ["model.attention=luong", "model.encoder_layers=3", "model.encoder_hidden=512"],
+    "bahdanau": ["model.attention=bahdanau"],
+}
+# name → the variants decoded together (those that finished)
+ENSEMBLES: dict[str, tuple[str, ...]] = {
+    "ensemble-no-attention": ("base", "base-seed7", "base-ema", "base-wide"),
+    "ensemble-attention": ("luong", "luong-seed7", "luong-deep", "bahdanau"),
+    "ensemble-all": tuple(VARIANTS),
+}
+
+
+def launch(command: list[str], log: Path, threads: int) -> subprocess.Popen:
+    """Start one benchmark process with its output in ``log``."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    with log.open("a") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def benchmark_command(args: argparse.Namespace, run: Path, *extra: str) -> list[str]:
+    command = [sys.executable, str(BENCHMARK), "--data-dir", args.data_dir, "--output", str(run)]
+    return [*command, "--beam-size", str(args.beam_size), *extra]
+
+
+def run_all(jobs: dict[str, list[str]], output: Path, threads: int) -> dict[str, int]:
+    """Run the jobs side by side (skipping those with results); each one's exit status."""
+    running = {}
+    for name, command in jobs.items():
+        if (output / name / "results.json").is_file():
+            continue
+        print(f"start {name}: {' '.join(command)}", flush=True)
+        running[name] = launch(command, output / f"{name}.log", threads)
+    status = {name: process.wait() for name, process in running.items()}
+    for name, code in status.items():
+        print(f"{name}: exit {code}" + ("" if code == 0 else f" (see {output / f'{name}.log'})"), flush=True)
+    return status
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--output", default="runs/g014b2b-sweep")
+    parser.add_argument("--config", default="training/configs/g2p.yaml")
+    parser.add_argument("--max-time", default="00:00:05:00", help="training budget of each variant, DD:HH:MM:SS")
+    parser.add_argument("--only", help="comma-separated variant names (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
+    parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, help="CPU threads per process (default: cores / variants)")
+    args = parser.parse_args()
+
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // len(names))
+
+    training = {
+        name: benchmark_command(
+            args,
+            output / name,
+            *("--config", args.config, "--max-time", args.max_time),
+            *(f"--set={s}" for s in [*args.set, *VARIANTS[name]]),
+        )
+        for name in names
+    }
+    trained = [name for name, code in run_all(training, output, threads).items() if code == 0]
+    trained += [name for name in names if name not in trained and (output / name / "results.json").is_file()]
+
+    ensembles = {}
+    for name, members in ENSEMBLES.items():
+        present = [m for m in members if m in trained]
+        if len(present) > 1:
+            bundles = ",".join(str(output / m / "bundle") for m in present)
+            ensembles[name] = benchmark_command(args, output / name, "--model", bundles)
+    run_all(ensembles, output, threads)
+
+    summary, rows = {}, []
+    for name in [*names, *ENSEMBLES]:
+        path = output / name / "results.json"
+        if not path.is_file():
+            continue
+        results = summary[name] = json.loads(path.read_text())
+        steps = results["training"].get("steps", "")
+        for mode, scores in results["scores"].items():
+            rows.append(
+                f"| {name} | {mode} | {scores['dev']['wer']:.2%} | {scores['test']['wer']:.2%} | "
+                f"{scores['test']['per']:.2%} | {results['parameters']:,} | {steps} | "
+                f"{results['training_seconds'] / 60:.1f} min | {results['device']} |"
+            )
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    header = "| run | decoding | dev WER | test WER | test PER | parameters | steps | training | device |"
+    table = "\n".join([header, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |", *rows])
+    (output / "summary.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
