@@ -21,21 +21,30 @@ from pathlib import Path
 
 BENCHMARK = Path(__file__).with_name("g2p_benchmark.py")
 
+LUONG_DEEP = ["model.attention=luong", "model.encoder_layers=3", "model.encoder_hidden=512"]
+BASE_WIDE = ["model.encoder_hidden=512", "model.decoder_hidden=1024"]
 # name → config overrides on top of --config
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "base-seed7": ["training.seed=7"],
     "base-ema": ["training.ema_decay=0.999"],
-    "base-wide": ["model.encoder_hidden=512", "model.decoder_hidden=1024"],
+    "base-wide": BASE_WIDE,
     "luong": ["model.attention=luong"],
     "luong-seed7": ["model.attention=luong", "training.seed=7"],
-    "luong-deep": ["model.attention=luong", "model.encoder_layers=3", "model.encoder_hidden=512"],
+    "luong-deep": LUONG_DEEP,
     "bahdanau": ["model.attention=bahdanau"],
+    # the next round: the best of the first on more seeds, with weight averaging, and regularised
+    "luong-deep-seed7": [*LUONG_DEEP, "training.seed=7"],
+    "luong-deep-seed11": [*LUONG_DEEP, "training.seed=11"],
+    "luong-deep-ema": [*LUONG_DEEP, "training.ema_decay=0.999"],
+    "bahdanau-deep": ["model.attention=bahdanau", "model.encoder_layers=3", "model.encoder_hidden=512"],
+    "base-wide-dropout": [*BASE_WIDE, "model.layer_dropout=0.3", "model.output_dropout=0.3"],
 }
 # name → the variants decoded together (those that finished)
 ENSEMBLES: dict[str, tuple[str, ...]] = {
     "ensemble-no-attention": ("base", "base-seed7", "base-ema", "base-wide"),
     "ensemble-attention": ("luong", "luong-seed7", "luong-deep", "bahdanau"),
+    "ensemble-luong-deep": ("luong-deep", "luong-deep-seed7", "luong-deep-seed11", "luong-deep-ema"),
     "ensemble-all": tuple(VARIANTS),
 }
 
