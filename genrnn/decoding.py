@@ -126,6 +126,29 @@ def _select_rows(state: State, index: torch.Tensor) -> State:
     return tuple(s.index_select(1, index) for s in state)
 
 
+def trace_back(
+    step_tokens: Sequence[torch.Tensor],
+    step_parents: Sequence[torch.Tensor],
+    last_step: torch.Tensor,
+    last_token: torch.Tensor,
+    parent: torch.Tensor,
+) -> torch.Tensor:
+    """Token sequences ``(requests, hyps, steps)`` of beam hypotheses, from back-pointers.
+
+    ``step_tokens[t]`` and ``step_parents[t]`` hold, for every request and live beam slot
+    after step ``t``, its token and the slot it extended at step ``t - 1``. A hypothesis
+    ends at ``last_step`` with ``last_token``, extending slot ``parent``; positions after
+    its end are PAD.
+    """
+    out = torch.full((*last_step.shape, max(len(step_tokens), 1)), PAD_ID, dtype=torch.long, device=last_step.device)
+    slot = parent.clone()
+    for t in reversed(range(len(step_tokens))):
+        ends_here, earlier = last_step == t, last_step > t
+        out[:, :, t] = torch.where(ends_here, last_token, step_tokens[t].gather(1, slot).masked_fill(~earlier, PAD_ID))
+        slot = torch.where(ends_here, parent, torch.where(earlier, step_parents[t].gather(1, slot), slot))
+    return out
+
+
 @contextmanager
 def _recurrent_kernel(rows: int) -> Iterator[None]:
     """Run recurrent layers on oneDNN only for batches of at least ``ONEDNN_MIN_ROWS`` rows."""
@@ -338,20 +361,25 @@ class Generator:
         beam_rank = torch.arange(width, device=device)[None, :]
         scores = torch.full((n, width), float("-inf"), device=device)
         scores[:, 0] = 0.0
-        history = torch.full((n, width, steps), PAD_ID, dtype=torch.long, device=device)
+        # Back-pointers instead of copied histories: at each step, every request's live beams
+        # (by slot) and the slot of the beam each extends; sequences are traced back at the end.
+        step_tokens: list[torch.Tensor] = []
+        step_parents: list[torch.Tensor] = []
 
-        # Finished hypotheses of the live requests (fin_*) and of every request once it ends (done).
+        # Finished hypotheses of the live requests (fin) and of every request once it ends (done):
+        # the step of their last token, that token, and the slot of the live beam it extended.
         def finished_store() -> dict[str, torch.Tensor]:
             return {
                 "norm": torch.full((n, width), float("-inf"), device=device),
                 "logprob": torch.zeros((n, width), device=device),
-                "tokens": torch.full((n, width, steps), PAD_ID, dtype=torch.long, device=device),
-                "length": torch.zeros((n, width), dtype=torch.long, device=device),
+                "step": torch.zeros((n, width), dtype=torch.long, device=device),
+                "token": torch.full((n, width), PAD_ID, dtype=torch.long, device=device),
+                "parent": torch.zeros((n, width), dtype=torch.long, device=device),
                 "eos": torch.zeros((n, width), dtype=torch.bool, device=device),
             }
 
         done = finished_store()
-        fin_norm, fin_logprob, fin_tokens, fin_length, fin_eos = finished_store().values()
+        fin = finished_store()
         tokens = torch.full((n * width,), BOS_ID, dtype=torch.long, device=device)
 
         for t in range(steps):
@@ -370,19 +398,21 @@ class Generator:
             at_cap = (t + 1 >= live["max_len"])[:, None]
             finishing = in_beam & (is_eos | at_cap)
 
-            # Candidate sequences: the source beam's history with this step's token appended.
-            cand_tokens = history.gather(1, source_beam[:, :, None].expand(-1, -1, steps)).clone()
-            cand_tokens[:, :, t] = token
+            # Candidates that end here join the finished ones if they score among the best.
             penalty = length_penalty(
                 torch.full_like(top_score, t + 1), live["alpha"][:, None], live["average"][:, None]
             )
-            cand_norm = torch.where(finishing, top_score / penalty, float("-inf"))
-            fin_norm, pick = torch.cat([fin_norm, cand_norm], dim=1).topk(width, dim=1)
-            fin_logprob = torch.cat([fin_logprob, top_score], dim=1).gather(1, pick)
-            fin_tokens = torch.cat([fin_tokens, cand_tokens], dim=1).gather(1, pick[:, :, None].expand(-1, -1, steps))
-            new_length = torch.where(is_eos, t, t + 1)
-            fin_length = torch.cat([fin_length, new_length], dim=1).gather(1, pick)
-            fin_eos = torch.cat([fin_eos, is_eos], dim=1).gather(1, pick)
+            candidate = {
+                "norm": torch.where(finishing, top_score / penalty, float("-inf")),
+                "logprob": top_score,
+                "step": torch.full_like(token, t),
+                "token": token,
+                "parent": source_beam,
+                "eos": is_eos,
+            }
+            fin["norm"], pick = torch.cat([fin["norm"], candidate["norm"]], dim=1).topk(width, dim=1)
+            for key in ("logprob", "step", "token", "parent", "eos"):
+                fin[key] = torch.cat([fin[key], candidate[key]], dim=1).gather(1, pick)
 
             # Live beams: the best candidates that did not end.
             open_score = top_score.masked_fill(is_eos, float("-inf"))
@@ -390,34 +420,34 @@ class Generator:
             scores = scores.masked_fill(~valid_beam, float("-inf"))
             source_beam = source_beam.gather(1, pick)
             tokens = token.gather(1, pick)
-            history = cand_tokens.gather(1, pick[:, :, None].expand(-1, -1, steps))
+            step_tokens.append(torch.full((n, width), PAD_ID, dtype=torch.long, device=device))
+            step_tokens[-1][live["request"]] = tokens
+            step_parents.append(torch.zeros((n, width), dtype=torch.long, device=device))
+            step_parents[-1][live["request"]] = source_beam
 
-            enough = (torch.isfinite(fin_norm) & valid_beam).sum(dim=1) >= live["beams"]
+            enough = (torch.isfinite(fin["norm"]) & valid_beam).sum(dim=1) >= live["beams"]
             finished = enough | at_cap[:, 0] | ~torch.isfinite(scores).any(dim=1)
             state = _select_rows(state, (torch.arange(b, device=device)[:, None] * width + source_beam).view(-1))
             tokens = tokens.view(-1)
             if bool(finished.any()):
                 ended = live["request"][finished]
-                for key, value in (
-                    ("norm", fin_norm),
-                    ("logprob", fin_logprob),
-                    ("tokens", fin_tokens),
-                    ("length", fin_length),
-                    ("eos", fin_eos),
-                ):
+                for key, value in fin.items():
                     done[key][ended] = value[finished]
                 if bool(finished.all()):
                     break
                 keep = (~finished).nonzero().squeeze(1)
                 live = {k: v.index_select(0, keep) for k, v in live.items()}
-                scores, history = scores[keep], history[keep]
-                fin_norm, fin_logprob, fin_tokens = fin_norm[keep], fin_logprob[keep], fin_tokens[keep]
-                fin_length, fin_eos = fin_length[keep], fin_eos[keep]
+                fin = {k: v.index_select(0, keep) for k, v in fin.items()}
+                scores = scores[keep]
                 rows = (keep[:, None] * width + beam_rank).view(-1)
                 state = _select_rows(state, rows)
                 tokens = tokens.index_select(0, rows)
 
-        norm, logprob, out, length, eos = (done[k].tolist() for k in ("norm", "logprob", "tokens", "length", "eos"))
+        sequences = trace_back(step_tokens, step_parents, done["step"], done["token"], done["parent"])
+        length = torch.where(done["eos"], done["step"], done["step"] + 1)  # EOS is not part of the output
+        norm, logprob, out, length, eos = (
+            x.tolist() for x in (done["norm"], done["logprob"], sequences, length, done["eos"])
+        )
         results = []
         for r, s in enumerate(settings):
             hyps = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -42,6 +43,22 @@ def generator() -> Generator:
     with torch.no_grad():
         model.output.bias[EOS_ID] = 2.0
     return Generator(model, source, target, seed=0)
+
+
+def teacher_forced_logprob(generator: Generator, source: str, sequence: Sequence[int]) -> float:
+    """Log-probability of emitting ``sequence`` (EOS included if it ends with one), step by step."""
+    model = generator.model
+    ids = generator.source_tokenizer.encode([source])[0]
+    with torch.no_grad():
+        state = model.encode(torch.tensor([ids]), torch.tensor([len(ids)])).state
+        total, previous = 0.0, BOS_ID
+        for token in sequence:
+            logits, state = model.decode(torch.tensor([[previous]]), state)
+            logits = logits[0, 0]
+            logits[[PAD_ID, BOS_ID]] = float("-inf")
+            total += float(logits.log_softmax(-1)[token])
+            previous = token
+    return total
 
 
 def greedy_reference(generator: Generator, source: str, max_new_tokens: int) -> list[int]:
@@ -108,24 +125,10 @@ def test_beam_finds_the_exhaustive_optimum_on_a_tiny_vocabulary():
     model = Seq2Seq(config, source.vocab_size, target.vocab_size).eval()
     generator = Generator(model, source, target)
     max_len, alpha = 3, 1.0
-    ids = source.encode(["abba"])[0]
-
-    def logprob(sequence: tuple[int, ...]) -> float:
-        with torch.no_grad():
-            state = model.encode(torch.tensor([ids]), torch.tensor([len(ids)])).state
-            total, previous = 0.0, BOS_ID
-            for token in sequence:
-                logits, state = model.decode(torch.tensor([[previous]]), state)
-                logits = logits[0, 0]
-                logits[[PAD_ID, BOS_ID]] = float("-inf")
-                total += float(logits.log_softmax(-1)[token])
-                previous = token
-        return total
-
     emitted = [1, 4, 5]
     sequences = [(*prefix, EOS_ID) for n in range(max_len) for prefix in itertools.product(emitted, repeat=n)]
     sequences += list(itertools.product(emitted, repeat=max_len))  # stopped by the length cap
-    best = max(logprob(s) / ((5 + len(s)) / 6) ** alpha for s in sequences)
+    best = max(teacher_forced_logprob(generator, "abba", s) / ((5 + len(s)) / 6) ** alpha for s in sequences)
 
     settings = DecodingConfig(mode="beam", beam_size=len(sequences), max_new_tokens=max_len, length_penalty=alpha)
     top = generator.generate(["abba"], settings)[0].candidates[0]
@@ -217,6 +220,25 @@ def test_compaction_changes_no_result(trained, g2p_files):
         assert [c.finish_reason for c in a.candidates] == [c.finish_reason for c in b.candidates]
         for x, y in zip(a.candidates, b.candidates):
             assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
+def test_every_beam_hypothesis_scores_the_log_probability_it_reports(trained, g2p_files):
+    # Requests of several beam sizes, caps and lengths end at different steps, so the
+    # back-pointers of each are traced through the compaction of the others.
+    words = [line.split("\t")[0] for line in g2p_files["test"].read_text().splitlines()[:37]]
+    choices = [
+        DecodingConfig(mode="beam", beam_size=3, num_return_sequences=2, max_new_tokens=20),
+        DecodingConfig(mode="beam", beam_size=5, length_penalty_form="average", max_new_tokens=6),
+        DecodingConfig(mode="beam", beam_size=4, num_return_sequences=4, max_new_tokens=3),
+        DecodingConfig(mode="beam", beam_size=2, max_new_tokens=1),
+    ]
+    settings = [choices[i % len(choices)] for i in range(len(words))]
+    results = trained.generate(words, settings)
+    assert sum(c.finish_reason == "length" for r in results for c in r.candidates) > 0
+    for word, result in zip(words, results):
+        for candidate in result.candidates:
+            sequence = candidate.tokens + ([EOS_ID] if candidate.finish_reason == "eos" else [])
+            assert candidate.logprob == pytest.approx(teacher_forced_logprob(trained, word, sequence), abs=1e-4)
 
 
 def test_sampled_candidates_come_best_first(trained):
