@@ -9,12 +9,16 @@ baseline decodes one sequence at a time without compaction, in the same run. Gre
 decoding at the largest batch is also counted in floating-point operations (the
 matrix multiplies of the encoder, bridge, decoder steps actually taken and output
 projection) and set against the rate of one large ``torch.mm`` measured in the same
-run. Last, int8 dynamic quantization: greedy speed and dev-set WER/PER against float.
+run. Long outputs: the cost of a beam step against a greedy step as outputs grow to
+1,024 tokens (the model made never to end), which stays flat when the beam keeps
+back-pointers rather than copying its histories. Last, int8 dynamic quantization:
+greedy speed and dev-set WER/PER against float.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import random
@@ -29,13 +33,13 @@ import torch
 
 from genrnn import decoding
 from genrnn.bundle import load_bundle
-from genrnn.config import DecodingConfig, ModelConfig, load_config
+from genrnn.config import DecodingConfig, ModelConfig, load_config, replace
 from genrnn.data import read_examples
 from genrnn.decoding import Generator
 from genrnn.metrics import score
 from genrnn.model import Seq2Seq
 from genrnn.quantization import quantize_int8
-from genrnn.tokenizer import Tokenizer, train_tokenizers
+from genrnn.tokenizer import EOS_ID, Tokenizer, train_tokenizers
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "training" / "configs" / "g2p.yaml"
@@ -182,6 +186,30 @@ def timed(generator: Generator, settings: DecodingConfig, words: Sequence[str], 
     return Speed(sequences / elapsed, tokens / elapsed, elapsed, sequences, row_steps, source_tokens)
 
 
+def step_cost(generator: Generator, settings: DecodingConfig, words: Sequence[str]) -> float:
+    """Milliseconds per decoding step of one batch whose rows all run to ``max_new_tokens``."""
+    generator.generate(list(words), replace(settings, max_new_tokens=8))  # warm up
+    began = clock()
+    generator.generate(list(words), settings)
+    return (clock() - began) / settings.max_new_tokens * 1e3
+
+
+def long_outputs_table(model: Seq2Seq, source: Tokenizer, target: Tokenizer, words: Sequence[str]) -> str:
+    """Beam (size 4) against greedy, per step, as outputs grow: a model that never emits EOS."""
+    endless = copy.deepcopy(model)
+    with torch.no_grad():
+        endless.output.bias[EOS_ID] = float("-inf")
+    generator = Generator(endless, source, target, max_new_tokens_cap=1024)
+    rows = []
+    for length in (64, 256, 1024):
+        greedy = step_cost(generator, replace(MODES["greedy"], max_new_tokens=length), words)
+        beam = step_cost(generator, replace(MODES["beam"], max_new_tokens=length), words)
+        rows.append([f"{length}", f"{greedy:.2f}", f"{beam:.2f}", f"{beam / greedy:.1f}×"])
+        print(" | ".join(rows[-1]), flush=True)
+    header = [f"output tokens (batch {len(words)})", "greedy ms/step", "beam 4 ms/step", "beam / greedy"]
+    return table(header, rows)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").is_file():
@@ -279,6 +307,9 @@ def main() -> None:
     print(speed_table)
     print(flop_line)
 
+    long_table = long_outputs_table(model, source_tokenizer, target_tokenizer, words[:64])
+    print(long_table)
+
     # int8 dynamic quantization: speed and accuracy against float.
     quantized = Generator(quantize_int8(model), source_tokenizer, target_tokenizer)
     int8_rows = []
@@ -323,7 +354,7 @@ def main() -> None:
             args.write,
             f"""{SECTION}
 
-`{command} --write BENCHMARKS.md`
+`{command}`
 
 Machine: {host}. {share}
 Model: {model_note}, {model.num_parameters():,} parameters; inputs: CMUdict dev words in a fixed random order.
@@ -335,6 +366,10 @@ uses PyTorch's own kernel below {decoding.ONEDNN_MIN_ROWS} rows a step (`ONEDNN_
 {speed_table}
 
 {flop_line}
+
+### Long outputs
+
+{long_table}
 
 ### int8 dynamic quantization (`--quantize int8`)
 
