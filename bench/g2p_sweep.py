@@ -39,6 +39,12 @@ VARIANTS: dict[str, list[str]] = {
     "luong-deep-ema": [*LUONG_DEEP, "training.ema_decay=0.999"],
     "bahdanau-deep": ["model.attention=bahdanau", "model.encoder_layers=3", "model.encoder_hidden=512"],
     "base-wide-dropout": [*BASE_WIDE, "model.layer_dropout=0.3", "model.output_dropout=0.3"],
+    # ablations: each of g2p.yaml's defaults taken away, to check that it earns its place
+    "base-no-smoothing": ["training.label_smoothing=0.0"],
+    "base-no-dropout": ["model.embedding_dropout=0.0", "model.layer_dropout=0.0", "model.output_dropout=0.0"],
+    "base-unidirectional": ["model.bidirectional=false", "model.encoder_hidden=512"],
+    "base-last-state": ["model.bridge=last"],
+    "base-constant-lr": ["training.schedule=constant"],
 }
 # name → the variants decoded together (those that finished)
 ENSEMBLES: dict[str, tuple[str, ...]] = {
