@@ -1,6 +1,7 @@
 """Decoding speed of the default G2P model on this machine, against a naive baseline and torch.mm.
 
-    python bench/decode.py [--model runs/bench-g2p/bundle] [--batch-sizes 1 8 64 256 1024] [--write BENCHMARKS.md]
+    python bench/decode.py [--model runs/bench-g2p/bundle] [--batch-sizes 1 8 64 256 1024] [--device cuda]
+        [--write BENCHMARKS.md]
 
 For greedy, sampled (temperature 0.8, top-p 0.9) and beam (size 4) decoding at each
 batch size: sequences/s and output tokens/s of :meth:`Generator.generate` (tokenizing,
@@ -12,7 +13,9 @@ projection) and set against the rate of one large ``torch.mm`` measured in the s
 run. Long outputs: the cost of a beam step against a greedy step as outputs grow to
 1,024 tokens (the model made never to end), which stays flat when the beam keeps
 back-pointers rather than copying its histories. Last, int8 dynamic quantization:
-greedy speed and dev-set WER/PER against float.
+greedy speed and dev-set WER/PER against float (on the CPU only). With ``--device cuda``
+the model decodes on the GPU, timed by the wall clock after synchronising, and the
+results go to their own section of the Markdown file.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from genrnn.tokenizer import EOS_ID, Tokenizer, train_tokenizers
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "training" / "configs" / "g2p.yaml"
 SECTION = "## Decoding speed"
+GPU_SECTION = "## Decoding speed on a GPU"
 NOTES = "### Notes"
 ONEDNN_ALWAYS = "greedy, oneDNN LSTM at every batch size"
 MODES = {
@@ -130,18 +134,25 @@ def greedy_flops(config: ModelConfig, vocab: int, source_tokens: int, rows: int,
     return encoder * source_tokens + bridge * rows + decoder * decoder_row_steps
 
 
+_device = torch.device("cpu")  # where the benchmark decodes: set once by main()
+
+
 def clock() -> float:
     """Seconds of this process's CPU time on one thread, else of the wall clock.
 
     The machine may be shared: on one thread, CPU time leaves out the time other
-    processes hold the core, and equals the wall clock on an idle machine.
+    processes hold the core, and equals the wall clock on an idle machine. On a GPU,
+    the wall clock once the queued work has finished.
     """
+    if _device.type == "cuda":
+        torch.cuda.synchronize(_device)
+        return time.perf_counter()
     return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
 
 
-def mm_gflops(n: int = 2048, seconds: float = 2.0) -> float:
+def mm_gflops(n: int, seconds: float = 2.0) -> float:
     """The best rate of ``torch.mm`` on ``n × n`` float32 matrices over a few timed rounds."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=_device), torch.randn(n, n, device=_device)
     torch.mm(a, b)
     best = 0.0
     deadline = clock() + seconds
@@ -220,6 +231,11 @@ def machine() -> str:
         ]
         cpu = names[0] if names else cpu
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if _device.type == "cuda":
+        return (
+            f"{torch.cuda.get_device_name(_device)}, torch {torch.__version__}, {cpu}, {os.cpu_count()} logical cores, "
+            f"timed by the wall clock after synchronising, load average {load:.1f} at the start"
+        )
     timing = "CPU time of the process" if torch.get_num_threads() == 1 else "wall clock"
     return (
         f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
@@ -232,15 +248,15 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def write_section(path: Path, text: str) -> None:
+def write_section(path: Path, section: str, text: str) -> None:
     """Replace this benchmark's section of ``path`` (or add it), leaving the other sections alone.
 
     A ``### Notes`` subsection written by hand is kept.
     """
     existing = path.read_text() if path.is_file() else "# Benchmarks\n"
     lines = existing.splitlines()
-    if SECTION in lines:
-        start = lines.index(SECTION)
+    if section in lines:
+        start = lines.index(section)
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         notes = next((i for i in range(start, end) if lines[i] == NOTES), end)
         lines[start:end] = text.rstrip("\n").splitlines() + [""] + lines[notes:end]
@@ -252,7 +268,40 @@ def write_section(path: Path, text: str) -> None:
 # -- the benchmark ----------------------------------------------------------------------------------
 
 
+def int8_section(
+    engine: Generator, words: Sequence[str], dev: Sequence, batch_sizes: Sequence[int], seconds: float
+) -> str:
+    """int8 dynamic quantization against float32: greedy speed, and WER/PER on ``dev``."""
+    model, source, target = engine.model, engine.source_tokenizer, engine.target_tokenizer
+    quantized = Generator(quantize_int8(model), source, target)
+    largest = max(batch_sizes)
+    rows = []
+    for batch in sorted({1, 64, largest} & set(batch_sizes) or {largest}):
+        exact = timed(engine, MODES["greedy"], words, batch, seconds)
+        approx = timed(quantized, MODES["greedy"], words, batch, seconds)
+        speedup = approx.sequences_per_s / exact.sequences_per_s
+        rates = f"{exact.sequences_per_s:,.0f}", f"{approx.sequences_per_s:,.0f}"
+        rows.append([f"greedy, batch {batch}", *rates, f"{speedup:.2f}×"])
+    sources, references = [e.source for e in dev], [e.targets for e in dev]
+    outputs = {}
+    for name, generator in (("float32", engine), ("int8", quantized)):
+        generations = generator.generate_sorted(sources, MODES["greedy"], batch_size=256)
+        outputs[name] = [g.candidates[0].text for g in generations]
+    exact_scores, int8_scores = score(outputs["float32"], references), score(outputs["int8"], references)
+    same = sum(a == b for a, b in zip(outputs["float32"], outputs["int8"])) / len(sources)
+    speed = table(["", "float32 seq/s", "int8 seq/s", "speed-up"], rows)
+    accuracy = table(
+        ["CMUdict dev", "items", "WER", "PER", "same output as float32"],
+        [
+            ["float32", f"{exact_scores.items}", f"{exact_scores.wer:.2%}", f"{exact_scores.per:.2%}", "—"],
+            ["int8", f"{int8_scores.items}", f"{int8_scores.wer:.2%}", f"{int8_scores.per:.2%}", f"{same:.1%}"],
+        ],
+    )
+    return f"### int8 dynamic quantization (`--quantize int8`)\n\n{speed}\n\n{accuracy}\n"
+
+
 def main() -> None:
+    global _device
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="bundle directory (default: the newest default-sized bundle under runs/)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
@@ -262,10 +311,14 @@ def main() -> None:
     parser.add_argument("--dev-items", type=int, default=0, help="dev words scored for int8 (0: all)")
     parser.add_argument("--write", type=Path, help="also write the tables into this Markdown file's section")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more than 1: timed by the wall clock)")
+    parser.add_argument("--device", default="cpu", help="cpu, or a CUDA device such as cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    _device = torch.device(args.device)
+    on_cpu = _device.type == "cpu"
 
     model, source_tokenizer, target_tokenizer, model_note = load_model(args.model)
+    model = model.to(_device)
     dev = read_examples("builtin:cmudict:dev")
     words = [e.source for e in dev]
     random.Random(0).shuffle(words)
@@ -281,7 +334,7 @@ def main() -> None:
 
     header = ["mode", *[f"batch {b}" for b in args.batch_sizes], "naive (1 at a time, no compaction)"]
     rows = []
-    for label in [*args.modes, ONEDNN_ALWAYS]:
+    for label in [*args.modes, *([ONEDNN_ALWAYS] if on_cpu else [])]:
         settings = MODES["greedy" if label == ONEDNN_ALWAYS else label]
         with onednn_from(0 if label == ONEDNN_ALWAYS else decoding.ONEDNN_MIN_ROWS):
             speeds = [timed(engine, settings, words, batch, args.seconds) for batch in args.batch_sizes]
@@ -299,10 +352,12 @@ def main() -> None:
         model.config, model.target_vocab_size, greedy.source_tokens, greedy.sequences, greedy.decoder_row_steps
     )
     achieved = flops / greedy.seconds / 1e9
-    mm = mm_gflops()
+    n = 2048 if on_cpu else 8192
+    mm = mm_gflops(n)
     flop_line = (
-        f"Greedy at batch {largest}: {achieved:.1f} GFLOP/s ({flops / greedy.sequences / 1e6:.1f} MFLOP a sequence); "
-        f"torch.mm 2048×2048 float32: {mm:.1f} GFLOP/s; ratio {achieved / mm:.0%} (target: 50%)."
+        f"Greedy at batch {largest}: {achieved:,.1f} GFLOP/s ({flops / greedy.sequences / 1e6:.1f} MFLOP a sequence); "
+        f"torch.mm {n}×{n} float32: {mm:,.1f} GFLOP/s; ratio {achieved / mm:.0%}"
+        + (" (target: 50%)." if on_cpu else ".")
     )
     print(speed_table)
     print(flop_line)
@@ -310,49 +365,28 @@ def main() -> None:
     long_table = long_outputs_table(model, source_tokenizer, target_tokenizer, words[:64])
     print(long_table)
 
-    # int8 dynamic quantization: speed and accuracy against float.
-    quantized = Generator(quantize_int8(model), source_tokenizer, target_tokenizer)
-    int8_rows = []
-    for batch in sorted({1, 64, largest} & set(args.batch_sizes) or {largest}):
-        exact = timed(engine, MODES["greedy"], words, batch, args.seconds)
-        approx = timed(quantized, MODES["greedy"], words, batch, args.seconds)
-        speedup = approx.sequences_per_s / exact.sequences_per_s
-        int8_rows.append(
-            [
-                f"greedy, batch {batch}",
-                f"{exact.sequences_per_s:,.0f}",
-                f"{approx.sequences_per_s:,.0f}",
-                f"{speedup:.2f}×",
-            ]
-        )
-    scored = dev[: args.dev_items] if args.dev_items else dev
-    sources, references = [e.source for e in scored], [e.targets for e in scored]
-    outputs = {}
-    for name, generator in (("float32", engine), ("int8", quantized)):
-        generations = generator.generate_sorted(sources, MODES["greedy"], batch_size=256)
-        outputs[name] = [g.candidates[0].text for g in generations]
-    float_scores = score(outputs["float32"], references)
-    int8_scores = score(outputs["int8"], references)
-    same = sum(a == b for a, b in zip(outputs["float32"], outputs["int8"])) / len(sources)
-    int8_table = table(["", "float32 seq/s", "int8 seq/s", "speed-up"], int8_rows)
-    accuracy_table = table(
-        ["CMUdict dev", "items", "WER", "PER", "same output as float32"],
-        [
-            ["float32", f"{float_scores.items}", f"{float_scores.wer:.2%}", f"{float_scores.per:.2%}", "—"],
-            ["int8", f"{int8_scores.items}", f"{int8_scores.wer:.2%}", f"{int8_scores.per:.2%}", f"{same:.1%}"],
-        ],
-    )
-    print(int8_table)
-    print(accuracy_table)
+    int8 = ""
+    if on_cpu:  # int8 dynamic quantization runs on the CPU only
+        scored = dev[: args.dev_items] if args.dev_items else dev
+        int8 = int8_section(engine, words, scored, args.batch_sizes, args.seconds)
+        print(int8)
     wall, cpu = time.perf_counter() - wall_started, time.process_time() - cpu_started
     share = f"The run took {wall:.0f} s of wall clock for {cpu:.0f} s of CPU time."
     print(share)
 
     if args.write:
         command = "python bench/decode.py " + " ".join(sys.argv[1:])
+        kernels = (
+            "The last row is greedy decoding with oneDNN's LSTM kernel at every batch size; the engine\n"
+            f"uses PyTorch's own kernel below {decoding.ONEDNN_MIN_ROWS} rows a step "
+            "(`ONEDNN_MIN_ROWS` in `genrnn/decoding.py`)."
+            if on_cpu
+            else "Recurrent layers run on cuDNN; float32 weights and arithmetic."
+        )
         write_section(
             args.write,
-            f"""{SECTION}
+            SECTION if on_cpu else GPU_SECTION,
+            f"""{SECTION if on_cpu else GPU_SECTION}
 
 `{command}`
 
@@ -360,8 +394,7 @@ Machine: {host}. {share}
 Model: {model_note}, {model.num_parameters():,} parameters; inputs: CMUdict dev words in a fixed random order.
 Each cell: sequences/s / output tokens/s of `Generator.generate` (tokenize, decode, detokenize), greedy; sample
 at temperature 0.8, top-p 0.9; beam size 4, best candidate. The naive baseline decodes one sequence at a time
-without compaction. The last row is greedy decoding with oneDNN's LSTM kernel at every batch size; the engine
-uses PyTorch's own kernel below {decoding.ONEDNN_MIN_ROWS} rows a step (`ONEDNN_MIN_ROWS` in `genrnn/decoding.py`).
+without compaction. {kernels}
 
 {speed_table}
 
@@ -371,12 +404,7 @@ uses PyTorch's own kernel below {decoding.ONEDNN_MIN_ROWS} rows a step (`ONEDNN_
 
 {long_table}
 
-### int8 dynamic quantization (`--quantize int8`)
-
-{int8_table}
-
-{accuracy_table}
-""",
+{int8}""",
         )
 
 
