@@ -12,6 +12,7 @@ from genrnn.data import (
     TokenBudgetBatchSampler,
     cmudict_split,
     collate,
+    pad,
     read_examples,
 )
 from genrnn.errors import DataError
@@ -77,6 +78,23 @@ def test_collate_builds_teacher_forcing_inputs_and_outputs():
     assert batch.target_in.tolist() == [[BOS_ID, 8, 9, PAD_ID], [BOS_ID, 8, 9, 10]]
     assert batch.target_out.tolist() == [[8, 9, EOS_ID, PAD_ID], [8, 9, 10, EOS_ID]]
     assert batch.padding_fraction == pytest.approx(3 / 14)
+    # counted on the host, and equal to what the tensors hold
+    assert (
+        (batch.source_tokens, batch.target_tokens)
+        == (4, 7)
+        == (
+            int(batch.source_lengths.sum()),
+            int((batch.target_out != PAD_ID).sum()),
+        )
+    )
+    moved = batch.to("cpu")
+    assert (moved.source_tokens, moved.target_tokens) == (4, 7) and moved.source_lengths is batch.source_lengths
+
+
+def test_pad_fills_rows_to_one_length():
+    assert pad([[4], [5, 6, 7], []]).tolist() == [[4, PAD_ID, PAD_ID], [5, 6, 7], [PAD_ID] * 3]
+    assert pad([[4]], length=3).tolist() == [[4, PAD_ID, PAD_ID]]
+    assert pad([], length=2).shape == (0, 2)
 
 
 def test_dataset_drops_pairs_over_the_length_limits():

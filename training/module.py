@@ -38,7 +38,7 @@ class Seq2SeqModule(pl.LightningModule):
             ignore_index=PAD_ID,
             label_smoothing=self.config.training.label_smoothing,
         )
-        return loss, int((batch.target_out != PAD_ID).sum())
+        return loss, batch.target_tokens
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, tokens = self.loss(batch)
