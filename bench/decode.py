@@ -362,7 +362,9 @@ def main() -> None:
     print(speed_table)
     print(flop_line)
 
-    long_table = long_outputs_table(model, source_tokenizer, target_tokenizer, words[:64])
+    long_table = "(not measured: an ensemble has no single output layer to silence EOS in)"
+    if isinstance(model, Seq2Seq):
+        long_table = long_outputs_table(model, source_tokenizer, target_tokenizer, words[:64])
     print(long_table)
 
     int8 = ""

@@ -81,6 +81,12 @@ def run_all(jobs: dict[str, list[str]], output: Path, threads: int) -> dict[str,
     return status
 
 
+def forget_if_other_members(results: Path, bundles: str) -> None:
+    """Drop an ensemble's results scored from other members, so that it is scored again."""
+    if results.is_file() and json.loads(results.read_text())["config"] != bundles:
+        results.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True)
@@ -118,11 +124,12 @@ def main() -> None:
         present = [m for m in members if m in trained]
         if len(present) > 1:
             bundles = ",".join(str(output / m / "bundle") for m in present)
+            forget_if_other_members(output / name / "results.json", bundles)
             ensembles[name] = benchmark_command(args, output / name, "--model", bundles)
     run_all(ensembles, output, threads)
 
     summary, rows = {}, []
-    for name in [*names, *ENSEMBLES]:
+    for name in [*names, *ensembles]:  # ensembles of this run's variants only
         path = output / name / "results.json"
         if not path.is_file():
             continue

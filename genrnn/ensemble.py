@@ -17,7 +17,7 @@ from genrnn.model import Encoded, Seq2Seq, State
 
 
 class Ensemble(nn.Module):
-    """Models that share one source and one target vocabulary, their probabilities averaged in log space.
+    """Models that share one source and one target vocabulary, decoded as the mean of their probabilities.
 
     The mean of the probabilities, not of the log-probabilities: on the g014b2b dev
     set the two gave the same greedy WER and 0.07 points in favour of this one with

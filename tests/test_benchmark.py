@@ -79,3 +79,18 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert again.returncode == 0 and "start" not in again.stdout
     assert json.loads((output / "summary.json").read_text()) == summary
+
+    # a narrower rerun sums up its own variants, without an ensemble of other members
+    command[command.index("base,luong")] = "base"
+    narrower = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert narrower.returncode == 0 and "start" not in narrower.stdout
+    assert list(json.loads((output / "summary.json").read_text())) == ["base"]
+
+    # a wider one trains the new variant and scores the ensemble again with all three
+    command[command.index("base")] = "base,luong,bahdanau"
+    wider = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert wider.returncode == 0 and "start bahdanau" in wider.stdout and "start base:" not in wider.stdout
+    summary = json.loads((output / "summary.json").read_text())
+    members = sum(summary[name]["parameters"] for name in ("base", "luong", "bahdanau"))
+    assert list(summary) == ["base", "luong", "bahdanau", "ensemble-attention", "ensemble-all"]
+    assert summary["ensemble-all"]["parameters"] == members
