@@ -45,6 +45,8 @@ VARIANTS: dict[str, list[str]] = {
     "base-unidirectional": ["model.bidirectional=false", "model.encoder_hidden=512"],
     "base-last-state": ["model.bridge=last"],
     "base-constant-lr": ["training.schedule=constant"],
+    # speed: bf16 autocast on a GPU, against base's steps in the same budget
+    "base-bf16": ["training.precision=bf16-mixed"],
 }
 # name → the variants decoded together (those that finished)
 ENSEMBLES: dict[str, tuple[str, ...]] = {
