@@ -87,6 +87,17 @@ def test_text_tsv_and_jsonl_inputs_give_the_engines_candidates_in_input_order(ti
         assert_same_outputs(output, expected)
 
 
+def test_an_ensemble_generates_from_the_command_line(tiny_bundle, words, tmp_path):
+    (tmp_path / "in.txt").write_text("\n".join(words[:12]) + "\n")
+    outputs = {}
+    for name, model in (("one", str(tiny_bundle)), ("two", f"{tiny_bundle},{tiny_bundle}")):
+        args = ["generate", "--model", model, "--input", str(tmp_path / "in.txt"), "--accelerator", "cpu"]
+        assert main([*args, "--output", str(tmp_path / f"{name}.jsonl"), "--mode", "beam"]) == 0
+        outputs[name] = read_jsonl(tmp_path / f"{name}.jsonl")
+    assert len(outputs["two"]) == 12
+    assert_same_outputs(outputs["two"], outputs["one"])  # two copies: the distribution of one
+
+
 def test_jsonl_lines_carry_their_own_decoding_settings(tiny_bundle, words, tmp_path):
     lines = [
         {"source": words[0]},

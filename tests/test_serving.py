@@ -262,6 +262,8 @@ def servers(tiny_bundle, tmp_path_factory) -> Iterator[dict[str, Server]]:
     started = {
         name: Server(tiny_bundle, logs / f"{name}.log", *options, key=key) for name, (options, key) in SERVERS.items()
     }
+    # Two copies of the bundle decoded together: the same distribution as one.
+    started["ensemble"] = Server(f"{tiny_bundle},{tiny_bundle}", logs / "ensemble.log")
     try:
         yield started
     finally:
@@ -323,6 +325,22 @@ def test_each_mode_replies_in_the_design_shape_with_the_engine_output(keyed, eng
         "input_tokens": sum(g.input_tokens for g in expected),
         "output_tokens": sum(len(c.tokens) for g in expected for c in g.candidates),
     }
+
+
+def test_an_ensemble_is_served_like_its_members(servers, engine):
+    ensemble = servers["ensemble"].ready()
+    inputs = ["cat", "pronunciation", "dog"]
+    for mode in ("greedy", "beam"):
+        response = ensemble.generate(inputs=inputs, max_new_tokens=20, **MODES[mode])
+        assert response.status_code == 200, response.text
+        expected = engine.generate(inputs, DecodingConfig(max_new_tokens=20, **MODES[mode]))
+        for output, generation in zip(response.json()["outputs"], expected):
+            assert [(c["tokens"], c["finish_reason"]) for c in output["candidates"]] == [
+                (c.tokens, c.finish_reason) for c in generation.candidates
+            ]
+            for got, want in zip(output["candidates"], generation.candidates):
+                assert got["logprob"] == pytest.approx(want.logprob, abs=1e-4)
+    assert ensemble.client.get("/info").json()["model"]["parameters"] == 2 * engine.model.num_parameters()
 
 
 def test_a_seed_gives_the_same_sample_every_time(keyed):
