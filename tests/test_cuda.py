@@ -5,6 +5,7 @@ Skipped where there is no GPU.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -17,7 +18,8 @@ from genrnn.config import DecodingConfig
 from genrnn.data import read_examples
 from genrnn.decoding import Generator
 from genrnn.model import Seq2Seq
-from tests.test_decoding import small_config
+from genrnn.tokenizer import EOS_ID, train_tokenizer
+from tests.test_decoding import WORDS, small_config
 from tests.test_training import run_cli, tiny_train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -77,6 +79,24 @@ def test_teacher_forced_logits_agree_with_the_cpu(attention, float32_matmul):
         expected = model(source, lengths, target)
         actual = model.cuda()(source.cuda(), lengths, target.cuda())
     torch.testing.assert_close(actual.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["none", "luong", "bahdanau"])
+def test_every_mode_decodes_the_same_on_the_gpu(attention, float32_matmul):
+    torch.manual_seed(1)
+    source = train_tokenizer(WORDS * 3, "char", 64)
+    target = train_tokenizer(["K AE1 T", "D AO1 G", "HH AW1 S", "AH0", "T R IY1"] * 3, "word", 64)
+    model = Seq2Seq(small_config(attention=attention), source.vocab_size, target.vocab_size)
+    with torch.no_grad():
+        model.output.bias[EOS_ID] = 2.0  # rows end at different steps
+    on_cpu = Generator(model, source, target)
+    on_gpu = Generator(copy.deepcopy(model).cuda(), source, target)
+    settings = [*MODES.values(), DecodingConfig(mode="sample", seed=3, num_return_sequences=2)]
+    for setting in settings:
+        expected, actual = on_cpu.generate(WORDS, setting), on_gpu.generate(WORDS, setting)
+        for e, a in zip(expected, actual):
+            assert [c.tokens for c in a.candidates] == [c.tokens for c in e.candidates], setting
+            assert [c.logprob for c in a.candidates] == pytest.approx([c.logprob for c in e.candidates], abs=1e-4)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
