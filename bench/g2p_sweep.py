@@ -37,6 +37,7 @@ VARIANTS: dict[str, list[str]] = {
     "luong-deep-seed7": [*LUONG_DEEP, "training.seed=7"],
     "luong-deep-seed11": [*LUONG_DEEP, "training.seed=11"],
     "luong-deep-ema": [*LUONG_DEEP, "training.ema_decay=0.999"],
+    "luong-deep-batch8k": [*LUONG_DEEP, "data.max_tokens=8192"],  # half the steps an epoch: more epochs a minute?
     "bahdanau-deep": ["model.attention=bahdanau", "model.encoder_layers=3", "model.encoder_hidden=512"],
     "base-wide-dropout": [*BASE_WIDE, "model.layer_dropout=0.3", "model.output_dropout=0.3"],
     # ablations: each of g2p.yaml's defaults taken away, to check that it earns its place
