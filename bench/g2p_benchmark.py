@@ -2,7 +2,7 @@
 
     python bench/g2p_benchmark.py --data-dir ../shared/data/cmudict-g014b2b \\
         [--config training/configs/g2p.yaml] [--set key=value ...] [--output runs/g014b2b] \\
-        [--max-time 00:00:20:00] [--beam-size 4] [--model BUNDLE[,BUNDLE...]]
+        [--max-time 00:00:20:00] [--beam-size 4] [--length-penalty 0.6] [--model BUNDLE[,BUNDLE...]]
 
 The dev set is held out of the train file deterministically (about 1/21 of the
 words, by hash), and every choice — the checkpoint kept, greedy or beam — is made
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--max-time", help="training budget DD:HH:MM:SS")
     parser.add_argument("--accelerator", help="training accelerator (default: the config's)")
     parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument("--length-penalty", type=float, default=0.6, help="beam search's GNMT length penalty")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="decoding device")
     args = parser.parse_args()
 
@@ -86,7 +87,9 @@ def main() -> None:
     generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
     modes = {
         "greedy": DecodingConfig(mode="greedy"),
-        f"beam{args.beam_size}": DecodingConfig(mode="beam", beam_size=args.beam_size),
+        f"beam{args.beam_size}": DecodingConfig(
+            mode="beam", beam_size=args.beam_size, length_penalty=args.length_penalty
+        ),
     }
     results = {
         "config": args.model or args.config,

@@ -20,8 +20,8 @@ class Ensemble(nn.Module):
     """Models that share one source and one target vocabulary, decoded as the mean of their probabilities.
 
     The mean of the probabilities, not of the log-probabilities: on the g014b2b dev
-    set the two gave the same greedy WER and 0.07 points in favour of this one with
-    beam search (BENCHMARKS.md).
+    set the two gave the same greedy WER, and 0.07 points in favour of this one with
+    beam search.
     """
 
     def __init__(self, members: Sequence[Seq2Seq]) -> None:
