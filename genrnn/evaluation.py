@@ -11,8 +11,14 @@ from genrnn.metrics import Scores, score
 
 
 def evaluate(
-    generator: Generator, examples: Sequence[Example], settings: DecodingConfig, batch_size: int = 256
+    generator: Generator, examples: Sequence[Example], settings: DecodingConfig, batch_size: int | None = None
 ) -> Scores:
-    """WER, PER and the rest for the generator's best output on each example, in batches of similar length."""
+    """WER, PER and the rest for the generator's best output on each example, in batches of similar length.
+
+    ``batch_size`` defaults to 256 inputs on a CPU, where larger batches gain little, and
+    to 1,024 on a GPU, where a decoding step costs little more for more rows.
+    """
+    if batch_size is None:
+        batch_size = 1024 if generator.device.type == "cuda" else 256
     generations = generator.generate_sorted([e.source for e in examples], settings, batch_size)
     return score([g.candidates[0].text for g in generations], [e.targets for e in examples])

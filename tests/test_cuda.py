@@ -18,6 +18,7 @@ from genrnn.bundle import load_bundle
 from genrnn.config import DecodingConfig
 from genrnn.data import read_examples
 from genrnn.decoding import Generator
+from genrnn.evaluation import evaluate
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import EOS_ID, train_tokenizer
 from tests.test_decoding import WORDS, small_config
@@ -67,6 +68,14 @@ def test_gpu_decoding_gives_the_cpus_outputs(tiny_bundle, g2p_files, float32_mat
     for c, g, equal in zip(cpu, gpu, same):
         if equal:
             assert g.candidates[0].logprob == pytest.approx(c.candidates[0].logprob, abs=1e-3)
+
+
+def test_scoring_on_the_gpu_gives_the_cpus_scores(tiny_bundle, g2p_files, float32_matmul):
+    examples = read_examples(g2p_files["test"])
+    cpu = evaluate(generator_on(tiny_bundle, "cpu"), examples, MODES["greedy"])
+    gpu = evaluate(generator_on(tiny_bundle, "cuda"), examples, MODES["greedy"])
+    assert gpu.items == cpu.items == len(examples)
+    assert gpu.wer == pytest.approx(cpu.wer, abs=0.02) and gpu.per == pytest.approx(cpu.per, abs=0.01)
 
 
 @pytest.mark.parametrize("attention", ["none", "luong", "bahdanau"])
