@@ -23,6 +23,8 @@ BENCHMARK = Path(__file__).with_name("g2p_benchmark.py")
 
 LUONG_DEEP = ["model.attention=luong", "model.encoder_layers=3", "model.encoder_hidden=512"]
 BASE_WIDE = ["model.encoder_hidden=512", "model.decoder_hidden=1024"]
+# annealed over the whole budget: early stopping would cut the schedule short
+COSINE = ["training.schedule=cosine", "training.early_stopping_patience=1000"]
 # name → config overrides on top of --config
 VARIANTS: dict[str, list[str]] = {
     "base": [],
@@ -40,6 +42,13 @@ VARIANTS: dict[str, list[str]] = {
     "luong-deep-batch8k": [*LUONG_DEEP, "data.max_tokens=8192"],  # half the steps an epoch: more epochs a minute?
     "bahdanau-deep": ["model.attention=bahdanau", "model.encoder_layers=3", "model.encoder_hidden=512"],
     "base-wide-dropout": [*BASE_WIDE, "model.layer_dropout=0.3", "model.output_dropout=0.3"],
+    # the rate annealed to zero over the budget, where the plateau schedule cut it only once or twice
+    "base-cosine": COSINE,
+    "base-wide-cosine": [*BASE_WIDE, *COSINE],
+    "luong-deep-cosine": [*LUONG_DEEP, *COSINE],
+    "luong-deep-cosine-seed7": [*LUONG_DEEP, *COSINE, "training.seed=7"],
+    "luong-deep-cosine-batch8k": [*LUONG_DEEP, *COSINE, "data.max_tokens=8192"],
+    "bahdanau-deep-cosine": ["model.attention=bahdanau", "model.encoder_layers=3", "model.encoder_hidden=512", *COSINE],
     # ablations: each of g2p.yaml's defaults taken away, to check that it earns its place
     "base-no-smoothing": ["training.label_smoothing=0.0"],
     "base-no-dropout": ["model.embedding_dropout=0.0", "model.layer_dropout=0.0", "model.output_dropout=0.0"],
@@ -54,6 +63,8 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
     "ensemble-no-attention": ("base", "base-seed7", "base-ema", "base-wide"),
     "ensemble-attention": ("luong", "luong-seed7", "luong-deep", "bahdanau"),
     "ensemble-luong-deep": ("luong-deep", "luong-deep-seed7", "luong-deep-seed11", "luong-deep-ema"),
+    "ensemble-cosine-attention": ("luong-deep-cosine", "luong-deep-cosine-seed7", "bahdanau-deep-cosine"),
+    "ensemble-cosine": tuple(name for name in VARIANTS if name.endswith("cosine") or "-cosine-" in name),
     "ensemble-all": tuple(VARIANTS),
 }
 
@@ -90,6 +101,27 @@ def forget_if_other_members(results: Path, bundles: str) -> None:
         results.unlink()
 
 
+def write_summary(output: Path, names: list[str]) -> None:
+    """summary.json and summary.md: the named runs' results, those that have finished."""
+    summary, rows = {}, []
+    for name in names:
+        path = output / name / "results.json"
+        if not path.is_file():
+            continue
+        results = summary[name] = json.loads(path.read_text())
+        steps = results["training"].get("steps", "")
+        for mode, scores in results["scores"].items():
+            rows.append(
+                f"| {name} | {mode} | {scores['dev']['wer']:.2%} | {scores['test']['wer']:.2%} | "
+                f"{scores['test']['per']:.2%} | {results['parameters']:,} | {steps} | "
+                f"{results['training_seconds'] / 60:.1f} min | {results['device']} |"
+            )
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    header = "| run | decoding | dev WER | test WER | test PER | parameters | steps | training | device |"
+    table = "\n".join([header, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |", *rows])
+    (output / "summary.md").write_text(table + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True)
@@ -121,6 +153,7 @@ def main() -> None:
     }
     trained = [name for name, code in run_all(training, output, threads).items() if code == 0]
     trained += [name for name in names if name not in trained and (output / name / "results.json").is_file()]
+    write_summary(output, names)  # the single models' figures, should the ensembles not finish
 
     ensembles = {}
     for name, members in ENSEMBLES.items():
@@ -131,24 +164,8 @@ def main() -> None:
             ensembles[name] = benchmark_command(args, output / name, "--model", bundles)
     run_all(ensembles, output, threads)
 
-    summary, rows = {}, []
-    for name in [*names, *ensembles]:  # ensembles of this run's variants only
-        path = output / name / "results.json"
-        if not path.is_file():
-            continue
-        results = summary[name] = json.loads(path.read_text())
-        steps = results["training"].get("steps", "")
-        for mode, scores in results["scores"].items():
-            rows.append(
-                f"| {name} | {mode} | {scores['dev']['wer']:.2%} | {scores['test']['wer']:.2%} | "
-                f"{scores['test']['per']:.2%} | {results['parameters']:,} | {steps} | "
-                f"{results['training_seconds'] / 60:.1f} min | {results['device']} |"
-            )
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    header = "| run | decoding | dev WER | test WER | test PER | parameters | steps | training | device |"
-    table = "\n".join([header, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |", *rows])
-    (output / "summary.md").write_text(table + "\n")
-    print(table)
+    write_summary(output, [*names, *ensembles])  # ensembles of this run's variants only
+    print((output / "summary.md").read_text())
 
 
 if __name__ == "__main__":

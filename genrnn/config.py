@@ -184,8 +184,11 @@ class OptimConfig:
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 2e-3
     weight_decay: float = 0.0
-    schedule: Literal["plateau", "warmup", "constant"] = "plateau"
-    warmup_steps: int = 1000  # warmup: linear rise, then inverse square-root decay
+    # plateau: cut by plateau_factor when dev stalls; warmup: linear rise over warmup_steps, then
+    # inverse square-root decay; cosine: from lr down to 0 over the budget (max_steps, max_epochs
+    # or max_time, whichever runs out first); constant.
+    schedule: Literal["plateau", "warmup", "cosine", "constant"] = "plateau"
+    warmup_steps: int = 1000
     plateau_factor: float = 0.5
     plateau_patience: int = 2  # validations without improvement before the rate is cut
     label_smoothing: float = 0.0

@@ -201,6 +201,34 @@ def test_the_plateau_schedule_is_stepped_after_every_validation(g2p_files, tmp_p
     assert checkpoint["lr_schedulers"][0]["last_epoch"] == validations
 
 
+def logged_rates(run: Path) -> list[tuple[int, float]]:
+    """(step, learning rate) as the learning-rate monitor logged them."""
+    with open(run / "logs" / "version_0" / "metrics.csv") as file:
+        return [(int(row["step"]), float(row["lr-Adam"])) for row in csv.DictReader(file) if row.get("lr-Adam")]
+
+
+def test_the_cosine_schedule_spans_the_epoch_budget(g2p_files, tmp_path):
+    import math
+
+    run = tmp_path / "run"
+    run_cli(*tiny_train(g2p_files, run, "--max-epochs", "2", "--set", "training.schedule=cosine"))
+    total = load_bundle(run / "bundle").training["steps"]
+    rates = logged_rates(run)
+    assert len(rates) >= 3
+    for step, rate in rates:  # the rate of the step logged, which ran after `step` updates
+        assert rate == pytest.approx(0.005 * 0.5 * (1 + math.cos(math.pi * step / total)), rel=1e-4, abs=1e-9)
+
+
+def test_the_cosine_schedule_spans_a_time_budget(g2p_files, tmp_path):
+    run = tmp_path / "run"
+    budget = ["--max-epochs", "1000", "--max-time", "00:00:00:08", "--set", "training.schedule=cosine"]
+    run_cli(*tiny_train(g2p_files, run, *budget))
+    rates = [rate for _, rate in logged_rates(run)]
+    assert len(rates) >= 3
+    assert rates == sorted(rates, reverse=True) and rates[0] > 0.004
+    assert rates[-1] < 0.1 * 0.005  # the clock ran out, so the rate has nearly reached zero
+
+
 def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli(*tiny_train(g2p_files, one, "--max-epochs", "1", "--devices", "1"))

@@ -7,6 +7,7 @@ import math
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import Timer
 
 from genrnn.config import ExperimentConfig, from_dict, to_dict
 from genrnn.data import Batch
@@ -125,4 +126,29 @@ class Seq2SeqModule(pl.LightningModule):
 
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        if training.schedule == "cosine":
+            # The factor reads the trainer, not the step count, so a time budget sets the horizon too.
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda _: 0.5 * (1.0 + math.cos(math.pi * self.budget_spent()))
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         return optimizer
+
+    def budget_spent(self) -> float:
+        """The share of the training budget used: the most spent of max_steps, max_epochs and max_time."""
+        if self._trainer is None:
+            return 0.0
+        trainer = self.trainer
+        shares = [0.0]
+        if trainer.max_steps > 0:
+            shares.append(trainer.global_step / trainer.max_steps)
+        batches = trainer.num_training_batches
+        if trainer.max_epochs and trainer.max_epochs > 0 and 0 < batches < math.inf:
+            shares.append(trainer.global_step / (batches * trainer.max_epochs))
+        for timer in (c for c in trainer.callbacks if isinstance(c, Timer)):
+            remaining = timer.time_remaining()
+            if remaining is not None:
+                elapsed = timer.time_elapsed()
+                shares.append(elapsed / max(elapsed + remaining, 1e-9))
+        # Clocks differ between processes: every rank takes rank 0's share, so the rates agree.
+        return min(1.0, trainer.strategy.broadcast(max(shares)))
