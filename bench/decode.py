@@ -208,6 +208,9 @@ def step_cost(generator: Generator, settings: DecodingConfig, words: Sequence[st
 def long_outputs_table(model: Seq2Seq, source: Tokenizer, target: Tokenizer, words: Sequence[str]) -> str:
     """Beam (size 4) against greedy, per step, as outputs grow: a model that never emits EOS."""
     endless = copy.deepcopy(model)
+    for module in endless.modules():
+        if isinstance(module, torch.nn.RNNBase):
+            module.flatten_parameters()  # a deep copy loses cuDNN's single weight buffer
     with torch.no_grad():
         endless.output.bias[EOS_ID] = float("-inf")
     generator = Generator(endless, source, target, max_new_tokens_cap=1024)

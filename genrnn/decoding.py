@@ -192,12 +192,11 @@ class Generator:
         """Decode every source with its settings (one for all, or one per source)."""
         source_ids = self.source_tokenizer.encode(sources)
         hypotheses = self.generate_ids(source_ids, settings)
-        results = []
-        for source, ids, hyps in zip(sources, source_ids, hypotheses):
-            texts = self.target_tokenizer.decode([h.tokens for h in hyps])
-            candidates = [Candidate(h.tokens, t, h.logprob, h.finish_reason) for h, t in zip(hyps, texts)]
-            results.append(Generation(source, len(ids), candidates))
-        return results
+        texts = iter(self.target_tokenizer.decode([h.tokens for hyps in hypotheses for h in hyps]))
+        return [
+            Generation(source, len(ids), [Candidate(h.tokens, next(texts), h.logprob, h.finish_reason) for h in hyps])
+            for source, ids, hyps in zip(sources, source_ids, hypotheses)
+        ]
 
     def generate_sorted(
         self, sources: Sequence[str], settings: DecodingConfig, batch_size: int = 256

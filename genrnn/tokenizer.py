@@ -36,13 +36,16 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
+    # One thread: sentencepiece starts a thread pool per call otherwise, which costs more than
+    # it saves on words and sentences (1024 words: 1.4 ms on a pool, 0.6 ms on one thread).
+
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, without BOS or EOS."""
-        return self._sp.encode(list(texts))
+        return self._sp.encode(list(texts), num_threads=1)
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of each id list; PAD, BOS and EOS are dropped, UNK is sentencepiece's " ⁇ "."""
-        return self._sp.decode([[i for i in row if i not in _CONTROL_IDS] for row in ids])
+        return self._sp.decode([[i for i in row if i not in _CONTROL_IDS] for row in ids], num_threads=1)
 
     def piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id)
