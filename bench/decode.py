@@ -359,7 +359,7 @@ def main() -> None:
     mm = mm_gflops(n)
     flop_line = (
         f"Greedy at batch {largest}: {achieved:,.1f} GFLOP/s ({flops / greedy.sequences / 1e6:.1f} MFLOP a sequence); "
-        f"torch.mm {n}×{n} float32: {mm:,.1f} GFLOP/s; ratio {achieved / mm:.0%}"
+        f"torch.mm {n}×{n} float32: {mm:,.1f} GFLOP/s; ratio {achieved / mm:.1%}"
         + (" (target: 50%)." if on_cpu else ".")
     )
     print(speed_table)

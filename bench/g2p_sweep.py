@@ -22,6 +22,7 @@ from pathlib import Path
 BENCHMARK = Path(__file__).with_name("g2p_benchmark.py")
 
 LUONG_DEEP = ["model.attention=luong", "model.encoder_layers=3", "model.encoder_hidden=512"]
+BAHDANAU_DEEP = ["model.attention=bahdanau", "model.encoder_layers=3", "model.encoder_hidden=512"]
 BASE_WIDE = ["model.encoder_hidden=512", "model.decoder_hidden=1024"]
 # annealed over the whole budget: early stopping would cut the schedule short
 COSINE = ["training.schedule=cosine", "training.early_stopping_patience=1000"]
@@ -40,7 +41,7 @@ VARIANTS: dict[str, list[str]] = {
     "luong-deep-seed11": [*LUONG_DEEP, "training.seed=11"],
     "luong-deep-ema": [*LUONG_DEEP, "training.ema_decay=0.999"],
     "luong-deep-batch8k": [*LUONG_DEEP, "data.max_tokens=8192"],  # half the steps an epoch: more epochs a minute?
-    "bahdanau-deep": ["model.attention=bahdanau", "model.encoder_layers=3", "model.encoder_hidden=512"],
+    "bahdanau-deep": BAHDANAU_DEEP,
     "base-wide-dropout": [*BASE_WIDE, "model.layer_dropout=0.3", "model.output_dropout=0.3"],
     # the rate annealed to zero over the budget, where the plateau schedule cut it only once or twice
     "base-cosine": COSINE,
@@ -48,7 +49,12 @@ VARIANTS: dict[str, list[str]] = {
     "luong-deep-cosine": [*LUONG_DEEP, *COSINE],
     "luong-deep-cosine-seed7": [*LUONG_DEEP, *COSINE, "training.seed=7"],
     "luong-deep-cosine-batch8k": [*LUONG_DEEP, *COSINE, "data.max_tokens=8192"],
-    "bahdanau-deep-cosine": ["model.attention=bahdanau", "model.encoder_layers=3", "model.encoder_hidden=512", *COSINE],
+    "bahdanau-deep-cosine": [*BAHDANAU_DEEP, *COSINE],
+    # the single model that led the cosine round, on more seeds and with twice the batch
+    "bahdanau-deep-seed7": [*BAHDANAU_DEEP, "training.seed=7"],
+    "bahdanau-deep-cosine-seed7": [*BAHDANAU_DEEP, *COSINE, "training.seed=7"],
+    "bahdanau-deep-cosine-seed11": [*BAHDANAU_DEEP, *COSINE, "training.seed=11"],
+    "bahdanau-deep-cosine-batch8k": [*BAHDANAU_DEEP, *COSINE, "data.max_tokens=8192"],
     # ablations: each of g2p.yaml's defaults taken away, to check that it earns its place
     "base-no-smoothing": ["training.label_smoothing=0.0"],
     "base-no-dropout": ["model.embedding_dropout=0.0", "model.layer_dropout=0.0", "model.output_dropout=0.0"],
@@ -64,6 +70,7 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
     "ensemble-attention": ("luong", "luong-seed7", "luong-deep", "bahdanau"),
     "ensemble-luong-deep": ("luong-deep", "luong-deep-seed7", "luong-deep-seed11", "luong-deep-ema"),
     "ensemble-cosine-attention": ("luong-deep-cosine", "luong-deep-cosine-seed7", "bahdanau-deep-cosine"),
+    "ensemble-bahdanau": tuple(name for name in VARIANTS if name.startswith("bahdanau-deep")),
     "ensemble-cosine": tuple(name for name in VARIANTS if name.endswith("cosine") or "-cosine-" in name),
     "ensemble-all": tuple(VARIANTS),
 }
