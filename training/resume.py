@@ -38,5 +38,5 @@ class ResumePoint(Checkpoint):
         self._save(trainer)
 
     def _save(self, trainer: pl.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # optimiser, schedule and loader too
         self._saved_at = time.monotonic()
