@@ -45,7 +45,8 @@ class Seq2SeqModule(pl.LightningModule):
         loss, tokens = self.loss(batch)
         # Lightning writes step values every log_every_n_steps steps and drops the others, and
         # each self.log call costs host time (about 0.6 ms on a CPU core): log only what is written.
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        every = self.trainer.log_every_n_steps
+        if every and (self.global_step + 1) % every == 0:
             size = batch.source.shape[0]
             self.log("train_loss", loss, prog_bar=True, batch_size=size)
             self.log("padding_fraction", batch.padding_fraction, batch_size=size)
