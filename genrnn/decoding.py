@@ -285,9 +285,10 @@ class Generator:
         done_rows = torch.zeros(len(params), dtype=torch.bool, device=device)
         tokens = torch.full((len(params),), BOS_ID, dtype=torch.long, device=device)
 
+        # An all-greedy batch skips _choose: finding its sampled rows waits for the GPU each step.
         for t in range(steps):
             logits, logp, state = self._step_logprobs(tokens, state)
-            tokens = self._choose(logits, live, t)
+            tokens = logits.argmax(dim=-1) if all(greedy) else self._choose(logits, live, t)
             # Without compaction finished rows keep stepping, but their results are left alone.
             running = slice(None) if self.compact else ~done_rows
             row, chosen = live["row"][running], tokens[running]

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -55,6 +56,28 @@ def test_the_recurrent_layers_run_on_cudnn(tiny_bundle):
         generator.generate(["cat", "spelling"], MODES["greedy"])
     ops = {event.key for event in profile.key_averages()}
     assert "aten::_cudnn_rnn" in ops, sorted(op for op in ops if "rnn" in op or "lstm" in op)
+
+
+def synchronisations(generator: Generator, settings: DecodingConfig) -> int:
+    """How many times decoding ``WORDS`` waits for the GPU, by torch's sync debug mode."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            generator.generate(WORDS, settings)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_greedy_decoding_waits_for_the_gpu_once_a_step(tiny_bundle):
+    bundle = load_bundle(tiny_bundle, "cuda")
+    with torch.no_grad():
+        bundle.model.output.bias[EOS_ID] = float("-inf")  # never ends: every row runs every step
+    generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
+    generator.generate(WORDS, MODES["greedy"])  # warm-up
+    short, long = (synchronisations(generator, DecodingConfig(max_new_tokens=n)) for n in (8, 16))
+    assert long - short == 8  # the step's check for finished rows, and nothing else
 
 
 @pytest.mark.parametrize("mode", MODES)
