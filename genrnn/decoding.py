@@ -285,10 +285,12 @@ class Generator:
         done_rows = torch.zeros(len(params), dtype=torch.bool, device=device)
         tokens = torch.full((len(params),), BOS_ID, dtype=torch.long, device=device)
 
-        # An all-greedy batch skips _choose: finding its sampled rows waits for the GPU each step.
+        # Only a batch that mixes greedy and sampled rows looks for its sampled rows each step,
+        # which waits for the GPU; the others know them on the host.
+        all_greedy, mixed = all(greedy), any(greedy) and not all(greedy)
         for t in range(steps):
             logits, logp, state = self._step_logprobs(tokens, state)
-            tokens = logits.argmax(dim=-1) if all(greedy) else self._choose(logits, live, t)
+            tokens = logits.argmax(dim=-1) if all_greedy else self._choose(logits, live, t, mixed)
             # Without compaction finished rows keep stepping, but their results are left alone.
             running = slice(None) if self.compact else ~done_rows
             row, chosen = live["row"][running], tokens[running]
@@ -321,10 +323,13 @@ class Generator:
             hyps.sort(key=lambda h: -h.logprob)
         return per_request
 
-    def _choose(self, logits: torch.Tensor, live: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, live: dict[str, torch.Tensor], step: int, mixed: bool) -> torch.Tensor:
         """Next token of every live row: argmax for greedy rows, a filtered sample for the others."""
         tokens = logits.argmax(dim=-1)
-        sampled = (~live["greedy"]).nonzero().squeeze(1)
+        if mixed:
+            sampled = (~live["greedy"]).nonzero().squeeze(1)
+        else:
+            sampled = torch.arange(logits.shape[0], device=logits.device)
         if sampled.numel():
             probs, order = filtered_distribution(
                 logits.index_select(0, sampled),

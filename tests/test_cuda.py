@@ -70,13 +70,14 @@ def synchronisations(generator: Generator, settings: DecodingConfig) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def test_greedy_decoding_waits_for_the_gpu_once_a_step(tiny_bundle):
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
+def test_decoding_waits_for_the_gpu_once_a_step(tiny_bundle, mode):
     bundle = load_bundle(tiny_bundle, "cuda")
     with torch.no_grad():
         bundle.model.output.bias[EOS_ID] = float("-inf")  # never ends: every row runs every step
     generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
-    generator.generate(WORDS, MODES["greedy"])  # warm-up
-    short, long = (synchronisations(generator, DecodingConfig(max_new_tokens=n)) for n in (8, 16))
+    generator.generate(WORDS, DecodingConfig(mode=mode, seed=1))  # warm-up
+    short, long = (synchronisations(generator, DecodingConfig(mode=mode, seed=1, max_new_tokens=n)) for n in (8, 16))
     assert long - short == 8  # the step's check for finished rows, and nothing else
 
 
