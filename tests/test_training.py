@@ -294,6 +294,19 @@ def test_weight_averaging_puts_the_averaged_weights_in_the_bundle(g2p_files, tmp
     assert float(logged[-1]["dev_wer"]) == pytest.approx(wer, abs=1e-6)
 
 
+def test_the_best_checkpoint_holds_weights_and_the_resume_point_everything(g2p_files, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    run_cli(*tiny_train(g2p_files, run, "--max-epochs", "2"))
+    (best_path,) = (run / "checkpoints").glob("best-*.ckpt")
+    best = torch.load(best_path, map_location="cpu", weights_only=False)
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "optimizer_states" not in best and best["state_dict"]
+    assert last["optimizer_states"] and last["lr_schedulers"]
+    assert last["global_step"] == load_bundle(run / "bundle").training["steps"]  # written as training ended
+
+
 def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):
     run = tmp_path / "run"
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1"))

@@ -103,6 +103,9 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         monitor=training.monitor,
         mode="min",
         save_top_k=1,
+        # The best checkpoint only feeds the bundle, and weights alone are a third of a checkpoint
+        # with Adam's moments. Averaging puts its weights in only through a full checkpoint.
+        save_weights_only=not training.ema_decay,
     )
     # Checked after each validation only: a budget may end an epoch before any validation ran.
     early_stopping = EarlyStopping(
