@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+import torch
+from pytorch_lightning.callbacks import (
+    EarlyStopping,
+    EMAWeightAveraging,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    TQDMProgressBar,
+)
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from genrnn.bundle import save_bundle
@@ -23,6 +30,7 @@ from training.module import Seq2SeqModule
 from training.resume import ResumePoint
 
 DEV_SHARE = 21  # without a dev set, about 1/21 of the training sources are held out
+LOG_EVERY_N_STEPS = 20
 
 
 def fingerprint(examples: Sequence[Example]) -> str:
@@ -94,6 +102,13 @@ def trainer_is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
+def progress_bar(accelerator: str) -> TQDMProgressBar:
+    """The progress bar. On a GPU it refreshes only as often as the logs are written: each
+    refresh reads the logged loss back from the device, which makes the step wait for it."""
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS if on_gpu else 1)
+
+
 def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, ModelCheckpoint]:
     """A Trainer with checkpoints on the dev metric, early stopping, and CSV + TensorBoard logs."""
     training = config.training
@@ -115,7 +130,13 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         check_on_train_epoch_end=False,
     )
     resume_point = ResumePoint(output / "checkpoints" / "last.ckpt", training.checkpoint_minutes)
-    callbacks = [checkpoint, resume_point, early_stopping, LearningRateMonitor(logging_interval="step")]
+    callbacks = [
+        checkpoint,
+        resume_point,
+        early_stopping,
+        LearningRateMonitor(logging_interval="step"),
+        progress_bar(training.accelerator),
+    ]
     if training.ema_decay:
         # Validation, checkpoints and hence the bundle see the averaged weights.
         callbacks.append(EMAWeightAveraging(decay=training.ema_decay))
@@ -133,7 +154,7 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         val_check_interval=int(interval) if interval > 1 else interval,
         callbacks=callbacks,
         logger=[CSVLogger(output, name="logs"), TensorBoardLogger(output, name="tensorboard")],
-        log_every_n_steps=20,
+        log_every_n_steps=LOG_EVERY_N_STEPS,
         use_distributed_sampler=False,  # the token-budget batch sampler shards by rank itself
         num_sanity_val_steps=0,
     )
