@@ -201,7 +201,7 @@ class OptimConfig:
     early_stopping_patience: int = 6  # validations without improvement
     val_check_interval: float = 1.0  # fraction of an epoch, or steps if > 1
     seed: int = 1234
-    checkpoint_minutes: float = 10.0  # between the checkpoints a killed run resumes from (0: at epoch ends)
+    checkpoint_minutes: float = 10.0  # between the mid-epoch checkpoints a killed run resumes from (0: epoch ends only)
     precision: str = "32-true"
     accelerator: str = "auto"
     devices: str = "1"  # an integer, "auto", or a list like "0,1"
@@ -223,7 +223,7 @@ class OptimConfig:
             "must exceed training.plateau_patience + 1, or training stops before the learning rate is ever cut",
         )
         _require(self.num_nodes >= 1, "training.num_nodes", "must be at least 1")
-        _require(self.checkpoint_minutes >= 0, "training.checkpoint_minutes", "must be 0 (at epoch ends) or more")
+        _require(self.checkpoint_minutes >= 0, "training.checkpoint_minutes", "must be 0 (epoch ends only) or more")
         if self.max_time is not None:
             parts = self.max_time.split(":")
             _require(

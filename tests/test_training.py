@@ -229,6 +229,18 @@ def test_the_cosine_schedule_spans_a_time_budget(g2p_files, tmp_path):
     assert rates[-1] < 0.1 * 0.005  # the clock ran out, so the rate has nearly reached zero
 
 
+def test_step_values_are_logged_every_20_steps_and_at_the_last(g2p_files, tmp_path):
+    run = tmp_path / "run"
+    run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1000", "--max-time", "00:00:00:04"))
+    with open(run / "logs" / "version_0" / "metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row["train_loss"]]
+    steps = [int(row["step"]) for row in rows]
+    last_step = load_bundle(run / "bundle").training["steps"] - 1  # Lightning counts from 0
+    assert steps[:-1] == list(range(19, steps[-2] + 1, 20)) and steps[-1] == last_step
+    # The time budget ended training at a step of its own: its values, not the previous row's again.
+    assert rows[-1]["train_loss"] != rows[-2]["train_loss"]
+
+
 def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli(*tiny_train(g2p_files, one, "--max-epochs", "1", "--devices", "1"))
@@ -304,7 +316,7 @@ def test_the_best_checkpoint_holds_weights_and_the_resume_point_everything(g2p_f
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert "optimizer_states" not in best and best["state_dict"]
     assert last["optimizer_states"] and last["lr_schedulers"]
-    assert last["global_step"] == load_bundle(run / "bundle").training["steps"]  # written as training ended
+    assert last["global_step"] == load_bundle(run / "bundle").training["steps"]  # written as the last epoch ended
 
 
 def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):

@@ -1,4 +1,4 @@
-"""The checkpoint a killed run resumes from: written every few minutes and when training ends."""
+"""The checkpoint a killed run resumes from: written at every epoch end and every few minutes."""
 
 from __future__ import annotations
 
@@ -10,16 +10,13 @@ from pytorch_lightning.callbacks import Checkpoint
 
 
 class ResumePoint(Checkpoint):
-    """Writes ``last.ckpt`` after every ``every_minutes`` of training and when training ends.
+    """Writes ``last.ckpt`` at each epoch end and after every ``every_minutes`` of training (0: epoch ends only).
 
     With the training loader's place in its epoch inside the checkpoint (see
     :class:`training.datamodule.ResumableLoader`), a run killed mid-epoch loses at most
-    ``every_minutes`` of work, so epoch ends need no checkpoint of their own: on a GPU an
-    epoch can take seconds, and a checkpoint with Adam's moments is three times the
-    weights. With ``every_minutes`` 0 it writes at every epoch end instead. Lightning
-    writes checkpoints atomically, so a kill during a save leaves the previous one whole.
-    As a :class:`Checkpoint`, it runs after the other callbacks' hooks, so that their
-    state is saved as they leave it.
+    ``every_minutes`` of work. Lightning writes checkpoints atomically, so a kill
+    during a save leaves the previous one whole. As a :class:`Checkpoint`, it runs after
+    the other callbacks' epoch-end hooks, so that their state is saved as it ends the epoch.
     """
 
     def __init__(self, path: Path, every_minutes: float) -> None:
@@ -38,10 +35,6 @@ class ResumePoint(Checkpoint):
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.every_seconds:
-            self._save(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer)
 
     def _save(self, trainer: pl.Trainer) -> None:
