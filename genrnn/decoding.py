@@ -287,10 +287,11 @@ class Generator:
 
         # Only a batch that mixes greedy and sampled rows looks for its sampled rows each step,
         # which waits for the GPU; the others know them on the host.
-        all_greedy, mixed = all(greedy), any(greedy) and not all(greedy)
+        all_greedy = all(greedy)
+        mixed = any(greedy) and not all_greedy
         for t in range(steps):
             logits, logp, state = self._step_logprobs(tokens, state)
-            tokens = logits.argmax(dim=-1) if all_greedy else self._choose(logits, live, t, mixed)
+            tokens = logits.argmax(dim=-1) if all_greedy else self._choose(logits, live, t, mixed=mixed)
             # Without compaction finished rows keep stepping, but their results are left alone.
             running = slice(None) if self.compact else ~done_rows
             row, chosen = live["row"][running], tokens[running]

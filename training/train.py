@@ -103,8 +103,11 @@ def trainer_is_rank_zero() -> bool:
 
 
 def progress_bar(accelerator: str) -> TQDMProgressBar:
-    """The progress bar. On a GPU it refreshes only as often as the logs are written: each
-    refresh reads the logged loss back from the device, which makes the step wait for it."""
+    """The progress bar; on a GPU it refreshes with the logs, as each refresh waits for the device.
+
+    A refresh reads the logged loss back from the GPU, so a refresh every step made every
+    step wait for the GPU to finish it.
+    """
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS if on_gpu else 1)
 
