@@ -55,6 +55,10 @@ VARIANTS: dict[str, list[str]] = {
     "bahdanau-deep-cosine-seed7": [*BAHDANAU_DEEP, *COSINE, "training.seed=7"],
     "bahdanau-deep-cosine-seed11": [*BAHDANAU_DEEP, *COSINE, "training.seed=11"],
     "bahdanau-deep-cosine-batch8k": [*BAHDANAU_DEEP, *COSINE, "data.max_tokens=8192"],
+    # Luong attention without input feeding: the decoder runs over the whole target at once in training
+    "luong-deep-no-feeding": [*LUONG_DEEP, "model.input_feeding=false"],
+    "luong-deep-no-feeding-seed7": [*LUONG_DEEP, "model.input_feeding=false", "training.seed=7"],
+    "luong-deep-no-feeding-cosine": [*LUONG_DEEP, "model.input_feeding=false", *COSINE],
     # ablations: each of g2p.yaml's defaults taken away, to check that it earns its place
     "base-no-smoothing": ["training.label_smoothing=0.0"],
     "base-no-dropout": ["model.embedding_dropout=0.0", "model.layer_dropout=0.0", "model.output_dropout=0.0"],
@@ -71,6 +75,7 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
     "ensemble-luong-deep": ("luong-deep", "luong-deep-seed7", "luong-deep-seed11", "luong-deep-ema"),
     "ensemble-cosine-attention": ("luong-deep-cosine", "luong-deep-cosine-seed7", "bahdanau-deep-cosine"),
     "ensemble-bahdanau": tuple(name for name in VARIANTS if name.startswith("bahdanau-deep")),
+    "ensemble-no-feeding": tuple(name for name in VARIANTS if "no-feeding" in name),
     "ensemble-cosine": tuple(name for name in VARIANTS if name.endswith("cosine") or "-cosine-" in name),
     "ensemble-all": tuple(VARIANTS),
 }

@@ -1,6 +1,7 @@
 """Training throughput of the default G2P model: bucketed + packed batches against a naive baseline.
 
     python bench/train_throughput.py [--config training/configs/g2p.yaml] [--pairs 20000] [--steps 40]
+        [--no-feeding]
 
 Both variants train the same model (forward, backward, Adam step) on the same
 pairs of the built-in CMUdict task, with the same number of pairs per batch on
@@ -8,6 +9,10 @@ average. genrnn: token-budget batches of similar length, encoder over packed
 sequences. Baseline: batches in random order with a fixed size, encoder over the
 padded tensor. Reported: target tokens per second (real, non-padding) and the
 padding fraction of the batches.
+
+With ``--no-feeding``, the model with Luong attention also trains on the bucketed
+batches twice: with input feeding, which steps the decoder one position at a time
+(the baseline), and without, which runs the decoder over the whole target at once.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import platform
 import random
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +68,7 @@ def main() -> None:
     parser.add_argument("--config", default="training/configs/g2p.yaml")
     parser.add_argument("--pairs", type=int, default=20000, help="training pairs to draw batches from")
     parser.add_argument("--steps", type=int, default=40, help="measured steps per variant")
+    parser.add_argument("--no-feeding", action="store_true", help="also time Luong attention without input feeding")
     args = parser.parse_args()
 
     config = load_config(args.config)
@@ -87,6 +94,13 @@ def main() -> None:
         ("baseline: random batches, padded encoder", *measure(model, naive, padded_step)),
         ("genrnn: length buckets, packed encoder", *measure(model, bucketed, packed_step)),
     ]
+    if args.no_feeding:
+        for feeding in (True, False):
+            torch.manual_seed(0)
+            luong = replace(config.model, attention="luong", input_feeding=feeding)
+            attentive = Seq2Seq(luong, source_tok.vocab_size, target_tok.vocab_size)
+            label = "baseline: Luong attention, input feeding" if feeding else "Luong attention, no input feeding"
+            rows.append((label, *measure(attentive, bucketed, packed_step)))
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; model {model.num_parameters():,} parameters; "
@@ -96,6 +110,8 @@ def main() -> None:
     for name, rate, padding in rows:
         print(f"| {name} | {rate:,.0f} | {padding:.1%} |")
     print(f"speed-up: {rows[1][1] / rows[0][1]:.2f}×")
+    if args.no_feeding:
+        print(f"without input feeding: {rows[3][1] / rows[2][1]:.2f}×")
 
 
 if __name__ == "__main__":

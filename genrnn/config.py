@@ -109,6 +109,9 @@ class ModelConfig:
     # additive attention. Either steps the decoder one token at a time in training (slower).
     attention: AttentionType = "none"
     attention_size: int = 256  # hidden size of Bahdanau's scoring layer
+    # Luong only: feed the previous attentional vector into the decoder. Off, training runs the
+    # decoder over the whole target in one fused call and attends to every position at once.
+    input_feeding: bool = True
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "encoder_hidden", "encoder_layers", "decoder_hidden", "decoder_layers"):
@@ -128,6 +131,11 @@ class ModelConfig:
                 "'last' needs at least as many encoder layers as decoder layers; use 'bridge' otherwise",
             )
         _require(self.attention_size >= 1, "model.attention_size", "must be at least 1")
+        _require(
+            self.input_feeding or self.attention == "luong",
+            "model.input_feeding",
+            "can be switched off only for Luong attention (Bahdanau's decoder reads the context it attends with)",
+        )
         if self.tie_embeddings:
             _require(
                 self.embedding_dim == self.decoder_hidden,

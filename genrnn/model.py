@@ -173,6 +173,14 @@ class Attention(nn.Module):
         weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=0)  # (src_len, batch)
         return (weights[:, :, None] * memory).sum(0)
 
+    def attend_all(
+        self, queries: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Luong's attention for every position at once: ``(batch, steps, query)`` → ``(batch, steps, memory)``."""
+        scores = torch.einsum("btq,sbq->bts", queries, keys)
+        weights = scores.masked_fill(~mask.t()[:, None, :], float("-inf")).softmax(dim=-1)
+        return torch.einsum("bts,sbm->btm", weights, memory)
+
 
 @dataclass
 class Encoded:
@@ -213,9 +221,12 @@ class Seq2Seq(nn.Module):
             self.attention = Attention(
                 config.attention, config.encoder_output_size, config.decoder_hidden, config.attention_size
             )
-            # Luong feeds the previous attentional vector back in; Bahdanau feeds the context.
-            fed = config.decoder_hidden if config.attention == "luong" else config.encoder_output_size
-            decoder_input += fed
+            # Luong feeds the previous attentional vector back in (unless input feeding is off);
+            # Bahdanau feeds the context.
+            if config.attention == "bahdanau":
+                decoder_input += config.encoder_output_size
+            elif config.input_feeding:
+                decoder_input += config.decoder_hidden
             self.attentional = nn.Linear(config.encoder_output_size + config.decoder_hidden, config.decoder_hidden)
         self.decoder = StackedRNN(
             config.cell,
@@ -250,6 +261,8 @@ class Seq2Seq(nn.Module):
         embedded = self.embedding_dropout(self.target_embedding(target_in))
         if self.config.attention == "none":
             output, state = self.decoder(embedded, state)
+        elif not self.config.input_feeding:
+            output, state = self._attend_all(embedded, state)
         else:
             output, state = self._attend(embedded, state)
         return self.output(self.output_dropout(output)), state
@@ -272,6 +285,15 @@ class Seq2Seq(nn.Module):
             feed = attentional[None]
             outputs.append(attentional)
         return torch.stack(outputs, dim=1), (*recurrent, feed, memory, keys, mask)
+
+    def _attend_all(self, embedded: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Luong attention without input feeding: the decoder over every position in one call, then attention."""
+        recurrent, (_, memory, keys, mask) = state[: self.recurrent_states], state[self.recurrent_states :]
+        top, recurrent = self.decoder(embedded, recurrent)
+        context = self.attention.attend_all(top, memory, keys, mask)
+        attentional = torch.tanh(self.attentional(torch.cat([context, top], dim=-1)))
+        # The state keeps its layout, so the decoding engine needs no second case.
+        return attentional, (*recurrent, attentional[:, -1][None], memory, keys, mask)
 
     def forward(self, source: torch.Tensor, source_lengths: torch.Tensor, target_in: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: logits ``(batch, tgt_len, vocab)`` for ``target_in = BOS y1 … yn``."""

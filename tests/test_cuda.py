@@ -23,6 +23,7 @@ from genrnn.evaluation import evaluate
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import EOS_ID, train_tokenizer
 from tests.test_decoding import WORDS, small_config
+from tests.test_model import ATTENTION
 from tests.test_training import run_cli, tiny_train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -102,10 +103,11 @@ def test_scoring_on_the_gpu_gives_the_cpus_scores(tiny_bundle, g2p_files, float3
     assert gpu.wer == pytest.approx(cpu.wer, abs=0.02) and gpu.per == pytest.approx(cpu.per, abs=0.01)
 
 
-@pytest.mark.parametrize("attention", ["none", "luong", "bahdanau"])
+@pytest.mark.parametrize("attention", ["none", *ATTENTION])
 def test_teacher_forced_logits_agree_with_the_cpu(attention, float32_matmul):
     torch.manual_seed(0)
-    model = Seq2Seq(small_config(attention=attention, encoder_layers=2, decoder_layers=2), 40, 50).eval()
+    overrides = ATTENTION.get(attention, {})
+    model = Seq2Seq(small_config(encoder_layers=2, decoder_layers=2, **overrides), 40, 50).eval()
     lengths = torch.tensor([7, 3, 5])
     source = torch.randint(4, 40, (3, 7)) * (torch.arange(7) < lengths[:, None])
     target = torch.randint(4, 50, (3, 6))
@@ -115,12 +117,12 @@ def test_teacher_forced_logits_agree_with_the_cpu(attention, float32_matmul):
     torch.testing.assert_close(actual.cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("attention", ["none", "luong", "bahdanau"])
+@pytest.mark.parametrize("attention", ["none", *ATTENTION])
 def test_every_mode_decodes_the_same_on_the_gpu(attention, float32_matmul):
     torch.manual_seed(1)
     source = train_tokenizer(WORDS * 3, "char", 64)
     target = train_tokenizer(["K AE1 T", "D AO1 G", "HH AW1 S", "AH0", "T R IY1"] * 3, "word", 64)
-    model = Seq2Seq(small_config(attention=attention), source.vocab_size, target.vocab_size)
+    model = Seq2Seq(small_config(**ATTENTION.get(attention, {})), source.vocab_size, target.vocab_size)
     with torch.no_grad():
         model.output.bias[EOS_ID] = 2.0  # rows end at different steps
     on_cpu = Generator(model, source, target)

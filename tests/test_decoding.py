@@ -14,6 +14,7 @@ from genrnn.config import DecodingConfig, ModelConfig
 from genrnn.decoding import Generator, filtered_distribution, length_penalty
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+from tests.test_model import ATTENTION
 
 WORDS = ["cat", "dog", "house", "a", "mouse", "spelling", "x", "tree"]
 
@@ -252,10 +253,10 @@ def test_max_new_tokens_over_the_cap_is_refused(generator):
         generator.generate(["cat"], DecodingConfig(max_new_tokens=generator.max_new_tokens_cap + 1))
 
 
-@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+@pytest.mark.parametrize("attention", ATTENTION)
 def test_every_mode_runs_on_an_attention_model(generator, attention):
     torch.manual_seed(4)
-    config = small_config(attention=attention)
+    config = small_config(**ATTENTION[attention])
     model = Seq2Seq(config, generator.source_tokenizer.vocab_size, generator.target_tokenizer.vocab_size)
     with torch.no_grad():
         model.output.bias[EOS_ID] = 2.0

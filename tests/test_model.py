@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from genrnn.config import ModelConfig
+from genrnn.errors import ConfigurationError
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import PAD_ID
 
@@ -138,17 +139,26 @@ def test_residual_connections_change_the_stacked_output():
     assert not torch.allclose(plain(source, lengths, target), residual(source, lengths, target))
 
 
-@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+# Each kind of attention, as model overrides: Luong's with and without input feeding, Bahdanau's.
+ATTENTION = {
+    "luong": {"attention": "luong"},
+    "luong-no-feeding": {"attention": "luong", "input_feeding": False},
+    "bahdanau": {"attention": "bahdanau"},
+}
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_attention_shapes(attention, cell):
-    model = Seq2Seq(small(cell=cell, attention=attention, attention_size=7), SRC_VOCAB, TGT_VOCAB)
+    model = Seq2Seq(small(cell=cell, attention_size=7, **ATTENTION[attention]), SRC_VOCAB, TGT_VOCAB)
     source, lengths = batch()
     assert model(source, lengths, torch.randint(4, TGT_VOCAB, (3, 4))).shape == (3, 4, TGT_VOCAB)
 
 
-@pytest.mark.parametrize("attention", ["none", "luong", "bahdanau"])
+@pytest.mark.parametrize("attention", ["none", *ATTENTION])
 def test_teacher_forcing_equals_decoding_one_step_at_a_time(attention):
-    model = Seq2Seq(small(attention=attention, encoder_layers=2, decoder_layers=2), SRC_VOCAB, TGT_VOCAB).eval()
+    overrides = ATTENTION.get(attention, {})
+    model = Seq2Seq(small(encoder_layers=2, decoder_layers=2, **overrides), SRC_VOCAB, TGT_VOCAB).eval()
     source, lengths = batch()
     target = torch.randint(4, TGT_VOCAB, (3, 5))
     whole, _ = model.decode(target, model.encode(source, lengths).state)
@@ -159,11 +169,23 @@ def test_teacher_forcing_equals_decoding_one_step_at_a_time(attention):
     torch.testing.assert_close(whole, torch.cat(steps, dim=1))
 
 
-@pytest.mark.parametrize("attention", ["luong", "bahdanau"])
+@pytest.mark.parametrize("attention", ATTENTION)
 def test_attention_never_looks_at_padding(attention):
-    model = Seq2Seq(small(attention=attention), SRC_VOCAB, TGT_VOCAB).eval()
+    model = Seq2Seq(small(**ATTENTION[attention]), SRC_VOCAB, TGT_VOCAB).eval()
     source, lengths = batch((5, 2))
     target = torch.randint(4, TGT_VOCAB, (2, 3))
     padded = model(source, lengths, target)
     alone = model(source[1:, :2], lengths[1:], target[1:])
     torch.testing.assert_close(padded[1], alone[0])
+
+
+def test_without_input_feeding_the_decoder_reads_only_the_embeddings():
+    fed = Seq2Seq(small(attention="luong"), SRC_VOCAB, TGT_VOCAB)
+    unfed = Seq2Seq(small(attention="luong", input_feeding=False), SRC_VOCAB, TGT_VOCAB)
+    assert fed.decoder.layers[0].input_size == 8 + 10  # embedding and the fed attentional vector
+    assert unfed.decoder.layers[0].input_size == 8
+
+
+def test_input_feeding_can_be_switched_off_only_for_luong():
+    with pytest.raises(ConfigurationError, match="model.input_feeding"):
+        small(attention="bahdanau", input_feeding=False)
