@@ -24,6 +24,7 @@ BENCHMARK = Path(__file__).with_name("g2p_benchmark.py")
 LUONG_DEEP = ["model.attention=luong", "model.encoder_layers=3", "model.encoder_hidden=512"]
 BAHDANAU_DEEP = ["model.attention=bahdanau", "model.encoder_layers=3", "model.encoder_hidden=512"]
 BASE_WIDE = ["model.encoder_hidden=512", "model.decoder_hidden=1024"]
+NO_FEEDING = [*LUONG_DEEP, "model.input_feeding=false"]
 # annealed over the whole budget: early stopping would cut the schedule short
 COSINE = ["training.schedule=cosine", "training.early_stopping_patience=1000"]
 # name → config overrides on top of --config
@@ -56,9 +57,9 @@ VARIANTS: dict[str, list[str]] = {
     "bahdanau-deep-cosine-seed11": [*BAHDANAU_DEEP, *COSINE, "training.seed=11"],
     "bahdanau-deep-cosine-batch8k": [*BAHDANAU_DEEP, *COSINE, "data.max_tokens=8192"],
     # Luong attention without input feeding: the decoder runs over the whole target at once in training
-    "luong-deep-no-feeding": [*LUONG_DEEP, "model.input_feeding=false"],
-    "luong-deep-no-feeding-seed7": [*LUONG_DEEP, "model.input_feeding=false", "training.seed=7"],
-    "luong-deep-no-feeding-cosine": [*LUONG_DEEP, "model.input_feeding=false", *COSINE],
+    "luong-deep-no-feeding": NO_FEEDING,
+    "luong-deep-no-feeding-seed7": [*NO_FEEDING, "training.seed=7"],
+    "luong-deep-no-feeding-cosine": [*NO_FEEDING, *COSINE],
     # ablations: each of g2p.yaml's defaults taken away, to check that it earns its place
     "base-no-smoothing": ["training.label_smoothing=0.0"],
     "base-no-dropout": ["model.embedding_dropout=0.0", "model.layer_dropout=0.0", "model.output_dropout=0.0"],

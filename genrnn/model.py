@@ -167,16 +167,18 @@ class Attention(nn.Module):
         self, query: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         if self.kind == "luong":
-            scores = (keys * query[None]).sum(-1)
-        else:
-            scores = self.energy(torch.tanh(keys + self.query(query)[None])).squeeze(-1)
+            return self.attend_all(query[:, None], memory, keys, mask)[:, 0]
+        scores = self.energy(torch.tanh(keys + self.query(query)[None])).squeeze(-1)
         weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=0)  # (src_len, batch)
         return (weights[:, :, None] * memory).sum(0)
 
     def attend_all(
         self, queries: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """Luong's attention for every position at once: ``(batch, steps, query)`` → ``(batch, steps, memory)``."""
+        """Luong's attention for every position at once: ``(batch, steps, query)`` → ``(batch, steps, memory)``.
+
+        One step of the decoder is the case of one position, so both paths share this arithmetic.
+        """
         scores = torch.einsum("btq,sbq->bts", queries, keys)
         weights = scores.masked_fill(~mask.t()[:, None, :], float("-inf")).softmax(dim=-1)
         return torch.einsum("bts,sbm->btm", weights, memory)
