@@ -8,6 +8,7 @@ types and enumerated choices (``Literal`` annotations), and each class's
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -54,7 +55,12 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer; got {value!r}")
         return value
     if annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         _require(ok, key, f"must be a number; got {value!r}")
         return float(value)
     if annotation is str:
@@ -202,6 +208,12 @@ class OptimConfig:
     label_smoothing: float = 0.0
     gradient_clip: float = 1.0
     ema_decay: float = 0.0  # exponential moving average of the weights, used for dev and the bundle (0: off)
+    init_from: str | None = None  # a bundle whose weights start the model (same model and tokenizer settings)
+    # Distillation: a bundle, or several joined by commas (an ensemble), whose next-token
+    # distributions the model learns to match under teacher forcing, as distill_weight of the
+    # loss; the rest is cross-entropy with the reference.
+    teacher: str | None = None
+    distill_weight: float = 0.5
     max_epochs: int = 60
     max_steps: int = -1
     max_time: str | None = None  # DD:HH:MM:SS
@@ -221,6 +233,12 @@ class OptimConfig:
         _require(0.0 <= self.label_smoothing < 1.0, "training.label_smoothing", "must be in [0, 1)")
         _require(self.gradient_clip >= 0, "training.gradient_clip", "must be 0 (off) or more")
         _require(0.0 <= self.ema_decay < 1.0, "training.ema_decay", "must be in [0, 1); 0 switches it off")
+        _require(0.0 < self.distill_weight <= 1.0, "training.distill_weight", "must be in (0, 1]")
+        _require(
+            self.init_from is None or "," not in self.init_from,
+            "training.init_from",
+            "names one bundle; an ensemble cannot start a single model",
+        )
         _require(self.max_epochs >= 1 or self.max_epochs == -1, "training.max_epochs", "must be positive or -1")
         _require(0 < self.plateau_factor < 1, "training.plateau_factor", "must be in (0, 1)")
         _require(self.warmup_steps >= 1, "training.warmup_steps", "must be at least 1")

@@ -50,5 +50,10 @@ class Ensemble(nn.Module):
         averaged = torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(self.members))
         return averaged, tuple(new_state)
 
+    def forward(self, source: torch.Tensor, source_lengths: torch.Tensor, target_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing, as :meth:`Seq2Seq.forward`: log-probabilities ``(batch, tgt_len, vocab)``."""
+        log_probs, _ = self.decode(target_in, self.encode(source, source_lengths).state)
+        return log_probs
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

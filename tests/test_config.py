@@ -24,7 +24,10 @@ def test_shipped_configs_load(name):
         ({"model": {"layer_dropout": 1.5}}, "model.layer_dropout"),
         ({"model": {"bidirectional": "yes"}}, "model.bidirectional: must be true or false"),
         ({"training": {"lr": "fast"}}, "training.lr: must be a number"),
+        ({"training": {"lr": "nan"}}, "training.lr: must be a number"),
         ({"training": {"max_time": "20 minutes"}}, "training.max_time: must be DD:HH:MM:SS"),
+        ({"training": {"distill_weight": 0}}, "training.distill_weight: must be in"),
+        ({"training": {"init_from": "a,b"}}, "training.init_from: names one bundle"),
         (
             {"training": {"plateau_patience": 4, "early_stopping_patience": 5}},
             "training.early_stopping_patience: must exceed training.plateau_patience",
@@ -37,6 +40,10 @@ def test_shipped_configs_load(name):
 def test_bad_values_name_their_key(values, message):
     with pytest.raises(ConfigurationError, match=message.replace(".", r"\.")):
         from_dict(ExperimentConfig, values)
+
+
+def test_numbers_in_exponent_notation_are_numbers():
+    assert from_dict(ExperimentConfig, {"training": {"lr": "1e-3"}}).training.lr == 0.001
 
 
 def test_missing_file_and_bad_yaml_are_clear(tmp_path):

@@ -36,10 +36,9 @@ def reversal_file(path: Path, count: int, seed: int) -> Path:
     return path
 
 
-def test_a_tiny_model_learns_to_reverse_strings(tmp_path):
-    from training.train import train
-
-    config = from_dict(
+def reversal_config(train: Path, valid: Path, **training) -> ExperimentConfig:
+    """A small model for the reversal task; ``training`` overrides the training section."""
+    return from_dict(
         ExperimentConfig,
         {
             "name": "reverse",
@@ -54,11 +53,7 @@ def test_a_tiny_model_learns_to_reverse_strings(tmp_path):
                 "output_dropout": 0.0,
             },
             "tokenizer": {"source_type": "char", "target_type": "word"},
-            "data": {
-                "train": str(reversal_file(tmp_path / "train.tsv", 4000, 1)),
-                "valid": str(reversal_file(tmp_path / "dev.tsv", 200, 2)),
-                "max_tokens": 512,
-            },
+            "data": {"train": str(train), "valid": str(valid), "max_tokens": 512},
             # Seconds on an idle 2-core CPU; dev accuracy swings between epochs and the best is kept.
             "training": {
                 "lr": 0.01,
@@ -66,15 +61,55 @@ def test_a_tiny_model_learns_to_reverse_strings(tmp_path):
                 "max_time": "00:00:08:00",
                 "accelerator": "cpu",
                 "early_stopping_patience": 50,
+                **training,
             },
         },
     )
-    bundle = load_bundle(train(config, tmp_path / "run"))
-    held_out = read_examples(reversal_file(tmp_path / "test.tsv", 300, 3))
+
+
+def held_out_accuracy(bundle_path: Path, examples) -> float:
+    """Greedy sequence accuracy of a bundle on examples."""
+    bundle = load_bundle(bundle_path)
     generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
-    outputs = generator.generate_sorted([e.source for e in held_out], DecodingConfig(max_new_tokens=16))
-    scores = score([o.candidates[0].text for o in outputs], [e.targets for e in held_out])
-    assert scores.sequence_accuracy >= 0.9, scores
+    outputs = generator.generate_sorted([e.source for e in examples], DecodingConfig(max_new_tokens=16))
+    return score([o.candidates[0].text for o in outputs], [e.targets for e in examples]).sequence_accuracy
+
+
+@pytest.fixture(scope="module")
+def reversal(tmp_path_factory) -> dict[str, Path]:
+    """The reversal task's files and a bundle trained on it."""
+    from training.train import train
+
+    directory = tmp_path_factory.mktemp("reversal")
+    files = {
+        "train": reversal_file(directory / "train.tsv", 4000, 1),
+        "dev": reversal_file(directory / "dev.tsv", 200, 2),
+        "test": reversal_file(directory / "test.tsv", 300, 3),
+    }
+    return {**files, "bundle": train(reversal_config(files["train"], files["dev"]), directory / "run")}
+
+
+def test_a_tiny_model_learns_to_reverse_strings(reversal):
+    assert held_out_accuracy(reversal["bundle"], read_examples(reversal["test"])) >= 0.9
+
+
+def test_a_student_follows_its_teacher_where_the_references_are_noisy(reversal, tmp_path):
+    """Half the references are copies instead of reversals; the teacher learned clean reversals.
+
+    On the references alone a model cannot tell which of the two to start with (it
+    reversed 22 % of the test strings); with the whole weight on the teacher, the
+    student reverses as the teacher does (91 %).
+    """
+    from training.train import train
+
+    noisy = tmp_path / "noisy.tsv"
+    examples = read_examples(reversal["train"])
+    noisy.write_text(
+        "".join(f"{e.source}\t{' '.join(e.source) if i % 2 else e.targets[0]}\n" for i, e in enumerate(examples))
+    )
+    config = reversal_config(noisy, reversal["dev"], teacher=str(reversal["bundle"]), distill_weight=1.0, max_epochs=20)
+    student = train(config, tmp_path / "student")
+    assert held_out_accuracy(student, read_examples(reversal["test"])) >= 0.8
 
 
 def run_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -332,3 +367,33 @@ def test_a_budget_spent_before_the_first_validation_still_writes_a_bundle(g2p_fi
     run_cli(*tiny_train(g2p_files, run, "--max-steps", "3"))
     facts = load_bundle(run / "bundle").training
     assert facts["steps"] == 3 and facts["best_checkpoint"] is None and facts["best_dev"] == {}
+
+
+def test_init_from_starts_the_model_at_the_bundles_weights(g2p_files, tiny_bundle, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    options = ("--max-steps", "1", "--set", f"training.init_from={tiny_bundle}", "--set", "training.lr=1e-9")
+    run_cli(*tiny_train(g2p_files, run, *options))
+    started, trained = load_bundle(tiny_bundle).model.state_dict(), load_bundle(run / "bundle").model.state_dict()
+    assert all(torch.allclose(trained[name], weight, atol=1e-6) for name, weight in started.items())
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (
+            ["--set", "model.decoder_hidden=32", "--set", "training.init_from={bundle}"],
+            "has other model settings than this run: decoder_hidden: 64 (this run: 32)",
+        ),
+        (
+            ["--set", "tokenizer.target_vocab_size=60", "--set", "training.teacher={bundle}"],
+            "has other tokenizer settings than this run: target_vocab_size: 64 (this run: 60)",
+        ),
+        (["--set", "training.teacher={bundle},nowhere"], "bundle directory not found: nowhere"),
+    ],
+)
+def test_a_bundle_that_cannot_start_or_teach_the_run_is_named(options, message, g2p_files, tiny_bundle, tmp_path):
+    options = [o.format(bundle=tiny_bundle) for o in options]
+    result = run_cli(*tiny_train(g2p_files, tmp_path / "run", "--max-steps", "1", *options), check=False)
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]

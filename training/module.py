@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Timer
+from torch import nn
 
 from genrnn.config import ExperimentConfig, from_dict, to_dict
 from genrnn.data import Batch
@@ -17,32 +18,69 @@ from genrnn.model import Seq2Seq
 from genrnn.tokenizer import PAD_ID
 
 
+class Teacher:
+    """A frozen model whose next-token distributions a student learns to match.
+
+    Held outside the module's parameters on purpose: it is neither trained nor
+    checkpointed, and distributed training does not synchronise it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def probabilities(self, batch: Batch) -> torch.Tensor:
+        """Next-token probabilities ``(batch, tgt_len, vocab)`` under teacher forcing."""
+        return self.model(batch.source, batch.source_lengths, batch.target_in).float().softmax(dim=-1)
+
+    def __deepcopy__(self, memo: dict) -> Teacher:
+        # Weight averaging copies the whole module; a frozen teacher can be shared.
+        return self
+
+
 class Seq2SeqModule(pl.LightningModule):
-    """Cross-entropy on ``y1 … yn EOS`` given ``BOS y1 … yn``; dev WER/PER by greedy decoding."""
+    """Cross-entropy on ``y1 … yn EOS`` given ``BOS y1 … yn``; dev WER/PER by greedy decoding.
+
+    With a :class:`Teacher`, training mixes in the cross-entropy with the teacher's
+    distributions (token-level distillation); validation scores the reference alone.
+    """
 
     def __init__(self, config: dict, source_vocab_size: int, target_vocab_size: int) -> None:
         super().__init__()
         self.save_hyperparameters()  # plain data only, so checkpoints restore without our classes
         self.config = from_dict(ExperimentConfig, config)
         self.model = Seq2Seq(self.config.model, source_vocab_size, target_vocab_size)
+        self.teacher: Teacher | None = None
 
     @classmethod
     def from_config(cls, config: ExperimentConfig, source_vocab_size: int, target_vocab_size: int):
         return cls(to_dict(config), source_vocab_size, target_vocab_size)
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
-        """Mean token cross-entropy over non-padding target positions, and their count."""
-        logits = self.model(batch.source, batch.source_lengths, batch.target_in)
-        loss = F.cross_entropy(
+    def reference_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Mean token cross-entropy with the reference over non-padding target positions."""
+        return F.cross_entropy(
             logits.flatten(0, 1).float(),
             batch.target_out.flatten(),
             ignore_index=PAD_ID,
             label_smoothing=self.config.training.label_smoothing,
         )
-        return loss, batch.target_tokens
+
+    def distillation_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Mean token cross-entropy with the teacher's distributions over non-padding target positions."""
+        soft = -(self.teacher.probabilities(batch) * logits.float().log_softmax(dim=-1)).sum(dim=-1)
+        return soft[batch.target_out != PAD_ID].mean()
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.model.to(self.device)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self.loss(batch)[0]
+        logits = self.model(batch.source, batch.source_lengths, batch.target_in)
+        loss = self.reference_loss(logits, batch)
+        if self.teacher is None:
+            return loss
+        weight = self.config.training.distill_weight
+        return (1 - weight) * loss + weight * self.distillation_loss(logits, batch)
 
     def on_train_batch_end(self, outputs: dict, batch: Batch, batch_idx: int) -> None:
         """Log the step's values on the steps Lightning writes: every log_every_n_steps, and the last.
@@ -60,8 +98,8 @@ class Seq2SeqModule(pl.LightningModule):
         self.log("target_tokens", float(batch.target_tokens), reduce_fx="sum", batch_size=size)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        loss, tokens = self.loss(batch)
-        self.log("val_loss", loss, prog_bar=True, batch_size=tokens, sync_dist=True)
+        loss = self.reference_loss(self.model(batch.source, batch.source_lengths, batch.target_in), batch)
+        self.log("val_loss", loss, prog_bar=True, batch_size=batch.target_tokens, sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
         """Decode the dev examples and log WER, PER and sequence accuracy.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,13 +21,13 @@ from pytorch_lightning.callbacks import (
 )
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from genrnn.bundle import save_bundle
+from genrnn.bundle import Bundle, load_bundle, save_bundle
 from genrnn.config import ExperimentConfig, parse_devices, to_dict
 from genrnn.data import Example, default_valid_spec, read_examples, training_pairs
 from genrnn.errors import ConfigurationError
 from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
-from training.module import Seq2SeqModule
+from training.module import Seq2SeqModule, Teacher
 from training.resume import ResumePoint
 
 DEV_SHARE = 21  # without a dev set, about 1/21 of the training sources are held out
@@ -81,6 +82,38 @@ def prepare_tokenizers(
         temporary.write_bytes(content)
         os.replace(temporary, path)
     return source, target
+
+
+def _differences(wanted: object, found: object) -> str:
+    """The fields of two configs of one dataclass that differ, as ``name: found (this run: wanted)``."""
+    names = [f.name for f in dataclasses.fields(wanted) if getattr(wanted, f.name) != getattr(found, f.name)]
+    return ", ".join(f"{name}: {getattr(found, name)!r} (this run: {getattr(wanted, name)!r})" for name in names)
+
+
+def load_related_bundles(config: ExperimentConfig) -> dict[str, Bundle]:
+    """The bundles that ``training.init_from`` and ``training.teacher`` name, checked against the run.
+
+    They lend the run their tokenizers (a student must share its teacher's
+    vocabulary), so their tokenizer settings must be the run's, and their tokenizers
+    one another's; the bundle that starts the model must have the run's model settings.
+    """
+    named = {key: getattr(config.training, key) for key in ("init_from", "teacher")}
+    bundles = {key: load_bundle(path) for key, path in named.items() if path}
+    for key, bundle in bundles.items():
+        if bundle.tokenizer_config != config.tokenizer:
+            raise ConfigurationError(
+                f"training.{key}: {named[key]} has other tokenizer settings than this run: "
+                + _differences(config.tokenizer, bundle.tokenizer_config)
+            )
+    if "init_from" in bundles and bundles["init_from"].model_config != config.model:
+        raise ConfigurationError(
+            f"training.init_from: {named['init_from']} has other model settings than this run: "
+            + _differences(config.model, bundles["init_from"].model_config)
+        )
+    protos = {(b.source_tokenizer.model_proto, b.target_tokenizer.model_proto) for b in bundles.values()}
+    if len(protos) > 1:
+        raise ConfigurationError("training.init_from and training.teacher: their bundles' tokenizers differ")
+    return bundles
 
 
 def stamp_run(output: Path, config: ExperimentConfig, data_fingerprint: str, resuming: bool) -> None:
@@ -175,9 +208,14 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     train_examples, dev_examples = load_data(config)
     data_fingerprint = fingerprint(train_examples)
     stamp_run(output, config, data_fingerprint, resuming=resume)
-    source_tokenizer, target_tokenizer = prepare_tokenizers(
-        train_examples, config, output / "tokenizer", data_fingerprint
-    )
+    related = load_related_bundles(config)
+    if related:
+        lender = next(iter(related.values()))
+        source_tokenizer, target_tokenizer = lender.source_tokenizer, lender.target_tokenizer
+    else:
+        source_tokenizer, target_tokenizer = prepare_tokenizers(
+            train_examples, config, output / "tokenizer", data_fingerprint
+        )
     datamodule = PairDataModule(
         train_examples, dev_examples, source_tokenizer, target_tokenizer, config.data, config.training.seed
     )
@@ -187,6 +225,10 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
             "data.max_target_length and were left out"
         )
     module = Seq2SeqModule.from_config(config, source_tokenizer.vocab_size, target_tokenizer.vocab_size)
+    if "init_from" in related:
+        module.model.load_state_dict(related["init_from"].model.state_dict())
+    if "teacher" in related:
+        module.teacher = Teacher(related["teacher"].model)
     trainer, checkpoint = build_trainer(config, output)
     last = output / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if resume and last.is_file() else None
