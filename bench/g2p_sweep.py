@@ -5,9 +5,12 @@
 
 Each variant is one ``bench/g2p_benchmark.py`` run (its own process, log and
 results.json under the output directory); they share the machine's GPU, or its
-cores. When all have finished, the ensembles named below are scored from the
-variants' bundles. ``summary.json`` gathers every result and ``summary.md`` holds
-the table rows; rerunning resumes unfinished variants and skips finished ones.
+cores. When all have finished, the students named in ``--only`` are trained:
+each starts from one variant's weights and learns from the ensemble of every
+variant of the run (distillation), with its own budget. Then the ensembles named
+below are scored from the variants' bundles. ``summary.json`` gathers every result
+and ``summary.md`` holds the table rows; rerunning resumes unfinished runs and
+skips finished ones.
 """
 
 from __future__ import annotations
@@ -68,6 +71,13 @@ VARIANTS: dict[str, list[str]] = {
     "base-constant-lr": ["training.schedule=constant"],
     # speed: bf16 autocast on a GPU, against base's steps in the same budget
     "base-bf16": ["training.precision=bf16-mixed"],
+}
+# Fine-tuned at a quarter of the rate, annealed to zero, on the reference and the teachers half and half.
+DISTILLED = [*COSINE, "training.lr=0.0005", "training.distill_weight=0.5"]
+# name → (the variant it starts from, overrides on top of that variant's); taught by the run's variants
+STUDENTS: dict[str, tuple[str, list[str]]] = {
+    "base-student": ("base", DISTILLED),
+    "bahdanau-deep-cosine-student": ("bahdanau-deep-cosine", DISTILLED),
 }
 # name → the variants decoded together (those that finished)
 ENSEMBLES: dict[str, tuple[str, ...]] = {
@@ -135,25 +145,46 @@ def write_summary(output: Path, names: list[str]) -> None:
     (output / "summary.md").write_text(table + "\n")
 
 
+def student_jobs(args: argparse.Namespace, names: list[str], trained: list[str], output: Path) -> dict:
+    """The students' benchmark commands: each starts from its variant and is taught by all the trained ones."""
+    jobs = {}
+    teachers = ",".join(str(output / name / "bundle") for name in trained)
+    for name in names:
+        start, overrides = STUDENTS[name]
+        if start not in trained:
+            print(f"skip {name}: its starting point {start} did not train", flush=True)
+            continue
+        sets = [*args.set, *VARIANTS[start], *overrides]
+        sets += [f"training.init_from={output / start / 'bundle'}", f"training.teacher={teachers}"]
+        budget = ("--max-time", args.student_time or args.max_time)
+        jobs[name] = benchmark_command(
+            args, output / name, "--config", args.config, *budget, *(f"--set={s}" for s in sets)
+        )
+    return jobs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--output", default="runs/g014b2b-sweep")
     parser.add_argument("--config", default="training/configs/g2p.yaml")
     parser.add_argument("--max-time", default="00:00:05:00", help="training budget of each variant, DD:HH:MM:SS")
-    parser.add_argument("--only", help="comma-separated variant names (default: all)")
+    parser.add_argument("--only", help="comma-separated variant and student names (default: all variants)")
+    parser.add_argument("--student-time", help="training budget of each student, DD:HH:MM:SS (default: --max-time)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
     parser.add_argument("--beam-size", type=int, default=4)
     parser.add_argument("--threads", type=int, help="CPU threads per process (default: cores / variants)")
     args = parser.parse_args()
 
-    names = args.only.split(",") if args.only else list(VARIANTS)
-    unknown = sorted(set(names) - set(VARIANTS))
+    chosen = args.only.split(",") if args.only else list(VARIANTS)
+    unknown = sorted(set(chosen) - set(VARIANTS) - set(STUDENTS))
     if unknown:
-        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+        parser.error(f"unknown names {unknown}; variants: {', '.join(VARIANTS)}; students: {', '.join(STUDENTS)}")
+    names = [name for name in chosen if name in VARIANTS]
+    students = [name for name in chosen if name in STUDENTS]
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // len(names))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, len(names)))
 
     training = {
         name: benchmark_command(
@@ -164,9 +195,13 @@ def main() -> None:
         )
         for name in names
     }
-    trained = [name for name, code in run_all(training, output, threads).items() if code == 0]
-    trained += [name for name in names if name not in trained and (output / name / "results.json").is_file()]
-    write_summary(output, names)  # the single models' figures, should the ensembles not finish
+    status = run_all(training, output, threads)
+    trained = [name for name in names if status.get(name, 0) == 0 and (output / name / "results.json").is_file()]
+    write_summary(output, names)  # the single models' figures, should the rest not finish
+    if students:
+        status = run_all(student_jobs(args, students, trained, output), output, threads)
+        students = [name for name in students if status.get(name, 0) == 0]
+        write_summary(output, [*names, *students])
 
     ensembles = {}
     for name, members in ENSEMBLES.items():
@@ -177,7 +212,7 @@ def main() -> None:
             ensembles[name] = benchmark_command(args, output / name, "--model", bundles)
     run_all(ensembles, output, threads)
 
-    write_summary(output, [*names, *ensembles])  # ensembles of this run's variants only
+    write_summary(output, [*names, *students, *ensembles])  # ensembles of this run's variants only
     print((output / "summary.md").read_text())
 
 

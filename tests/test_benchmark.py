@@ -86,11 +86,18 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     assert narrower.returncode == 0 and "start" not in narrower.stdout
     assert list(json.loads((output / "summary.json").read_text())) == ["base"]
 
-    # a wider one trains the new variant and scores the ensemble again with all three
-    command[command.index("base")] = "base,luong,bahdanau"
+    # a wider one trains the new variant, then a student taught by all three, and scores the ensembles again
+    command[command.index("base")] = "base,luong,bahdanau,base-student"
     wider = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert wider.returncode == 0 and "start bahdanau" in wider.stdout and "start base:" not in wider.stdout
+    assert wider.stdout.index("start bahdanau") < wider.stdout.index("start base-student")
     summary = json.loads((output / "summary.json").read_text())
     members = sum(summary[name]["parameters"] for name in ("base", "luong", "bahdanau"))
-    assert list(summary) == ["base", "luong", "bahdanau", "ensemble-attention", "ensemble-all"]
+    assert list(summary) == ["base", "luong", "bahdanau", "base-student", "ensemble-attention", "ensemble-all"]
     assert summary["ensemble-all"]["parameters"] == members
+    student = summary["base-student"]["training"]["config"]
+    assert student["model"] == summary["base"]["training"]["config"]["model"]
+    assert student["training"]["init_from"] == str(output / "base" / "bundle")
+    assert student["training"]["teacher"].split(",") == [
+        str(output / n / "bundle") for n in ("base", "luong", "bahdanau")
+    ]
