@@ -8,7 +8,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Timer
-from torch import nn
 
 from genrnn.config import ExperimentConfig, from_dict, to_dict
 from genrnn.data import Batch
@@ -16,33 +15,14 @@ from genrnn.decoding import Generator
 from genrnn.evaluation import evaluate
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import PAD_ID
-
-
-class Teacher:
-    """A frozen model whose next-token distributions a student learns to match.
-
-    Held outside the module's parameters on purpose: it is neither trained nor
-    checkpointed, and distributed training does not synchronise it.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def probabilities(self, batch: Batch) -> torch.Tensor:
-        """Next-token probabilities ``(batch, tgt_len, vocab)`` under teacher forcing."""
-        return self.model(batch.source, batch.source_lengths, batch.target_in).float().softmax(dim=-1)
-
-    def __deepcopy__(self, memo: dict) -> Teacher:
-        # Weight averaging copies the whole module; a frozen teacher can be shared.
-        return self
+from training.distillation import Distillation
 
 
 class Seq2SeqModule(pl.LightningModule):
     """Cross-entropy on ``y1 … yn EOS`` given ``BOS y1 … yn``; dev WER/PER by greedy decoding.
 
-    With a :class:`Teacher`, training mixes in the cross-entropy with the teacher's
-    distributions (token-level distillation); validation scores the reference alone.
+    With a :class:`Distillation`, training mixes in the cross-entropy with a teacher's
+    distributions; validation scores the reference alone.
     """
 
     def __init__(self, config: dict, source_vocab_size: int, target_vocab_size: int) -> None:
@@ -50,7 +30,7 @@ class Seq2SeqModule(pl.LightningModule):
         self.save_hyperparameters()  # plain data only, so checkpoints restore without our classes
         self.config = from_dict(ExperimentConfig, config)
         self.model = Seq2Seq(self.config.model, source_vocab_size, target_vocab_size)
-        self.teacher: Teacher | None = None
+        self.distillation: Distillation | None = None
 
     @classmethod
     def from_config(cls, config: ExperimentConfig, source_vocab_size: int, target_vocab_size: int):
@@ -65,22 +45,22 @@ class Seq2SeqModule(pl.LightningModule):
             label_smoothing=self.config.training.label_smoothing,
         )
 
-    def distillation_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Mean token cross-entropy with the teacher's distributions over non-padding target positions."""
-        soft = -(self.teacher.probabilities(batch) * logits.float().log_softmax(dim=-1)).sum(dim=-1)
-        return soft[batch.target_out != PAD_ID].mean()
-
-    def on_fit_start(self) -> None:
-        if self.teacher is not None:
-            self.teacher.model.to(self.device)
+    def on_train_start(self) -> None:
+        """Make the teacher's table; after the callbacks' hook, so that a time budget counts it."""
+        distillation = self.distillation
+        if distillation is not None and distillation.ids is None:
+            datamodule = self.trainer.datamodule
+            seconds = distillation.prepare(datamodule.train_set, self.device, datamodule.config.max_tokens)
+            if self.trainer.is_global_zero:
+                print(f"teacher's distributions for {len(datamodule.train_set)} training pairs in {seconds:.0f} s")
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits = self.model(batch.source, batch.source_lengths, batch.target_in)
         loss = self.reference_loss(logits, batch)
-        if self.teacher is None:
+        if self.distillation is None:
             return loss
         weight = self.config.training.distill_weight
-        return (1 - weight) * loss + weight * self.distillation_loss(logits, batch)
+        return (1 - weight) * loss + weight * self.distillation.loss(logits, batch)
 
     def on_train_batch_end(self, outputs: dict, batch: Batch, batch_idx: int) -> None:
         """Log the step's values on the steps Lightning writes: every log_every_n_steps, and the last.

@@ -27,7 +27,8 @@ from genrnn.data import Example, default_valid_spec, read_examples, training_pai
 from genrnn.errors import ConfigurationError
 from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
-from training.module import Seq2SeqModule, Teacher
+from training.distillation import Distillation
+from training.module import Seq2SeqModule
 from training.resume import ResumePoint
 
 DEV_SHARE = 21  # without a dev set, about 1/21 of the training sources are held out
@@ -228,7 +229,7 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     if "init_from" in related:
         module.model.load_state_dict(related["init_from"].model.state_dict())
     if "teacher" in related:
-        module.teacher = Teacher(related["teacher"].model)
+        module.distillation = Distillation(related["teacher"].model)
     trainer, checkpoint = build_trainer(config, output)
     last = output / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if resume and last.is_file() else None
