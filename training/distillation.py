@@ -68,7 +68,7 @@ class Distillation:
         rows, real = self._rows(batch.index.to(logits.device), logits.shape[1])
         picked = logits.float().log_softmax(dim=-1).gather(-1, self.ids[rows].long())
         soft = -(self.probs[rows].float() * picked).sum(dim=-1)
-        return soft[real].mean()
+        return (soft * real).sum() / real.sum()  # masking by multiplying: a boolean index would wait for the GPU
 
     def __deepcopy__(self, memo: dict) -> Distillation:
         # Weight averaging copies the whole module; the frozen table can be shared.
