@@ -51,6 +51,12 @@ class Bundle:
         """sha256 of the weights: it changes whenever the model does."""
         return self.manifest["files"][WEIGHTS]
 
+    @property
+    def tokenizers_fingerprint(self) -> str:
+        """sha256 of the two tokenizer models: bundles that share it share their vocabularies."""
+        protos = self.source_tokenizer.model_proto + self.target_tokenizer.model_proto
+        return hashlib.sha256(protos).hexdigest()
+
     def info(self) -> dict[str, Any]:
         """Metadata for people: name, versions, configs, training facts, size."""
         if "members" in self.manifest:
@@ -176,11 +182,7 @@ def _load_ensemble(directories: list[str], device: str | torch.device) -> Bundle
     members = [load_bundle(d, device) for d in directories]
     first = members[0]
     for directory, member in zip(directories[1:], members[1:]):
-        same = (member.source_tokenizer.model_proto, member.target_tokenizer.model_proto) == (
-            first.source_tokenizer.model_proto,
-            first.target_tokenizer.model_proto,
-        )
-        if not same:
+        if member.tokenizers_fingerprint != first.tokenizers_fingerprint:
             raise BundleError(f"{directory}: its tokenizers differ from {directories[0]}'s; an ensemble needs the same")
     combined = hashlib.sha256("".join(m.fingerprint for m in members).encode()).hexdigest()
     return Bundle(

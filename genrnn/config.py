@@ -55,14 +55,18 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer; got {value!r}")
         return value
     if annotation is float:
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                value = float(value)
+                number = float(value)
             except ValueError:
                 pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        try:
+            ok = isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
+        except OverflowError:  # an int beyond any float
+            ok = False
         _require(ok, key, f"must be a number; got {value!r}")
-        return float(value)
+        return float(number)
     if annotation is str:
         _require(isinstance(value, str), key, f"must be a string; got {value!r}")
         return value

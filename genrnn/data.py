@@ -152,8 +152,8 @@ class Batch:
     target_tokens: int  # real positions of target_out (EOS included)
 
     def to(self, device: torch.device | str) -> Batch:
-        """The tensors the model reads on ``device``; lengths and counts stay on the host."""
-        moved = {name: getattr(self, name).to(device) for name in ("source", "target_in", "target_out")}
+        """The tensors the model and the losses read on ``device``; lengths and counts stay on the host."""
+        moved = {name: getattr(self, name).to(device) for name in ("source", "target_in", "target_out", "index")}
         return replace(self, **moved)
 
     @property

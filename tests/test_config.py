@@ -25,6 +25,7 @@ def test_shipped_configs_load(name):
         ({"model": {"bidirectional": "yes"}}, "model.bidirectional: must be true or false"),
         ({"training": {"lr": "fast"}}, "training.lr: must be a number"),
         ({"training": {"lr": "nan"}}, "training.lr: must be a number"),
+        ({"training": {"lr": 10**400}}, "training.lr: must be a number"),
         ({"training": {"max_time": "20 minutes"}}, "training.max_time: must be DD:HH:MM:SS"),
         ({"training": {"distill_weight": 0}}, "training.distill_weight: must be in"),
         ({"training": {"init_from": "a,b"}}, "training.init_from: names one bundle"),

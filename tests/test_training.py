@@ -379,6 +379,26 @@ def test_init_from_starts_the_model_at_the_bundles_weights(g2p_files, tiny_bundl
     assert all(torch.allclose(trained[name], weight, atol=1e-6) for name, weight in started.items())
 
 
+def test_a_distilled_run_resumes_with_its_teacher_and_refuses_another(g2p_files, tiny_bundle, tmp_path):
+    run = tmp_path / "run"
+    teacher = ("--set", f"training.teacher={tiny_bundle}")
+    first = run_cli(*tiny_train(g2p_files, run, "--max-steps", "3", *teacher))
+    assert "teacher's distributions for" in first.stdout
+    other = run_cli(*tiny_train(g2p_files, run, "--max-steps", "6", "--set", "training.teacher=a,b"), check=False)
+    assert other.returncode == 1 and "training.teacher: bundle directory not found: a" in other.stderr
+    pair = ("--set", f"training.teacher={tiny_bundle},{tiny_bundle}")  # other weights: another teacher
+    refused = run_cli(*tiny_train(g2p_files, run, "--max-steps", "6", *pair), check=False)
+    assert refused.returncode == 1 and "with another model, tokenizer or teacher" in refused.stderr
+    resumed = run_cli(*tiny_train(g2p_files, run, "--max-steps", "6", *teacher))
+    assert "resuming from" in resumed.stdout
+    facts = load_bundle(run / "bundle").training
+    assert facts["steps"] == 6 and facts["related_bundles"] == {"teacher": load_bundle(tiny_bundle).fingerprint}
+    logs = sorted((run / "logs").glob("version_*/metrics.csv"))  # one a run
+    assert len(logs) == 2 and all(
+        {"reference_loss", "distillation_loss"} <= set(next(csv.reader(log.open()))) for log in logs
+    )
+
+
 @pytest.mark.parametrize(
     "options,message",
     [
@@ -390,7 +410,7 @@ def test_init_from_starts_the_model_at_the_bundles_weights(g2p_files, tiny_bundl
             ["--set", "tokenizer.target_vocab_size=60", "--set", "training.teacher={bundle}"],
             "has other tokenizer settings than this run: target_vocab_size: 64 (this run: 60)",
         ),
-        (["--set", "training.teacher={bundle},nowhere"], "bundle directory not found: nowhere"),
+        (["--set", "training.teacher={bundle},nowhere"], "training.teacher: bundle directory not found: nowhere"),
     ],
 )
 def test_a_bundle_that_cannot_start_or_teach_the_run_is_named(options, message, g2p_files, tiny_bundle, tmp_path):

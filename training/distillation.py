@@ -2,8 +2,8 @@
 
 Under teacher forcing the teacher reads each training pair as the student does,
 so its distribution at every target position depends on the pair alone: one pass
-over the training set before training serves every epoch, and a step costs no
-more than without a teacher. Each position keeps the teacher's ``top_k`` most
+over the training set before training serves every epoch, and the teacher does
+not run during training. Each position keeps the teacher's ``top_k`` most
 likely tokens, renormalised; for a vocabulary of phonemes or subwords the mass
 beyond the first few is negligible. The table takes ``target positions (EOS
 included) × top_k × 6`` bytes on the training device.
@@ -23,7 +23,9 @@ class Distillation:
     """A frozen teacher, then its table of top-k distributions, and the student's loss against them.
 
     Held outside the LightningModule's parameters on purpose: it is neither trained
-    nor checkpointed, and distributed training does not synchronise it.
+    nor checkpointed, and distributed training does not synchronise it. Every rank
+    makes the whole table, since a batch names its pairs by their index in the
+    whole training set.
     """
 
     def __init__(self, teacher: nn.Module, top_k: int = 8) -> None:
@@ -46,15 +48,18 @@ class Distillation:
         positions = int(self.length.sum())
         self.ids = torch.zeros(positions, k, dtype=torch.int32, device=device)
         self.probs = torch.zeros(positions, k, dtype=torch.float16, device=device)
-        batches = TokenBudgetBatchSampler([dataset.cost(i) for i in range(len(dataset))], max_tokens, shuffle=False)
+        # Without gradients to keep, batches four times the training budget fit as well.
+        costs = [dataset.cost(i) for i in range(len(dataset))]
+        batches = TokenBudgetBatchSampler(costs, 4 * max_tokens, shuffle=False)
         for indices in batches:
             batch = collate([dataset[i] for i in indices]).to(device)
             logits = teacher(batch.source, batch.source_lengths, batch.target_in)
             top = logits.float().softmax(dim=-1).topk(k, dim=-1)
-            rows, real = self._rows(batch.index.to(device), logits.shape[1])
+            rows, real = self._rows(batch.index, logits.shape[1])
             self.ids[rows[real]] = top.indices[real].int()
             self.probs[rows[real]] = (top.values / top.values.sum(dim=-1, keepdim=True))[real].half()
-        self.teacher = None  # its work is done: free it
+        teacher.cpu()  # its work is done: off the device, whoever else holds it
+        self.teacher = None
         return time.monotonic() - started
 
     def _rows(self, pairs: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,10 +68,10 @@ class Distillation:
         real = offsets[None] < self.length[pairs, None]
         return torch.where(real, self.start[pairs, None] + offsets[None], 0), real
 
-    def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Mean token cross-entropy of the student's ``logits`` with the teacher's distributions."""
-        rows, real = self._rows(batch.index.to(logits.device), logits.shape[1])
-        picked = logits.float().log_softmax(dim=-1).gather(-1, self.ids[rows].long())
+    def loss(self, log_probs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Mean token cross-entropy of the student's ``log_probs`` with the teacher's distributions."""
+        rows, real = self._rows(batch.index, log_probs.shape[1])
+        picked = log_probs.gather(-1, self.ids[rows].long())
         soft = -(self.probs[rows].float() * picked).sum(dim=-1)
         return (soft * real).sum() / real.sum()  # masking by multiplying: a boolean index would wait for the GPU
 

@@ -37,7 +37,10 @@ class Seq2SeqModule(pl.LightningModule):
         return cls(to_dict(config), source_vocab_size, target_vocab_size)
 
     def reference_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Mean token cross-entropy with the reference over non-padding target positions."""
+        """Mean token cross-entropy with the reference over non-padding target positions.
+
+        ``logits`` may be log-probabilities: their log-softmax is themselves.
+        """
         return F.cross_entropy(
             logits.flatten(0, 1).float(),
             batch.target_out.flatten(),
@@ -54,13 +57,15 @@ class Seq2SeqModule(pl.LightningModule):
             if self.trainer.is_global_zero:
                 print(f"teacher's distributions for {len(datamodule.train_set)} training pairs in {seconds:.0f} s")
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | dict[str, torch.Tensor]:
         logits = self.model(batch.source, batch.source_lengths, batch.target_in)
-        loss = self.reference_loss(logits, batch)
         if self.distillation is None:
-            return loss
+            return self.reference_loss(logits, batch)
+        log_probs = logits.float().log_softmax(dim=-1)  # once, for both losses
+        reference, distillation = self.reference_loss(log_probs, batch), self.distillation.loss(log_probs, batch)
         weight = self.config.training.distill_weight
-        return (1 - weight) * loss + weight * self.distillation.loss(logits, batch)
+        loss = (1 - weight) * reference + weight * distillation
+        return {"loss": loss, "reference_loss": reference.detach(), "distillation_loss": distillation.detach()}
 
     def on_train_batch_end(self, outputs: dict, batch: Batch, batch_idx: int) -> None:
         """Log the step's values on the steps Lightning writes: every log_every_n_steps, and the last.
@@ -74,6 +79,9 @@ class Seq2SeqModule(pl.LightningModule):
             return
         size = batch.source.shape[0]
         self.log("train_loss", outputs["loss"], prog_bar=True, batch_size=size)
+        for name in ("reference_loss", "distillation_loss"):  # the two parts of a distilled loss
+            if name in outputs:
+                self.log(name, outputs[name], batch_size=size)
         self.log("padding_fraction", batch.padding_fraction, batch_size=size)
         self.log("target_tokens", float(batch.target_tokens), reduce_fx="sum", batch_size=size)
 

@@ -24,7 +24,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from genrnn.bundle import Bundle, load_bundle, save_bundle
 from genrnn.config import ExperimentConfig, parse_devices, to_dict
 from genrnn.data import Example, default_valid_spec, read_examples, training_pairs
-from genrnn.errors import ConfigurationError
+from genrnn.errors import BundleError, ConfigurationError
 from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
 from training.distillation import Distillation
@@ -91,40 +91,74 @@ def _differences(wanted: object, found: object) -> str:
     return ", ".join(f"{name}: {getattr(found, name)!r} (this run: {getattr(wanted, name)!r})" for name in names)
 
 
+DROPOUTS = ("embedding_dropout", "layer_dropout", "output_dropout")  # model settings that shape no weight
+
+
 def load_related_bundles(config: ExperimentConfig) -> dict[str, Bundle]:
     """The bundles that ``training.init_from`` and ``training.teacher`` name, checked against the run.
 
     They lend the run their tokenizers (a student must share its teacher's
     vocabulary), so their tokenizer settings must be the run's, and their tokenizers
-    one another's; the bundle that starts the model must have the run's model settings.
+    one another's; the bundle that starts the model must have the run's model
+    settings, but for dropout.
     """
     named = {key: getattr(config.training, key) for key in ("init_from", "teacher")}
-    bundles = {key: load_bundle(path) for key, path in named.items() if path}
-    for key, bundle in bundles.items():
+    bundles = {}
+    for key, path in named.items():
+        if not path:
+            continue
+        try:
+            bundles[key] = bundle = load_bundle(path)
+        except BundleError as error:
+            raise ConfigurationError(f"training.{key}: {error}") from None
         if bundle.tokenizer_config != config.tokenizer:
             raise ConfigurationError(
-                f"training.{key}: {named[key]} has other tokenizer settings than this run: "
+                f"training.{key}: {path} has other tokenizer settings than this run: "
                 + _differences(config.tokenizer, bundle.tokenizer_config)
             )
-    if "init_from" in bundles and bundles["init_from"].model_config != config.model:
+    if "init_from" in bundles:
+        dropouts = {name: getattr(config.model, name) for name in DROPOUTS}
+        found = dataclasses.replace(bundles["init_from"].model_config, **dropouts)
+        if found != config.model:
+            raise ConfigurationError(
+                f"training.init_from: {named['init_from']} has other model settings than this run: "
+                + _differences(config.model, found)
+            )
+    if len({bundle.tokenizers_fingerprint for bundle in bundles.values()}) > 1:
         raise ConfigurationError(
-            f"training.init_from: {named['init_from']} has other model settings than this run: "
-            + _differences(config.model, bundles["init_from"].model_config)
+            f"training.init_from ({named['init_from']}) and training.teacher ({named['teacher']}) "
+            "have different tokenizers; a student must share its teacher's"
         )
-    protos = {(b.source_tokenizer.model_proto, b.target_tokenizer.model_proto) for b in bundles.values()}
-    if len(protos) > 1:
-        raise ConfigurationError("training.init_from and training.teacher: their bundles' tokenizers differ")
     return bundles
 
 
-def stamp_run(output: Path, config: ExperimentConfig, data_fingerprint: str, resuming: bool) -> None:
-    """Record what the run trains on; refuse to resume checkpoints made from other data or another model."""
-    stamp = {"data": data_fingerprint, "model": to_dict(config.model), "tokenizer": to_dict(config.tokenizer)}
+def build_module(config: ExperimentConfig, related: dict[str, Bundle], vocab_sizes: tuple[int, int]) -> Seq2SeqModule:
+    """The module to train: started at ``init_from``'s weights and taught by ``teacher``, where those are set."""
+    module = Seq2SeqModule.from_config(config, *vocab_sizes)
+    if "init_from" in related:
+        module.model.load_state_dict(related["init_from"].model.state_dict())
+    if "teacher" in related:
+        module.distillation = Distillation(related["teacher"].model)
+    return module
+
+
+def stamp_run(
+    output: Path, config: ExperimentConfig, data_fingerprint: str, related: dict[str, Bundle], resuming: bool
+) -> None:
+    """Record what the run trains on; refuse to resume checkpoints of other data, model, tokenizers or teacher."""
+    lent = next(iter(related.values()), None)
+    stamp = {
+        "data": data_fingerprint,
+        "model": to_dict(config.model),
+        "tokenizer": to_dict(config.tokenizer),
+        "tokenizers_from_bundle": lent.tokenizers_fingerprint if lent else None,
+        "teacher": related["teacher"].fingerprint if "teacher" in related else None,
+    }
     path = output / "run.json"
     if resuming and path.is_file() and (output / "checkpoints" / "last.ckpt").is_file():
         if json.loads(path.read_text()) != stamp:
             raise ConfigurationError(
-                f"{output} holds a run on other data or with another model or tokenizer; "
+                f"{output} holds a run on other data or with another model, tokenizer or teacher; "
                 "use another --output, or --no-resume to start afresh there"
             )
     output.mkdir(parents=True, exist_ok=True)
@@ -208,11 +242,11 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     pl.seed_everything(config.training.seed, workers=True, verbose=False)
     train_examples, dev_examples = load_data(config)
     data_fingerprint = fingerprint(train_examples)
-    stamp_run(output, config, data_fingerprint, resuming=resume)
     related = load_related_bundles(config)
-    if related:
-        lender = next(iter(related.values()))
-        source_tokenizer, target_tokenizer = lender.source_tokenizer, lender.target_tokenizer
+    stamp_run(output, config, data_fingerprint, related, resuming=resume)
+    lent = next(iter(related.values()), None)
+    if lent is not None:
+        source_tokenizer, target_tokenizer = lent.source_tokenizer, lent.target_tokenizer
     else:
         source_tokenizer, target_tokenizer = prepare_tokenizers(
             train_examples, config, output / "tokenizer", data_fingerprint
@@ -225,11 +259,9 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
             f"{datamodule.train_set.dropped} training pairs are longer than data.max_source_length / "
             "data.max_target_length and were left out"
         )
-    module = Seq2SeqModule.from_config(config, source_tokenizer.vocab_size, target_tokenizer.vocab_size)
-    if "init_from" in related:
-        module.model.load_state_dict(related["init_from"].model.state_dict())
-    if "teacher" in related:
-        module.distillation = Distillation(related["teacher"].model)
+    module = build_module(config, related, (source_tokenizer.vocab_size, target_tokenizer.vocab_size))
+    weights_of = {key: bundle.fingerprint for key, bundle in related.items()}  # which init_from, which teacher
+    del related, lent  # the teacher lives on in the module until its table is made
     trainer, checkpoint = build_trainer(config, output)
     last = output / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if resume and last.is_file() else None
@@ -258,6 +290,7 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
         "seconds_this_run": round(time.monotonic() - started, 1),
         "device": str(trainer.strategy.root_device),
         "parameters": best.model.num_parameters(),
+        "related_bundles": weights_of,
         "config": to_dict(config),
     }
     bundle = save_bundle(
