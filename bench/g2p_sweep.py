@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,13 @@ def forget_if_other_members(results: Path, bundles: str) -> None:
         results.unlink()
 
 
+def forget_if_taught_by_others(run: Path, teachers: str) -> None:
+    """Drop a finished student taught by other bundles than ``teachers``, so that it is trained again."""
+    results = run / "results.json"
+    if results.is_file() and json.loads(results.read_text())["training"]["config"]["training"]["teacher"] != teachers:
+        shutil.rmtree(run)
+
+
 def write_summary(output: Path, names: list[str]) -> None:
     """summary.json and summary.md: the named runs' results, those that have finished."""
     summary, rows = {}, []
@@ -152,8 +160,9 @@ def student_jobs(args: argparse.Namespace, names: list[str], trained: list[str],
     for name in names:
         start, overrides = STUDENTS[name]
         if start not in trained:
-            print(f"skip {name}: its starting point {start} did not train", flush=True)
+            print(f"skip {name}: its starting point {start} is not among this run's finished variants", flush=True)
             continue
+        forget_if_taught_by_others(output / name, teachers)
         sets = [*args.set, *VARIANTS[start], *overrides]
         sets += [f"training.init_from={output / start / 'bundle'}", f"training.teacher={teachers}"]
         budget = ("--max-time", args.student_time or args.max_time)
@@ -200,7 +209,9 @@ def main() -> None:
     write_summary(output, names)  # the single models' figures, should the rest not finish
     if students:
         status = run_all(student_jobs(args, students, trained, output), output, threads)
-        students = [name for name in students if status.get(name, 0) == 0]
+        students = [
+            name for name in students if (output / name / "results.json").is_file() and status.get(name, 0) == 0
+        ]
         write_summary(output, [*names, *students])
 
     ensembles = {}

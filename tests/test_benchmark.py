@@ -101,3 +101,13 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     assert student["training"]["teacher"].split(",") == [
         str(output / n / "bundle") for n in ("base", "luong", "bahdanau")
     ]
+
+    # taught by fewer variants, the student is trained again; without its starting point, it is skipped
+    command[command.index("base,luong,bahdanau,base-student")] = "base,luong,base-student"
+    fewer = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert fewer.returncode == 0 and "start base-student" in fewer.stdout and "start base:" not in fewer.stdout
+    student = json.loads((output / "base-student" / "results.json").read_text())["training"]["config"]
+    assert student["training"]["teacher"].split(",") == [str(output / n / "bundle") for n in ("base", "luong")]
+    command[command.index("base,luong,base-student")] = "luong,base-student"
+    alone = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert alone.returncode == 0 and "skip base-student: its starting point base is not among" in alone.stdout
