@@ -17,7 +17,7 @@ import torch
 
 from genrnn.bundle import load_bundle
 from genrnn.config import DecodingConfig
-from genrnn.data import read_examples
+from genrnn.data import PairDataset, collate, read_examples, training_pairs
 from genrnn.decoding import Generator
 from genrnn.evaluation import evaluate
 from genrnn.model import Seq2Seq
@@ -25,6 +25,7 @@ from genrnn.tokenizer import EOS_ID, train_tokenizer
 from tests.test_decoding import WORDS, small_config
 from tests.test_model import ATTENTION
 from tests.test_training import run_cli, tiny_train
+from training.distillation import Distillation
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -161,3 +162,30 @@ def test_the_generate_job_on_the_gpu_matches_the_cpu(tiny_bundle, g2p_files, tmp
         outputs[accelerator] = [json.loads(line)["candidates"][0]["text"] for line in out.read_text().splitlines()]
     same = sum(c == g for c, g in zip(outputs["cpu"], outputs["gpu"]))
     assert len(outputs["gpu"]) == len(outputs["cpu"]) > 0 and same >= 0.98 * len(outputs["cpu"])
+
+
+def test_the_distillation_table_on_the_gpu_gives_the_cpus_loss_without_waiting(tiny_bundle, g2p_files, float32_matmul):
+    teacher = load_bundle(tiny_bundle)
+    pairs = training_pairs(read_examples(g2p_files["train"]))[:300]
+    dataset = PairDataset(pairs, teacher.source_tokenizer, teacher.target_tokenizer)
+    torch.manual_seed(0)
+    student = Seq2Seq(teacher.model_config, teacher.model.source_vocab_size, teacher.model.target_vocab_size).eval()
+    batch = collate([dataset[i] for i in (250, 3, 17, 0, 125)])
+    losses = {}
+    for device in ("cpu", "cuda"):
+        distillation = Distillation(copy.deepcopy(teacher.model))
+        distillation.prepare(dataset, torch.device(device), max_tokens=512)
+        on_device = batch.to(device)
+        with torch.no_grad():
+            log_probs = student.to(device)(on_device.source, on_device.source_lengths, on_device.target_in)
+            log_probs = log_probs.log_softmax(dim=-1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                losses[device] = distillation.loss(log_probs, on_device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert not [w for w in caught if "synchroniz" in str(w.message)], device
+    assert torch.allclose(losses["cuda"].cpu(), losses["cpu"], rtol=1e-4)
