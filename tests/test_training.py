@@ -256,12 +256,16 @@ def test_the_cosine_schedule_spans_the_epoch_budget(g2p_files, tmp_path):
 
 def test_the_cosine_schedule_spans_a_time_budget(g2p_files, tmp_path):
     run = tmp_path / "run"
+    import torch
+
     budget = ["--max-epochs", "1000", "--max-time", "00:00:00:08", "--set", "training.schedule=cosine"]
     run_cli(*tiny_train(g2p_files, run, *budget))
+    # With 1,000 epochs to go, only the clock can have brought the rate down to nearly zero.
+    final = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] > 0 and final["optimizer_states"][0]["param_groups"][0]["lr"] < 0.1 * 0.005
+    # How many steps (and logged rates) fit depends on the machine's load: none, when it is busy.
     rates = [rate for _, rate in logged_rates(run)]
-    assert len(rates) >= 3
-    assert rates == sorted(rates, reverse=True) and rates[0] > 0.004
-    assert rates[-1] < 0.1 * 0.005  # the clock ran out, so the rate has nearly reached zero
+    assert rates == sorted(rates, reverse=True) and all(0 < rate < 0.005 for rate in rates)
 
 
 def test_step_values_are_logged_every_20_steps_and_at_the_last(g2p_files, tmp_path):
