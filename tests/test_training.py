@@ -270,14 +270,15 @@ def test_the_cosine_schedule_spans_a_time_budget(g2p_files, tmp_path):
 
 def test_step_values_are_logged_every_20_steps_and_at_the_last(g2p_files, tmp_path):
     run = tmp_path / "run"
-    run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1000", "--max-time", "00:00:00:04"))
+    run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1000", "--max-time", "00:00:00:06"))
     with open(run / "logs" / "version_0" / "metrics.csv") as file:
         rows = [row for row in csv.DictReader(file) if row["train_loss"]]
     steps = [int(row["step"]) for row in rows]
     last_step = load_bundle(run / "bundle").training["steps"] - 1  # Lightning counts from 0
-    assert steps[:-1] == list(range(19, steps[-2] + 1, 20)) and steps[-1] == last_step
+    assert steps[-1] == last_step and steps[:-1] == list(range(19, 20 * len(steps) - 20, 20))
     # The time budget ended training at a step of its own: its values, not the previous row's again.
-    assert rows[-1]["train_loss"] != rows[-2]["train_loss"]
+    # (How many steps fit depends on the machine's load: on a busy one, fewer than 20.)
+    assert len(rows) == 1 or rows[-1]["train_loss"] != rows[-2]["train_loss"]
 
 
 def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):
@@ -386,17 +387,17 @@ def test_init_from_starts_the_model_at_the_bundles_weights(g2p_files, tiny_bundl
 def test_a_distilled_run_resumes_with_its_teacher_and_refuses_another(g2p_files, tiny_bundle, tmp_path):
     run = tmp_path / "run"
     teacher = ("--set", f"training.teacher={tiny_bundle}")
-    first = run_cli(*tiny_train(g2p_files, run, "--max-steps", "3", *teacher))
+    first = run_cli(*tiny_train(g2p_files, run, "--max-steps", "20", *teacher))  # values are logged every 20
     assert "teacher's distributions for" in first.stdout
-    other = run_cli(*tiny_train(g2p_files, run, "--max-steps", "6", "--set", "training.teacher=a,b"), check=False)
+    other = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", "--set", "training.teacher=a,b"), check=False)
     assert other.returncode == 1 and "training.teacher: bundle directory not found: a" in other.stderr
     pair = ("--set", f"training.teacher={tiny_bundle},{tiny_bundle}")  # other weights: another teacher
-    refused = run_cli(*tiny_train(g2p_files, run, "--max-steps", "6", *pair), check=False)
+    refused = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *pair), check=False)
     assert refused.returncode == 1 and "with another model, tokenizer or teacher" in refused.stderr
-    resumed = run_cli(*tiny_train(g2p_files, run, "--max-steps", "6", *teacher))
+    resumed = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *teacher))
     assert "resuming from" in resumed.stdout
     facts = load_bundle(run / "bundle").training
-    assert facts["steps"] == 6 and facts["related_bundles"] == {"teacher": load_bundle(tiny_bundle).fingerprint}
+    assert facts["steps"] == 40 and facts["related_bundles"] == {"teacher": load_bundle(tiny_bundle).fingerprint}
     logs = sorted((run / "logs").glob("version_*/metrics.csv"))  # one a run
     assert len(logs) == 2 and all(
         {"reference_loss", "distillation_loss"} <= set(next(csv.reader(log.open()))) for log in logs
