@@ -212,7 +212,8 @@ class OptimConfig:
     label_smoothing: float = 0.0
     gradient_clip: float = 1.0
     ema_decay: float = 0.0  # exponential moving average of the weights, used for dev and the bundle (0: off)
-    init_from: str | None = None  # a bundle whose weights start the model (same model and tokenizer settings)
+    # a bundle whose weights start the model: the same model settings (but for dropout) and tokenizers
+    init_from: str | None = None
     # Distillation: a bundle, or several joined by commas (an ensemble), whose next-token
     # distributions the model learns to match under teacher forcing, as distill_weight of the
     # loss; the rest is cross-entropy with the reference.
