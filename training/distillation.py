@@ -62,6 +62,11 @@ class Distillation:
         self.teacher = None
         return time.monotonic() - started
 
+    @property
+    def table_bytes(self) -> int:
+        """Device memory the table takes."""
+        return sum(t.numel() * t.element_size() for t in (self.start, self.length, self.ids, self.probs))
+
     def _rows(self, pairs: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The table rows of the pairs' first ``steps`` positions ``(pairs, steps)``, and which are real."""
         offsets = torch.arange(steps, device=pairs.device)

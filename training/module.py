@@ -55,7 +55,10 @@ class Seq2SeqModule(pl.LightningModule):
             datamodule = self.trainer.datamodule
             seconds = distillation.prepare(datamodule.train_set, self.device, datamodule.config.max_tokens)
             if self.trainer.is_global_zero:
-                print(f"teacher's distributions for {len(datamodule.train_set)} training pairs in {seconds:.0f} s")
+                pairs, size = len(datamodule.train_set), distillation.table_bytes / 2**20
+                print(
+                    f"teacher's distributions for {pairs} training pairs in {seconds:.0f} s: a table of {size:.0f} MiB"
+                )
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | dict[str, torch.Tensor]:
         logits = self.model(batch.source, batch.source_lengths, batch.target_in)
