@@ -422,3 +422,11 @@ def test_a_bundle_that_cannot_start_or_teach_the_run_is_named(options, message, 
     options = [o.format(bundle=tiny_bundle) for o in options]
     result = run_cli(*tiny_train(g2p_files, tmp_path / "run", "--max-steps", "1", *options), check=False)
     assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+
+
+def test_a_teacher_with_other_tokenizers_than_the_starting_bundle_is_refused(g2p_files, tiny_bundle, tmp_path):
+    other = tmp_path / "other"
+    run_cli(*tiny_train(g2p_files, other, "--max-steps", "1", train="test"))  # same settings, other data
+    options = ["--set", f"training.init_from={tiny_bundle}", "--set", f"training.teacher={other / 'bundle'}"]
+    result = run_cli(*tiny_train(g2p_files, tmp_path / "run", "--max-steps", "1", *options), check=False)
+    assert result.returncode == 1 and "have different tokenizers" in result.stderr, result.stderr[-2000:]
