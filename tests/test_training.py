@@ -362,6 +362,8 @@ def test_the_best_checkpoint_holds_weights_and_the_resume_point_everything(g2p_f
 def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):
     run = tmp_path / "run"
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1"))
+    # A run without init_from or teacher records what runs recorded before those existed, so old ones resume.
+    assert set(json.loads((run / "run.json").read_text())) == {"data", "model", "tokenizer"}
     result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", train="test"), check=False)
     assert result.returncode == 1 and "holds a run on other data" in result.stderr
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--no-resume", train="test"))

@@ -146,14 +146,12 @@ def stamp_run(
     output: Path, config: ExperimentConfig, data_fingerprint: str, related: dict[str, Bundle], resuming: bool
 ) -> None:
     """Record what the run trains on; refuse to resume checkpoints of other data, model, tokenizers or teacher."""
-    lent = next(iter(related.values()), None)
-    stamp = {
-        "data": data_fingerprint,
-        "model": to_dict(config.model),
-        "tokenizer": to_dict(config.tokenizer),
-        "tokenizers_from_bundle": lent.tokenizers_fingerprint if lent else None,
-        "teacher": related["teacher"].fingerprint if "teacher" in related else None,
-    }
+    stamp = {"data": data_fingerprint, "model": to_dict(config.model), "tokenizer": to_dict(config.tokenizer)}
+    # Only when set, so that run directories from before these keys existed still resume.
+    if related:
+        stamp["tokenizers_from_bundle"] = next(iter(related.values())).tokenizers_fingerprint
+    if "teacher" in related:
+        stamp["teacher"] = related["teacher"].fingerprint
     path = output / "run.json"
     if resuming and path.is_file() and (output / "checkpoints" / "last.ckpt").is_file():
         if json.loads(path.read_text()) != stamp:
