@@ -96,9 +96,8 @@ def test_a_tiny_model_learns_to_reverse_strings(reversal):
 def test_a_student_follows_its_teacher_where_the_references_are_noisy(reversal, tmp_path):
     """Half the references are copies instead of reversals; the teacher learned clean reversals.
 
-    On the references alone a model cannot tell which of the two to start with (it
-    reversed 22 % of the test strings); with the whole weight on the teacher, the
-    student reverses as the teacher does (91 %).
+    On the references alone a model cannot tell which of the two to start with; with
+    the whole weight on the teacher, the student reverses as the teacher does.
     """
     from training.train import train
 
