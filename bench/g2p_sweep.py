@@ -6,8 +6,9 @@
 Each variant is one ``bench/g2p_benchmark.py`` run (its own process, log and
 results.json under the output directory); they share the machine's GPU, or its
 cores. When all have finished, the students named in ``--only`` are trained:
-each starts from one variant's weights and learns from the ensemble of every
-variant of the run (distillation), with its own budget. Then the ensembles named
+each has one variant's configuration, starts from that variant's weights or from
+scratch, and learns from the ensemble of every variant of the run
+(distillation), with its own budget. Then the ensembles named
 below are scored from the variants' bundles. ``summary.json`` gathers every result
 and ``summary.md`` holds the table rows; rerunning resumes unfinished runs and
 skips finished ones.
@@ -21,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCHMARK = Path(__file__).with_name("g2p_benchmark.py")
@@ -29,6 +31,7 @@ LUONG_DEEP = ["model.attention=luong", "model.encoder_layers=3", "model.encoder_
 BAHDANAU_DEEP = ["model.attention=bahdanau", "model.encoder_layers=3", "model.encoder_hidden=512"]
 BASE_WIDE = ["model.encoder_hidden=512", "model.decoder_hidden=1024"]
 NO_FEEDING = [*LUONG_DEEP, "model.input_feeding=false"]
+MORE_DROPOUT = ["model.layer_dropout=0.3", "model.output_dropout=0.3"]  # g2p.yaml has 0.2
 # annealed over the whole budget: early stopping would cut the schedule short
 COSINE = ["training.schedule=cosine", "training.early_stopping_patience=1000"]
 # name → config overrides on top of --config
@@ -47,7 +50,7 @@ VARIANTS: dict[str, list[str]] = {
     "luong-deep-ema": [*LUONG_DEEP, "training.ema_decay=0.999"],
     "luong-deep-batch8k": [*LUONG_DEEP, "data.max_tokens=8192"],  # half the steps an epoch: more epochs a minute?
     "bahdanau-deep": BAHDANAU_DEEP,
-    "base-wide-dropout": [*BASE_WIDE, "model.layer_dropout=0.3", "model.output_dropout=0.3"],
+    "base-wide-dropout": [*BASE_WIDE, *MORE_DROPOUT],
     # the rate annealed to zero over the budget, where the plateau schedule cut it only once or twice
     "base-cosine": COSINE,
     "base-wide-cosine": [*BASE_WIDE, *COSINE],
@@ -60,6 +63,10 @@ VARIANTS: dict[str, list[str]] = {
     "bahdanau-deep-cosine-seed7": [*BAHDANAU_DEEP, *COSINE, "training.seed=7"],
     "bahdanau-deep-cosine-seed11": [*BAHDANAU_DEEP, *COSINE, "training.seed=11"],
     "bahdanau-deep-cosine-batch8k": [*BAHDANAU_DEEP, *COSINE, "data.max_tokens=8192"],
+    # the best single model with more dropout: its dev loss stopped falling halfway through its
+    # 6.5 minutes while its training loss went on down
+    "bahdanau-deep-cosine-dropout": [*BAHDANAU_DEEP, *COSINE, *MORE_DROPOUT],
+    "bahdanau-deep-cosine-dropout-seed11": [*BAHDANAU_DEEP, *COSINE, *MORE_DROPOUT, "training.seed=11"],
     # Luong attention without input feeding: the decoder runs over the whole target at once in training
     "luong-deep-no-feeding": NO_FEEDING,
     "luong-deep-no-feeding-seed7": [*NO_FEEDING, "training.seed=7"],
@@ -73,12 +80,26 @@ VARIANTS: dict[str, list[str]] = {
     # speed: bf16 autocast on a GPU, against base's steps in the same budget
     "base-bf16": ["training.precision=bf16-mixed"],
 }
+
+
+@dataclass(frozen=True)
+class Student:
+    """A variant's configuration taught by the run's variants: from that variant's weights, or from scratch."""
+
+    variant: str
+    overrides: tuple[str, ...]
+    from_variant: bool = True
+
+
 # Fine-tuned at a quarter of the rate, annealed to zero, on the reference and the teachers half and half.
-DISTILLED = [*COSINE, "training.lr=0.0005", "training.distill_weight=0.5"]
-# name → (the variant it starts from, overrides on top of that variant's); taught by the run's variants
-STUDENTS: dict[str, tuple[str, list[str]]] = {
-    "base-student": ("base", DISTILLED),
-    "bahdanau-deep-cosine-student": ("bahdanau-deep-cosine", DISTILLED),
+DISTILLED = (*COSINE, "training.lr=0.0005", "training.distill_weight=0.5")
+# From scratch at the variant's own rate: the teachers guide the whole run, not only its end.
+TAUGHT = ("training.distill_weight=0.5",)
+STUDENTS: dict[str, Student] = {
+    "base-student": Student("base", DISTILLED),
+    "bahdanau-deep-cosine-student": Student("bahdanau-deep-cosine", DISTILLED),
+    "base-taught": Student("base", TAUGHT, from_variant=False),
+    "bahdanau-deep-cosine-taught": Student("bahdanau-deep-cosine", TAUGHT, from_variant=False),
 }
 # name → the variants decoded together (those that finished)
 ENSEMBLES: dict[str, tuple[str, ...]] = {
@@ -154,17 +175,22 @@ def write_summary(output: Path, names: list[str]) -> None:
 
 
 def student_jobs(args: argparse.Namespace, names: list[str], trained: list[str], output: Path) -> dict:
-    """The students' benchmark commands: each starts from its variant and is taught by all the trained ones."""
+    """The students' benchmark commands: each is taught by all the trained variants."""
     jobs = {}
     teachers = ",".join(str(output / name / "bundle") for name in trained)
+    if not teachers:
+        print(f"skip {', '.join(names)}: no variant of this run has finished to teach them", flush=True)
+        return jobs
     for name in names:
-        start, overrides = STUDENTS[name]
-        if start not in trained:
-            print(f"skip {name}: its starting point {start} is not among this run's finished variants", flush=True)
-            continue
+        student = STUDENTS[name]
+        sets = [*args.set, *VARIANTS[student.variant], *student.overrides, f"training.teacher={teachers}"]
+        if student.from_variant:
+            if student.variant not in trained:
+                missing = f"its starting point {student.variant} is not among this run's finished variants"
+                print(f"skip {name}: {missing}", flush=True)
+                continue
+            sets.append(f"training.init_from={output / student.variant / 'bundle'}")
         forget_if_taught_by_others(output / name, teachers)
-        sets = [*args.set, *VARIANTS[start], *overrides]
-        sets += [f"training.init_from={output / start / 'bundle'}", f"training.teacher={teachers}"]
         budget = ("--max-time", args.student_time or args.max_time)
         jobs[name] = benchmark_command(
             args, output / name, "--config", args.config, *budget, *(f"--set={s}" for s in sets)

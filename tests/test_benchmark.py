@@ -108,6 +108,11 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     assert fewer.returncode == 0 and "start base-student" in fewer.stdout and "start base:" not in fewer.stdout
     student = json.loads((output / "base-student" / "results.json").read_text())["training"]["config"]
     assert student["training"]["teacher"].split(",") == [str(output / n / "bundle") for n in ("base", "luong")]
-    command[command.index("base,luong,base-student")] = "luong,base-student"
+    # a student from scratch needs only teachers: it has its variant's configuration and none of its weights
+    command[command.index("base,luong,base-student")] = "luong,base-student,base-taught"
     alone = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert alone.returncode == 0 and "skip base-student: its starting point base is not among" in alone.stdout
+    taught = json.loads((output / "base-taught" / "results.json").read_text())["training"]["config"]
+    assert taught["model"] == summary["base"]["training"]["config"]["model"]
+    assert taught["training"]["init_from"] is None
+    assert taught["training"]["teacher"] == str(output / "luong" / "bundle")
