@@ -6,10 +6,8 @@ import csv
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -184,42 +182,56 @@ def test_the_training_loader_resumes_at_the_first_batch_it_had_not_served():
     assert list(ended) == list(following)
 
 
+# Runs `genrnn train ARGS…`, and dies as a kill would (no cleanup) once it has saved a resume point at
+# global step STEP or later.
+KILL_AFTER_SAVE = """
+import os, sys
+from genrnn.cli import main
+from training.resume import ResumePoint
+save, step = ResumePoint._save, int(sys.argv[1])
+def save_then_die(self, trainer):
+    save(self, trainer)
+    if trainer.global_step >= step:
+        os._exit(9)
+ResumePoint._save = save_then_die
+main(sys.argv[2:])
+"""
+
+
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_unbroken_run(g2p_files, tmp_path):
     import torch
 
-    # A resume point after every few steps, so the kill lands mid-epoch.
-    options = ("--max-epochs", "3", "--set", "training.checkpoint_minutes=0.001")
+    # Dropout draws from the generators; every validation halves the rate (patience 0) and
+    # comes halfway through an epoch; a resume point is due after every batch.
+    options = ("--max-epochs", "3", "--set", "training.checkpoint_minutes=0.00001")
+    options += ("--set", "model.output_dropout=0.3", "--set", "model.embedding_dropout=0.1")
+    options += ("--set", "training.val_check_interval=0.5", "--set", "training.plateau_patience=0")
     fresh_run, run = tmp_path / "fresh", tmp_path / "run"
     run_cli(*tiny_train(g2p_files, fresh_run, *options))
     fresh = json.loads((fresh_run / "bundle" / "genrnn.json").read_text())["training"]
     steps_per_epoch = fresh["steps"] // fresh["epochs"]
 
+    # The kill comes at the second epoch's first validation: its batch must not be the one saved.
+    validating_step = steps_per_epoch + steps_per_epoch // 2
     args = tiny_train(g2p_files, run, *options)
-    process = subprocess.Popen([*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, str(validating_step), *args], capture_output=True)
+    assert killed.returncode == 9, killed.stderr.decode()[-3000:]
     last = run / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 180
-    step = 0
-    while process.poll() is None and time.monotonic() < deadline:
-        if last.exists():
-            step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-            if step > steps_per_epoch and step % steps_per_epoch:  # inside the second epoch or later
-                break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = torch.load(last, map_location="cpu", weights_only=False)
-    assert killed_at["global_step"] % steps_per_epoch, "the kill should land mid-epoch"
+    killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert killed_at == validating_step + 1, "the resume point comes one batch after the validating one"
     assert not (run / "bundle" / "genrnn.json").exists()
 
     result = run_cli(*args)
     assert "resuming from" in result.stdout
     resumed = json.loads((run / "bundle" / "genrnn.json").read_text())["training"]
     assert resumed["steps"] == fresh["steps"] and resumed["epochs"] == fresh["epochs"] == 3
-    # Every batch was trained on once and in the same order, so the final weights agree.
-    final = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    # Every batch was trained on once, in the same order, with the same dropout masks, and
+    # every validation ran: the rate and the final weights agree.
+    final = torch.load(last, map_location="cpu", weights_only=False)
     fresh_final = torch.load(fresh_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["lr_schedulers"] == fresh_final["lr_schedulers"]
     for name, tensor in fresh_final["state_dict"].items():
-        torch.testing.assert_close(final[name], tensor, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(final["state_dict"][name], tensor, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_the_plateau_schedule_is_stepped_after_every_validation(g2p_files, tmp_path):

@@ -83,6 +83,9 @@ class PairDataModule(pl.LightningDataModule):
             collate_fn=collate,
             num_workers=self.config.num_workers,
             persistent_workers=self.config.num_workers > 0,
+            # Each pass draws its workers' seed from this generator. From torch's global one, a run
+            # resumed mid-epoch would draw once more than an unbroken run, and its dropout would differ.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:

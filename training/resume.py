@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Checkpoint
 
 
@@ -17,6 +19,8 @@ class ResumePoint(Checkpoint):
     ``every_minutes`` of work. Lightning writes checkpoints atomically, so a kill
     during a save leaves the previous one whole. As a :class:`Checkpoint`, it runs after
     the other callbacks' epoch-end hooks, so that their state is saved as it ends the epoch.
+    The random number generators' states travel with it, so that dropout after a resume
+    draws the masks it would have drawn.
     """
 
     def __init__(self, path: Path, every_minutes: float) -> None:
@@ -27,8 +31,16 @@ class ResumePoint(Checkpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_at = time.monotonic()
 
+    def state_dict(self) -> dict:
+        return {"rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        restore_rng_states(state_dict["rng"])
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        if not self.every_seconds:
+        # Not on a batch that validates: Lightning counts a batch saved at its end as done,
+        # validation included, so a run resumed from there would never validate it.
+        if not self.every_seconds or validates_after_this_batch(trainer):
             return
         due = time.monotonic() - self._saved_at >= self.every_seconds
         if trainer.strategy.broadcast(due):  # rank 0's clock decides, so that every rank saves together
@@ -40,3 +52,28 @@ class ResumePoint(Checkpoint):
     def _save(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # optimiser, schedule and loader too
         self._saved_at = time.monotonic()
+
+
+def validates_after_this_batch(trainer: pl.Trainer) -> bool:
+    """Whether Lightning validates once the current training batch has ended (its own test, not a copy)."""
+    return trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+
+
+def rng_states() -> dict:
+    """The states of the generators that training draws from: Python's, torch's, and every CUDA device's."""
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    """Put back what :func:`rng_states` took; CUDA's only on a machine with as many devices.
+
+    Under DDP every rank takes rank 0's states, as every rank started from the same seed.
+    """
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
