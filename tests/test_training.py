@@ -182,20 +182,30 @@ def test_the_training_loader_resumes_at_the_first_batch_it_had_not_served():
     assert list(ended) == list(following)
 
 
-# Runs `genrnn train ARGS…`, and dies as a kill would (no cleanup) once it has saved a resume point at
-# global step STEP or later.
-KILL_AFTER_SAVE = """
+# Runs `genrnn train ARGS…` and dies as a kill would (no cleanup): as training starts (STEP -1), or
+# once it has saved a resume point at global step STEP or later.
+DIE_DURING_TRAINING = """
 import os, sys
 from genrnn.cli import main
 from training.resume import ResumePoint
-save, step = ResumePoint._save, int(sys.argv[1])
-def save_then_die(self, trainer):
+step = int(sys.argv[1])
+def die(*args):
+    os._exit(9)
+def save_then_die(self, trainer, save=ResumePoint._save):
     save(self, trainer)
     if trainer.global_step >= step:
-        os._exit(9)
-ResumePoint._save = save_then_die
+        die()
+if step < 0:
+    ResumePoint.on_train_start = die
+else:
+    ResumePoint._save = save_then_die
 main(sys.argv[2:])
 """
+
+
+def train_until_killed(step: int, args: list[str]) -> None:
+    killed = subprocess.run([sys.executable, "-c", DIE_DURING_TRAINING, str(step), *args], capture_output=True)
+    assert killed.returncode == 9, killed.stderr.decode()[-3000:]
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_unbroken_run(g2p_files, tmp_path):
@@ -214,8 +224,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_unbroken_run(g
     # The kill comes at the second epoch's first validation: its batch must not be the one saved.
     validating_step = steps_per_epoch + steps_per_epoch // 2
     args = tiny_train(g2p_files, run, *options)
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, str(validating_step), *args], capture_output=True)
-    assert killed.returncode == 9, killed.stderr.decode()[-3000:]
+    train_until_killed(validating_step, args)
     last = run / "checkpoints" / "last.ckpt"
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert killed_at == validating_step + 1, "the resume point comes one batch after the validating one"
@@ -232,6 +241,33 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_unbroken_run(g
     assert final["lr_schedulers"] == fresh_final["lr_schedulers"]
     for name, tensor in fresh_final["state_dict"].items():
         torch.testing.assert_close(final["state_dict"][name], tensor, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_no_resume_starts_without_the_old_checkpoints(g2p_files, tmp_path):
+    run = tmp_path / "run"
+    run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1"))
+    # Started afresh on other data and killed before its first resume point; then run again.
+    args = tiny_train(g2p_files, run, "--max-epochs", "1", train="dev")
+    train_until_killed(-1, [*args, "--no-resume"])
+    result = run_cli(*args)
+    assert "resuming from" not in result.stdout  # the first run's checkpoint is gone
+    steps = json.loads((run / "bundle" / "genrnn.json").read_text())["training"]["steps"]
+    fresh = tmp_path / "fresh"
+    run_cli(*tiny_train(g2p_files, fresh, "--max-epochs", "1", train="dev"))
+    assert steps == json.loads((fresh / "bundle" / "genrnn.json").read_text())["training"]["steps"]
+
+
+def test_a_run_that_stopped_early_trains_no_further_when_run_again(g2p_files, tmp_path):
+    options = ("--max-epochs", "40", "--set", "training.early_stopping_patience=1")
+    options += ("--set", "training.schedule=constant", "--set", "training.lr=0.05")
+    args = tiny_train(g2p_files, tmp_path / "run", *options)
+    run_cli(*args)
+    first = json.loads((tmp_path / "run" / "bundle" / "genrnn.json").read_text())["training"]
+    assert first["epochs"] < 39, "early stopping should have ended the run"
+    result = run_cli(*args)
+    assert "resuming from" in result.stdout
+    again = json.loads((tmp_path / "run" / "bundle" / "genrnn.json").read_text())["training"]
+    assert (again["steps"], again["epochs"], again["best_dev"]) == (first["steps"], first["epochs"], first["best_dev"])
 
 
 def test_the_plateau_schedule_is_stepped_after_every_validation(g2p_files, tmp_path):

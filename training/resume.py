@@ -1,4 +1,4 @@
-"""The checkpoint a killed run resumes from: written at every epoch end and every few minutes."""
+"""Running a run again: the checkpoint a killed run resumes from, and early stopping that a rerun keeps."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.callbacks import Checkpoint, EarlyStopping
 
 
 class ResumePoint(Checkpoint):
@@ -52,6 +52,19 @@ class ResumePoint(Checkpoint):
     def _save(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # optimiser, schedule and loader too
         self._saved_at = time.monotonic()
+
+
+class StopsForGood(EarlyStopping):
+    """Early stopping whose stop holds when the finished run is run again: it trains no further step.
+
+    Lightning restores the count of validations without improvement, but checks it only
+    after the next validation, so a rerun of a run that early stopping had ended trained
+    up to one more epoch and wrote another bundle.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.wait_count >= self.patience:
+            trainer.should_stop = True
 
 
 def validates_after_this_batch(trainer: pl.Trainer) -> bool:

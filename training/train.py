@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import (
-    EarlyStopping,
     EMAWeightAveraging,
     LearningRateMonitor,
     ModelCheckpoint,
@@ -29,7 +29,7 @@ from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
 from training.distillation import Distillation
 from training.module import Seq2SeqModule
-from training.resume import ResumePoint
+from training.resume import ResumePoint, StopsForGood
 
 DEV_SHARE = 21  # without a dev set, about 1/21 of the training sources are held out
 LOG_EVERY_N_STEPS = 20
@@ -192,7 +192,7 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         save_weights_only=not training.ema_decay,
     )
     # Checked after each validation only: a budget may end an epoch before any validation ran.
-    early_stopping = EarlyStopping(
+    early_stopping = StopsForGood(
         monitor=training.monitor,
         mode="min",
         patience=training.early_stopping_patience,
@@ -242,6 +242,9 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     data_fingerprint = fingerprint(train_examples)
     related = load_related_bundles(config)
     stamp_run(output, config, data_fingerprint, related, resuming=resume)
+    if not resume and trainer_is_rank_zero():
+        # Afresh means without the old checkpoints: a later rerun would resume from them.
+        shutil.rmtree(output / "checkpoints", ignore_errors=True)
     lent = next(iter(related.values()), None)
     if lent is not None:
         source_tokenizer, target_tokenizer = lent.source_tokenizer, lent.target_tokenizer
