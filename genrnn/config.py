@@ -264,9 +264,14 @@ class OptimConfig:
             )
 
 
+MAX_TEMPERATURE = 100.0  # far past uniform already; beyond float32's range, logits / temperature is NaN
+MAX_TOP_K = 2**31 - 1
+MAX_LENGTH_PENALTY = 10.0  # GNMT's alpha; ((5 + len) / 6) ** alpha overflows long before 1e308
+
+
 @dataclass(frozen=True)
 class DecodingConfig:
-    """How one input is decoded; the same fields as the HTTP request."""
+    """How one input is decoded; the same fields as the HTTP request. NaN fails every range check."""
 
     mode: DecodingMode = "greedy"
     temperature: float = 1.0
@@ -280,12 +285,17 @@ class DecodingConfig:
     max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
-        _require(self.temperature > 0, "temperature", "must be greater than 0")
-        _require(self.top_k >= 0, "top_k", "must be 0 (off) or more")
+        # Upper bounds keep every value finite in float32 and within a tensor's integers.
+        _require(0 < self.temperature <= MAX_TEMPERATURE, "temperature", f"must be in (0, {MAX_TEMPERATURE:g}]")
+        _require(0 <= self.top_k <= MAX_TOP_K, "top_k", f"must be 0 (off) or up to {MAX_TOP_K}")
         _require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         _require(self.num_return_sequences >= 1, "num_return_sequences", "must be at least 1")
         _require(self.beam_size >= 1, "beam_size", "must be at least 1")
-        _require(self.length_penalty >= 0, "length_penalty", "must be 0 or more")
+        _require(
+            0 <= self.length_penalty <= MAX_LENGTH_PENALTY,
+            "length_penalty",
+            f"must be in [0, {MAX_LENGTH_PENALTY:g}]",
+        )
         _require(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
         if self.mode == "beam":
             _require(

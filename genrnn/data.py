@@ -31,6 +31,15 @@ class Example:
 # -- reading -------------------------------------------------------------------------------
 
 
+def is_unicode_text(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: JSON's escapes can make lone surrogates, which cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_tsv_line(line: str, where: str) -> Example:
     fields = line.split("\t")
     if len(fields) < 2:
@@ -54,6 +63,8 @@ def _parse_jsonl_line(line: str, where: str) -> Example:
         raise DataError(f'{where}: "source" and "target" must be strings (or a list of strings)')
     if not source.strip() or not targets or not all(t.strip() for t in targets):
         raise DataError(f"{where}: empty source or target")
+    if not all(map(is_unicode_text, (source, *targets))):
+        raise DataError(f"{where}: a lone surrogate (\\ud800-\\udfff) in the text")
     return Example(source.strip(), tuple(t.strip() for t in targets))
 
 
@@ -65,11 +76,14 @@ def read_file(path: str | Path) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    parse = _parse_jsonl_line if path.suffix == ".jsonl" else _parse_tsv_line
+    parse = _parse_jsonl_line if path.suffix.lower() == ".jsonl" else _parse_tsv_line
     examples = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            line = line.rstrip("\r\n")
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:  # a line at a time, so that a bad byte names its line
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start})") from None
             if line.strip():
                 examples.append(parse(line, f"{path}:{number}"))
     if not examples:

@@ -104,6 +104,7 @@ def filtered_distribution(
     keep = (top_k[:, None] == 0) | (rank < top_k[:, None])
     mass_before = probs.cumsum(dim=-1) - probs
     keep &= (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    keep[:, 0] = True  # the likeliest token always: a p under float32's smallest number rounds to 0
     probs = probs * keep
     return probs / probs.sum(dim=-1, keepdim=True), order
 

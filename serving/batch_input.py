@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from genrnn.config import DecodingConfig, from_dict
+from genrnn.data import is_unicode_text
 from genrnn.errors import ConfigurationError, DataError
 
 MAX_NEW_TOKENS = 1024  # the most any item may ask for: bounds the memory one batch can take
@@ -99,6 +100,8 @@ def _parse_jsonl(line: str, number: int) -> tuple[ItemId, str, dict[str, Any]]:
     source = record.pop("source", None)
     if not isinstance(source, str) or not source.strip():
         raise _Malformed('"source" must be a non-empty string', item_id)
+    if not is_unicode_text(source):
+        raise _Malformed('"source" holds a lone surrogate (\\ud800-\\udfff), not text', item_id)
     unknown = sorted(set(record) - SETTING_KEYS)
     if unknown:
         allowed = ", ".join(["id", "source", *sorted(SETTING_KEYS)])
@@ -138,7 +141,7 @@ def read_items(
         for number, raw in enumerate(lines, start=1):
             index = len(items) + len(bad)
             try:
-                line = raw.decode("utf-8").rstrip("\r\n")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
                 if not line.strip():
                     continue
                 item_id, source, overrides = parse(line, number)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from genrnn.config import DecodingConfig
+from genrnn.data import is_unicode_text
 from genrnn.errors import ConfigurationError
 
 _DEFAULTS = DecodingConfig()
@@ -43,7 +44,8 @@ class GenerateRequest(BaseModel):
     """The body of ``POST /v1/generate``; a field that does not apply to ``mode`` is ignored."""
 
     # Strict: "0.8" is not a temperature. Unknown keys are refused, so a typo is not silently ignored.
-    model_config = ConfigDict(strict=True, extra="forbid")
+    # Python's JSON parser reads Infinity and NaN, which no field takes.
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
     # Set once by the server before its HTTP processes start (they are forked, so they inherit it).
     limits: ClassVar[Limits] = Limits()
@@ -79,6 +81,10 @@ class GenerateRequest(BaseModel):
         for index, text in enumerate(items):
             if not text:
                 raise PydanticCustomError("empty", "input {index} is an empty string", {"index": index})
+            if not is_unicode_text(text):
+                raise PydanticCustomError(
+                    "not_unicode", "input {index} holds a lone surrogate (\\ud800-\\udfff), not text", {"index": index}
+                )
             if len(text) > cls.limits.max_input_length:
                 raise PydanticCustomError(
                     TOO_LARGE,

@@ -60,7 +60,12 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
     "values,field",
     [
         ({"temperature": 0}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": 1e39}, "temperature"),
         ({"top_p": 0}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_k": 2**31}, "top_k"),
+        ({"length_penalty": float("inf")}, "length_penalty"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
         ({"mode": "beam", "beam_size": 2, "num_return_sequences": 3}, "num_return_sequences"),

@@ -27,6 +27,11 @@ def test_tsv_and_jsonl_read_the_same_examples(tmp_path):
     expected = [Example("cat", ("K AE1 T",)), Example("read", ("R EH1 D", "R IY1 D"))]
     assert read_examples(tmp_path / "a.tsv") == expected
     assert read_examples(tmp_path / "a.jsonl") == expected
+    # as some editors save them: a byte-order mark, Windows line ends, an upper-case suffix
+    (tmp_path / "b.tsv").write_bytes(b"\xef\xbb\xbfcat\tK AE1 T\r\nread\tR EH1 D\tR IY1 D\r\n")
+    (tmp_path / "b.JSONL").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "a.jsonl").read_bytes())
+    assert read_examples(tmp_path / "b.tsv") == expected
+    assert read_examples(tmp_path / "b.JSONL") == expected
 
 
 @pytest.mark.parametrize(
@@ -37,11 +42,13 @@ def test_tsv_and_jsonl_read_the_same_examples(tmp_path):
         ("bad.jsonl", '{"source": "cat", "target": "K"}\n{"source": "dog"\n', 2, "not valid JSON"),
         ("bad.jsonl", '{"source": "cat"}\n', 1, '"source" and "target"'),
         ("bad.jsonl", '{"source": 3, "target": "K"}\n', 1, "must be strings"),
+        ("bad.jsonl", '{"source": "cat", "target": "K"}\n{"source": "\\ud800", "target": "K"}\n', 2, "surrogate"),
+        ("bad.tsv", "cat\tK AE1 T\ncaf\xe9\tK AE1 F\n", 2, "not UTF-8"),  # written as Latin-1 below
     ],
 )
 def test_a_malformed_line_names_its_file_and_line(tmp_path, name, content, line, message):
     path = tmp_path / name
-    path.write_text(content)
+    path.write_bytes(content.encode("latin-1" if "not UTF-8" in message else "utf-8"))
     with pytest.raises(DataError, match=f"{name}:{line}: .*{message}"):
         read_examples(path)
 

@@ -152,6 +152,9 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
     kept, order = filtered_distribution(logits, torch.ones(5), torch.zeros(5, dtype=torch.long), top_p)
     assert order[0].tolist() == [1, 3, 2, 0]
     assert (kept > 0).sum(dim=1).tolist() == [1, 2, 3, 4, 4]
+    # a p that float32 rounds to 0 still keeps the likeliest token
+    tiny, _ = filtered_distribution(logits[:1], torch.ones(1), torch.zeros(1, dtype=torch.long), torch.tensor([1e-50]))
+    assert tiny[0].tolist() == [1.0, 0.0, 0.0, 0.0]
     torch.testing.assert_close(kept[1, :2], torch.tensor([0.5, 0.3]) / 0.8)
     torch.testing.assert_close(kept.sum(dim=1), torch.ones(5))
 

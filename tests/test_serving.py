@@ -378,6 +378,8 @@ INVALID = [
     ({"inputs": "cat", "top_p": 0}, 422, "top_p"),
     ({"inputs": "cat", "top_p": 1.5}, 422, "top_p"),
     ({"inputs": "cat", "top_k": -1}, 422, "top_k"),
+    ({"inputs": "cat", "top_k": 10**23}, 422, "top_k"),  # past a tensor's integers
+    ({"inputs": "cat", "temperature": 1e39}, 422, "temperature"),  # past float32
     ({"inputs": "cat", "mode": "nucleus"}, 422, "mode"),
     ({"inputs": "cat", "beam_size": 5}, 422, "beam_size"),
     ({"inputs": "cat", "num_return_sequences": 5}, 422, "num_return_sequences"),
@@ -402,6 +404,22 @@ def test_a_bad_field_gets_its_status_and_a_message_naming_it(keyed, body, status
 
     assert response.status_code == status
     assert field in response.json()["detail"]
+    assert response.json()["errors"][0]["field"].split(".")[0] == field
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"inputs": "cat", "mode": "sample", "temperature": Infinity}', "temperature"),
+        (b'{"inputs": "cat", "mode": "beam", "length_penalty": NaN}', "length_penalty"),
+        (b'{"inputs": ["cat", "\\ud800"]}', "inputs"),
+    ],
+)
+def test_json_that_only_python_reads_gets_422(keyed, body, field):
+    # Python's parser takes Infinity, NaN and lone surrogates, which the engine cannot.
+    response = keyed.client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+
+    assert response.status_code == 422
     assert response.json()["errors"][0]["field"].split(".")[0] == field
 
 
