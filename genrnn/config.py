@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ BridgeType = Literal["bridge", "last", "zero"]
 AttentionType = Literal["none", "luong", "bahdanau"]
 DecodingMode = Literal["greedy", "sample", "beam"]
 LengthPenaltyForm = Literal["gnmt", "average"]
+Precision = Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64"]
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -68,6 +70,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         _require(ok, key, f"must be a number; got {value!r}")
         return float(number)
     if annotation is str:
+        if isinstance(value, int) and not isinstance(value, bool):  # devices: 2
+            return str(value)
         _require(isinstance(value, str), key, f"must be a string; got {value!r}")
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")
@@ -90,7 +94,13 @@ def from_dict(cls: type[T], values: Any, prefix: str = "") -> T:
     kwargs = {
         name: _convert(value, hints[name], f"{prefix + '.' if prefix else ''}{name}") for name, value in values.items()
     }
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigurationError as error:
+        # DecodingConfig names its fields as the command line and HTTP do; in a file they sit in a section.
+        if prefix and not str(error).startswith(f"{prefix}."):
+            raise ConfigurationError(f"{prefix}.{error}") from None
+        raise
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -227,7 +237,7 @@ class OptimConfig:
     val_check_interval: float = 1.0  # fraction of an epoch, or steps if > 1
     seed: int = 1234
     checkpoint_minutes: float = 10.0  # between the mid-epoch checkpoints a killed run resumes from (0: epoch ends only)
-    precision: str = "32-true"
+    precision: Precision = "32-true"
     accelerator: str = "auto"
     devices: str = "1"  # an integer, "auto", or a list like "0,1"
     num_nodes: int = 1
@@ -235,6 +245,15 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "training.lr", "must be positive")
+        _require(self.weight_decay >= 0, "training.weight_decay", "must be 0 (off) or more")
+        _require(0 <= self.seed < 2**32, "training.seed", "must be in [0, 2**32)")
+        _require(self.max_steps >= 1 or self.max_steps == -1, "training.max_steps", "must be positive or -1")
+        _require(self.plateau_patience >= 0, "training.plateau_patience", "must be 0 or more")
+        _require(
+            0 < self.val_check_interval <= 1 or (self.val_check_interval > 1 and self.val_check_interval.is_integer()),
+            "training.val_check_interval",
+            "must be a fraction of an epoch in (0, 1], or a whole number of steps",
+        )
         _require(0.0 <= self.label_smoothing < 1.0, "training.label_smoothing", "must be in [0, 1)")
         _require(self.gradient_clip >= 0, "training.gradient_clip", "must be 0 (off) or more")
         _require(0.0 <= self.ema_decay < 1.0, "training.ema_decay", "must be in [0, 1); 0 switches it off")
@@ -322,15 +341,33 @@ def parse_devices(devices: str) -> int | str:
     return int(devices) if devices.isdigit() else devices
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, but for base-60 numbers: ``max_time: 10:00:00:00`` is text, not 2160000."""
+
+    _SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?$")
+
+    def resolve(self, kind: type, value: Any, implicit: tuple[bool, bool]) -> str:
+        if kind is yaml.ScalarNode and implicit[0] and self._SEXAGESIMAL.match(value):
+            return "tag:yaml.org,2002:str"
+        return super().resolve(kind, value, implicit)
+
+
+def read_yaml(text: str) -> Any:
+    """A YAML document or scalar, as a config file or an override holds it."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+
+
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML file."""
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text())
+        values = read_yaml(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigurationError(f"config file not found: {path}") from None
     except yaml.YAMLError as error:
         raise ConfigurationError(f"{path}: not valid YAML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigurationError(f"{path}: not UTF-8 ({error.reason} at byte {error.start})") from None
     return from_dict(ExperimentConfig, values)
 
 
@@ -346,10 +383,11 @@ def override(config: ExperimentConfig, assignments: list[str]) -> ExperimentConf
             _require(isinstance(target.get(section), dict), key, f"unknown section {section!r}")
             target = target[section]
         _require(name in target, key, "unknown key")
-        target[name] = yaml.safe_load(raw)
+        target[name] = read_yaml(raw)
     return from_dict(ExperimentConfig, values)
 
 
 def replace(config: T, **changes: Any) -> T:
-    """A copy of ``config`` with some fields changed, validated again."""
-    return dataclasses.replace(config, **changes)
+    """A copy of ``config`` with some fields changed, validated again as a file's values are."""
+    changed = {name: to_dict(v) if dataclasses.is_dataclass(v) else v for name, v in changes.items()}
+    return from_dict(type(config), {**to_dict(config), **changed})

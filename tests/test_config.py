@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from genrnn.config import DecodingConfig, ExperimentConfig, ModelConfig, from_dict, load_config, override
+from genrnn.config import DecodingConfig, ExperimentConfig, ModelConfig, from_dict, load_config, override, replace
 from genrnn.errors import ConfigurationError
 from tests.conftest import ROOT
 
@@ -75,6 +75,41 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
 def test_decoding_ranges(values, field):
     with pytest.raises(ConfigurationError, match=f"^{field}:"):
         DecodingConfig(**values)
+
+
+@pytest.mark.parametrize(
+    "assignment,message",
+    [
+        ("training.seed=-5", "training.seed: must be in"),
+        ("training.weight_decay=-1", "training.weight_decay: must be 0"),
+        ("training.max_steps=0", "training.max_steps: must be positive or -1"),
+        ("training.plateau_patience=-1", "training.plateau_patience: must be 0"),
+        ("training.val_check_interval=0", "training.val_check_interval: must be a fraction"),
+        ("training.val_check_interval=2.5", "training.val_check_interval: must be a fraction"),
+        ("training.precision=banana", "training.precision: must be one of"),
+        ("decoding.temperature=0", "decoding.temperature: must be in"),  # its section, as in the file
+    ],
+)
+def test_values_that_would_fail_deep_inside_training_are_refused_at_the_edge(assignment, message):
+    with pytest.raises(ConfigurationError, match=message):
+        override(ExperimentConfig(), [assignment])
+
+
+def test_yaml_as_people_write_it(tmp_path):
+    # a device count as a number; a time budget that YAML 1.1 would read as a base-60 number; a BOM
+    path = tmp_path / "c.yaml"
+    path.write_text("\ufefftraining:\n  devices: 2\n  max_time: 10:00:00:00\n", encoding="utf-8")
+    training = load_config(path).training
+    assert (training.devices, training.max_time) == ("2", "10:00:00:00")
+    assert override(ExperimentConfig(), ["training.max_time=1:00:00:00"]).training.max_time == "1:00:00:00"
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigurationError, match="c.yaml: not UTF-8"):
+        load_config(path)
+
+
+def test_replace_validates_as_a_file_does():
+    with pytest.raises(ConfigurationError, match="precision: must be one of"):
+        replace(ExperimentConfig().training, precision="banana")
 
 
 def test_overrides_set_nested_keys_and_are_validated():

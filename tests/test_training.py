@@ -364,6 +364,16 @@ def test_a_malformed_training_line_is_named(tmp_path):
     assert result.returncode == 1 and f"{bad}:2: expected 'source<TAB>target'" in result.stderr
 
 
+def test_a_file_too_small_to_hold_out_a_dev_set_asks_for_one(tmp_path):
+    small = tmp_path / "small.tsv"
+    small.write_text("cat\tK AE1 T\ndog\tD AO1 G\n")  # neither source is among the held-out 1 in 21
+    result = run_cli(
+        "train", "--config", str(TINY_CONFIG), "--train", str(small), "--output", str(tmp_path / "r"), check=False
+    )
+    assert result.returncode == 1 and "too few sources to hold out a dev set" in result.stderr
+    assert "--valid" in result.stderr.strip().splitlines()[-1]
+
+
 def test_bad_config_value_names_the_key(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  cell: transformer\n")

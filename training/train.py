@@ -24,7 +24,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from genrnn.bundle import Bundle, load_bundle, save_bundle
 from genrnn.config import ExperimentConfig, parse_devices, to_dict
 from genrnn.data import Example, default_valid_spec, read_examples, training_pairs
-from genrnn.errors import BundleError, ConfigurationError
+from genrnn.errors import BundleError, ConfigurationError, DataError
 from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
 from training.distillation import Distillation
@@ -57,7 +57,13 @@ def load_data(config: ExperimentConfig) -> tuple[list[Example], list[Example]]:
     train = read_examples(config.data.train)
     valid_spec = config.data.valid or default_valid_spec(config.data.train)
     if valid_spec is None:
-        return hold_out_dev(train)
+        train, dev = hold_out_dev(train)
+        if not dev:
+            raise DataError(
+                f"{config.data.train}: too few sources to hold out a dev set (about 1 in {DEV_SHARE}); "
+                "give one with --valid"
+            )
+        return train, dev
     return train, read_examples(valid_spec)
 
 
