@@ -105,6 +105,8 @@ class ItemBatches(pl.LightningDataModule):
     def __init__(self, items: list[Item], store: PartStore, batch_size: int) -> None:
         super().__init__()
         self.items, self.store, self.batch_size = items, store, batch_size
+        # A rank can have nothing to do: fewer batches than devices, or a resume whose share is done.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def predict_dataloader(self) -> DataLoader:
         done = self.store.done()

@@ -224,9 +224,10 @@ def test_a_killed_job_resumes_with_nothing_lost_or_written_twice(tiny_bundle, wo
     assert "nothing to do" in capsys.readouterr().err
 
 
-def test_two_cpu_processes_merge_to_the_single_process_output(tiny_bundle, words, tmp_path):
+@pytest.mark.parametrize("count", [60, 5])  # with 5, the second process has no batch at all
+def test_two_cpu_processes_merge_to_the_single_process_output(tiny_bundle, words, tmp_path, count):
     source_file = tmp_path / "in.txt"
-    source_file.write_text("\n".join(words[:60]) + "\n")
+    source_file.write_text("\n".join(words[:count]) + "\n")
     output = tmp_path / "out.jsonl"
     command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(source_file), "--output", str(output)]
     command += ["--accelerator", "cpu", "--devices", "2", "--batch-size", "8"]
