@@ -235,7 +235,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--model", required=True, help="bundle directory")
     p.add_argument("--host", help="address to listen on: 127.0.0.1 (default), 0.0.0.0 or ::")
     p.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    p.add_argument("--accelerator", help="auto (default: a GPU when there is one), cpu, cuda or mps")
+    p.add_argument("--accelerator", help="auto (default: a GPU when there is one), cpu, cuda (or gpu) or mps")
     p.add_argument("--devices", help="number of devices, or auto (default: all of the accelerator's)")
     p.add_argument("--workers-per-device", type=int, help="inference processes per device (default 1)")
     p.add_argument("--api-servers", type=int, help="HTTP processes (default: one per inference worker)")

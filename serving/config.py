@@ -2,11 +2,13 @@
 
 from dataclasses import dataclass, field, fields
 
+import torch
+
 from genrnn.errors import ConfigurationError
 from serving.schemas import Limits
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServe binds to
-ACCELERATORS = ("auto", "cpu", "cuda", "mps")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")  # gpu: cuda, as train and generate take it
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -44,6 +46,8 @@ class ServeConfig:
         _require(self.host in HOSTS, "--host", f"must be one of {', '.join(HOSTS)}; got {self.host!r}")
         _require(1024 <= self.port <= 65535, "--port", f"must be in 1024..65535; got {self.port}")
         _require(self.accelerator in ACCELERATORS, "--accelerator", f"must be one of {', '.join(ACCELERATORS)}")
+        if self.accelerator == "gpu":
+            object.__setattr__(self, "accelerator", "cuda")
         _require(
             self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1),
             "--devices",
@@ -57,3 +61,12 @@ class ServeConfig:
         _require(self.log_level in LOG_LEVELS, "--log-level", f"must be one of {', '.join(LOG_LEVELS)}")
         for limit in fields(self.limits):
             _require(getattr(self.limits, limit.name) >= 1, _option(limit.name), "must be at least 1")
+
+
+def check_accelerator(accelerator: str) -> None:
+    """Refuse an accelerator this machine lacks, before any worker starts and fails on it."""
+    present = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }.get(accelerator, True)
+    _require(present, "--accelerator", f"{accelerator}: this machine has no such device (try auto or cpu)")

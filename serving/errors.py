@@ -38,6 +38,10 @@ def _field_and_message(error: dict[str, Any]) -> tuple[str, str]:
 async def validation_error_reply(request: Request, error: RequestValidationError) -> JSONResponse:
     """422 naming each bad field, or 413 when every problem is a size limit."""
     problems = [_field_and_message(e) for e in error.errors()]
+    if not request.headers.get("content-type", "").startswith("application/json") and all(
+        e["loc"] == ("body",) for e in error.errors()
+    ):  # FastAPI reads such a body as text, and "Input should be a valid dictionary" helps no one
+        problems = [("body", "must be JSON sent with the header Content-Type: application/json")]
     status = 413 if all(e["type"] == TOO_LARGE for e in error.errors()) else 422
     return JSONResponse(
         {

@@ -28,7 +28,7 @@ from fastapi.responses import Response
 from litserve.callbacks import Callback
 
 from genrnn.bundle import load_bundle
-from serving.config import ServeConfig
+from serving.config import ServeConfig, check_accelerator
 from serving.schemas import GenerateRequest
 
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -146,6 +146,7 @@ def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None)
 
 def serve(config: ServeConfig) -> None:
     """Serve the bundle until SIGTERM or SIGINT; requests in flight are answered first."""
+    check_accelerator(config.accelerator)
     bundle = load_bundle(config.model)  # a bad bundle fails here, with one line, before any process starts
     metadata = {**bundle.info(), "limits": {**asdict(config.limits), "max_body_bytes": config.max_body_bytes}}
     del bundle

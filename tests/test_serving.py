@@ -97,9 +97,12 @@ def test_a_request_that_fails_in_the_engine_fails_alone(tiny_bundle):
 def test_serve_refuses_bad_options_and_bundles_with_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path), "--port", "80"]) == 1
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 1
+    assert main(["serve", "--model", str(tmp_path), "--accelerator", "mps"]) == 1  # a device this machine lacks
     errors = capsys.readouterr().err.splitlines()
     assert errors[0] == "genrnn serve: error: --port: must be in 1024..65535; got 80"
     assert errors[1].startswith("genrnn serve: error: bundle directory not found")
+    assert errors[2] == "genrnn serve: error: --accelerator: mps: this machine has no such device (try auto or cpu)"
+    assert len(errors) == 3
 
 
 # -- a real server in a subprocess ---------------------------------------------------------------
@@ -421,6 +424,13 @@ def test_json_that_only_python_reads_gets_422(keyed, body, field):
 
     assert response.status_code == 422
     assert response.json()["errors"][0]["field"].split(".")[0] == field
+
+
+def test_a_body_sent_without_its_json_content_type_is_told_so(keyed):
+    response = keyed.client.post("/v1/generate", content=b'{"inputs": "cat"}')
+
+    assert response.status_code == 422
+    assert "Content-Type: application/json" in response.json()["detail"]
 
 
 def test_a_body_that_is_not_json_gets_422(keyed):
