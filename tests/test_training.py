@@ -419,10 +419,18 @@ def test_the_best_checkpoint_holds_weights_and_the_resume_point_everything(g2p_f
 def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):
     run = tmp_path / "run"
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1"))
-    # A run without init_from or teacher records what runs recorded before those existed, so old ones resume.
-    assert set(json.loads((run / "run.json").read_text())) == {"data", "model", "tokenizer"}
+    stamp = json.loads((run / "run.json").read_text())
+    assert set(stamp) == {"data", "model", "tokenizer", "batches"}  # no init_from or teacher keys
     result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", train="test"), check=False)
     assert result.returncode == 1 and "holds a run on other data" in result.stderr
+    # Other batches would make the checkpoint's count of served batches skip the wrong ones.
+    for option in (("--max-tokens", "512"), ("--seed", "7")):
+        result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", *option), check=False)
+        assert result.returncode == 1 and "batching or seed" in result.stderr
+    # A stamp from before batches were recorded still resumes.
+    del stamp["batches"]
+    (run / "run.json").write_text(json.dumps(stamp))
+    assert "resuming from" in run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1")).stdout
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--no-resume", train="test"))
 
 
@@ -452,7 +460,7 @@ def test_a_distilled_run_resumes_with_its_teacher_and_refuses_another(g2p_files,
     assert other.returncode == 1 and "training.teacher: bundle directory not found: a" in other.stderr
     pair = ("--set", f"training.teacher={tiny_bundle},{tiny_bundle}")  # other weights: another teacher
     refused = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *pair), check=False)
-    assert refused.returncode == 1 and "with another model, tokenizer or teacher" in refused.stderr
+    assert refused.returncode == 1 and "with another model, tokenizer, teacher" in refused.stderr
     resumed = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *teacher))
     assert "resuming from" in resumed.stdout
     facts = load_bundle(run / "bundle").training

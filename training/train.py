@@ -148,11 +148,27 @@ def build_module(config: ExperimentConfig, related: dict[str, Bundle], vocab_siz
     return module
 
 
+# Recorded since after the first runs were stamped: a stamp without them resumes as before.
+LATER_STAMP_KEYS = ("batches",)
+
+
 def stamp_run(
     output: Path, config: ExperimentConfig, data_fingerprint: str, related: dict[str, Bundle], resuming: bool
 ) -> None:
-    """Record what the run trains on; refuse to resume checkpoints of other data, model, tokenizers or teacher."""
+    """Record what the run trains on; refuse to resume checkpoints of other data, model, tokenizers or teacher.
+
+    The batches and the seed are recorded too: a resumed run skips the batches its checkpoint
+    says were served, which are other batches under another token budget or seed.
+    """
     stamp = {"data": data_fingerprint, "model": to_dict(config.model), "tokenizer": to_dict(config.tokenizer)}
+    data = config.data
+    stamp["batches"] = {
+        "max_tokens": data.max_tokens,
+        "batch_size": data.batch_size,
+        "max_source_length": data.max_source_length,
+        "max_target_length": data.max_target_length,
+        "seed": config.training.seed,
+    }
     # Only when set, so that run directories from before these keys existed still resume.
     if related:
         stamp["tokenizers_from_bundle"] = next(iter(related.values())).tokenizers_fingerprint
@@ -160,10 +176,11 @@ def stamp_run(
         stamp["teacher"] = related["teacher"].fingerprint
     path = output / "run.json"
     if resuming and path.is_file() and (output / "checkpoints" / "last.ckpt").is_file():
-        if json.loads(path.read_text()) != stamp:
+        stored = json.loads(path.read_text())
+        if stored != {key: value for key, value in stamp.items() if key in stored or key not in LATER_STAMP_KEYS}:
             raise ConfigurationError(
-                f"{output} holds a run on other data or with another model, tokenizer or teacher; "
-                "use another --output, or --no-resume to start afresh there"
+                f"{output} holds a run on other data or with another model, tokenizer, teacher, batching "
+                "or seed; use another --output, or --no-resume to start afresh there"
             )
     output.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stamp))
