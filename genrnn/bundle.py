@@ -125,8 +125,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise BundleError(f"{manifest_path} is missing: not a genrnn bundle (or an unfinished one)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{manifest_path} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path} is not a genrnn manifest (a JSON object)")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{manifest_path}: format version {version!r}; this genrnn reads version {FORMAT_VERSION}")

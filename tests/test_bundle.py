@@ -92,3 +92,12 @@ def test_library_loads_and_decodes_without_lightning_or_litserve(bundle_dir):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "cat"
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json"])
+def test_a_manifest_that_is_no_json_object_is_refused(bundle_dir, tmp_path, content):
+    directory, _ = bundle_dir
+    copy = shutil.copytree(directory, tmp_path / "copy")
+    (copy / "genrnn.json").write_text(content)
+    with pytest.raises(BundleError, match="genrnn.json is not"):
+        load_bundle(copy)
