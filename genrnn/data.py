@@ -41,7 +41,7 @@ def is_unicode_text(text: str) -> bool:
 
 
 def _parse_tsv_line(line: str, where: str) -> Example:
-    fields = line.split("\t")
+    fields = line.rstrip("\t ").split("\t")  # spreadsheets export trailing tabs
     if len(fields) < 2:
         raise DataError(f"{where}: expected 'source<TAB>target', found no tab")
     source, targets = fields[0].strip(), tuple(f.strip() for f in fields[1:])

@@ -27,8 +27,8 @@ def test_tsv_and_jsonl_read_the_same_examples(tmp_path):
     expected = [Example("cat", ("K AE1 T",)), Example("read", ("R EH1 D", "R IY1 D"))]
     assert read_examples(tmp_path / "a.tsv") == expected
     assert read_examples(tmp_path / "a.jsonl") == expected
-    # as some editors save them: a byte-order mark, Windows line ends, an upper-case suffix
-    (tmp_path / "b.tsv").write_bytes(b"\xef\xbb\xbfcat\tK AE1 T\r\nread\tR EH1 D\tR IY1 D\r\n")
+    # as some editors save them: a byte-order mark, a trailing tab, Windows line ends, an upper-case suffix
+    (tmp_path / "b.tsv").write_bytes(b"\xef\xbb\xbfcat\tK AE1 T\t\r\nread\tR EH1 D\tR IY1 D\r\n")
     (tmp_path / "b.JSONL").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "a.jsonl").read_bytes())
     assert read_examples(tmp_path / "b.tsv") == expected
     assert read_examples(tmp_path / "b.JSONL") == expected
