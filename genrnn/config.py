@@ -27,7 +27,10 @@ BridgeType = Literal["bridge", "last", "zero"]
 AttentionType = Literal["none", "luong", "bahdanau"]
 DecodingMode = Literal["greedy", "sample", "beam"]
 LengthPenaltyForm = Literal["gnmt", "average"]
-Precision = Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64"]
+Precision = Literal[
+    "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64",
+    "transformer-engine", "transformer-engine-float16",
+]  # fmt: skip
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -40,6 +43,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)
+        if isinstance(value, int) and not isinstance(value, bool) and str(value) in choices:  # precision: 16
+            value = str(value)
         _require(value in choices, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):

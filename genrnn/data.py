@@ -40,6 +40,16 @@ def is_unicode_text(text: str) -> bool:
     return True
 
 
+def numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """A file's lines as bytes, numbered from 1, split at LF, CRLF or a lone CR, without their ends."""
+    yield from enumerate(path.read_bytes().splitlines(), start=1)
+
+
+def decode_line(raw: bytes, number: int) -> str:
+    """A line as text: UTF-8, less the byte-order mark some editors write before the first."""
+    return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+
+
 def _parse_tsv_line(line: str, where: str) -> Example:
     fields = line.rstrip("\t ").split("\t")  # spreadsheets export trailing tabs
     if len(fields) < 2:
@@ -78,14 +88,13 @@ def read_file(path: str | Path) -> list[Example]:
         raise DataError(f"data file not found: {path}")
     parse = _parse_jsonl_line if path.suffix.lower() == ".jsonl" else _parse_tsv_line
     examples = []
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            try:  # a line at a time, so that a bad byte names its line
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start})") from None
-            if line.strip():
-                examples.append(parse(line, f"{path}:{number}"))
+    for number, raw in numbered_lines(path):
+        try:  # a line at a time, so that a bad byte names its line
+            line = decode_line(raw, number)
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start})") from None
+        if line.strip():
+            examples.append(parse(line, f"{path}:{number}"))
     if not examples:
         raise DataError(f"{path}: no examples")
     return merge_sources(examples)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from genrnn.config import DecodingConfig, from_dict
-from genrnn.data import is_unicode_text
+from genrnn.data import decode_line, is_unicode_text, numbered_lines
 from genrnn.errors import ConfigurationError, DataError
 
 MAX_NEW_TOKENS = 1024  # the most any item may ask for: bounds the memory one batch can take
@@ -137,21 +137,20 @@ def read_items(
     parse = _PARSERS[input_format(path)]
     items: list[Item] = []
     bad: list[BadLine] = []
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            index = len(items) + len(bad)
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
-                if not line.strip():
-                    continue
-                item_id, source, overrides = parse(line, number)
-                items.append(Item(index, number, item_id, source, _settings(defaults, overrides, item_id)))
-            except (_Malformed, UnicodeDecodeError) as error:
-                message = "not valid UTF-8" if isinstance(error, UnicodeDecodeError) else str(error)
-                if not skip_bad_lines:
-                    raise DataError(f"{path}:{number}: {message} (--skip-bad-lines records it and goes on)") from None
-                item_id = getattr(error, "item_id", None)
-                bad.append(BadLine(index, number, number if item_id is None else item_id, message))
+    for number, raw in numbered_lines(path):
+        index = len(items) + len(bad)
+        try:
+            line = decode_line(raw, number)
+            if not line.strip():
+                continue
+            item_id, source, overrides = parse(line, number)
+            items.append(Item(index, number, item_id, source, _settings(defaults, overrides, item_id)))
+        except (_Malformed, UnicodeDecodeError) as error:
+            message = "not valid UTF-8" if isinstance(error, UnicodeDecodeError) else str(error)
+            if not skip_bad_lines:
+                raise DataError(f"{path}:{number}: {message} (--skip-bad-lines records it and goes on)") from None
+            item_id = getattr(error, "item_id", None)
+            bad.append(BadLine(index, number, number if item_id is None else item_id, message))
     if not items and not bad:
         raise DataError(f"{path}: no inputs")
     return items, bad

@@ -35,12 +35,17 @@ def _field_and_message(error: dict[str, Any]) -> tuple[str, str]:
     return ".".join(location) or "body", error["msg"]
 
 
+def _is_json(content_type: str) -> bool:
+    """Whether FastAPI parses a body of this content type as JSON: application/json or a ``+json`` type."""
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def validation_error_reply(request: Request, error: RequestValidationError) -> JSONResponse:
     """422 naming each bad field, or 413 when every problem is a size limit."""
     problems = [_field_and_message(e) for e in error.errors()]
-    if not request.headers.get("content-type", "").startswith("application/json") and all(
-        e["loc"] == ("body",) for e in error.errors()
-    ):  # FastAPI reads such a body as text, and "Input should be a valid dictionary" helps no one
+    if not _is_json(request.headers.get("content-type", "")) and all(e["loc"] == ("body",) for e in error.errors()):
+        # FastAPI reads such a body as text, and "Input should be a valid dictionary" helps no one.
         problems = [("body", "must be JSON sent with the header Content-Type: application/json")]
     status = 413 if all(e["type"] == TOO_LARGE for e in error.errors()) else 422
     return JSONResponse(

@@ -102,6 +102,7 @@ def test_yaml_as_people_write_it(tmp_path):
     training = load_config(path).training
     assert (training.devices, training.max_time) == ("2", "10:00:00:00")
     assert override(ExperimentConfig(), ["training.max_time=1:00:00:00"]).training.max_time == "1:00:00:00"
+    assert override(ExperimentConfig(), ["training.precision=16"]).training.precision == "16"
     path.write_bytes(b"name: caf\xe9\n")
     with pytest.raises(ConfigurationError, match="c.yaml: not UTF-8"):
         load_config(path)

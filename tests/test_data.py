@@ -30,8 +30,10 @@ def test_tsv_and_jsonl_read_the_same_examples(tmp_path):
     # as some editors save them: a byte-order mark, a trailing tab, Windows line ends, an upper-case suffix
     (tmp_path / "b.tsv").write_bytes(b"\xef\xbb\xbfcat\tK AE1 T\t\r\nread\tR EH1 D\tR IY1 D\r\n")
     (tmp_path / "b.JSONL").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "a.jsonl").read_bytes())
+    (tmp_path / "c.tsv").write_bytes(b"cat\tK AE1 T\rread\tR EH1 D\tR IY1 D\r")  # line ends of old Macs
     assert read_examples(tmp_path / "b.tsv") == expected
     assert read_examples(tmp_path / "b.JSONL") == expected
+    assert read_examples(tmp_path / "c.tsv") == expected
 
 
 @pytest.mark.parametrize(

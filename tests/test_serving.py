@@ -97,12 +97,22 @@ def test_a_request_that_fails_in_the_engine_fails_alone(tiny_bundle):
 def test_serve_refuses_bad_options_and_bundles_with_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path), "--port", "80"]) == 1
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 1
-    assert main(["serve", "--model", str(tmp_path), "--accelerator", "mps"]) == 1  # a device this machine lacks
     errors = capsys.readouterr().err.splitlines()
-    assert errors[0] == "genrnn serve: error: --port: must be in 1024..65535; got 80"
-    assert errors[1].startswith("genrnn serve: error: bundle directory not found")
-    assert errors[2] == "genrnn serve: error: --accelerator: mps: this machine has no such device (try auto or cpu)"
-    assert len(errors) == 3
+    assert errors == [
+        "genrnn serve: error: --port: must be in 1024..65535; got 80",
+        f"genrnn serve: error: bundle directory not found: {tmp_path / 'missing'}",
+    ]
+
+
+@pytest.mark.parametrize("accelerator", ["cuda", "mps"])
+def test_serve_refuses_an_accelerator_the_machine_lacks(accelerator, tmp_path, capsys):
+    present = torch.cuda.is_available() if accelerator == "cuda" else torch.backends.mps.is_available()
+    if present:
+        pytest.skip(f"this machine has {accelerator}")
+    assert main(["serve", "--model", str(tmp_path), "--accelerator", accelerator]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"genrnn serve: error: --accelerator: {accelerator}: this machine has no such device (try auto or cpu)"
+    ]
 
 
 # -- a real server in a subprocess ---------------------------------------------------------------

@@ -203,34 +203,39 @@ main(sys.argv[2:])
 """
 
 
-def train_until_killed(step: int, args: list[str]) -> None:
-    killed = subprocess.run([sys.executable, "-c", DIE_DURING_TRAINING, str(step), *args], capture_output=True)
+def train_until_killed(step: int, args: list[str], scratch: Path) -> None:
+    # A script file, not -c: a distributed launch starts its other processes by running it again.
+    driver = scratch / "die_during_training.py"
+    driver.write_text(DIE_DURING_TRAINING)
+    killed = subprocess.run([sys.executable, str(driver), str(step), *args], capture_output=True, timeout=300)
     assert killed.returncode == 9, killed.stderr.decode()[-3000:]
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_unbroken_run(g2p_files, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_unbroken_run(g2p_files, tmp_path, processes):
     import torch
 
-    # Dropout draws from the generators; every validation halves the rate (patience 0) and
-    # comes halfway through an epoch; a resume point is due after every batch.
-    options = ("--max-epochs", "3", "--set", "training.checkpoint_minutes=0.00001")
+    # Dropout draws from the generators (each process its own); every validation halves the
+    # rate (patience 0) and comes halfway through an epoch; a resume point is due after every batch.
+    options = ("--devices", str(processes), "--strategy", "ddp" if processes > 1 else "auto")
+    options += ("--max-epochs", "3", "--set", "training.checkpoint_minutes=0.00001")
     options += ("--set", "model.output_dropout=0.3", "--set", "model.embedding_dropout=0.1")
     options += ("--set", "training.val_check_interval=0.5", "--set", "training.plateau_patience=0")
     fresh_run, run = tmp_path / "fresh", tmp_path / "run"
-    run_cli(*tiny_train(g2p_files, fresh_run, *options))
+    run_cli(*tiny_train(g2p_files, fresh_run, *options), timeout=300)
     fresh = json.loads((fresh_run / "bundle" / "genrnn.json").read_text())["training"]
     steps_per_epoch = fresh["steps"] // fresh["epochs"]
 
     # The kill comes at the second epoch's first validation: its batch must not be the one saved.
     validating_step = steps_per_epoch + steps_per_epoch // 2
     args = tiny_train(g2p_files, run, *options)
-    train_until_killed(validating_step, args)
+    train_until_killed(validating_step, args, tmp_path)
     last = run / "checkpoints" / "last.ckpt"
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert killed_at == validating_step + 1, "the resume point comes one batch after the validating one"
     assert not (run / "bundle" / "genrnn.json").exists()
 
-    result = run_cli(*args)
+    result = run_cli(*args, timeout=300)
     assert "resuming from" in result.stdout
     resumed = json.loads((run / "bundle" / "genrnn.json").read_text())["training"]
     assert resumed["steps"] == fresh["steps"] and resumed["epochs"] == fresh["epochs"] == 3
@@ -248,7 +253,7 @@ def test_no_resume_starts_without_the_old_checkpoints(g2p_files, tmp_path):
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1"))
     # Started afresh on other data and killed before its first resume point; then run again.
     args = tiny_train(g2p_files, run, "--max-epochs", "1", train="dev")
-    train_until_killed(-1, [*args, "--no-resume"])
+    train_until_killed(-1, [*args, "--no-resume"], tmp_path)
     result = run_cli(*args)
     assert "resuming from" not in result.stdout  # the first run's checkpoint is gone
     steps = json.loads((run / "bundle" / "genrnn.json").read_text())["training"]["steps"]
@@ -258,12 +263,17 @@ def test_no_resume_starts_without_the_old_checkpoints(g2p_files, tmp_path):
 
 
 def test_a_run_that_stopped_early_trains_no_further_when_run_again(g2p_files, tmp_path):
+    import torch
+
     options = ("--max-epochs", "40", "--set", "training.early_stopping_patience=1")
     options += ("--set", "training.schedule=constant", "--set", "training.lr=0.05")
     args = tiny_train(g2p_files, tmp_path / "run", *options)
     run_cli(*args)
     first = json.loads((tmp_path / "run" / "bundle" / "genrnn.json").read_text())["training"]
     assert first["epochs"] < 39, "early stopping should have ended the run"
+    # kept under Lightning's own key, so that runs saved before this callback keep their count too
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "EarlyStopping{'monitor': 'dev_wer', 'mode': 'min'}" in checkpoint["callbacks"]
     result = run_cli(*args)
     assert "resuming from" in result.stdout
     again = json.loads((tmp_path / "run" / "bundle" / "genrnn.json").read_text())["training"]

@@ -51,7 +51,8 @@ class Seq2SeqModule(pl.LightningModule):
     def on_train_start(self) -> None:
         """Make the teacher's table; after the callbacks' hook, so that a time budget counts it."""
         distillation = self.distillation
-        if distillation is not None and distillation.ids is None:
+        # A rerun of a finished run stops before its first step (see training.resume.StopsForGood).
+        if distillation is not None and distillation.ids is None and not self.trainer.should_stop:
             datamodule = self.trainer.datamodule
             seconds = distillation.prepare(datamodule.train_set, self.device, datamodule.config.max_tokens)
             if self.trainer.is_global_zero:

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint, EarlyStopping
+from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
+
+from genrnn.errors import ConfigurationError
 
 
 class ResumePoint(Checkpoint):
@@ -19,8 +22,8 @@ class ResumePoint(Checkpoint):
     ``every_minutes`` of work. Lightning writes checkpoints atomically, so a kill
     during a save leaves the previous one whole. As a :class:`Checkpoint`, it runs after
     the other callbacks' epoch-end hooks, so that their state is saved as it ends the epoch.
-    The random number generators' states travel with it, so that dropout after a resume
-    draws the masks it would have drawn.
+    Every process's random number generators travel with it, so that dropout after a resume
+    draws the masks it would have drawn; a run resumes only on as many processes.
     """
 
     def __init__(self, path: Path, every_minutes: float) -> None:
@@ -31,11 +34,20 @@ class ResumePoint(Checkpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_at = time.monotonic()
 
-    def state_dict(self) -> dict:
-        return {"rng": rng_states()}
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Every rank saves together (see on_train_batch_end), so every rank takes part in the gather.
+        checkpoint[RNG_KEY] = gather_from_every_rank(rng_states())
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        restore_rng_states(state_dict["rng"])
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        states = checkpoint.get(RNG_KEY)
+        if states is None:  # a checkpoint from before the generators were saved
+            return
+        if len(states) != trainer.world_size:
+            raise ConfigurationError(
+                f"{self.path} was saved by {len(states)} training processes and this run has "
+                f"{trainer.world_size}: resume it with the --devices and --num-nodes it started with"
+            )
+        restore_rng_states(states[trainer.global_rank])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         # Not on a batch that validates: Lightning counts a batch saved at its end as done,
@@ -62,9 +74,19 @@ class StopsForGood(EarlyStopping):
     up to one more epoch and wrote another bundle.
     """
 
+    @property
+    def state_key(self) -> str:
+        # Lightning's own early stopping's key, so that checkpoints it wrote keep their count.
+        return f"EarlyStopping{ ({'monitor': self.monitor, 'mode': self.mode})!r}"
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.wait_count >= self.patience:
+        stopped = self.stopping_reason != EarlyStoppingReason.NOT_STOPPED
+        if stopped or self.wait_count >= self.patience:  # the count alone, for checkpoints without a reason
             trainer.should_stop = True
+
+
+# The checkpoint's entry for every process's generators, one a global rank.
+RNG_KEY = "genrnn_rng_states"
 
 
 def validates_after_this_batch(trainer: pl.Trainer) -> bool:
@@ -73,20 +95,25 @@ def validates_after_this_batch(trainer: pl.Trainer) -> bool:
 
 
 def rng_states() -> dict:
-    """The states of the generators that training draws from: Python's, torch's, and every CUDA device's."""
+    """The states of the generators this process draws from: Python's, torch's, and its CUDA device's."""
     states = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()  # the current device: each process drives one
     return states
 
 
 def restore_rng_states(states: dict) -> None:
-    """Put back what :func:`rng_states` took; CUDA's only on a machine with as many devices.
-
-    Under DDP every rank takes rank 0's states, as every rank started from the same seed.
-    """
+    """Put back what :func:`rng_states` took."""
     random.setstate(states["python"])
     torch.set_rng_state(states["torch"])
-    cuda = states.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def gather_from_every_rank(value: object) -> list:
+    """``value`` from every process of the run, in the order of their global ranks."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
