@@ -77,7 +77,7 @@ class StopsForGood(EarlyStopping):
     @property
     def state_key(self) -> str:
         # Lightning's own early stopping's key, so that checkpoints it wrote keep their count.
-        return f"EarlyStopping{ ({'monitor': self.monitor, 'mode': self.mode})!r}"
+        return f"EarlyStopping{dict(monitor=self.monitor, mode=self.mode)!r}"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stopped = self.stopping_reason != EarlyStoppingReason.NOT_STOPPED
