@@ -103,12 +103,13 @@ class GenerationAPI(ls.LitAPI):
         seconds = time.perf_counter() - started
         replies, start = [], 0
         for request in requests:
-            reply = reply_from(self.model_name, generations[start : start + len(request.inputs)])
+            replies.append(reply_from(self.model_name, generations[start : start + len(request.inputs)]))
             start += len(request.inputs)
+        # Counted once every reply is made: a batch that fails here is decoded again one request at a time.
+        for request, reply in zip(requests, replies):
             metrics.INPUT_TOKENS.labels(request.mode).inc(reply.usage.input_tokens)
             metrics.OUTPUT_TOKENS.labels(request.mode).inc(reply.usage.output_tokens)
             metrics.TIME_PER_OUTPUT_TOKEN.labels(request.mode).observe(seconds / max(1, reply.usage.output_tokens))
-            replies.append(reply)
         return replies
 
     def _generate_alone(self, request: GenerateRequest) -> GenerateReply | Failure:
