@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from genrnn.config import DecodingConfig, ExperimentConfig, load_config, override, replace
+from genrnn.config import DecodingConfig, ExperimentConfig, is_rank_zero, load_config, override, replace
 from genrnn.errors import ConfigurationError, GenrnnError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "training" / "configs" / "g2p.yaml"
@@ -288,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except (GenrnnError, ConfigurationError) as error:
-        print(f"genrnn {args.command}: error: {error}", file=sys.stderr)
+        if is_rank_zero():  # every process of a distributed launch meets the same error
+            print(f"genrnn {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"genrnn {args.command}: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -27,10 +28,7 @@ BridgeType = Literal["bridge", "last", "zero"]
 AttentionType = Literal["none", "luong", "bahdanau"]
 DecodingMode = Literal["greedy", "sample", "beam"]
 LengthPenaltyForm = Literal["gnmt", "average"]
-Precision = Literal[
-    "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64",
-    "transformer-engine", "transformer-engine-float16",
-]  # fmt: skip
+Precision = Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64"]
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -339,6 +337,11 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: OptimConfig = field(default_factory=OptimConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)  # used for dev metrics
+
+
+def is_rank_zero() -> bool:
+    """Whether this process speaks for the run: rank 0 of a distributed launch, or the only process."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 def parse_devices(devices: str) -> int | str:

@@ -41,8 +41,10 @@ def is_unicode_text(text: str) -> bool:
 
 
 def numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """A file's lines as bytes, numbered from 1, split at LF, CRLF or a lone CR, without their ends."""
-    yield from enumerate(path.read_bytes().splitlines(), start=1)
+    """A file's lines as bytes, numbered from 1, without their ends (LF or CRLF), read as they come."""
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            yield number, raw.rstrip(b"\r\n")
 
 
 def decode_line(raw: bytes, number: int) -> str:
@@ -93,6 +95,8 @@ def read_file(path: str | Path) -> list[Example]:
             line = decode_line(raw, number)
         except UnicodeDecodeError as error:
             raise DataError(f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start})") from None
+        if "\r" in line:  # one line would silently hold several
+            raise DataError(f"{path}:{number}: a carriage return inside the line; save the file with LF line ends")
         if line.strip():
             examples.append(parse(line, f"{path}:{number}"))
     if not examples:

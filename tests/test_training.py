@@ -349,6 +349,16 @@ def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):
     assert load_bundle(two / "bundle").model.num_parameters() == single["parameters"]
 
 
+def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp_path):
+    run = tmp_path / "run"
+    run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--devices", "1"))
+    more = tiny_train(g2p_files, run, "--max-epochs", "2", "--devices", "2", "--strategy", "ddp")
+    result = run_cli(*more, check=False, timeout=300)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("genrnn train: error:")]
+    assert len(errors) == 1 and "saved by 1 training processes and this run has 2" in errors[0]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

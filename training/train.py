@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from genrnn.bundle import Bundle, load_bundle, save_bundle
-from genrnn.config import ExperimentConfig, parse_devices, to_dict
+from genrnn.config import ExperimentConfig, is_rank_zero, parse_devices, to_dict
 from genrnn.data import Example, default_valid_spec, read_examples, training_pairs
 from genrnn.errors import BundleError, ConfigurationError, DataError
 from genrnn.tokenizer import Tokenizer, train_tokenizers
@@ -186,11 +186,6 @@ def stamp_run(
     path.write_text(json.dumps(stamp))
 
 
-def trainer_is_rank_zero() -> bool:
-    """Whether this process prints for the run (rank 0 of a distributed launch, or the only one)."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
-
-
 def progress_bar(accelerator: str) -> TQDMProgressBar:
     """The progress bar; on a GPU it refreshes with the logs, as each refresh waits for the device.
 
@@ -265,7 +260,7 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     data_fingerprint = fingerprint(train_examples)
     related = load_related_bundles(config)
     stamp_run(output, config, data_fingerprint, related, resuming=resume)
-    if not resume and trainer_is_rank_zero():
+    if not resume and is_rank_zero():
         # Afresh means without the old checkpoints: a later rerun would resume from them.
         shutil.rmtree(output / "checkpoints", ignore_errors=True)
     lent = next(iter(related.values()), None)
@@ -278,7 +273,7 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     datamodule = PairDataModule(
         train_examples, dev_examples, source_tokenizer, target_tokenizer, config.data, config.training.seed
     )
-    if datamodule.train_set.dropped and trainer_is_rank_zero():
+    if datamodule.train_set.dropped and is_rank_zero():
         print(
             f"{datamodule.train_set.dropped} training pairs are longer than data.max_source_length / "
             "data.max_target_length and were left out"
