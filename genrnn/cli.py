@@ -14,7 +14,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from genrnn.config import DecodingConfig, ExperimentConfig, is_rank_zero, load_config, override, replace
+from genrnn.config import (
+    DecodingConfig,
+    ExperimentConfig,
+    decoding_for_mode,
+    is_rank_zero,
+    load_config,
+    override,
+    replace,
+)
 from genrnn.errors import ConfigurationError, GenrnnError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "training" / "configs" / "g2p.yaml"
@@ -53,8 +61,7 @@ def add_quantize_option(parser: argparse.ArgumentParser) -> None:
 
 
 def decoding_from_args(args: argparse.Namespace) -> DecodingConfig:
-    names = [f.name for f in dataclasses.fields(DecodingConfig)]
-    return DecodingConfig(**{name: getattr(args, name) for name in names})
+    return decoding_for_mode({f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingConfig)})
 
 
 # -- train ---------------------------------------------------------------------------------------

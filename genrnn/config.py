@@ -327,6 +327,22 @@ class DecodingConfig:
             )
 
 
+# The fields each mode reads, beside mode and max_new_tokens. A request's other fields are
+# ignored, whatever their values: they neither change the output nor make it an error.
+MODE_FIELDS: dict[str, frozenset[str]] = {
+    "greedy": frozenset(),
+    "sample": frozenset({"temperature", "top_k", "top_p", "seed", "num_return_sequences"}),
+    "beam": frozenset({"beam_size", "length_penalty", "length_penalty_form", "num_return_sequences"}),
+}
+
+
+def decoding_for_mode(values: dict[str, Any]) -> DecodingConfig:
+    """A request's settings (HTTP, a batch line, the command line): the fields its mode reads, validated."""
+    mode = values.get("mode", DecodingConfig.mode)
+    reads = MODE_FIELDS.get(mode, frozenset()) | {"mode", "max_new_tokens"}
+    return from_dict(DecodingConfig, {key: value for key, value in values.items() if key in reads})
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """One training run: the whole YAML file."""

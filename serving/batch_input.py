@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from genrnn.config import DecodingConfig, from_dict
+from genrnn.config import DecodingConfig, decoding_for_mode
 from genrnn.data import decode_line, is_unicode_text, numbered_lines
 from genrnn.errors import ConfigurationError, DataError
 
@@ -115,7 +115,7 @@ _PARSERS = {"text": _parse_text, "tsv": _parse_tsv, "jsonl": _parse_jsonl}
 def _settings(defaults: DecodingConfig, overrides: dict[str, Any], item_id: ItemId) -> DecodingConfig:
     """The job's settings with a line's overrides, and the item's own seed where the job has one."""
     try:
-        settings = from_dict(DecodingConfig, {**dataclasses.asdict(defaults), **overrides})
+        settings = decoding_for_mode({**dataclasses.asdict(defaults), **overrides})
     except ConfigurationError as error:
         raise _Malformed(str(error), item_id) from None
     if settings.max_new_tokens > MAX_NEW_TOKENS:

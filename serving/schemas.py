@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from genrnn.config import DecodingConfig
+from genrnn.config import MODE_FIELDS, DecodingConfig, decoding_for_mode
 from genrnn.data import is_unicode_text
 from genrnn.errors import ConfigurationError
 
@@ -40,8 +40,16 @@ def _at_most(value: int, cap: int) -> int:
     return value
 
 
+def _out_of_range(field: str, message: str) -> PydanticCustomError:
+    """A range error found on the whole body, named by its field (see serving.errors)."""
+    return PydanticCustomError("out_of_range", "{field}: {message}", {"field": field, "message": message})
+
+
 class GenerateRequest(BaseModel):
-    """The body of ``POST /v1/generate``; a field that does not apply to ``mode`` is ignored."""
+    """The body of ``POST /v1/generate``; a field that ``mode`` does not read is ignored, whatever its value.
+
+    Its type is still checked: ``"temperature": "hot"`` is a 422 in every mode.
+    """
 
     # Strict: "0.8" is not a temperature. Unknown keys are refused, so a typo is not silently ignored.
     # Python's JSON parser reads Infinity and NaN, which no field takes.
@@ -93,16 +101,6 @@ class GenerateRequest(BaseModel):
                 )
         return items
 
-    @field_validator("beam_size")
-    @classmethod
-    def _check_beam_size(cls, value: int) -> int:
-        return _at_most(value, cls.limits.max_beam_size)
-
-    @field_validator("num_return_sequences")
-    @classmethod
-    def _check_num_return_sequences(cls, value: int) -> int:
-        return _at_most(value, cls.limits.max_return_sequences)
-
     @field_validator("max_new_tokens")
     @classmethod
     def _check_max_new_tokens(cls, value: int | None) -> int | None:
@@ -114,17 +112,20 @@ class GenerateRequest(BaseModel):
         if self.max_new_tokens is None:
             self.max_new_tokens = min(_DEFAULTS.max_new_tokens, self.limits.max_new_tokens)
         try:
-            self.decoding()
+            decoding = self.decoding()
         except ConfigurationError as error:  # "field: what is wrong"
             field, _, message = str(error).partition(": ")
-            raise PydanticCustomError(
-                "out_of_range", "{field}: {message}", {"field": field, "message": message}
-            ) from None
+            raise _out_of_range(field, message) from None
+        # The server's caps, on the fields the mode reads: the others are ignored.
+        caps = {"beam_size": self.limits.max_beam_size, "num_return_sequences": self.limits.max_return_sequences}
+        for field, cap in caps.items():
+            if field in MODE_FIELDS[self.mode] and getattr(decoding, field) > cap:
+                raise _out_of_range(field, f"must be at most {cap} on this server")
         return self
 
     def decoding(self) -> DecodingConfig:
-        """The engine settings of every input of this request."""
-        return DecodingConfig(**self.model_dump(exclude={"inputs"}))
+        """The engine settings of every input of this request: the fields its mode reads."""
+        return decoding_for_mode(self.model_dump(exclude={"inputs"}))
 
 
 class ReplyCandidate(BaseModel):

@@ -131,18 +131,20 @@ def test_skip_bad_lines_records_each_error_in_its_place(tiny_bundle, words, tmp_
     lines = [
         json.dumps({"id": "a", "source": words[0]}),
         "{not json",
-        json.dumps({"id": "c", "source": words[1], "temperature": -1}),
+        json.dumps({"id": "c", "source": words[1], "mode": "sample", "temperature": -1}),
         json.dumps({"id": "d", "source": words[2], "colour": "red"}),
         "",  # blank lines are no items
         json.dumps({"id": "e", "source": words[3]}),
         json.dumps({"id": "f", "source": words[4], "mode": "sample", "top_k": 10**23}),  # past a tensor's integers
         json.dumps({"id": "g", "source": "\ud800"}),  # JSON can spell what UTF-8 cannot
+        json.dumps({"id": "h", "source": words[5], "temperature": 0}),  # greedy reads no temperature
     ]
     # The byte-order mark some editors write is no part of the first source.
     (tmp_path / "in.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n")
     out = generate(tiny_bundle, tmp_path / "in.jsonl", tmp_path / "out.jsonl", skip_bad_lines=True)
-    assert [o["id"] for o in out] == ["a", 2, "c", "d", "e", "f", "g"]
-    assert [o.get("line") for o in out] == [None, 2, 3, 4, None, 7, 8]
+    assert [o["id"] for o in out] == ["a", 2, "c", "d", "e", "f", "g", "h"]
+    assert [o.get("line") for o in out] == [None, 2, 3, 4, None, 7, 8, None]
+    assert out[7]["candidates"]
     assert "not valid JSON" in out[1]["error"]
     assert out[2]["error"].startswith("temperature:")
     assert "unknown key 'colour'" in out[3]["error"]

@@ -386,16 +386,16 @@ def test_health_and_info_describe_the_loaded_bundle(keyed):
 
 
 INVALID = [
-    ({"inputs": "cat", "temperature": 0}, 422, "temperature"),
-    ({"inputs": "cat", "temperature": "0.8"}, 422, "temperature"),
-    ({"inputs": "cat", "top_p": 0}, 422, "top_p"),
-    ({"inputs": "cat", "top_p": 1.5}, 422, "top_p"),
-    ({"inputs": "cat", "top_k": -1}, 422, "top_k"),
-    ({"inputs": "cat", "top_k": 10**23}, 422, "top_k"),  # past a tensor's integers
-    ({"inputs": "cat", "temperature": 1e39}, 422, "temperature"),  # past float32
+    ({"inputs": "cat", "mode": "sample", "temperature": 0}, 422, "temperature"),
+    ({"inputs": "cat", "temperature": "0.8"}, 422, "temperature"),  # a type is checked in every mode
+    ({"inputs": "cat", "mode": "sample", "top_p": 0}, 422, "top_p"),
+    ({"inputs": "cat", "mode": "sample", "top_p": 1.5}, 422, "top_p"),
+    ({"inputs": "cat", "mode": "sample", "top_k": -1}, 422, "top_k"),
+    ({"inputs": "cat", "mode": "sample", "top_k": 10**23}, 422, "top_k"),  # past a tensor's integers
+    ({"inputs": "cat", "mode": "sample", "temperature": 1e39}, 422, "temperature"),  # past float32
     ({"inputs": "cat", "mode": "nucleus"}, 422, "mode"),
-    ({"inputs": "cat", "beam_size": 5}, 422, "beam_size"),
-    ({"inputs": "cat", "num_return_sequences": 5}, 422, "num_return_sequences"),
+    ({"inputs": "cat", "mode": "beam", "beam_size": 5}, 422, "beam_size"),
+    ({"inputs": "cat", "mode": "sample", "num_return_sequences": 5}, 422, "num_return_sequences"),
     ({"inputs": "cat", "mode": "beam", "beam_size": 2, "num_return_sequences": 3}, 422, "num_return_sequences"),
     ({"inputs": "cat", "max_new_tokens": 25}, 422, "max_new_tokens"),
     ({"inputs": "cat", "max_new_tokens": 0}, 422, "max_new_tokens"),
@@ -418,6 +418,17 @@ def test_a_bad_field_gets_its_status_and_a_message_naming_it(keyed, body, status
     assert response.status_code == status
     assert field in response.json()["detail"]
     assert response.json()["errors"][0]["field"].split(".")[0] == field
+
+
+def test_fields_the_mode_does_not_read_are_ignored_whatever_their_values(keyed):
+    # out of range for sampling and beam search, and over this server's caps: greedy reads none of them
+    unread = {"temperature": 0, "top_k": -1, "top_p": 7.0, "beam_size": 100, "num_return_sequences": 50}
+    plain = keyed.generate(inputs=["cat", "tree"])
+    response = keyed.generate(inputs=["cat", "tree"], **unread)
+
+    assert response.status_code == 200
+    assert response.json() == plain.json()
+    assert keyed.generate(inputs="cat", mode="beam", temperature=0).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -496,7 +507,7 @@ def test_64_concurrent_requests_of_mixed_modes_succeed_in_shared_batches(keyed):
 
 def test_metrics_from_every_process_add_up_to_the_requests_sent(keyed):
     bodies = [{"inputs": ["cat", "dog"], **MODES["greedy"]}] * 9 + [{"inputs": ["tree"], **MODES["sample"]}] * 6
-    bodies += [{"inputs": ["house"], **MODES["beam"]}] * 3 + [{"inputs": "cat", "temperature": -1}] * 2
+    bodies += [{"inputs": ["house"], **MODES["beam"]}] * 3 + [{"inputs": "cat", "temperature": "hot"}] * 2
     before = keyed.metrics()
     replies = asyncio.run(_many(keyed, bodies))
     after = keyed.metrics()
