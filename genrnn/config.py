@@ -8,6 +8,7 @@ types and enumerated choices (``Literal`` annotations), and each class's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -80,14 +81,21 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """A dataclass's fields and their types, resolved once: requests and batch lines build configs too."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 def from_dict(cls: type[T], values: Any, prefix: str = "") -> T:
     """Build the dataclass ``cls`` from a mapping, naming any bad key in the error."""
     where = prefix or cls.__name__
     if values is None:
         values = {}
     _require(isinstance(values, dict), where, f"must be a mapping; got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints = _field_types(cls)
+    names = set(hints)
     unknown = sorted(set(values) - names)
     _require(
         not unknown,
@@ -336,10 +344,14 @@ MODE_FIELDS: dict[str, frozenset[str]] = {
 }
 
 
+def fields_read(mode: str) -> frozenset[str]:
+    """Every DecodingConfig field that decoding in ``mode`` reads."""
+    return MODE_FIELDS.get(mode, frozenset()) | {"mode", "max_new_tokens"}
+
+
 def decoding_for_mode(values: dict[str, Any]) -> DecodingConfig:
     """A request's settings (HTTP, a batch line, the command line): the fields its mode reads, validated."""
-    mode = values.get("mode", DecodingConfig.mode)
-    reads = MODE_FIELDS.get(mode, frozenset()) | {"mode", "max_new_tokens"}
+    reads = fields_read(values.get("mode", DecodingConfig.mode))
     return from_dict(DecodingConfig, {key: value for key, value in values.items() if key in reads})
 
 

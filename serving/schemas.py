@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from genrnn.config import MODE_FIELDS, DecodingConfig, decoding_for_mode
+from genrnn.config import DecodingConfig, decoding_for_mode, fields_read
 from genrnn.data import is_unicode_text
 from genrnn.errors import ConfigurationError
 
@@ -32,12 +32,6 @@ class Limits:
     max_new_tokens: int = 256  # the engine's length cap
     max_beam_size: int = 16
     max_return_sequences: int = 16
-
-
-def _at_most(value: int, cap: int) -> int:
-    if value > cap:
-        raise PydanticCustomError("over_cap", "must be at most {cap} on this server", {"cap": cap})
-    return value
 
 
 def _out_of_range(field: str, message: str) -> PydanticCustomError:
@@ -101,11 +95,6 @@ class GenerateRequest(BaseModel):
                 )
         return items
 
-    @field_validator("max_new_tokens")
-    @classmethod
-    def _check_max_new_tokens(cls, value: int | None) -> int | None:
-        return value if value is None else _at_most(value, cls.limits.max_new_tokens)
-
     @model_validator(mode="after")
     def _check_decoding(self) -> "GenerateRequest":
         # Resolved here, in the HTTP process: the worker sees only the finished request.
@@ -117,9 +106,13 @@ class GenerateRequest(BaseModel):
             field, _, message = str(error).partition(": ")
             raise _out_of_range(field, message) from None
         # The server's caps, on the fields the mode reads: the others are ignored.
-        caps = {"beam_size": self.limits.max_beam_size, "num_return_sequences": self.limits.max_return_sequences}
+        caps = {
+            "max_new_tokens": self.limits.max_new_tokens,
+            "beam_size": self.limits.max_beam_size,
+            "num_return_sequences": self.limits.max_return_sequences,
+        }
         for field, cap in caps.items():
-            if field in MODE_FIELDS[self.mode] and getattr(decoding, field) > cap:
+            if field in fields_read(self.mode) and getattr(decoding, field) > cap:
                 raise _out_of_range(field, f"must be at most {cap} on this server")
         return self
 
