@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from genrnn.bundle import Bundle, load_bundle
-from genrnn.config import DecodingConfig, load_config, override, replace
+from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING, DecodingConfig, load_config, override, replace
 from genrnn.data import read_examples
 from genrnn.decoding import Generator
 from genrnn.evaluation import evaluate
@@ -64,6 +64,12 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
     )
     parser.add_argument("--model", help="score these bundles (comma-separated: an ensemble) instead of training")
+    parser.add_argument(
+        "--ensemble-averaging",
+        choices=AVERAGINGS,
+        default=DEFAULT_AVERAGING,
+        help="what an ensemble (--model A,B) averages: its members' probabilities or log-probabilities",
+    )
     parser.add_argument("--max-time", help="training budget DD:HH:MM:SS")
     parser.add_argument("--accelerator", help="training accelerator (default: the config's)")
     parser.add_argument("--beam-size", type=int, default=4)
@@ -74,7 +80,7 @@ def main() -> None:
     run = Path(args.output)
     if args.model:
         run.mkdir(parents=True, exist_ok=True)
-        bundle = load_bundle(args.model, args.device)
+        bundle = load_bundle(args.model, args.device, args.ensemble_averaging)
         seconds = training_seconds(bundle)
     else:
         bundle_dir, seconds = train_model(args, run)
@@ -94,6 +100,7 @@ def main() -> None:
     results = {
         "config": args.model or args.config,
         "overrides": args.set,
+        "averaging": bundle.manifest.get("averaging"),  # an ensemble's
         "parameters": bundle.model.num_parameters(),
         "training_seconds": round(seconds, 1),
         "training": bundle.training,
@@ -107,6 +114,8 @@ def main() -> None:
     (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     label = args.model or " ".join([Path(args.config).name, *args.set])
+    if "averaging" in bundle.manifest:
+        label += f" (averaging {bundle.manifest['averaging']})"
     print("| config | decoding | dev WER | test WER | test PER | parameters | training | device |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for mode, scores in results["scores"].items():

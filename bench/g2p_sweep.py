@@ -9,7 +9,8 @@ cores. When all have finished, the students named in ``--only`` are trained:
 each has one variant's configuration, starts from that variant's weights or from
 scratch, and learns from the ensemble of every variant of the run
 (distillation), with its own budget. Then the ensembles named
-below are scored from the variants' bundles. ``summary.json`` gathers every result
+below are scored from the variants' bundles, once for each ``--ensemble-averaging``
+(an ensemble averaging log-probabilities is named with ``-log-probabilities``). ``summary.json`` gathers every result
 and ``summary.md`` holds the table rows; rerunning resumes unfinished runs and
 skips finished ones.
 """
@@ -24,6 +25,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING
 
 BENCHMARK = Path(__file__).with_name("g2p_benchmark.py")
 
@@ -140,9 +143,12 @@ def run_all(jobs: dict[str, list[str]], output: Path, threads: int) -> dict[str,
     return status
 
 
-def forget_if_other_members(results: Path, bundles: str) -> None:
-    """Drop an ensemble's results scored from other members, so that it is scored again."""
-    if results.is_file() and json.loads(results.read_text())["config"] != bundles:
+def forget_if_scored_otherwise(results: Path, bundles: str, averaging: str) -> None:
+    """Drop an ensemble's results scored from other members or averaged otherwise, so that it is scored again."""
+    if not results.is_file():
+        return
+    scored = json.loads(results.read_text())
+    if scored["config"] != bundles or scored.get("averaging", DEFAULT_AVERAGING) != averaging:
         results.unlink()
 
 
@@ -208,6 +214,11 @@ def main() -> None:
     parser.add_argument("--student-time", help="training budget of each student, DD:HH:MM:SS (default: --max-time)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
     parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument(
+        "--ensemble-averaging",
+        default=DEFAULT_AVERAGING,
+        help=f"what the ensembles average, comma-separated to score each way: {', '.join(AVERAGINGS)}",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads per process (default: cores / variants)")
     args = parser.parse_args()
 
@@ -215,6 +226,9 @@ def main() -> None:
     unknown = sorted(set(chosen) - set(VARIANTS) - set(STUDENTS))
     if unknown:
         parser.error(f"unknown names {unknown}; variants: {', '.join(VARIANTS)}; students: {', '.join(STUDENTS)}")
+    averagings = args.ensemble_averaging.split(",")
+    if set(averagings) - set(AVERAGINGS):
+        parser.error(f"--ensemble-averaging: each must be one of {', '.join(AVERAGINGS)}")
     names = [name for name in chosen if name in VARIANTS]
     students = [name for name in chosen if name in STUDENTS]
     output = Path(args.output)
@@ -245,8 +259,12 @@ def main() -> None:
         present = [m for m in members if m in trained]
         if len(present) > 1:
             bundles = ",".join(str(output / m / "bundle") for m in present)
-            forget_if_other_members(output / name / "results.json", bundles)
-            ensembles[name] = benchmark_command(args, output / name, "--model", bundles)
+            for averaging in averagings:
+                run = name if averaging == DEFAULT_AVERAGING else f"{name}-{averaging}"
+                forget_if_scored_otherwise(output / run / "results.json", bundles, averaging)
+                ensembles[run] = benchmark_command(
+                    args, output / run, "--model", bundles, "--ensemble-averaging", averaging
+                )
     run_all(ensembles, output, threads)
 
     write_summary(output, [*names, *students, *ensembles])  # ensembles of this run's variants only

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_model, save_model
 
 import genrnn
-from genrnn.config import ModelConfig, TokenizerConfig, from_dict, to_dict
+from genrnn.config import DEFAULT_AVERAGING, Averaging, ModelConfig, TokenizerConfig, from_dict, to_dict
+from genrnn.ensemble import Ensemble
 from genrnn.errors import BundleError, ConfigurationError
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
@@ -60,7 +61,12 @@ class Bundle:
     def info(self) -> dict[str, Any]:
         """Metadata for people: name, versions, configs, training facts, size."""
         if "members" in self.manifest:
-            return {"name": self.name, "ensemble": self.manifest["members"], "parameters": self.model.num_parameters()}
+            return {
+                "name": self.name,
+                "ensemble": self.manifest["members"],
+                "averaging": self.manifest["averaging"],
+                "parameters": self.model.num_parameters(),
+            }
         return {
             "name": self.name,
             "format_version": self.manifest.get("format_version"),
@@ -144,14 +150,16 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bundle:
+def load_bundle(
+    directory: str | Path, device: str | torch.device = "cpu", averaging: Averaging = DEFAULT_AVERAGING
+) -> Bundle:
     """Load and verify a bundle; the model is placed on ``device`` in eval mode.
 
-    Several bundle directories separated by commas load as one ensemble, decoded by
-    averaging the members' probabilities; they must share their tokenizers.
+    Several bundle directories separated by commas load as one ensemble, whose members'
+    distributions are averaged as ``averaging`` says; they must share their tokenizers.
     """
     if "," in str(directory):
-        return _load_ensemble([d for d in str(directory).split(",") if d], device)
+        return _load_ensemble([d for d in str(directory).split(",") if d], device, averaging)
     directory = Path(directory)
     manifest = read_manifest(directory)
     try:
@@ -178,21 +186,20 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
     )
 
 
-def _load_ensemble(directories: list[str], device: str | torch.device) -> Bundle:
-    from genrnn.ensemble import Ensemble
-
+def _load_ensemble(directories: list[str], device: str | torch.device, averaging: Averaging) -> Bundle:
     members = [load_bundle(d, device) for d in directories]
     first = members[0]
     for directory, member in zip(directories[1:], members[1:]):
         if member.tokenizers_fingerprint != first.tokenizers_fingerprint:
             raise BundleError(f"{directory}: its tokenizers differ from {directories[0]}'s; an ensemble needs the same")
-    combined = hashlib.sha256("".join(m.fingerprint for m in members).encode()).hexdigest()
+    # The averaging is part of the model: the same members averaged otherwise decode otherwise.
+    combined = hashlib.sha256((averaging + "".join(m.fingerprint for m in members)).encode()).hexdigest()
     return Bundle(
-        model=Ensemble([m.model for m in members]).eval(),
+        model=Ensemble([m.model for m in members], averaging).eval(),
         source_tokenizer=first.source_tokenizer,
         target_tokenizer=first.target_tokenizer,
         model_config=first.model_config,
         tokenizer_config=first.tokenizer_config,
         name="+".join(m.name for m in members),
-        manifest={"files": {WEIGHTS: combined}, "members": [m.info() for m in members]},
+        manifest={"files": {WEIGHTS: combined}, "members": [m.info() for m in members], "averaging": averaging},
     )

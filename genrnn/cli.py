@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from genrnn.config import (
+    AVERAGINGS,
+    DEFAULT_AVERAGING,
     DecodingConfig,
     ExperimentConfig,
     decoding_for_mode,
@@ -57,6 +59,17 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
 def add_quantize_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantize", choices=["int8"], help="decode with int8 weights (dynamic quantization; CPU only)"
+    )
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """``--model``, and how an ensemble of several bundles combines them."""
+    parser.add_argument("--model", required=True, help="bundle directory; several, joined by commas: an ensemble")
+    parser.add_argument(
+        "--ensemble-averaging",
+        choices=AVERAGINGS,
+        default=DEFAULT_AVERAGING,
+        help=f"an ensemble averages its members' probabilities or log-probabilities (default: {DEFAULT_AVERAGING})",
     )
 
 
@@ -146,7 +159,7 @@ def _evaluate_parser(sub) -> None:
         help="score a bundle on a test set (WER, PER, sequence accuracy)",
         description="Decode every source of a test set and score the 1-best output.",
     )
-    p.add_argument("--model", required=True, help="bundle directory")
+    add_model_option(p)
     p.add_argument("--data", required=True, help="test data: .tsv / .jsonl file or builtin:cmudict:test")
     p.add_argument("--output", help="also write the scores here as JSON")
     p.add_argument("--batch-size", type=int, default=256, help="inputs decoded together")
@@ -163,7 +176,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from genrnn.evaluation import evaluate
     from genrnn.quantization import quantize_int8
 
-    bundle = load_bundle(args.model, args.device)
+    bundle = load_bundle(args.model, args.device, args.ensemble_averaging)
     examples = read_examples(args.data)
     settings = decoding_from_args(args)
     generator = Generator(
@@ -194,7 +207,7 @@ def _generate_parser(sub) -> None:
             "in input order. Rerun the same command after an interruption to resume."
         ),
     )
-    p.add_argument("--model", required=True, help="bundle directory")
+    add_model_option(p)
     p.add_argument("--input", required=True, help="input file: .jsonl, .tsv, or anything else as plain text")
     p.add_argument("--output", required=True, help="output JSONL file (parts are kept in OUTPUT.parts/ until done)")
     p.add_argument("--batch-size", type=int, default=256, help="inputs decoded together")
@@ -212,7 +225,8 @@ def _run_generate(args: argparse.Namespace) -> None:
 
     run_generate(
         GenerateJob(
-            model=Path(args.model),
+            model=args.model,
+            ensemble_averaging=args.ensemble_averaging,
             input=Path(args.input),
             output=Path(args.output),
             settings=decoding_from_args(args),
@@ -239,7 +253,7 @@ def _serve_parser(sub) -> None:
         description="Serve a bundle over HTTP with dynamic batching; SIGTERM or Ctrl+C drains requests in flight.",
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--model", required=True, help="bundle directory")
+    add_model_option(p)
     p.add_argument("--host", help="address to listen on: 127.0.0.1 (default), 0.0.0.0 or ::")
     p.add_argument("--port", type=int, help="port to listen on (default 8000)")
     p.add_argument("--accelerator", help="auto (default: a GPU when there is one), cpu, cuda (or gpu) or mps")

@@ -29,6 +29,12 @@ BridgeType = Literal["bridge", "last", "zero"]
 AttentionType = Literal["none", "luong", "bahdanau"]
 DecodingMode = Literal["greedy", "sample", "beam"]
 LengthPenaltyForm = Literal["gnmt", "average"]
+# How an ensemble combines its members' next-token distributions:
+#   probabilities      the mean of the probabilities (a mixture: one member can keep a token alive)
+#   log-probabilities  the mean of the log-probabilities, renormalised (a product: the members must agree)
+Averaging = Literal["probabilities", "log-probabilities"]
+AVERAGINGS: tuple[str, ...] = typing.get_args(Averaging)
+DEFAULT_AVERAGING: Averaging = "probabilities"
 Precision = Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64"]
 
 

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 import genrnn
 from genrnn.bundle import load_bundle
+from genrnn.config import DEFAULT_AVERAGING, Averaging
 from genrnn.decoding import Generation, Generator
 from serving import metrics
 from serving.loop import InputBudgetLoop
@@ -52,7 +53,14 @@ def reply_from(model: str, generations: list[Generation]) -> GenerateReply:
 class GenerationAPI(ls.LitAPI):
     """``POST /v1/generate`` over a bundle, with dynamic batching across requests."""
 
-    def __init__(self, bundle: str, limits: Limits, max_batch_size: int, batch_timeout: float) -> None:
+    def __init__(
+        self,
+        bundle: str,
+        limits: Limits,
+        max_batch_size: int,
+        batch_timeout: float,
+        averaging: Averaging = DEFAULT_AVERAGING,
+    ) -> None:
         super().__init__(
             max_batch_size=max_batch_size,
             batch_timeout=batch_timeout,
@@ -60,11 +68,12 @@ class GenerationAPI(ls.LitAPI):
             loop=InputBudgetLoop(),
         )
         self.bundle = bundle
+        self.averaging = averaging  # of an ensemble's members
         self.limits = limits
 
     def setup(self, device: str) -> None:
         """Load the bundle on ``device`` (runs once in each inference worker)."""
-        bundle = load_bundle(self.bundle, device)
+        bundle = load_bundle(self.bundle, device, self.averaging)
         self.model_name = bundle.name
         self.generator = Generator(
             bundle.model,

@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from genrnn.bundle import load_bundle, sha256
-from genrnn.config import DecodingConfig, parse_devices
+from genrnn.config import DEFAULT_AVERAGING, Averaging, DecodingConfig, parse_devices
 from genrnn.decoding import Generator
 from genrnn.errors import ConfigurationError
 from genrnn.quantization import quantize_int8
@@ -36,7 +36,7 @@ from serving.batch_parts import PartStore
 class GenerateJob:
     """Everything ``genrnn generate`` was asked to do."""
 
-    model: Path
+    model: str  # a bundle directory, or several joined by commas (an ensemble)
     input: Path
     output: Path
     settings: DecodingConfig
@@ -46,6 +46,7 @@ class GenerateJob:
     num_nodes: int = 1
     skip_bad_lines: bool = False
     quantize: str | None = None  # "int8": dynamic quantization for CPU decoding
+    ensemble_averaging: Averaging = DEFAULT_AVERAGING
 
 
 def owned_batches(items: list[Item], batch_size: int, rank: int, world_size: int) -> list[list[Item]]:
@@ -187,7 +188,7 @@ def run_generate(job: GenerateJob) -> None:
     items, bad_lines = read_items(job.input, job.settings, job.skip_bad_lines)
     for bad in bad_lines:
         print(f"genrnn generate: {job.input}:{bad.line}: {bad.error} (recorded, skipped)", file=sys.stderr)
-    bundle = load_bundle(job.model)
+    bundle = load_bundle(job.model, averaging=job.ensemble_averaging)
     _quiet_lightning()
     total = len(items) + len(bad_lines)
     trainer = build_trainer(job, PartWriter(store, total))

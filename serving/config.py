@@ -4,6 +4,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING
 from genrnn.errors import ConfigurationError
 from serving.schemas import Limits
 
@@ -25,7 +26,8 @@ def _option(name: str) -> str:
 class ServeConfig:
     """Everything ``genrnn serve`` needs; the defaults are the command line's."""
 
-    model: str  # bundle directory
+    model: str  # bundle directory, or several joined by commas (an ensemble)
+    ensemble_averaging: str = DEFAULT_AVERAGING
     host: str = "127.0.0.1"
     port: int = 8000
     accelerator: str = "auto"
@@ -45,6 +47,11 @@ class ServeConfig:
     def __post_init__(self) -> None:
         _require(self.host in HOSTS, "--host", f"must be one of {', '.join(HOSTS)}; got {self.host!r}")
         _require(1024 <= self.port <= 65535, "--port", f"must be in 1024..65535; got {self.port}")
+        _require(
+            self.ensemble_averaging in AVERAGINGS,
+            "--ensemble-averaging",
+            f"must be one of {', '.join(AVERAGINGS)}; got {self.ensemble_averaging!r}",
+        )
         _require(self.accelerator in ACCELERATORS, "--accelerator", f"must be one of {', '.join(ACCELERATORS)}")
         if self.accelerator == "gpu":
             object.__setattr__(self, "accelerator", "cuda")

@@ -111,7 +111,9 @@ def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None)
     from serving.middleware import AdmissionMiddleware, ApiKeyMiddleware, RequestMetricsMiddleware
 
     GenerateRequest.limits = config.limits
-    api = GenerationAPI(config.model, config.limits, config.max_batch_size, config.batch_timeout)
+    api = GenerationAPI(
+        config.model, config.limits, config.max_batch_size, config.batch_timeout, config.ensemble_averaging
+    )
     admitted = multiprocessing.Value("i", 0)  # shared by the HTTP processes forked from this one
 
     # Listed innermost first: each middleware wraps the ones before it. Metrics sees every reply.
@@ -147,7 +149,8 @@ def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None)
 def serve(config: ServeConfig) -> None:
     """Serve the bundle until SIGTERM or SIGINT; requests in flight are answered first."""
     check_accelerator(config.accelerator)
-    bundle = load_bundle(config.model)  # a bad bundle fails here, with one line, before any process starts
+    # A bad bundle fails here, with one line, before any process starts.
+    bundle = load_bundle(config.model, averaging=config.ensemble_averaging)
     metadata = {**bundle.info(), "limits": {**asdict(config.limits), "max_body_bytes": config.max_body_bytes}}
     del bundle
     key = api_key(config)

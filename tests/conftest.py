@@ -44,3 +44,20 @@ def tiny_bundle(g2p_files, tmp_path_factory) -> Path:
     bundle = train(config, tmp_path_factory.mktemp("tiny-run"))
     assert bundle is not None
     return bundle
+
+
+@pytest.fixture(scope="session")
+def other_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny bundle with noise on its weights: a second member whose distribution differs."""
+    import torch
+
+    from genrnn.bundle import load_bundle, save_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in bundle.model.parameters():
+            parameter.add_(0.3 * parameter.std() * torch.randn(parameter.shape, generator=generator))
+    directory = tmp_path_factory.mktemp("other") / "bundle"
+    tokenizers = (bundle.source_tokenizer, bundle.target_tokenizer)
+    return save_bundle(directory, bundle.model, *tokenizers, bundle.tokenizer_config, "other", bundle.training)

@@ -56,6 +56,7 @@ def test_trains_with_overrides_and_scores_the_test_words(split, tmp_path):
     assert again["scores"] == results["scores"]
     assert pair["scores"]["greedy"] == results["scores"]["greedy"]
     assert pair["parameters"] == 2 * results["parameters"]
+    assert (again["averaging"], pair["averaging"]) == (None, "probabilities")
 
 
 def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split, tmp_path):
@@ -79,6 +80,20 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert again.returncode == 0 and "start" not in again.stdout
     assert json.loads((output / "summary.json").read_text()) == summary
+
+    # asked for both averagings, it scores the ensemble again averaging log-probabilities, and only that
+    both = subprocess.run(
+        [*command, "--ensemble-averaging", "probabilities,log-probabilities"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert [line.split(":")[0] for line in both.stdout.splitlines() if line.startswith("start")] == [
+        "start ensemble-all-log-probabilities"
+    ]
+    averaged = json.loads((output / "summary.json").read_text())
+    assert list(averaged) == [*summary, "ensemble-all-log-probabilities"]
+    assert averaged["ensemble-all"]["averaging"] == "probabilities"
+    assert averaged["ensemble-all-log-probabilities"]["averaging"] == "log-probabilities"
+    assert averaged["ensemble-all-log-probabilities"]["config"] == summary["ensemble-all"]["config"]
 
     # a narrower rerun sums up its own variants, without an ensemble of other members
     command[command.index("base,luong")] = "base"

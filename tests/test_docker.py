@@ -269,7 +269,7 @@ def test_entry_script_mirrors_every_serve_option():
     help_text = subprocess.run(
         [sys.executable, "-m", "genrnn.cli", "serve", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    described = re.findall(r"^  --([a-z][a-z-]*)( [A-Z_]+)?", help_text, flags=re.MULTILINE)
+    described = re.findall(r"^  --([a-z][a-z-]*)( [A-Z_]+| \{[^}]*\})?", help_text, flags=re.MULTILINE)
     options = {name for name, metavar in described if metavar and name != "help"}
     switches = {name for name, metavar in described if not metavar and name != "help"}
     script = (DOCKER / "entrypoint.sh").read_text()

@@ -1,4 +1,4 @@
-"""Ensembles: several bundles decoded together by averaging their probabilities."""
+"""Ensembles: several bundles decoded together by averaging their probabilities or log-probabilities."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from genrnn.bundle import load_bundle, save_bundle
-from genrnn.config import DecodingConfig, ModelConfig, TokenizerConfig
+from genrnn.config import AVERAGINGS, DecodingConfig, ModelConfig, TokenizerConfig
 from genrnn.decoding import Generator
 from genrnn.ensemble import Ensemble
 from genrnn.errors import BundleError
@@ -39,16 +39,27 @@ def test_an_ensemble_of_one_decodes_like_its_member(tokenizers):
         assert [c.logprob for c in a.candidates] == pytest.approx([c.logprob for c in b.candidates], abs=1e-5)
 
 
-def test_the_next_token_distribution_is_the_mean_of_the_members(tokenizers):
+@pytest.mark.parametrize("averaging", AVERAGINGS)
+def test_the_next_token_distribution_is_the_members_average(tokenizers, averaging):
     members = [member(1, tokenizers), member(2, tokenizers, attention="luong")]
-    ensemble = Ensemble(members)
+    ensemble = Ensemble(members, averaging)
     ids = torch.tensor(tokenizers[0].encode(["house"]))
     lengths = torch.tensor([ids.shape[1]])
     bos = torch.tensor([[BOS_ID]])
     with torch.no_grad():
         averaged, _ = ensemble.decode(bos, ensemble.encode(ids, lengths).state)
-        expected = torch.stack([m.decode(bos, m.encode(ids, lengths).state)[0].softmax(-1) for m in members]).mean(0)
+        log_probs = torch.stack([m.decode(bos, m.encode(ids, lengths).state)[0].log_softmax(-1) for m in members])
+    if averaging == "probabilities":  # a mixture
+        expected = log_probs.exp().mean(0)
+    else:  # a normalised product
+        expected = log_probs.mean(0).exp() / log_probs.mean(0).exp().sum(-1, keepdim=True)
     torch.testing.assert_close(averaged.exp(), expected)
+    assert averaged.exp().sum(-1).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_unknown_averaging_is_refused(tokenizers):
+    with pytest.raises(ValueError, match="averaging must be one of probabilities, log-probabilities"):
+        Ensemble([member(1, tokenizers)], "geometric")
 
 
 def test_bundles_joined_by_commas_load_as_an_ensemble(tokenizers, tmp_path):
@@ -57,6 +68,11 @@ def test_bundles_joined_by_commas_load_as_an_ensemble(tokenizers, tmp_path):
     bundle = load_bundle(f"{tmp_path / 'm0'},{tmp_path / 'm1'}")
     assert isinstance(bundle.model, Ensemble) and bundle.name == "m0+m1"
     assert [m["name"] for m in bundle.info()["ensemble"]] == ["m0", "m1"]
+    assert bundle.info()["averaging"] == bundle.model.averaging == "probabilities"
+    # Averaged otherwise, the same members are another model: a resumed job must not mix the two.
+    other = load_bundle(f"{tmp_path / 'm0'},{tmp_path / 'm1'}", averaging="log-probabilities")
+    assert other.info()["averaging"] == other.model.averaging == "log-probabilities"
+    assert other.fingerprint != bundle.fingerprint
     result = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer).generate(["cat"])
     assert result[0].candidates[0].finish_reason in {"eos", "length"}
 
@@ -92,3 +108,22 @@ def test_evaluate_takes_an_ensemble_and_two_copies_score_like_one(tiny_bundle, g
         return json.loads(out.read_text())["wer"]
 
     assert wer(f"{tiny_bundle},{tiny_bundle}") == wer(str(tiny_bundle))
+
+
+@pytest.mark.parametrize("averaging", AVERAGINGS)
+def test_evaluate_averages_as_asked(tiny_bundle, other_bundle, g2p_files, tmp_path, averaging):
+    import json
+
+    from genrnn.cli import main
+    from genrnn.data import read_examples
+    from genrnn.evaluation import evaluate
+
+    model = f"{tiny_bundle},{other_bundle}"
+    out = tmp_path / "scores.json"
+    args = ["evaluate", "--model", model, "--data", str(g2p_files["test"]), "--output", str(out), "--mode", "beam"]
+    assert main([*args, "--ensemble-averaging", averaging]) == 0
+
+    bundle = load_bundle(model, averaging=averaging)
+    generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
+    expected = evaluate(generator, read_examples(g2p_files["test"]), DecodingConfig(mode="beam"))
+    assert json.loads(out.read_text()) == pytest.approx(expected.to_dict())

@@ -98,6 +98,26 @@ def test_an_ensemble_generates_from_the_command_line(tiny_bundle, words, tmp_pat
     assert_same_outputs(outputs["two"], outputs["one"])  # two copies: the distribution of one
 
 
+def test_an_ensemble_of_different_members_averages_as_asked(tiny_bundle, other_bundle, words, tmp_path):
+    sources = words[:12]
+    (tmp_path / "in.txt").write_text("\n".join(sources) + "\n")
+    model, beam = f"{tiny_bundle},{other_bundle}", DecodingConfig(mode="beam", num_return_sequences=2)
+    logprobs = {}
+    for averaging in ("probabilities", "log-probabilities"):
+        output = tmp_path / f"{averaging}.jsonl"
+        got = generate(model, tmp_path / "in.txt", output, settings=beam, ensemble_averaging=averaging)
+        bundle = load_bundle(model, averaging=averaging)
+        engine = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer).generate(sources, beam)
+        expected = [
+            {"id": o["id"], "input": o["input"], "candidates": [c.to_dict() for c in g.candidates]}
+            for o, g in zip(got, engine)
+        ]
+        assert_same_outputs(got, expected)
+        logprobs[averaging] = [c["logprob"] for o in got for c in o["candidates"]]
+    # The two averagings differ on these members, so each job above decoded its own.
+    assert logprobs["probabilities"] != pytest.approx(logprobs["log-probabilities"], abs=1e-3)
+
+
 def test_jsonl_lines_carry_their_own_decoding_settings(tiny_bundle, words, tmp_path):
     lines = [
         {"source": words[0]},

@@ -32,7 +32,9 @@ from genrnn.bundle import load_bundle
 from genrnn.cli import main
 from genrnn.config import DecodingConfig
 from genrnn.decoding import Generator
+from genrnn.errors import ConfigurationError
 from serving.api import Failure, GenerationAPI
+from serving.config import ServeConfig
 from serving.schemas import GenerateRequest, Limits
 
 KEY = "s3cret-key"
@@ -102,6 +104,11 @@ def test_serve_refuses_bad_options_and_bundles_with_one_line(tmp_path, capsys):
         "genrnn serve: error: --port: must be in 1024..65535; got 80",
         f"genrnn serve: error: bundle directory not found: {tmp_path / 'missing'}",
     ]
+    with pytest.raises(ConfigurationError, match="--ensemble-averaging: must be one of probabilities, log-prob"):
+        ServeConfig(model=str(tmp_path), ensemble_averaging="geometric")
+    with pytest.raises(SystemExit) as usage:
+        main(["serve", "--model", str(tmp_path), "--ensemble-averaging", "geometric"])
+    assert usage.value.code == 2 and "invalid choice: 'geometric'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("accelerator", ["cuda", "mps"])
@@ -269,14 +276,15 @@ SERVERS = {
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_bundle, tmp_path_factory) -> Iterator[dict[str, Server]]:
+def servers(tiny_bundle, other_bundle, tmp_path_factory) -> Iterator[dict[str, Server]]:
     """Every server of this file, started together so that their startups overlap."""
     logs = tmp_path_factory.mktemp("servers")
     started = {
         name: Server(tiny_bundle, logs / f"{name}.log", *options, key=key) for name, (options, key) in SERVERS.items()
     }
-    # Two copies of the bundle decoded together: the same distribution as one.
-    started["ensemble"] = Server(f"{tiny_bundle},{tiny_bundle}", logs / "ensemble.log")
+    # Two members whose distributions differ, their log-probabilities averaged.
+    ensemble = f"{tiny_bundle},{other_bundle}"
+    started["ensemble"] = Server(ensemble, logs / "ensemble.log", "--ensemble-averaging", "log-probabilities")
     try:
         yield started
     finally:
@@ -340,8 +348,10 @@ def test_each_mode_replies_in_the_design_shape_with_the_engine_output(keyed, eng
     }
 
 
-def test_an_ensemble_is_served_like_its_members(servers, engine):
+def test_an_ensemble_is_served_as_the_engine_decodes_it(servers, tiny_bundle, other_bundle):
     ensemble = servers["ensemble"].ready()
+    bundle = load_bundle(f"{tiny_bundle},{other_bundle}", averaging="log-probabilities")
+    engine = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
     inputs = ["cat", "pronunciation", "dog"]
     for mode in ("greedy", "beam"):
         response = ensemble.generate(inputs=inputs, max_new_tokens=20, **MODES[mode])
@@ -353,7 +363,10 @@ def test_an_ensemble_is_served_like_its_members(servers, engine):
             ]
             for got, want in zip(output["candidates"], generation.candidates):
                 assert got["logprob"] == pytest.approx(want.logprob, abs=1e-4)
-    assert ensemble.client.get("/info").json()["model"]["parameters"] == 2 * engine.model.num_parameters()
+    info = ensemble.client.get("/info").json()["model"]
+    assert info["parameters"] == bundle.model.num_parameters()
+    assert info["averaging"] == "log-probabilities"
+    assert [m["name"] for m in info["ensemble"]] == ["tiny", "other"]
 
 
 def test_a_seed_gives_the_same_sample_every_time(keyed):
