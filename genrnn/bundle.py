@@ -192,8 +192,10 @@ def _load_ensemble(directories: list[str], device: str | torch.device, averaging
     for directory, member in zip(directories[1:], members[1:]):
         if member.tokenizers_fingerprint != first.tokenizers_fingerprint:
             raise BundleError(f"{directory}: its tokenizers differ from {directories[0]}'s; an ensemble needs the same")
-    # The averaging is part of the model: the same members averaged otherwise decode otherwise.
-    combined = hashlib.sha256((averaging + "".join(m.fingerprint for m in members)).encode()).hexdigest()
+    # The averaging is part of the model: the same members averaged otherwise decode otherwise. The
+    # default adds nothing, so that jobs stamped before there was a choice still resume.
+    named = "" if averaging == DEFAULT_AVERAGING else averaging
+    combined = hashlib.sha256((named + "".join(m.fingerprint for m in members)).encode()).hexdigest()
     return Bundle(
         model=Ensemble([m.model for m in members], averaging).eval(),
         source_tokenizer=first.source_tokenizer,

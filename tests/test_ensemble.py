@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
@@ -73,6 +75,9 @@ def test_bundles_joined_by_commas_load_as_an_ensemble(tokenizers, tmp_path):
     other = load_bundle(f"{tmp_path / 'm0'},{tmp_path / 'm1'}", averaging="log-probabilities")
     assert other.info()["averaging"] == other.model.averaging == "log-probabilities"
     assert other.fingerprint != bundle.fingerprint
+    # The default's fingerprint is the one ensembles had before the choice: their jobs still resume.
+    members = "".join(load_bundle(tmp_path / f"m{i}").fingerprint for i in range(2))
+    assert bundle.fingerprint == hashlib.sha256(members.encode()).hexdigest()
     result = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer).generate(["cat"])
     assert result[0].candidates[0].finish_reason in {"eos", "length"}
 

@@ -114,7 +114,8 @@ def load_related_bundles(config: ExperimentConfig) -> dict[str, Bundle]:
         if not path:
             continue
         try:
-            bundles[key] = bundle = load_bundle(path)
+            # Several teachers teach their mixture: the mean of their probabilities.
+            bundles[key] = bundle = load_bundle(path, averaging="probabilities")
         except BundleError as error:
             raise ConfigurationError(f"training.{key}: {error}") from None
         if bundle.tokenizer_config != config.tokenizer:
