@@ -1,7 +1,7 @@
 """Training throughput of the default G2P model: bucketed + packed batches against a naive baseline.
 
     python bench/train_throughput.py [--config training/configs/g2p.yaml] [--pairs 20000] [--steps 40]
-        [--no-feeding]
+        [--no-feeding] [--bahdanau]
 
 Both variants train the same model (forward, backward, Adam step) on the same
 pairs of the built-in CMUdict task, with the same number of pairs per batch on
@@ -13,6 +13,7 @@ padding fraction of the batches.
 With ``--no-feeding``, the model with Luong attention also trains on the bucketed
 batches twice: with input feeding, which steps the decoder one position at a time
 (the baseline), and without, which runs the decoder over the whole target at once.
+With ``--bahdanau``, the model with Bahdanau attention trains on them too.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=20000, help="training pairs to draw batches from")
     parser.add_argument("--steps", type=int, default=40, help="measured steps per variant")
     parser.add_argument("--no-feeding", action="store_true", help="also time Luong attention without input feeding")
+    parser.add_argument("--bahdanau", action="store_true", help="also time Bahdanau attention")
     args = parser.parse_args()
 
     config = load_config(args.config)
@@ -101,6 +103,10 @@ def main() -> None:
             attentive = Seq2Seq(luong, source_tok.vocab_size, target_tok.vocab_size)
             label = "baseline: Luong attention, input feeding" if feeding else "Luong attention, no input feeding"
             rows.append((label, *measure(attentive, bucketed, packed_step)))
+    if args.bahdanau:
+        torch.manual_seed(0)
+        bahdanau = Seq2Seq(replace(config.model, attention="bahdanau"), source_tok.vocab_size, target_tok.vocab_size)
+        rows.append(("Bahdanau attention", *measure(bahdanau, bucketed, packed_step)))
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; model {model.num_parameters():,} parameters; "
