@@ -304,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What to do after Ctrl+C, for the verbs that keep their progress.
+_RESUMING = {
+    "train": "; rerun the same command to go on from the last checkpoint",
+    "generate": "; rerun the same command to go on where it stopped",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -313,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"genrnn {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"genrnn {args.command}: interrupted", file=sys.stderr)
+        if is_rank_zero():
+            print(f"genrnn {args.command}: interrupted{_RESUMING.get(args.command, '')}", file=sys.stderr)
         return 130
     return 0
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from genrnn.bundle import load_bundle, sha256
 from genrnn.config import DEFAULT_AVERAGING, Averaging, DecodingConfig, parse_devices
 from genrnn.decoding import Generator
-from genrnn.errors import ConfigurationError
+from genrnn.errors import ConfigurationError, interruption_kept
 from genrnn.quantization import quantize_int8
 from serving.batch_input import MAX_NEW_TOKENS, Item, read_items
 from serving.batch_parts import PartStore
@@ -207,9 +207,10 @@ def run_generate(job: GenerateJob) -> None:
     )
 
     generator = Generator(model, bundle.source_tokenizer, bundle.target_tokenizer, max_new_tokens_cap=MAX_NEW_TOKENS)
-    trainer.predict(
-        GenerationModule(generator), datamodule=ItemBatches(items, store, job.batch_size), return_predictions=False
-    )
+    with interruption_kept(trainer):
+        trainer.predict(
+            GenerationModule(generator), datamodule=ItemBatches(items, store, job.batch_size), return_predictions=False
+        )
     trainer.strategy.barrier("merge")  # every rank's part is complete before rank 0 reads them
     if trainer.is_global_zero:
         store.merge(total, {bad.index: bad.output() for bad in bad_lines})

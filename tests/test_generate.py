@@ -246,6 +246,32 @@ def test_a_killed_job_resumes_with_nothing_lost_or_written_twice(tiny_bundle, wo
     assert "nothing to do" in capsys.readouterr().err
 
 
+def test_ctrl_c_stops_a_job_as_an_interruption_that_the_same_command_resumes(tiny_bundle, words, tmp_path):
+    source_file = tmp_path / "in.txt"
+    source_file.write_text("\n".join(words[:300]) + "\n")
+    output = tmp_path / "out.jsonl"
+    part = tmp_path / "out.jsonl.parts" / "part-0.jsonl"
+    command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(source_file), "--output", str(output)]
+    command += ["--accelerator", "cpu", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (part.is_file() and part.read_bytes().count(b"\n") >= 4):
+        assert job.poll() is None, "the job ended before it could be interrupted"
+        assert time.monotonic() < deadline, "the job wrote nothing in time"
+        time.sleep(0.01)
+    job.send_signal(signal.SIGINT)  # what Ctrl+C sends
+    _, stderr = job.communicate(timeout=60)
+
+    assert job.returncode == 130, stderr[-2000:]
+    assert "genrnn generate: interrupted; rerun the same command to go on where it stopped" in stderr
+    assert not output.exists() and part.read_bytes().count(b"\n") >= 4
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [o["input"] for o in read_jsonl(output)] == words[:300]
+
+
 @pytest.mark.parametrize("count", [60, 5])  # with 5, the second process has no batch at all
 def test_two_cpu_processes_merge_to_the_single_process_output(tiny_bundle, words, tmp_path, count):
     source_file = tmp_path / "in.txt"

@@ -6,8 +6,10 @@ import csv
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -246,6 +248,25 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_unbroken_run(g
     assert final["lr_schedulers"] == fresh_final["lr_schedulers"]
     for name, tensor in fresh_final["state_dict"].items():
         torch.testing.assert_close(final["state_dict"][name], tensor, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_ctrl_c_stops_a_run_as_an_interruption_that_the_same_command_resumes(g2p_files, tmp_path):
+    saving = ("--set", "training.checkpoint_minutes=0.00001")  # a resume point after every batch
+    args = tiny_train(g2p_files, tmp_path / "run", *saving, "--max-epochs", "50")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    run = subprocess.Popen([*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not last.is_file():
+        assert run.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "the run saved nothing in time"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)  # what Ctrl+C sends
+    _, stderr = run.communicate(timeout=60)
+
+    assert run.returncode == 130, stderr[-2000:]
+    assert "genrnn train: interrupted; rerun the same command to go on from the last checkpoint" in stderr
+    resumed = run_cli(*args, "--max-epochs", "1", timeout=300)  # the last budget given counts: end soon
+    assert "resuming from" in resumed.stdout
 
 
 def test_no_resume_starts_without_the_old_checkpoints(g2p_files, tmp_path):

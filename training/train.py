@@ -24,7 +24,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from genrnn.bundle import Bundle, load_bundle, save_bundle
 from genrnn.config import ExperimentConfig, is_rank_zero, parse_devices, to_dict
 from genrnn.data import Example, default_valid_spec, read_examples, training_pairs
-from genrnn.errors import BundleError, ConfigurationError, DataError
+from genrnn.errors import BundleError, ConfigurationError, DataError, interruption_kept
 from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
 from training.distillation import Distillation
@@ -288,7 +288,8 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     if ckpt_path and trainer.is_global_zero:
         print(f"resuming from {last}")
     started = time.monotonic()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with interruption_kept(trainer):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
         return None
 
