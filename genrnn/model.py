@@ -81,21 +81,41 @@ class StackedRNN(nn.Module):
         self, x: torch.Tensor | PackedSequence, state: State | None = None
     ) -> tuple[torch.Tensor | PackedSequence, State]:
         """Run every layer. ``state`` and the returned state: tensors ``(layers × directions, batch, hidden)``."""
-        directions = 2 if self.layers[0].bidirectional else 1
-        finals: list[State] = []
-        for i, layer in enumerate(self.layers):
+        x, finals = self.run_layers(x, self.split_state(state))
+        return x, self.join_states(finals)
+
+    def run_layers(
+        self, x: torch.Tensor | PackedSequence, states: list[State] | list[None]
+    ) -> tuple[torch.Tensor | PackedSequence, list[State]]:
+        """Run every layer from its own state (:meth:`split_state`); the output and each layer's final state.
+
+        A decoder stepping one position at a time keeps its state split this way between
+        steps, so that each step does not slice the stacked state apart and join it again.
+        """
+        finals = []
+        for i, (layer, layer_state) in enumerate(zip(self.layers, states)):
             if i > 0:
                 x = _map_data(x, self.dropout)
-            layer_state = None
-            if state is not None:
-                layer_state = tuple(s[i * directions : (i + 1) * directions] for s in state)
-                layer_state = layer_state if self.is_lstm else layer_state[0]
+            if layer_state is not None and not self.is_lstm:
+                layer_state = layer_state[0]
             out, final = layer(x, layer_state)
             if self.residual and i > 0:
                 out = _map_data(out, lambda data, x=x: data + (x.data if isinstance(x, PackedSequence) else x))
             finals.append(final if self.is_lstm else (final,))
             x = out
-        return x, tuple(torch.cat(parts, dim=0) for parts in zip(*finals))
+        return x, finals
+
+    def split_state(self, state: State | None) -> list[State] | list[None]:
+        """The stacked state ``(layers × directions, batch, hidden)`` as one state per layer."""
+        if state is None:
+            return [None] * len(self.layers)
+        directions = 2 if self.layers[0].bidirectional else 1
+        return [tuple(s[i * directions : (i + 1) * directions] for s in state) for i in range(len(self.layers))]
+
+    @staticmethod
+    def join_states(states: list[State]) -> State:
+        """The layers' states stacked again: the inverse of :meth:`split_state`."""
+        return tuple(torch.cat(parts, dim=0) for parts in zip(*states))
 
 
 class Bridge(nn.Module):
@@ -164,23 +184,24 @@ class Attention(nn.Module):
         return self.key(memory)
 
     def forward(
-        self, query: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
+        self, query: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor, padding: torch.Tensor
     ) -> torch.Tensor:
+        """One step: ``query (batch, query)`` → context ``(batch, memory)``; ``padding`` is ``~mask``."""
         if self.kind == "luong":
-            return self.attend_all(query[:, None], memory, keys, mask)[:, 0]
+            return self.attend_all(query[:, None], memory, keys, padding)[:, 0]
         scores = self.energy(torch.tanh(keys + self.query(query)[None])).squeeze(-1)
-        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=0)  # (src_len, batch)
+        weights = scores.masked_fill(padding, float("-inf")).softmax(dim=0)  # (src_len, batch)
         return (weights[:, :, None] * memory).sum(0)
 
     def attend_all(
-        self, queries: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
+        self, queries: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor, padding: torch.Tensor
     ) -> torch.Tensor:
         """Luong's attention for every position at once: ``(batch, steps, query)`` → ``(batch, steps, memory)``.
 
         One step of the decoder is the case of one position, so both paths share this arithmetic.
         """
         scores = torch.einsum("btq,sbq->bts", queries, keys)
-        weights = scores.masked_fill(~mask.t()[:, None, :], float("-inf")).softmax(dim=-1)
+        weights = scores.masked_fill(padding.t()[:, None, :], float("-inf")).softmax(dim=-1)
         return torch.einsum("bts,sbm->btm", weights, memory)
 
 
@@ -270,29 +291,42 @@ class Seq2Seq(nn.Module):
         return self.output(self.output_dropout(output)), state
 
     def _attend(self, embedded: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """The attentional decoder, one step at a time: ``(batch, steps, embedding)`` → ``(batch, steps, hidden)``."""
+        """The attentional decoder, one step at a time: ``(batch, steps, embedding)`` → ``(batch, steps, hidden)``.
+
+        A training step is mostly this loop's host time on a GPU, so the loop holds only
+        what must be done a position at a time: the layers' states stay split between
+        steps, and Bahdanau's attentional layer, which feeds nothing back, runs over all
+        positions after it.
+        """
         recurrent, (feed, memory, keys, mask) = state[: self.recurrent_states], state[self.recurrent_states :]
-        outputs = []
+        layers, padding = self.decoder.split_state(recurrent), ~mask
+        luong = self.config.attention == "luong"
+        tops, contexts = [], []
         for t in range(embedded.shape[1]):
-            if self.config.attention == "luong":
-                step_input = torch.cat([embedded[:, t], feed[0]], dim=-1)
-                top, recurrent = self.decoder(step_input[:, None], recurrent)
+            if luong:
+                top, layers = self.decoder.run_layers(torch.cat([embedded[:, t], feed[0]], dim=-1)[:, None], layers)
                 top = top[:, 0]
-                context = self.attention(top, memory, keys, mask)
+                context = self.attention(top, memory, keys, padding)
+                feed = torch.tanh(self.attentional(torch.cat([context, top], dim=-1)))[None]
+                tops.append(feed[0])
             else:
-                context = self.attention(recurrent[0][-1], memory, keys, mask)  # query: the previous top state
-                top, recurrent = self.decoder(torch.cat([embedded[:, t], context], dim=-1)[:, None], recurrent)
-                top = top[:, 0]
+                context = self.attention(layers[-1][0][0], memory, keys, padding)  # query: the previous top state
+                top, layers = self.decoder.run_layers(torch.cat([embedded[:, t], context], dim=-1)[:, None], layers)
+                tops.append(top[:, 0])
+                contexts.append(context)
+        if luong:
+            attentional = torch.stack(tops, dim=1)
+        else:
+            context, top = torch.stack(contexts, dim=1), torch.stack(tops, dim=1)
             attentional = torch.tanh(self.attentional(torch.cat([context, top], dim=-1)))
-            feed = attentional[None]
-            outputs.append(attentional)
-        return torch.stack(outputs, dim=1), (*recurrent, feed, memory, keys, mask)
+            feed = attentional[:, -1][None]
+        return attentional, (*self.decoder.join_states(layers), feed, memory, keys, mask)
 
     def _attend_all(self, embedded: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Luong attention without input feeding: the decoder over every position in one call, then attention."""
         recurrent, (_, memory, keys, mask) = state[: self.recurrent_states], state[self.recurrent_states :]
         top, recurrent = self.decoder(embedded, recurrent)
-        context = self.attention.attend_all(top, memory, keys, mask)
+        context = self.attention.attend_all(top, memory, keys, ~mask)
         attentional = torch.tanh(self.attentional(torch.cat([context, top], dim=-1)))
         # The state keeps its layout, so the decoding engine needs no second case.
         return attentional, (*recurrent, attentional[:, -1][None], memory, keys, mask)
