@@ -89,7 +89,6 @@ class GenerationAPI(ls.LitAPI):
 
     def predict(self, requests: list[GenerateRequest]) -> list[GenerateReply | Failure]:
         """Decode every input of every request as one engine batch; a failing request fails alone."""
-        metrics.BATCH_SIZE.observe(sum(len(r.inputs) for r in requests))
         try:
             return self._generate(requests)
         except Exception:
@@ -107,6 +106,7 @@ class GenerationAPI(ls.LitAPI):
     def _generate(self, requests: list[GenerateRequest]) -> list[GenerateReply]:
         sources = [text for r in requests for text in r.inputs]
         settings = [setting for r in requests for setting in [r.decoding()] * len(r.inputs)]
+        metrics.BATCH_SIZE.observe(len(sources))  # each engine call, the failed batch and its retries apart
         started = time.perf_counter()
         generations = self.generator.generate(sources, settings)
         seconds = time.perf_counter() - started

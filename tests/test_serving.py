@@ -82,6 +82,14 @@ def test_a_request_that_waited_past_the_timeout_is_answered_504_without_decoding
     assert (uid, status, error.status_code) == ("uid0", "ERROR", 504)
 
 
+def batch_size_samples() -> Counter:
+    """genrnn_batch_size's count (engine calls) and sum (inputs) so far, in this process."""
+    from serving import metrics
+
+    (family,) = metrics.BATCH_SIZE.collect()
+    return Counter({s.name: s.value for s in family.samples if s.name.endswith(("_count", "_sum"))})
+
+
 def test_a_request_that_fails_in_the_engine_fails_alone(tiny_bundle):
     api = GenerationAPI(str(tiny_bundle), Limits(), max_batch_size=8, batch_timeout=0.0)
     api.setup("cpu")
@@ -89,8 +97,11 @@ def test_a_request_that_fails_in_the_engine_fails_alone(tiny_bundle):
     # Built without validation: past the engine's length cap, so the engine refuses the whole batch.
     bad = GenerateRequest.model_construct(**{**good.model_dump(), "max_new_tokens": 10_000})
 
+    calls = batch_size_samples()
     outputs = api.predict([good, bad, good])
 
+    # The failed call of six inputs, then one call a request, two inputs each: each call observed.
+    assert batch_size_samples() - calls == Counter({"genrnn_batch_size_count": 4, "genrnn_batch_size_sum": 12})
     assert isinstance(outputs[1], Failure) and api.encode_response(outputs[1]).status_code == 500
     assert outputs[0] == outputs[2] == api.predict([good])[0]
     assert [o.input for o in outputs[0].outputs] == ["cat", "dog"]
