@@ -405,6 +405,20 @@ def test_a_malformed_training_line_is_named(tmp_path):
     assert result.returncode == 1 and f"{bad}:2: expected 'source<TAB>target'" in result.stderr
 
 
+def test_without_a_dev_set_one_is_held_out_of_the_training_file_and_said_so(g2p_files, capsys):
+    from genrnn.config import load_config, replace
+    from training.train import load_data
+
+    config = load_config(TINY_CONFIG)
+    config = replace(config, data=replace(config.data, train=str(g2p_files["train"]), valid=None))
+    train, dev = load_data(config)
+
+    examples = read_examples(g2p_files["train"])
+    assert 0 < len(dev) < len(examples) / 10 and len(train) + len(dev) == len(examples)
+    assert not {e.source for e in dev} & {e.source for e in train}
+    assert f"dev set: {len(dev)} examples held out of {g2p_files['train']}" in capsys.readouterr().out
+
+
 def test_a_file_too_small_to_hold_out_a_dev_set_asks_for_one(tmp_path):
     small = tmp_path / "small.tsv"
     small.write_text("cat\tK AE1 T\ndog\tD AO1 G\n")  # neither source is among the held-out 1 in 21

@@ -63,6 +63,8 @@ def load_data(config: ExperimentConfig) -> tuple[list[Example], list[Example]]:
                 f"{config.data.train}: too few sources to hold out a dev set (about 1 in {DEV_SHARE}); "
                 "give one with --valid"
             )
+        if is_rank_zero():  # new training data gets its own dev set, whatever data.valid said: say so
+            print(f"dev set: {len(dev)} examples held out of {config.data.train} (--valid gives one instead)")
         return train, dev
     return train, read_examples(valid_spec)
 
