@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,17 @@ def write_tsv(path: Path, examples) -> Path:
     """Write examples as ``source<TAB>target[<TAB>target…]`` lines."""
     path.write_text("".join("\t".join((e.source, *e.targets)) + "\n" for e in examples))
     return path
+
+
+def signal_when(process: subprocess.Popen, ready: Callable[[], bool], signum: int, what: str) -> str | None:
+    """Send ``signum`` to ``process`` once ``ready()`` holds (``what``, for a failure); its stderr once it ends."""
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert process.poll() is None, f"the process ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    process.send_signal(signum)
+    return process.communicate(timeout=60)[1]
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from genrnn.decoding import Generator
 from genrnn.errors import GenrnnError
 from serving.batch import GenerateJob, owned_batches, run_generate
 from serving.batch_input import read_items
+from tests.conftest import signal_when
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
 CANDIDATE_KEYS = {"text", "tokens", "logprob", "finish_reason"}
@@ -214,13 +214,7 @@ def test_a_killed_job_resumes_with_nothing_lost_or_written_twice(tiny_bundle, wo
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (part.is_file() and part.read_bytes().count(b"\n") >= 4):
-        assert job.poll() is None, "the job ended before it could be interrupted"
-        assert time.monotonic() < deadline, "the job wrote nothing in time"
-        time.sleep(0.01)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
+    signal_when(job, lambda: part.is_file() and part.read_bytes().count(b"\n") >= 4, signal.SIGKILL, "4 items")
     written = part.read_bytes().count(b"\n")
     assert 0 < written < len(sources) and not output.exists()
     # Mark one finished item, to see that the rerun keeps it rather than decoding it again, and
@@ -256,13 +250,8 @@ def test_ctrl_c_stops_a_job_as_an_interruption_that_the_same_command_resumes(tin
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (part.is_file() and part.read_bytes().count(b"\n") >= 4):
-        assert job.poll() is None, "the job ended before it could be interrupted"
-        assert time.monotonic() < deadline, "the job wrote nothing in time"
-        time.sleep(0.01)
-    job.send_signal(signal.SIGINT)  # what Ctrl+C sends
-    _, stderr = job.communicate(timeout=60)
+    # SIGINT: what Ctrl+C sends
+    stderr = signal_when(job, lambda: part.is_file() and part.read_bytes().count(b"\n") >= 4, signal.SIGINT, "4 items")
 
     assert job.returncode == 130, stderr[-2000:]
     assert "genrnn generate: interrupted; rerun the same command to go on where it stopped" in stderr

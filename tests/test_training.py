@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from genrnn.config import DecodingConfig, ExperimentConfig, from_dict
 from genrnn.data import TokenBudgetBatchSampler, read_examples
 from genrnn.decoding import Generator
 from genrnn.metrics import score
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, signal_when
 from training.datamodule import ResumableLoader
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
@@ -255,13 +254,7 @@ def test_ctrl_c_stops_a_run_as_an_interruption_that_the_same_command_resumes(g2p
     args = tiny_train(g2p_files, tmp_path / "run", *saving, "--max-epochs", "50")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     run = subprocess.Popen([*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not last.is_file():
-        assert run.poll() is None, "the run ended before it could be interrupted"
-        assert time.monotonic() < deadline, "the run saved nothing in time"
-        time.sleep(0.05)
-    run.send_signal(signal.SIGINT)  # what Ctrl+C sends
-    _, stderr = run.communicate(timeout=60)
+    stderr = signal_when(run, last.is_file, signal.SIGINT, "a resume point")  # SIGINT: what Ctrl+C sends
 
     assert run.returncode == 130, stderr[-2000:]
     assert "genrnn train: interrupted; rerun the same command to go on from the last checkpoint" in stderr
