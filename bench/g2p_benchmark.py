@@ -10,7 +10,8 @@ on it: both are scored on the whole dev set. The 12,000 test words are decoded
 once per configuration (greedy and beam) and scored as the literature does: a
 word is wrong unless the output equals one of its references; PER is the edit
 distance to the closest reference over that reference's length. Writes
-``results.json`` in the run directory and prints table rows for BENCHMARKS.md.
+``results.json`` in the run directory (``dev_choice``: the decoding dev chose) and
+prints table rows for BENCHMARKS.md, dev's choice and the test figures it reports in bold.
 
 ``--model a,b,c`` skips training and scores bundles already trained this way,
 several of them as one ensemble.
@@ -53,6 +54,22 @@ def training_seconds(bundle: Bundle) -> float:
     """Seconds spent training the bundle, summed over an ensemble's members."""
     members = [m["training"] for m in bundle.manifest.get("members", [])] or [bundle.training]
     return sum(t.get("seconds_this_run", 0.0) for t in members)
+
+
+def dev_choice(scores: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The decoding with the lowest dev WER; on a tie, the first (greedy, the cheaper)."""
+    return min(scores, key=lambda mode: scores[mode]["dev"]["wer"])
+
+
+def table_row(label: str, mode: str, results: dict) -> str:
+    """One row for BENCHMARKS.md; dev's choice of decoding in bold, with the test figures it reports."""
+    scores, chosen = results["scores"][mode], mode == results["dev_choice"]
+    bold = (lambda text: f"**{text}**") if chosen else (lambda text: text)
+    return (
+        f"| {label} | {bold(mode)} | {scores['dev']['wer']:.2%} | {bold(format(scores['test']['wer'], '.2%'))} | "
+        f"{bold(format(scores['test']['per'], '.2%'))} | {results['parameters']:,} | "
+        f"{results['training_seconds'] / 60:.0f} min | {results['device']} |"
+    )
 
 
 def main() -> None:
@@ -111,6 +128,7 @@ def main() -> None:
             for mode, settings in modes.items()
         },
     }
+    results["dev_choice"] = dev_choice(results["scores"])
     (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     label = args.model or " ".join([Path(args.config).name, *args.set])
@@ -118,11 +136,8 @@ def main() -> None:
         label += f" (averaging {bundle.manifest['averaging']})"
     print("| config | decoding | dev WER | test WER | test PER | parameters | training | device |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    for mode, scores in results["scores"].items():
-        print(
-            f"| {label} | {mode} | {scores['dev']['wer']:.2%} | {scores['test']['wer']:.2%} | "
-            f"{scores['test']['per']:.2%} | {results['parameters']:,} | {seconds / 60:.0f} min | {results['device']} |"
-        )
+    for mode in results["scores"]:
+        print(table_row(label, mode, results))
 
 
 if __name__ == "__main__":

@@ -169,9 +169,11 @@ def write_summary(output: Path, names: list[str]) -> None:
         results = summary[name] = json.loads(path.read_text())
         steps = results["training"].get("steps", "")
         for mode, scores in results["scores"].items():
+            mark = "**" if mode == results.get("dev_choice") else ""  # dev's choice, and what it reports
             rows.append(
-                f"| {name} | {mode} | {scores['dev']['wer']:.2%} | {scores['test']['wer']:.2%} | "
-                f"{scores['test']['per']:.2%} | {results['parameters']:,} | {steps} | "
+                f"| {name} | {mark}{mode}{mark} | {scores['dev']['wer']:.2%} | "
+                f"{mark}{scores['test']['wer']:.2%}{mark} | {mark}{scores['test']['per']:.2%}{mark} | "
+                f"{results['parameters']:,} | {steps} | "
                 f"{results['training_seconds'] / 60:.1f} min | {results['device']} |"
             )
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

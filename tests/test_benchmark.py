@@ -29,8 +29,13 @@ def run_benchmark(split: Path, output: Path, *args: str) -> dict:
     command = [*BENCHMARK, "--data-dir", str(split), "--output", str(output), "--accelerator", "cpu", *args]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| greedy |" in result.stdout and "| beam2 |" in result.stdout  # the table rows
-    return json.loads((output / "results.json").read_text())
+    results = json.loads((output / "results.json").read_text())
+    # dev chooses the decoding, greedy on a tie; its table row is in bold, the other is not
+    wer = {mode: scores["dev"]["wer"] for mode, scores in results["scores"].items()}
+    assert results["dev_choice"] == ("greedy" if wer["greedy"] <= wer["beam2"] else "beam2")
+    other = ({"greedy", "beam2"} - {results["dev_choice"]}).pop()
+    assert f"| **{results['dev_choice']}** |" in result.stdout and f"| {other} |" in result.stdout
+    return results
 
 
 def test_trains_with_overrides_and_scores_the_test_words(split, tmp_path):
@@ -74,7 +79,8 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     assert summary["base"]["training"]["device"] == "cpu"  # --set reaches every variant
     assert summary["ensemble-all"]["parameters"] == summary["base"]["parameters"] + summary["luong"]["parameters"]
     rows = (output / "summary.md").read_text().splitlines()
-    assert len(rows) == 2 + 3 * 2 and rows[-1].startswith("| ensemble-all | beam2 |")
+    assert len(rows) == 2 + 3 * 2 and rows[-1].replace("**", "").startswith("| ensemble-all | beam2 |")
+    assert sum(row.count("**") for row in rows) == 3 * 3 * 2  # each run's choice: decoding, test WER and PER
 
     # a rerun finds every result in place and trains nothing again
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
