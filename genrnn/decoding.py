@@ -75,10 +75,16 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """What sums of log-probabilities and sampling's cumulative sums are kept in: float64, but
+    float32 on Apple's MPS, which has no float64 (24-bit uniforms are exact in either)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def counter_uniform(keys: torch.Tensor, step: int) -> torch.Tensor:
     """Uniform numbers in [0, 1) from row keys ``(rows, 2)`` (32-bit halves) and a step counter."""
     mixed = _mix32(keys[:, 0] ^ _mix32((keys[:, 1] + step * 0x9E3779B9) & _MASK32))
-    return (mixed >> 8).to(torch.float64) * 2.0**-24
+    return (mixed >> 8).to(wide_dtype(keys.device)) * 2.0**-24
 
 
 def row_key(seed: int, candidate: int) -> tuple[int, int]:
@@ -111,7 +117,7 @@ def filtered_distribution(
 
 def sample_from(probs: torch.Tensor, order: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling: one token id per row from sorted ``probs`` and a uniform per row."""
-    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    cdf = probs.to(wide_dtype(probs.device)).cumsum(dim=-1)
     position = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)
     position = position.clamp_(max=probs.shape[-1] - 1)
     return order.gather(1, position).squeeze(1)
@@ -280,7 +286,7 @@ class Generator:
         state = _select_rows(state, torch.tensor([positions[r] for r in request_of_row], device=device))
         steps = max(max_len)
         out = torch.full((len(params), steps), PAD_ID, dtype=torch.long, device=device)
-        logprob = torch.zeros(len(params), dtype=torch.float64, device=device)
+        logprob = torch.zeros(len(params), dtype=wide_dtype(device), device=device)
         length = torch.zeros(len(params), dtype=torch.long, device=device)
         ended_by_eos = torch.zeros(len(params), dtype=torch.bool, device=device)
         done_rows = torch.zeros(len(params), dtype=torch.bool, device=device)
@@ -297,7 +303,7 @@ class Generator:
             running = slice(None) if self.compact else ~done_rows
             row, chosen = live["row"][running], tokens[running]
             out[row, t] = chosen
-            logprob[row] += logp[running].gather(1, chosen[:, None]).squeeze(1).double()
+            logprob[row] += logp[running].gather(1, chosen[:, None]).squeeze(1).to(logprob.dtype)
             eos = chosen == EOS_ID
             finished = eos | (t + 1 >= live["max_len"][running])
             length[row] = torch.where(eos, t, t + 1)
@@ -366,7 +372,10 @@ class Generator:
             "average": average,
         }
         beam_rank = torch.arange(width, device=device)[None, :]
-        scores = torch.full((n, width), float("-inf"), device=device)
+        # Scores sum a log-probability a step: kept wide, so that a long output's total is as exact
+        # as greedy's (float32 drifted by 1e-3 over 256 tokens).
+        wide = wide_dtype(device)
+        scores = torch.full((n, width), float("-inf"), dtype=wide, device=device)
         scores[:, 0] = 0.0
         # Back-pointers instead of copied histories: at each step, every request's live beams
         # (by slot) and the slot of the beam each extends; sequences are traced back at the end.
@@ -377,8 +386,8 @@ class Generator:
         # the step of their last token, that token, and the slot of the live beam it extended.
         def finished_store() -> dict[str, torch.Tensor]:
             return {
-                "norm": torch.full((n, width), float("-inf"), device=device),
-                "logprob": torch.zeros((n, width), device=device),
+                "norm": torch.full((n, width), float("-inf"), dtype=wide, device=device),
+                "logprob": torch.zeros((n, width), dtype=wide, device=device),
                 "step": torch.zeros((n, width), dtype=torch.long, device=device),
                 "token": torch.full((n, width), PAD_ID, dtype=torch.long, device=device),
                 "parent": torch.zeros((n, width), dtype=torch.long, device=device),
@@ -394,7 +403,7 @@ class Generator:
             _, logp, state = self._step_logprobs(tokens, state)
             vocab = logp.shape[-1]
             valid_beam = beam_rank < live["beams"][:, None]
-            candidates = (scores[:, :, None] + logp.view(b, width, vocab)).masked_fill(
+            candidates = (scores[:, :, None] + logp.view(b, width, vocab).to(wide)).masked_fill(
                 ~valid_beam[:, :, None], float("-inf")
             )
             top_score, top_index = candidates.view(b, -1).topk(min(2 * width, width * vocab), dim=-1)
