@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -20,6 +21,15 @@ def write_tsv(path: Path, examples) -> Path:
     """Write examples as ``source<TAB>target[<TAB>target…]`` lines."""
     path.write_text("".join("\t".join((e.source, *e.targets)) + "\n" for e in examples))
     return path
+
+
+def interruptible(command: list[str], **options) -> subprocess.Popen:
+    """Start ``command`` as a terminal would, with Ctrl+C's SIGINT at its default.
+
+    A shell starts background jobs with SIGINT ignored and children inherit that; Python
+    then never raises KeyboardInterrupt, so a test run in the background could not interrupt.
+    """
+    return subprocess.Popen(command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **options)
 
 
 def signal_when(process: subprocess.Popen, ready: Callable[[], bool], signum: int, what: str) -> str | None:

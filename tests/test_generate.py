@@ -20,7 +20,7 @@ from genrnn.decoding import Generator
 from genrnn.errors import GenrnnError
 from serving.batch import GenerateJob, owned_batches, run_generate
 from serving.batch_input import read_items
-from tests.conftest import signal_when
+from tests.conftest import interruptible, signal_when
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
 CANDIDATE_KEYS = {"text", "tokens", "logprob", "finish_reason"}
@@ -249,7 +249,7 @@ def test_ctrl_c_stops_a_job_as_an_interruption_that_the_same_command_resumes(tin
     command += ["--accelerator", "cpu", "--batch-size", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job = interruptible(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     # SIGINT: what Ctrl+C sends
     stderr = signal_when(job, lambda: part.is_file() and part.read_bytes().count(b"\n") >= 4, signal.SIGINT, "4 items")
 

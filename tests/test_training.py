@@ -18,7 +18,7 @@ from genrnn.config import DecodingConfig, ExperimentConfig, from_dict
 from genrnn.data import TokenBudgetBatchSampler, read_examples
 from genrnn.decoding import Generator
 from genrnn.metrics import score
-from tests.conftest import TINY_CONFIG, signal_when
+from tests.conftest import TINY_CONFIG, interruptible, signal_when
 from training.datamodule import ResumableLoader
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
@@ -253,7 +253,7 @@ def test_ctrl_c_stops_a_run_as_an_interruption_that_the_same_command_resumes(g2p
     saving = ("--set", "training.checkpoint_minutes=0.00001")  # a resume point after every batch
     args = tiny_train(g2p_files, tmp_path / "run", *saving, "--max-epochs", "50")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    run = subprocess.Popen([*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = interruptible([*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = signal_when(run, last.is_file, signal.SIGINT, "a resume point")  # SIGINT: what Ctrl+C sends
 
     assert run.returncode == 130, stderr[-2000:]
