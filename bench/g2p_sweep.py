@@ -7,12 +7,12 @@ Each variant is one ``bench/g2p_benchmark.py`` run (its own process, log and
 results.json under the output directory); they share the machine's GPU, or its
 cores. When all have finished, the students named in ``--only`` are trained:
 each has one variant's configuration, starts from that variant's weights or from
-scratch, and learns from the ensemble of every variant of the run
-(distillation: their mixture, whatever ``--ensemble-averaging`` says), with its own budget. Then the ensembles named
-below are scored from the variants' bundles, once for each ``--ensemble-averaging``
-(an ensemble averaging log-probabilities is named with ``-log-probabilities``). ``summary.json`` gathers every result
-and ``summary.md`` holds the table rows; rerunning resumes unfinished runs and
-skips finished ones.
+scratch, and learns from the ensemble of every variant of the run (distillation:
+their mixture, whatever ``--ensemble-averaging`` says), with its own budget. Then
+the ensembles named below are scored from the variants' bundles, once for each
+``--ensemble-averaging`` (one that averages log-probabilities is named with
+``-log-probabilities``). ``summary.json`` gathers every result and ``summary.md``
+holds the table rows; rerunning resumes unfinished runs and skips finished ones.
 """
 
 from __future__ import annotations

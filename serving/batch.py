@@ -36,7 +36,7 @@ from serving.batch_parts import PartStore
 class GenerateJob:
     """Everything ``genrnn generate`` was asked to do."""
 
-    model: str  # a bundle directory, or several joined by commas (an ensemble)
+    model: str | Path  # a bundle directory, or several joined by commas (an ensemble)
     input: Path
     output: Path
     settings: DecodingConfig
