@@ -1,7 +1,7 @@
 """Training throughput of the default G2P model: bucketed + packed batches against a naive baseline.
 
     python bench/train_throughput.py [--config training/configs/g2p.yaml] [--pairs 20000] [--steps 40]
-        [--no-feeding] [--bahdanau]
+        [--no-feeding] [--bahdanau] [--device cuda]
 
 Both variants train the same model (forward, backward, Adam step) on the same
 pairs of the built-in CMUdict task, with the same number of pairs per batch on
@@ -14,6 +14,7 @@ With ``--no-feeding``, the model with Luong attention also trains on the buckete
 batches twice: with input feeding, which steps the decoder one position at a time
 (the baseline), and without, which runs the decoder over the whole target at once.
 With ``--bahdanau``, the model with Bahdanau attention trains on them too.
+``--device cuda`` trains on a GPU, timed after synchronising.
 """
 
 from __future__ import annotations
@@ -46,20 +47,30 @@ def padded_step(model: Seq2Seq, batch) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), batch.target_out.flatten(), ignore_index=PAD_ID)
 
 
-def measure(model: Seq2Seq, batches, step, warmup: int = 3) -> tuple[float, float]:
-    """Target tokens per second and padding fraction over ``batches`` (after a warm-up)."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that the clock measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model: Seq2Seq, batches, step, device: torch.device, warmup: int = 3) -> tuple[float, float]:
+    """Target tokens per second and padding fraction over ``batches`` (after a warm-up), on ``device``."""
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     tokens = seconds = 0.0
     padding = []
     for i, batch in enumerate(batches):
+        synchronize(device)
         started = time.perf_counter()
+        moved = batch.to(device)  # part of a step, as in training
         optimizer.zero_grad()
-        step(model, batch).backward()
+        step(model, moved).backward()
         optimizer.step()
+        synchronize(device)
         if i >= warmup:
             seconds += time.perf_counter() - started
-            tokens += int((batch.target_out != PAD_ID).sum())
+            tokens += batch.target_tokens
             padding.append(batch.padding_fraction)
     return tokens / seconds, sum(padding) / len(padding)
 
@@ -71,7 +82,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="measured steps per variant")
     parser.add_argument("--no-feeding", action="store_true", help="also time Luong attention without input feeding")
     parser.add_argument("--bahdanau", action="store_true", help="also time Bahdanau attention")
+    parser.add_argument("--device", default="cpu", help="torch device to train on, e.g. cpu or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     config = load_config(args.config)
     pairs = training_pairs(read_examples(config.data.train))
@@ -93,8 +106,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = Seq2Seq(config.model, source_tok.vocab_size, target_tok.vocab_size)
     rows = [
-        ("baseline: random batches, padded encoder", *measure(model, naive, padded_step)),
-        ("genrnn: length buckets, packed encoder", *measure(model, bucketed, packed_step)),
+        ("baseline: random batches, padded encoder", *measure(model, naive, padded_step, device)),
+        ("genrnn: length buckets, packed encoder", *measure(model, bucketed, packed_step, device)),
     ]
     if args.no_feeding:
         for feeding in (True, False):
@@ -102,13 +115,14 @@ def main() -> None:
             luong = replace(config.model, attention="luong", input_feeding=feeding)
             attentive = Seq2Seq(luong, source_tok.vocab_size, target_tok.vocab_size)
             label = "baseline: Luong attention, input feeding" if feeding else "Luong attention, no input feeding"
-            rows.append((label, *measure(attentive, bucketed, packed_step)))
+            rows.append((label, *measure(attentive, bucketed, packed_step, device)))
     if args.bahdanau:
         torch.manual_seed(0)
         bahdanau = Seq2Seq(replace(config.model, attention="bahdanau"), source_tok.vocab_size, target_tok.vocab_size)
-        rows.append(("Bahdanau attention", *measure(bahdanau, bucketed, packed_step)))
+        rows.append(("Bahdanau attention", *measure(bahdanau, bucketed, packed_step, device)))
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}, "
         f"torch {torch.__version__}; model {model.num_parameters():,} parameters; "
         f"{mean_size} pairs per batch on average, {args.steps} steps each"
     )
