@@ -26,6 +26,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from g2p_benchmark import dev_choice  # this script's neighbour
+
 from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING
 
 BENCHMARK = Path(__file__).with_name("g2p_benchmark.py")
@@ -169,7 +171,8 @@ def write_summary(output: Path, names: list[str]) -> None:
         results = summary[name] = json.loads(path.read_text())
         steps = results["training"].get("steps", "")
         for mode, scores in results["scores"].items():
-            mark = "**" if mode == results.get("dev_choice") else ""  # dev's choice, and what it reports
+            chosen = results.get("dev_choice") or dev_choice(results["scores"])  # results from before the key
+            mark = "**" if mode == chosen else ""  # dev's choice, and what it reports
             rows.append(
                 f"| {name} | {mark}{mode}{mark} | {scores['dev']['wer']:.2%} | "
                 f"{mark}{scores['test']['wer']:.2%}{mark} | {mark}{scores['test']['per']:.2%}{mark} | "

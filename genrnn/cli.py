@@ -25,7 +25,7 @@ from genrnn.config import (
     override,
     replace,
 )
-from genrnn.errors import ConfigurationError, GenrnnError
+from genrnn.errors import ConfigurationError, GenrnnError, Terminated
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "training" / "configs" / "g2p.yaml"
 
@@ -304,9 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What to do after Ctrl+C, for the verbs that keep their progress.
+# What to do after a stop, for the verbs that keep their progress.
 _RESUMING = {
-    "train": "; rerun the same command to go on from the last checkpoint",
+    "train": "; rerun it (without --no-resume) to go on from its last checkpoint",
     "generate": "; rerun the same command to go on where it stopped",
 }
 
@@ -319,10 +319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_rank_zero():  # every process of a distributed launch meets the same error
             print(f"genrnn {args.command}: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
+        # The shell's statuses for a process that a signal ended: 128 + SIGINT (2) or SIGTERM (15).
+        how, status = ("interrupted", 130) if isinstance(stop, KeyboardInterrupt) else ("terminated", 143)
         if is_rank_zero():
-            print(f"genrnn {args.command}: interrupted{_RESUMING.get(args.command, '')}", file=sys.stderr)
-        return 130
+            print(f"genrnn {args.command}: {how}{_RESUMING.get(args.command, '')}", file=sys.stderr)
+        return status
     return 0
 
 

@@ -401,13 +401,14 @@ class Generator:
         for t in range(steps):
             b = scores.shape[0]
             _, logp, state = self._step_logprobs(tokens, state)
-            vocab = logp.shape[-1]
             valid_beam = beam_rank < live["beams"][:, None]
-            candidates = (scores[:, :, None] + logp.view(b, width, vocab).to(wide)).masked_fill(
-                ~valid_beam[:, :, None], float("-inf")
-            )
-            top_score, top_index = candidates.view(b, -1).topk(min(2 * width, width * vocab), dim=-1)
-            source_beam, token = top_index // vocab, top_index % vocab
+            # Only a beam's own 2 × width likeliest tokens can be among the request's 2 × width best
+            # candidates: pick those in float32 first, then add the wide scores to the few left.
+            per_beam = min(2 * width, logp.shape[-1])
+            beam_logp, beam_token = logp.view(b, width, -1).topk(per_beam, dim=-1)
+            candidates = (scores[:, :, None] + beam_logp.to(wide)).masked_fill(~valid_beam[:, :, None], float("-inf"))
+            top_score, top_index = candidates.view(b, -1).topk(min(2 * width, width * per_beam), dim=-1)
+            source_beam, token = top_index // per_beam, beam_token.view(b, -1).gather(1, top_index)
             is_eos = token == EOS_ID
             rank = torch.arange(top_score.shape[1], device=device)[None, :]
             in_beam = (rank < live["beams"][:, None]) & torch.isfinite(top_score)

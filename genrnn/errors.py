@@ -21,16 +21,23 @@ class BundleError(GenrnnError):
     """A bundle directory is missing, incomplete or altered; the message names the file."""
 
 
+class Terminated(Exception):
+    """SIGTERM stopped a run; the command line reports it and how to go on."""
+
+
 @contextmanager
 def interruption_kept(trainer: Any) -> Iterator[None]:
-    """Around a Lightning trainer's call: Ctrl+C stays the KeyboardInterrupt it was.
+    """Around a Lightning trainer's call: a stop by a signal is reported as one.
 
-    Lightning answers it by exiting with status 1, which a script cannot tell from a
-    failure; the command line reports an interruption as such (status 130).
+    Lightning answers Ctrl+C by exiting with status 1, which a script cannot tell from a
+    failure, and SIGTERM by exiting with status 0, as if the run had ended. Ctrl+C stays
+    the KeyboardInterrupt it was, SIGTERM becomes :class:`Terminated`.
     """
     try:
         yield
-    except SystemExit:
-        if getattr(trainer, "interrupted", False):
+    except SystemExit as stop:
+        if isinstance(stop.__context__, KeyboardInterrupt):
             raise KeyboardInterrupt from None
+        if getattr(trainer, "received_sigterm", False):
+            raise Terminated from None
         raise

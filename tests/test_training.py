@@ -249,15 +249,19 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_unbroken_run(g
         torch.testing.assert_close(final["state_dict"][name], tensor, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_ctrl_c_stops_a_run_as_an_interruption_that_the_same_command_resumes(g2p_files, tmp_path):
+@pytest.mark.parametrize(
+    ("signum", "status", "how"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_a_signal_stops_a_run_as_such_and_the_same_command_resumes(g2p_files, tmp_path, signum, status, how):
+    """Ctrl+C (SIGINT) and SIGTERM: the shell's statuses and a hint, where Lightning exited 1 and 0."""
     saving = ("--set", "training.checkpoint_minutes=0.00001")  # a resume point after every batch
     args = tiny_train(g2p_files, tmp_path / "run", *saving, "--max-epochs", "50")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     run = interruptible([*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    stderr = signal_when(run, last.is_file, signal.SIGINT, "a resume point")  # SIGINT: what Ctrl+C sends
+    stderr = signal_when(run, last.is_file, signum, "a resume point")
 
-    assert run.returncode == 130, stderr[-2000:]
-    assert "genrnn train: interrupted; rerun the same command to go on from the last checkpoint" in stderr
+    assert run.returncode == status, stderr[-2000:]
+    assert f"genrnn train: {how}; rerun it (without --no-resume) to go on from its last checkpoint" in stderr
     resumed = run_cli(*args, "--max-epochs", "1", timeout=300)  # the last budget given counts: end soon
     assert "resuming from" in resumed.stdout
 
