@@ -20,7 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import BasePredictionWriter
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.utils.data import DataLoader
 
 from genrnn.bundle import load_bundle, sha256
@@ -144,6 +144,8 @@ class PartWriter(BasePredictionWriter):
         self.store.write(self.part, prediction)
         if self.progress:
             self.progress.advance(len(prediction))
+        if trainer.received_sigterm:  # Lightning's prediction loop never looks: stop once the batch is saved
+            raise SIGTERMException
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.part.close()

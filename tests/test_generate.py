@@ -240,7 +240,11 @@ def test_a_killed_job_resumes_with_nothing_lost_or_written_twice(tiny_bundle, wo
     assert "nothing to do" in capsys.readouterr().err
 
 
-def test_ctrl_c_stops_a_job_as_an_interruption_that_the_same_command_resumes(tiny_bundle, words, tmp_path):
+@pytest.mark.parametrize(
+    ("signum", "status", "how"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_a_signal_stops_a_job_as_such_and_the_same_command_resumes(tiny_bundle, words, tmp_path, signum, status, how):
+    """Ctrl+C (SIGINT) and SIGTERM: the shell's statuses and a hint, where the job exited 1 or ran on."""
     source_file = tmp_path / "in.txt"
     source_file.write_text("\n".join(words[:300]) + "\n")
     output = tmp_path / "out.jsonl"
@@ -250,12 +254,11 @@ def test_ctrl_c_stops_a_job_as_an_interruption_that_the_same_command_resumes(tin
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     job = interruptible(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # SIGINT: what Ctrl+C sends
-    stderr = signal_when(job, lambda: part.is_file() and part.read_bytes().count(b"\n") >= 4, signal.SIGINT, "4 items")
+    stderr = signal_when(job, lambda: part.is_file() and part.read_bytes().count(b"\n") >= 4, signum, "4 items")
 
-    assert job.returncode == 130, stderr[-2000:]
-    assert "genrnn generate: interrupted; rerun the same command to go on where it stopped" in stderr
-    assert not output.exists() and part.read_bytes().count(b"\n") >= 4
+    assert job.returncode == status, stderr[-2000:]
+    assert f"genrnn generate: {how}; rerun the same command to go on where it stopped" in stderr
+    assert not output.exists() and 4 <= part.read_bytes().count(b"\n") < 300
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [o["input"] for o in read_jsonl(output)] == words[:300]
