@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from genrnn import decoding
 from genrnn.bundle import load_bundle
 from genrnn.config import DecodingConfig, ModelConfig
 from genrnn.decoding import Generator, filtered_distribution, length_penalty, wide_dtype
@@ -122,6 +123,22 @@ def test_long_outputs_score_as_exactly_in_beam_search_as_in_greedy():
 def test_sums_are_float64_but_on_mps_which_has_none():
     assert wide_dtype(torch.device("cpu")) == wide_dtype(torch.device("cuda")) == torch.float64
     assert wide_dtype(torch.device("mps")) == torch.float32
+
+
+def test_every_mode_decodes_with_float32_sums_as_on_mps(generator, monkeypatch):
+    """The engine's path on MPS, taken on the CPU: the same outputs, scores to float32's precision."""
+    settings = [
+        DecodingConfig(mode="greedy", max_new_tokens=10),
+        DecodingConfig(mode="sample", seed=3, num_return_sequences=3, top_p=0.9, max_new_tokens=10),
+        DecodingConfig(mode="beam", beam_size=4, num_return_sequences=2, max_new_tokens=10),
+    ]
+    wide = [generator.generate(WORDS, s) for s in settings]
+    monkeypatch.setattr(decoding, "wide_dtype", lambda device: torch.float32)
+    narrow = [generator.generate(WORDS, s) for s in settings]
+    for w, n in zip(wide, narrow):
+        for a, b in zip(w, n):
+            assert [c.tokens for c in a.candidates] == [c.tokens for c in b.candidates]
+            assert [c.logprob for c in b.candidates] == pytest.approx([c.logprob for c in a.candidates], abs=1e-4)
 
 
 def normalised(candidate, alpha: float) -> float:
