@@ -271,7 +271,7 @@ class Generator:
             seed = s.seed if s.seed is not None or greedy else self._rng.getrandbits(63)
             for j in range(n):
                 request_of_row.append(r)
-                keys.append(row_key(seed or 0, j))
+                keys.append((0, 0) if greedy else row_key(seed, j))  # argmax draws nothing
                 params.append((s.temperature, s.top_k, s.top_p, s.max_new_tokens, greedy))
         temperature, top_k, top_p, max_len, greedy = zip(*params)
         live = {
