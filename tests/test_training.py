@@ -266,6 +266,48 @@ def test_a_signal_stops_a_run_as_such_and_the_same_command_resumes(g2p_files, tm
     assert "resuming from" in resumed.stdout
 
 
+# Runs `genrnn train ARGS…` and sends itself SIGTERM, as docker stop would, as global step STEP ends.
+TERMINATE_DURING_TRAINING = """
+import os, signal, sys
+from genrnn.cli import main
+from training.resume import ResumePoint
+step = int(sys.argv[1])
+batch_end = ResumePoint.on_train_batch_end
+def terminate_at(self, trainer, *args):
+    if trainer.global_step == step:
+        os.kill(os.getpid(), signal.SIGTERM)
+    batch_end(self, trainer, *args)
+ResumePoint.on_train_batch_end = terminate_at
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_run_stopped_by_sigterm_saves_as_it_stops_and_resumes_to_an_unbroken_runs_weights(g2p_files, tmp_path):
+    import torch
+
+    # No timed save would fall in the run: the one it resumes from is the one SIGTERM made.
+    options = ("--max-epochs", "2", "--set", "training.checkpoint_minutes=1000", "--set", "model.output_dropout=0.3")
+    fresh_run, run = tmp_path / "fresh", tmp_path / "run"
+    run_cli(*tiny_train(g2p_files, fresh_run, *options), timeout=300)
+    fresh = json.loads((fresh_run / "bundle" / "genrnn.json").read_text())["training"]
+    step = fresh["steps"] // fresh["epochs"] + 2  # the third batch of the second epoch
+
+    driver = tmp_path / "terminate_during_training.py"
+    driver.write_text(TERMINATE_DURING_TRAINING)
+    args = tiny_train(g2p_files, run, *options)
+    stopped = subprocess.run([sys.executable, str(driver), str(step), *args], capture_output=True, text=True)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == step  # saved as it stopped
+
+    run_cli(*args, timeout=300)
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    fresh_final = torch.load(fresh_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == fresh_final["global_step"]
+    for name, tensor in fresh_final["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][name], tensor, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_no_resume_starts_without_the_old_checkpoints(g2p_files, tmp_path):
     run = tmp_path / "run"
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1"))

@@ -19,8 +19,9 @@ class ResumePoint(Checkpoint):
 
     With the training loader's place in its epoch inside the checkpoint (see
     :class:`training.datamodule.ResumableLoader`), a run killed mid-epoch loses at most
-    ``every_minutes`` of work. Lightning writes checkpoints atomically, so a kill
-    during a save leaves the previous one whole. As a :class:`Checkpoint`, it runs after
+    ``every_minutes`` of work, and one stopped by SIGTERM none: it saves as it stops.
+    Lightning writes checkpoints atomically, so a kill during a save leaves the previous
+    one whole. As a :class:`Checkpoint`, it runs after
     the other callbacks' epoch-end hooks, so that their state is saved as it ends the epoch.
     Every process's random number generators travel with it, so that dropout after a resume
     draws the masks it would have drawn; a run resumes only on as many processes.
@@ -54,7 +55,8 @@ class ResumePoint(Checkpoint):
         # validation included, so a run resumed from there would never validate it.
         if not self.every_seconds or validates_after_this_batch(trainer):
             return
-        due = time.monotonic() - self._saved_at >= self.every_seconds
+        # SIGTERM too (docker stop, a scheduler's preemption): Lightning stops at this batch's end.
+        due = time.monotonic() - self._saved_at >= self.every_seconds or trainer.received_sigterm
         if trainer.strategy.broadcast(due):  # rank 0's clock decides, so that every rank saves together
             self._save(trainer)
 
