@@ -253,7 +253,8 @@ class OptimConfig:
     early_stopping_patience: int = 6  # validations without improvement
     val_check_interval: float = 1.0  # fraction of an epoch, or steps if > 1
     seed: int = 1234
-    checkpoint_minutes: float = 10.0  # between the mid-epoch checkpoints a killed run resumes from (0: epoch ends only)
+    # between the mid-epoch checkpoints a killed run resumes from (0: epoch ends only); SIGTERM saves one too
+    checkpoint_minutes: float = 10.0
     precision: Precision = "32-true"
     accelerator: str = "auto"
     devices: str = "1"  # an integer, "auto", or a list like "0,1"

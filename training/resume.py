@@ -19,7 +19,8 @@ class ResumePoint(Checkpoint):
 
     With the training loader's place in its epoch inside the checkpoint (see
     :class:`training.datamodule.ResumableLoader`), a run killed mid-epoch loses at most
-    ``every_minutes`` of work, and one stopped by SIGTERM none: it saves as it stops.
+    ``every_minutes`` of work, and one stopped by SIGTERM none (it saves as it stops) unless
+    the signal comes during a batch that validates, the last of an epoch by default.
     Lightning writes checkpoints atomically, so a kill during a save leaves the previous
     one whole. As a :class:`Checkpoint`, it runs after
     the other callbacks' epoch-end hooks, so that their state is saved as it ends the epoch.
@@ -52,12 +53,13 @@ class ResumePoint(Checkpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         # Not on a batch that validates: Lightning counts a batch saved at its end as done,
-        # validation included, so a run resumed from there would never validate it.
-        if not self.every_seconds or validates_after_this_batch(trainer):
+        # validation included, so a run resumed from there would never validate it. (SIGTERM on
+        # such a batch stops Lightning inside the validation, before any save.)
+        if validates_after_this_batch(trainer):
             return
-        # SIGTERM too (docker stop, a scheduler's preemption): Lightning stops at this batch's end.
-        due = time.monotonic() - self._saved_at >= self.every_seconds or trainer.received_sigterm
-        if trainer.strategy.broadcast(due):  # rank 0's clock decides, so that every rank saves together
+        # Every few minutes, and at SIGTERM (docker stop, a preemption), at whose batch end Lightning stops.
+        timed = bool(self.every_seconds) and time.monotonic() - self._saved_at >= self.every_seconds
+        if trainer.strategy.broadcast(timed or trainer.received_sigterm):  # rank 0 decides: every rank saves
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
