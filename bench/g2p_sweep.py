@@ -35,6 +35,7 @@ BENCHMARK = Path(__file__).with_name("g2p_benchmark.py")
 LUONG_DEEP = ["model.attention=luong", "model.encoder_layers=3", "model.encoder_hidden=512"]
 BAHDANAU_DEEP = ["model.attention=bahdanau", "model.encoder_layers=3", "model.encoder_hidden=512"]
 BASE_WIDE = ["model.encoder_hidden=512", "model.decoder_hidden=1024"]
+BAHDANAU_WIDE = [*BAHDANAU_DEEP, "model.decoder_hidden=1024"]
 NO_FEEDING = [*LUONG_DEEP, "model.input_feeding=false"]
 MORE_DROPOUT = ["model.layer_dropout=0.3", "model.output_dropout=0.3"]  # g2p.yaml has 0.2
 # annealed over the whole budget: early stopping would cut the schedule short
@@ -72,10 +73,16 @@ VARIANTS: dict[str, list[str]] = {
     # 6.5 minutes while its training loss went on down
     "bahdanau-deep-cosine-dropout": [*BAHDANAU_DEEP, *COSINE, *MORE_DROPOUT],
     "bahdanau-deep-cosine-dropout-seed11": [*BAHDANAU_DEEP, *COSINE, *MORE_DROPOUT, "training.seed=11"],
+    # more draws of the best single models, for dev to choose among and for a larger ensemble, and
+    # Bahdanau with the wide decoder of base-wide
+    "bahdanau-deep-cosine-seed13": [*BAHDANAU_DEEP, *COSINE, "training.seed=13"],
+    "bahdanau-wide-cosine": [*BAHDANAU_WIDE, *COSINE],
+    "bahdanau-wide-cosine-seed11": [*BAHDANAU_WIDE, *COSINE, "training.seed=11"],
     # Luong attention without input feeding: the decoder runs over the whole target at once in training
     "luong-deep-no-feeding": NO_FEEDING,
     "luong-deep-no-feeding-seed7": [*NO_FEEDING, "training.seed=7"],
     "luong-deep-no-feeding-cosine": [*NO_FEEDING, *COSINE],
+    "luong-deep-no-feeding-cosine-seed7": [*NO_FEEDING, *COSINE, "training.seed=7"],
     # ablations: each of g2p.yaml's defaults taken away, to check that it earns its place
     "base-no-smoothing": ["training.label_smoothing=0.0"],
     "base-no-dropout": ["model.embedding_dropout=0.0", "model.layer_dropout=0.0", "model.output_dropout=0.0"],
