@@ -143,3 +143,71 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     assert taught["model"] == summary["base"]["training"]["config"]["model"]
     assert taught["training"]["init_from"] is None
     assert taught["training"]["teacher"] == str(output / "luong" / "bundle")
+
+    # where the targets stand: each kind of system's row names one of this sweep's runs of that kind
+    # (which one, dev decides: the test below, on figures that differ)
+    standing = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "g2p_standing.py"), str(output)], capture_output=True, text=True
+    )
+    assert standing.returncode == 0, standing.stderr
+    decodings = {"no attention": [], "attention, single model": [], "ensemble": []}
+    for path in output.glob("*/results.json"):
+        results = json.loads(path.read_text())
+        if path.parent.name.startswith("ensemble"):
+            group = "ensemble"
+        elif results["training"]["config"]["model"]["attention"] == "none":
+            group = "no attention"
+        else:
+            group = "attention, single model"
+        decodings[group] += [(s["dev"]["wer"], path.parent, mode, s["test"]) for mode, s in results["scores"].items()]
+    rows = standing.stdout.splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {group}" for group in decodings]
+    for row, group in zip(rows, decodings.values()):
+        assert any(f"| `{run}`, {mode} | {dev:.2%} | {test['wer']:.2%} |" in row for dev, run, mode, test in group)
+    # runs scored on different words cannot be compared
+    other = tmp_path / "other" / "run"
+    other.mkdir(parents=True)
+    results = json.loads((output / "luong" / "results.json").read_text())
+    (other / "results.json").write_text(json.dumps({**results, "words": {"dev": 1, "test": 60}}))
+    mixed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "g2p_standing.py"), str(output), str(tmp_path / "other")],
+        capture_output=True,
+        text=True,
+    )
+    assert mixed.returncode != 0 and str(other / "results.json") in mixed.stderr
+
+
+def write_results(path: Path, attention: str | None, scores: dict[str, tuple[float, float, float]]) -> None:
+    """A results.json as the benchmark writes it: ``attention`` None for an ensemble; mode → (dev, test WER, PER)."""
+    path.mkdir(parents=True)
+    results = {
+        "config": "a/bundle,b/bundle" if attention is None else "g2p.yaml",
+        "training": {} if attention is None else {"config": {"model": {"attention": attention}}},
+        "words": {"dev": 5120, "test": 12000},
+        "scores": {
+            mode: {"dev": {"wer": dev, "per": dev / 4}, "test": {"wer": wer, "per": per}}
+            for mode, (dev, wer, per) in scores.items()
+        },
+    }
+    (path / "results.json").write_text(json.dumps(results))
+
+
+def test_the_standing_takes_dev_choice_across_runs_and_never_looks_at_test(tmp_path):
+    first, second = tmp_path / "round-1", tmp_path / "round-2"
+    # the lower test WER is never chosen by it: dev decides, across rounds and decodings
+    write_results(first / "base", "none", {"greedy": (0.250, 0.230, 0.050), "beam4": (0.247, 0.241, 0.061)})
+    write_results(second / "wide", "none", {"greedy": (0.246, 0.239, 0.058), "beam4": (0.248, 0.220, 0.050)})
+    write_results(first / "luong", "luong", {"greedy": (0.215, 0.212, 0.049), "beam4": (0.216, 0.200, 0.040)})
+    write_results(second / "bahdanau", "bahdanau", {"greedy": (0.215, 0.205, 0.048)})  # a tie: the first read
+    write_results(second / "ensemble", None, {"greedy": (0.203, 0.199, 0.046)})
+    command = [sys.executable, str(ROOT / "bench" / "g2p_standing.py"), str(first), str(second)]
+    standing = subprocess.run(command, capture_output=True, text=True)
+    assert standing.returncode == 0, standing.stderr
+
+    rows = standing.stdout.splitlines()[2:]
+    assert rows == [
+        f"| no attention | `{second / 'wide'}`, greedy | 24.60% | 23.90% | 5.80% | ≤ 24.0 / 5.9 %: **met** |",
+        f"| attention, single model | `{first / 'luong'}`, greedy | 21.50% | 21.20% | 4.90% "
+        "| ≤ 21.0 / 5.0 %: WER missed by 0.20 |",
+        f"| ensemble | `{second / 'ensemble'}`, greedy | 20.30% | 19.90% | 4.60% | ≤ 20.0 / 4.7 %: **met** |",
+    ]
