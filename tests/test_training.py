@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -266,46 +267,93 @@ def test_a_signal_stops_a_run_as_such_and_the_same_command_resumes(g2p_files, tm
     assert "resuming from" in resumed.stdout
 
 
-# Runs `genrnn train ARGS…` and sends itself SIGTERM, as docker stop would, as global step STEP ends.
+# Runs `genrnn train ARGS…` and sends itself SIGTERM, as docker stop would, as global step STEP ends
+# (WHEN "batch"; exit 3 unless that batch validates as VALIDATES says), or in the first batch of the
+# validation after it (WHEN "validation").
 TERMINATE_DURING_TRAINING = """
 import os, signal, sys
 from genrnn.cli import main
-from training.resume import ResumePoint
-step = int(sys.argv[1])
-batch_end = ResumePoint.on_train_batch_end
+from training.resume import ResumePoint, validates_after_this_batch
+step, when, validates = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "validates"
+batch_end, validation_batch_end = ResumePoint.on_train_batch_end, ResumePoint.on_validation_batch_end
 def terminate_at(self, trainer, *args):
-    if trainer.global_step == step:
+    if trainer.global_step == step and when == "batch":
+        if validates_after_this_batch(trainer) != validates:
+            os._exit(3)
         os.kill(os.getpid(), signal.SIGTERM)
     batch_end(self, trainer, *args)
+def terminate_in_validation(self, trainer, *args):
+    if trainer.global_step == step and when == "validation" and not trainer.sanity_checking:
+        os.kill(os.getpid(), signal.SIGTERM)
+    validation_batch_end(self, trainer, *args)
 ResumePoint.on_train_batch_end = terminate_at
-sys.exit(main(sys.argv[2:]))
+ResumePoint.on_validation_batch_end = terminate_in_validation
+sys.exit(main(sys.argv[4:]))
 """
 
 
-def test_a_run_stopped_by_sigterm_saves_as_it_stops_and_resumes_to_an_unbroken_runs_weights(g2p_files, tmp_path):
+@pytest.fixture(scope="module")
+def unbroken_runs(g2p_files, tmp_path_factory) -> Callable[[str], tuple[list[str], dict, dict]]:
+    """Two epochs without timed saves, validated as often as asked: the options, the record, the last checkpoint."""
     import torch
 
-    # No timed save (epoch ends only): the one it resumes from is the one SIGTERM made.
-    options = ("--max-epochs", "2", "--set", "training.checkpoint_minutes=0", "--set", "model.output_dropout=0.3")
-    fresh_run, run = tmp_path / "fresh", tmp_path / "run"
-    run_cli(*tiny_train(g2p_files, fresh_run, *options), timeout=300)
-    fresh = json.loads((fresh_run / "bundle" / "genrnn.json").read_text())["training"]
-    step = fresh["steps"] // fresh["epochs"] + 2  # the third batch of the second epoch
+    runs = {}
+
+    def unbroken_run(val_check_interval: str) -> tuple[list[str], dict, dict]:
+        if val_check_interval not in runs:
+            options = ["--max-epochs", "2", "--set", "training.checkpoint_minutes=0"]
+            options += ["--set", "model.output_dropout=0.3"]
+            options += ["--set", f"training.val_check_interval={val_check_interval}"]
+            run = tmp_path_factory.mktemp("unbroken")
+            run_cli(*tiny_train(g2p_files, run, *options), timeout=300)
+            record = json.loads((run / "bundle" / "genrnn.json").read_text())["training"]
+            last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+            runs[val_check_interval] = options, record, last
+        return runs[val_check_interval]
+
+    return unbroken_run
+
+
+@pytest.mark.parametrize(
+    ("where", "when", "saved_after"),
+    [
+        ("the third batch of the second epoch", "batch", 0),
+        ("the batch before a mid-epoch validation", "batch", 1),  # saved as the next batch ends
+        ("the first batch of that validation", "validation", 1),
+        ("the last batch of the first epoch, which validates", "batch", 0),  # saved as the epoch ends
+    ],
+)
+def test_a_run_stopped_by_sigterm_saves_as_it_stops_and_resumes_to_an_unbroken_runs_weights(
+    g2p_files, tmp_path, unbroken_runs, where, when, saved_after
+):
+    import torch
+
+    # validated at the epoch's end only, or also halfway through it
+    options, record, fresh_final = unbroken_runs("1.0" if "last batch" in where else "0.5")
+    per_epoch = record["steps"] // record["epochs"]
+    step, validates = {
+        "the third batch of the second epoch": (per_epoch + 3, False),
+        "the batch before a mid-epoch validation": (per_epoch + int(per_epoch * 0.5), True),
+        "the first batch of that validation": (per_epoch + int(per_epoch * 0.5), True),
+        "the last batch of the first epoch, which validates": (per_epoch, True),
+    }[where]
 
     driver = tmp_path / "terminate_during_training.py"
     driver.write_text(TERMINATE_DURING_TRAINING)
-    args = tiny_train(g2p_files, run, *options)
-    stopped = subprocess.run([sys.executable, str(driver), str(step), *args], capture_output=True, text=True)
+    args = tiny_train(g2p_files, tmp_path / "run", *options)
+    command = [sys.executable, str(driver), str(step), when, "validates" if validates else "-", *args]
+    stopped = subprocess.run(command, capture_output=True, text=True)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
-    last = run / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == step  # saved as it stopped
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == step + saved_after
 
     run_cli(*args, timeout=300)
     final = torch.load(last, map_location="cpu", weights_only=False)
-    fresh_final = torch.load(fresh_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == fresh_final["global_step"]
     for name, tensor in fresh_final["state_dict"].items():
         torch.testing.assert_close(final["state_dict"][name], tensor, msg=lambda m, name=name: f"{name}: {m}")
+    # the plateau schedule too: it saw every validation, once
+    assert final["lr_schedulers"] == fresh_final["lr_schedulers"]
 
 
 def test_no_resume_starts_without_the_old_checkpoints(g2p_files, tmp_path):

@@ -19,8 +19,7 @@ class ResumePoint(Checkpoint):
 
     With the training loader's place in its epoch inside the checkpoint (see
     :class:`training.datamodule.ResumableLoader`), a run killed mid-epoch loses at most
-    ``every_minutes`` of work, and one stopped by SIGTERM none (it saves as it stops) unless
-    the signal comes during a batch that validates, the last of an epoch by default.
+    ``every_minutes`` of work, and one stopped by SIGTERM none: it saves as it stops.
     Lightning writes checkpoints atomically, so a kill during a save leaves the previous
     one whole. As a :class:`Checkpoint`, it runs after
     the other callbacks' epoch-end hooks, so that their state is saved as it ends the epoch.
@@ -32,6 +31,7 @@ class ResumePoint(Checkpoint):
         self.path = Path(path)
         self.every_seconds = every_minutes * 60
         self._saved_at = time.monotonic()
+        self._held = False  # a SIGTERM kept from Lightning until the validation in hand is done
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_at = time.monotonic()
@@ -52,18 +52,48 @@ class ResumePoint(Checkpoint):
         restore_rng_states(states[trainer.global_rank])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        # Not on a batch that validates: Lightning counts a batch saved at its end as done,
-        # validation included, so a run resumed from there would never validate it. (SIGTERM on
-        # such a batch stops Lightning inside the validation, before any save.)
-        if validates_after_this_batch(trainer):
-            return
-        # Every few minutes, and at SIGTERM (docker stop, a preemption), at whose batch end Lightning stops.
+        # Rank 0 decides for every rank, which all save: SIGTERM may reach rank 0 alone.
         timed = bool(self.every_seconds) and time.monotonic() - self._saved_at >= self.every_seconds
-        if trainer.strategy.broadcast(timed or trainer.received_sigterm):  # rank 0 decides: every rank saves
+        timed, stopping = trainer.strategy.broadcast((timed, trainer.received_sigterm or self._held))
+        if validates_after_this_batch(trainer):
+            # Not on a batch that validates: Lightning counts a batch saved at its end as done,
+            # validation included, so a run resumed from there would never validate it. Nor
+            # may Lightning stop inside the validation: SIGTERM waits for the next save.
+            if stopping:
+                self._hold(trainer)
+            return
+        if timed or stopping:
             self._save(trainer)
+        if stopping:
+            self._release(trainer)  # Lightning stops as this batch ends
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        # Lightning looks for SIGTERM after each batch of a validation, and would stop in it.
+        if trainer.received_sigterm and not trainer.sanity_checking:
+            self._hold(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.received_sigterm and not trainer.sanity_checking:
+            self._hold(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer)
+        if trainer.strategy.broadcast(self._held):  # as rank 0 holds: a validation may have held it there alone
+            self._release(trainer)  # Lightning stops as this epoch ends
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._held:  # the run ended before the next save: nothing is left to resume
+            self._release(trainer)
+
+    def _hold(self, trainer: pl.Trainer) -> None:
+        """Keep a SIGTERM from Lightning, which would stop before the run could be saved."""
+        trainer._signal_connector.received_sigterm = False
+        self._held = True
+
+    def _release(self, trainer: pl.Trainer) -> None:
+        """Hand a held SIGTERM back to Lightning (on every rank), which stops at its next look."""
+        trainer._signal_connector.received_sigterm = True
+        self._held = False
 
     def _save(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # optimiser, schedule and loader too
