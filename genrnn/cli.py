@@ -147,7 +147,8 @@ def _run_train(args: argparse.Namespace) -> None:
     from training.train import train
 
     config = config_from_train_args(args)
-    train(config, args.output or Path("runs") / config.name, resume=not args.no_resume)
+    args.output = args.output or Path("runs") / config.name  # resolved: a stop's hint looks there
+    train(config, args.output, resume=not args.no_resume)
 
 
 # -- evaluate ------------------------------------------------------------------------------------
@@ -304,11 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What to do after a stop, for the verbs that keep their progress.
-_RESUMING = {
-    "train": "; rerun it (without --no-resume) to go on from its last checkpoint",
-    "generate": "; rerun the same command to go on where it stopped",
-}
+def _after_stop(args: argparse.Namespace) -> str:
+    """What to do after a signal stopped a verb that keeps its progress: how to go on."""
+    if args.command == "generate":
+        return "; rerun the same command to go on where it stopped"
+    if args.command != "train":
+        return ""
+    from training.resume import last_checkpoint
+
+    if args.output is not None and last_checkpoint(args.output).is_file():
+        return "; rerun it (without --no-resume) to go on from its last checkpoint"
+    return "; it had saved no checkpoint yet, so a rerun starts afresh"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -323,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The shell's statuses for a process that a signal ended: 128 + SIGINT (2) or SIGTERM (15).
         how, status = ("interrupted", 130) if isinstance(stop, KeyboardInterrupt) else ("terminated", 143)
         if is_rank_zero():
-            print(f"genrnn {args.command}: {how}{_RESUMING.get(args.command, '')}", file=sys.stderr)
+            print(f"genrnn {args.command}: {how}{_after_stop(args)}", file=sys.stderr)
         return status
     return 0
 

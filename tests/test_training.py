@@ -267,6 +267,17 @@ def test_a_signal_stops_a_run_as_such_and_the_same_command_resumes(g2p_files, tm
     assert "resuming from" in resumed.stdout
 
 
+def test_ctrl_c_before_the_first_resume_point_says_that_a_rerun_starts_afresh(g2p_files, tmp_path):
+    # small batches: the first epoch, and the first resume point at its end, are far off
+    args = tiny_train(g2p_files, tmp_path / "run", "--max-epochs", "50", "--max-tokens", "64")
+    run = interruptible([*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = signal_when(run, (tmp_path / "run" / "logs").is_dir, signal.SIGINT, "training to start")
+
+    assert run.returncode == 130, stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    assert "genrnn train: interrupted; it had saved no checkpoint yet, so a rerun starts afresh" in stderr
+
+
 # Runs `genrnn train ARGS…` and sends itself SIGTERM, as docker stop would, as global step STEP ends
 # (WHEN "batch"; exit 3 unless that batch validates as VALIDATES says), or in the first batch of the
 # validation after it (WHEN "validation").

@@ -119,6 +119,11 @@ class StopsForGood(EarlyStopping):
             trainer.should_stop = True
 
 
+def last_checkpoint(output: Path) -> Path:
+    """Where a run in ``output`` keeps the checkpoint it resumes from."""
+    return Path(output) / "checkpoints" / "last.ckpt"
+
+
 # The checkpoint's entry for every process's generators, one a global rank.
 RNG_KEY = "genrnn_rng_states"
 

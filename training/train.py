@@ -29,7 +29,7 @@ from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
 from training.distillation import Distillation
 from training.module import Seq2SeqModule
-from training.resume import ResumePoint, StopsForGood
+from training.resume import ResumePoint, StopsForGood, last_checkpoint
 
 DEV_SHARE = 21  # without a dev set, about 1/21 of the training sources are held out
 LOG_EVERY_N_STEPS = 20
@@ -178,7 +178,7 @@ def stamp_run(
     if "teacher" in related:
         stamp["teacher"] = related["teacher"].fingerprint
     path = output / "run.json"
-    if resuming and path.is_file() and (output / "checkpoints" / "last.ckpt").is_file():
+    if resuming and path.is_file() and last_checkpoint(output).is_file():
         stored = json.loads(path.read_text())
         if stored != {key: value for key, value in stamp.items() if key in stored or key not in LATER_STAMP_KEYS}:
             raise ConfigurationError(
@@ -219,7 +219,7 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         patience=training.early_stopping_patience,
         check_on_train_epoch_end=False,
     )
-    resume_point = ResumePoint(output / "checkpoints" / "last.ckpt", training.checkpoint_minutes)
+    resume_point = ResumePoint(last_checkpoint(output), training.checkpoint_minutes)
     callbacks = [
         checkpoint,
         resume_point,
@@ -285,7 +285,7 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     weights_of = {key: bundle.fingerprint for key, bundle in related.items()}  # which init_from, which teacher
     del related, lent  # the teacher lives on in the module until its table is made
     trainer, checkpoint = build_trainer(config, output)
-    last = output / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(output)
     ckpt_path = str(last) if resume and last.is_file() else None
     if ckpt_path and trainer.is_global_zero:
         print(f"resuming from {last}")
