@@ -77,6 +77,8 @@ VARIANTS: dict[str, list[str]] = {
     # Bahdanau with the wide decoder of base-wide
     "bahdanau-deep-cosine-seed13": [*BAHDANAU_DEEP, *COSINE, "training.seed=13"],
     "bahdanau-wide-cosine": [*BAHDANAU_WIDE, *COSINE],
+    # the bottom decoder layer queries the attention: only it steps a token at a time in training
+    "bahdanau-deep-bottom-cosine": [*BAHDANAU_DEEP, "model.attention_query=bottom", *COSINE],
     "bahdanau-wide-cosine-seed11": [*BAHDANAU_WIDE, *COSINE, "training.seed=11"],
     # Luong attention without input feeding: the decoder runs over the whole target at once in training
     "luong-deep-no-feeding": NO_FEEDING,

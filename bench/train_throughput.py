@@ -13,7 +13,9 @@ padding fraction of the batches.
 With ``--no-feeding``, the model with Luong attention also trains on the bucketed
 batches twice: with input feeding, which steps the decoder one position at a time
 (the baseline), and without, which runs the decoder over the whole target at once.
-With ``--bahdanau``, the model with Bahdanau attention trains on them too.
+With ``--bahdanau``, the model with Bahdanau attention trains on them too, its
+attention queried by the top decoder layer (the baseline) and by the bottom one, which
+alone then steps one position at a time.
 ``--device cuda`` trains on a GPU, timed after synchronising.
 """
 
@@ -117,9 +119,12 @@ def main() -> None:
             label = "baseline: Luong attention, input feeding" if feeding else "Luong attention, no input feeding"
             rows.append((label, *measure(attentive, bucketed, packed_step, device)))
     if args.bahdanau:
-        torch.manual_seed(0)
-        bahdanau = Seq2Seq(replace(config.model, attention="bahdanau"), source_tok.vocab_size, target_tok.vocab_size)
-        rows.append(("Bahdanau attention", *measure(bahdanau, bucketed, packed_step, device)))
+        for query in ("top", "bottom"):
+            torch.manual_seed(0)
+            bahdanau = replace(config.model, attention="bahdanau", attention_query=query)
+            attentive = Seq2Seq(bahdanau, source_tok.vocab_size, target_tok.vocab_size)
+            label = f"Bahdanau attention, {query} layer queries" + (" (baseline)" if query == "top" else "")
+            rows.append((label, *measure(attentive, bucketed, packed_step, device)))
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}, "
@@ -132,6 +137,8 @@ def main() -> None:
     print(f"speed-up: {rows[1][1] / rows[0][1]:.2f}×")
     if args.no_feeding:
         print(f"without input feeding: {rows[3][1] / rows[2][1]:.2f}×")
+    if args.bahdanau:
+        print(f"bottom layer queries: {rows[-1][1] / rows[-2][1]:.2f}×")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,10 @@ class ModelConfig:
     # Luong only: feed the previous attentional vector into the decoder. Off, training runs the
     # decoder over the whole target in one fused call and attends to every position at once.
     input_feeding: bool = True
+    # Bahdanau only: which decoder layer's previous state asks where to attend. "bottom" (as in
+    # GNMT): only the first layer then steps one token at a time in training, and the layers
+    # above run over the whole target in one fused call each.
+    attention_query: Literal["top", "bottom"] = "top"
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "encoder_hidden", "encoder_layers", "decoder_hidden", "decoder_layers"):
@@ -172,6 +176,12 @@ class ModelConfig:
             self.input_feeding or self.attention == "luong",
             "model.input_feeding",
             "can be switched off only for Luong attention (Bahdanau's decoder reads the context it attends with)",
+        )
+        _require(self.attention_query in ("top", "bottom"), "model.attention_query", "must be 'top' or 'bottom'")
+        _require(
+            self.attention_query == "top" or self.attention == "bahdanau",
+            "model.attention_query",
+            "'bottom' is for Bahdanau attention (Luong's attends with the top layer's output, which it feeds back)",
         )
         if self.tie_embeddings:
             _require(

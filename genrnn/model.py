@@ -85,15 +85,16 @@ class StackedRNN(nn.Module):
         return x, self.join_states(finals)
 
     def run_layers(
-        self, x: torch.Tensor | PackedSequence, states: list[State] | list[None]
+        self, x: torch.Tensor | PackedSequence, states: list[State] | list[None], first: int = 0
     ) -> tuple[torch.Tensor | PackedSequence, list[State]]:
-        """Run every layer from its own state (:meth:`split_state`); the output and each layer's final state.
+        """Run layers ``first``, ``first + 1``, … each from its own state (:meth:`split_state`), as many
+        as there are states; the output and each layer's final state.
 
         A decoder stepping one position at a time keeps its state split this way between
         steps, so that each step does not slice the stacked state apart and join it again.
         """
         finals = []
-        for i, (layer, layer_state) in enumerate(zip(self.layers, states)):
+        for i, (layer, layer_state) in enumerate(zip(self.layers[first:], states), start=first):
             if i > 0:
                 x = _map_data(x, self.dropout)
             if layer_state is not None and not self.is_lstm:
@@ -301,6 +302,8 @@ class Seq2Seq(nn.Module):
         recurrent, (feed, memory, keys, mask) = state[: self.recurrent_states], state[self.recurrent_states :]
         layers, padding = self.decoder.split_state(recurrent), ~mask
         luong = self.config.attention == "luong"
+        bottom = self.config.attention_query == "bottom"
+        query, stepping = (0, 1) if bottom else (-1, len(layers))  # the layer that queries; how many step
         tops, contexts = [], []
         for t in range(embedded.shape[1]):
             if luong:
@@ -310,14 +313,18 @@ class Seq2Seq(nn.Module):
                 feed = torch.tanh(self.attentional(torch.cat([context, top], dim=-1)))[None]
                 tops.append(feed[0])
             else:
-                context = self.attention(layers[-1][0][0], memory, keys, padding)  # query: the previous top state
-                top, layers = self.decoder.run_layers(torch.cat([embedded[:, t], context], dim=-1)[:, None], layers)
-                tops.append(top[:, 0])
+                # The query: the previous state of the top layer, or of the bottom one, which alone then steps.
+                context = self.attention(layers[query][0][0], memory, keys, padding)
+                stepped = torch.cat([embedded[:, t], context], dim=-1)[:, None]
+                out, layers[:stepping] = self.decoder.run_layers(stepped, layers[:stepping])
+                tops.append(out[:, 0])
                 contexts.append(context)
         if luong:
             attentional = torch.stack(tops, dim=1)
         else:
             context, top = torch.stack(contexts, dim=1), torch.stack(tops, dim=1)
+            if stepping < len(layers):  # the layers above the bottom, over every position at once
+                top, layers[stepping:] = self.decoder.run_layers(top, layers[stepping:], first=stepping)
             attentional = torch.tanh(self.attentional(torch.cat([context, top], dim=-1)))
             feed = attentional[:, -1][None]
         return attentional, (*self.decoder.join_states(layers), feed, memory, keys, mask)

@@ -298,7 +298,7 @@ def test_max_new_tokens_over_the_cap_is_refused(generator):
 @pytest.mark.parametrize("attention", ATTENTION)
 def test_every_mode_runs_on_an_attention_model(generator, attention):
     torch.manual_seed(4)
-    config = small_config(**ATTENTION[attention])
+    config = small_config(decoder_layers=2, **ATTENTION[attention])  # two: a bottom query differs from a top one
     model = Seq2Seq(config, generator.source_tokenizer.vocab_size, generator.target_tokenizer.vocab_size)
     with torch.no_grad():
         model.output.bias[EOS_ID] = 2.0

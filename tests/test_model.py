@@ -144,6 +144,7 @@ ATTENTION = {
     "luong": {"attention": "luong"},
     "luong-no-feeding": {"attention": "luong", "input_feeding": False},
     "bahdanau": {"attention": "bahdanau"},
+    "bahdanau-bottom": {"attention": "bahdanau", "attention_query": "bottom"},
 }
 
 
@@ -184,6 +185,24 @@ def test_without_input_feeding_the_decoder_reads_only_the_embeddings():
     unfed = Seq2Seq(small(attention="luong", input_feeding=False), SRC_VOCAB, TGT_VOCAB)
     assert fed.decoder.layers[0].input_size == 8 + 10  # embedding and the fed attentional vector
     assert unfed.decoder.layers[0].input_size == 8
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_bottom_query_attends_with_the_first_layer_and_has_the_same_weights(layers):
+    top = Seq2Seq(small(attention="bahdanau", decoder_layers=layers), SRC_VOCAB, TGT_VOCAB).eval()
+    bottom = Seq2Seq(small(attention="bahdanau", attention_query="bottom", decoder_layers=layers), SRC_VOCAB, TGT_VOCAB)
+    bottom.load_state_dict(top.state_dict())  # the same parameters: only the query's layer differs
+    source, lengths = batch()
+    target = torch.randint(4, TGT_VOCAB, (3, 4))
+    same = torch.allclose(top(source, lengths, target), bottom.eval()(source, lengths, target))
+    assert same == (layers == 1)  # with one layer, the bottom is the top
+
+
+def test_only_bahdanau_attention_takes_a_bottom_query():
+    with pytest.raises(ConfigurationError, match="model.attention_query"):
+        small(attention="luong", attention_query="bottom")
+    with pytest.raises(ConfigurationError, match="model.attention_query"):
+        small(attention="bahdanau", attention_query="middle")
 
 
 def test_input_feeding_can_be_switched_off_only_for_luong():

@@ -580,8 +580,11 @@ def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):
     for option in (("--max-tokens", "512"), ("--seed", "7")):
         result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", *option), check=False)
         assert result.returncode == 1 and "batching or seed" in result.stderr
-    # A stamp from before batches were recorded still resumes.
-    del stamp["batches"]
+    # A stamp from before batches were recorded, or before a model setting existed, still resumes;
+    # a model changed in a setting the stamp holds does not.
+    del stamp["batches"], stamp["model"]["attention_query"]
+    result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--set", "model.decoder_hidden=24"), check=False)
+    assert result.returncode == 1 and "with another model" in result.stderr
     (run / "run.json").write_text(json.dumps(stamp))
     assert "resuming from" in run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1")).stdout
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--no-resume", train="test"))

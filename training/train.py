@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from genrnn.bundle import Bundle, load_bundle, save_bundle
-from genrnn.config import ExperimentConfig, is_rank_zero, parse_devices, to_dict
+from genrnn.config import ExperimentConfig, ModelConfig, from_dict, is_rank_zero, parse_devices, to_dict
 from genrnn.data import Example, default_valid_spec, read_examples, training_pairs
 from genrnn.errors import BundleError, ConfigurationError, DataError, interruption_kept
 from genrnn.tokenizer import Tokenizer, train_tokenizers
@@ -180,6 +180,8 @@ def stamp_run(
     path = output / "run.json"
     if resuming and path.is_file() and last_checkpoint(output).is_file():
         stored = json.loads(path.read_text())
+        # Model settings added since the stamp was written take their defaults, which keep the old behaviour.
+        stored["model"] = to_dict(from_dict(ModelConfig, stored["model"], "model"))
         if stored != {key: value for key, value in stamp.items() if key in stored or key not in LATER_STAMP_KEYS}:
             raise ConfigurationError(
                 f"{output} holds a run on other data or with another model, tokenizer, teacher, batching "
