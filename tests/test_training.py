@@ -278,24 +278,30 @@ def test_ctrl_c_before_the_first_resume_point_says_that_a_rerun_starts_afresh(g2
     assert "genrnn train: interrupted; it had saved no checkpoint yet, so a rerun starts afresh" in stderr
 
 
-# Runs `genrnn train ARGS…` and sends itself SIGTERM, as docker stop would, as global step STEP ends
-# (WHEN "batch"; exit 3 unless that batch validates as VALIDATES says), or in the first batch of the
-# validation after it (WHEN "validation").
+# Runs `genrnn train ARGS…`, whose first process sends itself SIGTERM, as docker stop would, as
+# global step STEP ends (WHEN "batch"; exit 3 unless that batch validates as VALIDATES says), or in
+# the first batch of the validation after it (WHEN "validation").
 TERMINATE_DURING_TRAINING = """
 import os, signal, sys
 from genrnn.cli import main
 from training.resume import ResumePoint, validates_after_this_batch
 step, when, validates = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "validates"
 batch_end, validation_batch_end = ResumePoint.on_train_batch_end, ResumePoint.on_validation_batch_end
+sent = False
+def terminate_once(trainer):
+    global sent
+    if trainer.global_step == step and trainer.global_rank == 0 and not sent:
+        sent = True
+        os.kill(os.getpid(), signal.SIGTERM)
 def terminate_at(self, trainer, *args):
-    if trainer.global_step == step and when == "batch":
+    if when == "batch" and trainer.global_step == step:
         if validates_after_this_batch(trainer) != validates:
             os._exit(3)
-        os.kill(os.getpid(), signal.SIGTERM)
+        terminate_once(trainer)
     batch_end(self, trainer, *args)
 def terminate_in_validation(self, trainer, *args):
-    if trainer.global_step == step and when == "validation" and not trainer.sanity_checking:
-        os.kill(os.getpid(), signal.SIGTERM)
+    if when == "validation":
+        terminate_once(trainer)
     validation_batch_end(self, trainer, *args)
 ResumePoint.on_train_batch_end = terminate_at
 ResumePoint.on_validation_batch_end = terminate_in_validation
@@ -304,43 +310,48 @@ sys.exit(main(sys.argv[4:]))
 
 
 @pytest.fixture(scope="module")
-def unbroken_runs(g2p_files, tmp_path_factory) -> Callable[[str], tuple[list[str], dict, dict]]:
-    """Two epochs without timed saves, validated as often as asked: the options, the record, the last checkpoint."""
+def unbroken_runs(g2p_files, tmp_path_factory) -> Callable[[str, int], tuple[list[str], dict, dict]]:
+    """Two epochs without timed saves, validated as often and on as many processes as asked:
+    the options, the run's training record, its last checkpoint."""
     import torch
 
     runs = {}
 
-    def unbroken_run(val_check_interval: str) -> tuple[list[str], dict, dict]:
-        if val_check_interval not in runs:
+    def unbroken_run(val_check_interval: str, processes: int) -> tuple[list[str], dict, dict]:
+        if (val_check_interval, processes) not in runs:
             options = ["--max-epochs", "2", "--set", "training.checkpoint_minutes=0"]
             options += ["--set", "model.output_dropout=0.3"]
             options += ["--set", f"training.val_check_interval={val_check_interval}"]
+            options += ["--devices", str(processes), "--strategy", "ddp" if processes > 1 else "auto"]
             run = tmp_path_factory.mktemp("unbroken")
             run_cli(*tiny_train(g2p_files, run, *options), timeout=300)
             record = json.loads((run / "bundle" / "genrnn.json").read_text())["training"]
             last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-            runs[val_check_interval] = options, record, last
-        return runs[val_check_interval]
+            runs[val_check_interval, processes] = options, record, last
+        return runs[val_check_interval, processes]
 
     return unbroken_run
 
 
 @pytest.mark.parametrize(
-    ("where", "when", "saved_after"),
+    ("where", "when", "saved_after", "processes"),
     [
-        ("the third batch of the second epoch", "batch", 0),
-        ("the batch before a mid-epoch validation", "batch", 1),  # saved as the next batch ends
-        ("the first batch of that validation", "validation", 1),
-        ("the last batch of the first epoch, which validates", "batch", 0),  # saved as the epoch ends
+        ("the third batch of the second epoch", "batch", 0, 1),
+        ("the batch before a mid-epoch validation", "batch", 1, 1),  # saved as the next batch ends
+        ("the first batch of that validation", "validation", 1, 1),
+        ("the last batch of the first epoch, which validates", "batch", 0, 1),  # saved as the epoch ends
+        # the first of two processes alone gets the signal: both save, both stop
+        ("the third batch of the second epoch", "batch", 0, 2),
+        ("the batch before a mid-epoch validation", "batch", 1, 2),
     ],
 )
 def test_a_run_stopped_by_sigterm_saves_as_it_stops_and_resumes_to_an_unbroken_runs_weights(
-    g2p_files, tmp_path, unbroken_runs, where, when, saved_after
+    g2p_files, tmp_path, unbroken_runs, where, when, saved_after, processes
 ):
     import torch
 
     # validated at the epoch's end only, or also halfway through it
-    options, record, fresh_final = unbroken_runs("1.0" if "last batch" in where else "0.5")
+    options, record, fresh_final = unbroken_runs("1.0" if "last batch" in where else "0.5", processes)
     per_epoch = record["steps"] // record["epochs"]
     step, validates = {
         "the third batch of the second epoch": (per_epoch + 3, False),
@@ -353,7 +364,7 @@ def test_a_run_stopped_by_sigterm_saves_as_it_stops_and_resumes_to_an_unbroken_r
     driver.write_text(TERMINATE_DURING_TRAINING)
     args = tiny_train(g2p_files, tmp_path / "run", *options)
     command = [sys.executable, str(driver), str(step), when, "validates" if validates else "-", *args]
-    stopped = subprocess.run(command, capture_output=True, text=True)
+    stopped = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == step + saved_after

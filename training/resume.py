@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +21,9 @@ class ResumePoint(Checkpoint):
 
     With the training loader's place in its epoch inside the checkpoint (see
     :class:`training.datamodule.ResumableLoader`), a run killed mid-epoch loses at most
-    ``every_minutes`` of work, and one stopped by SIGTERM none: it saves as it stops.
+    ``every_minutes`` of work, and one stopped by SIGTERM none: it saves at the end of the
+    batch in flight, or, when the run validates after that batch, of the next batch (of
+    the epoch, if every batch validates), and only then stops.
     Lightning writes checkpoints atomically, so a kill during a save leaves the previous
     one whole. As a :class:`Checkpoint`, it runs after
     the other callbacks' epoch-end hooks, so that their state is saved as it ends the epoch.
@@ -31,10 +35,20 @@ class ResumePoint(Checkpoint):
         self.path = Path(path)
         self.every_seconds = every_minutes * 60
         self._saved_at = time.monotonic()
-        self._held = False  # a SIGTERM kept from Lightning until the validation in hand is done
+        self._terminated = False  # SIGTERM came; the run stops at its next save
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_at = time.monotonic()
+        # Lightning's own SIGTERM handler raises its stop flag at once, so the run stops at
+        # Lightning's next look: inside a validation, or just after this callback's last
+        # chance to save. In a distributed run it also calls a collective operation from
+        # the handler, which meets whatever collective the run is in (a crash). This one
+        # only takes note; the next batch end decides, on every process together.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._take_note)
+
+    def _take_note(self, signum: int, frame: object) -> None:
+        self._terminated = True
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # Every rank saves together (see on_train_batch_end), so every rank takes part in the gather.
@@ -52,48 +66,28 @@ class ResumePoint(Checkpoint):
         restore_rng_states(states[trainer.global_rank])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        # Rank 0 decides for every rank, which all save: SIGTERM may reach rank 0 alone.
+        # Rank 0 decides for every rank, which all save and stop together: SIGTERM may reach it alone.
         timed = bool(self.every_seconds) and time.monotonic() - self._saved_at >= self.every_seconds
-        timed, stopping = trainer.strategy.broadcast((timed, trainer.received_sigterm or self._held))
+        timed, terminated = trainer.strategy.broadcast((timed, self._terminated))
+        # Not on a batch that validates: Lightning counts a batch saved at its end as done,
+        # validation included, so a run resumed from there would never validate it.
         if validates_after_this_batch(trainer):
-            # Not on a batch that validates: Lightning counts a batch saved at its end as done,
-            # validation included, so a run resumed from there would never validate it. Nor
-            # may Lightning stop inside the validation: SIGTERM waits for the next save.
-            if stopping:
-                self._hold(trainer)
+            self._terminated |= terminated  # every rank remembers rank 0's decision until it can save
             return
-        if timed or stopping:
+        if timed or terminated:
             self._save(trainer)
-        if stopping:
-            self._release(trainer)  # Lightning stops as this batch ends
-
-    def on_validation_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
-        # Lightning looks for SIGTERM after each batch of a validation, and would stop in it.
-        if trainer.received_sigterm and not trainer.sanity_checking:
-            self._hold(trainer)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.received_sigterm and not trainer.sanity_checking:
-            self._hold(trainer)
+        if terminated:
+            self._stop(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer)
-        if trainer.strategy.broadcast(self._held):  # as rank 0 holds: a validation may have held it there alone
-            self._release(trainer)  # Lightning stops as this epoch ends
+        if trainer.strategy.broadcast(self._terminated):
+            self._stop(trainer)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._held:  # the run ended before the next save: nothing is left to resume
-            self._release(trainer)
-
-    def _hold(self, trainer: pl.Trainer) -> None:
-        """Keep a SIGTERM from Lightning, which would stop before the run could be saved."""
-        trainer._signal_connector.received_sigterm = False
-        self._held = True
-
-    def _release(self, trainer: pl.Trainer) -> None:
-        """Hand a held SIGTERM back to Lightning (on every rank), which stops at its next look."""
+    @staticmethod
+    def _stop(trainer: pl.Trainer) -> None:
+        """Raise Lightning's SIGTERM flag (its own handler is replaced): it stops at its next look, just after."""
         trainer._signal_connector.received_sigterm = True
-        self._held = False
 
     def _save(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # optimiser, schedule and loader too
