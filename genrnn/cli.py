@@ -144,10 +144,10 @@ def config_from_train_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _run_train(args: argparse.Namespace) -> None:
+    config = config_from_train_args(args)
+    args.output = args.output or Path("runs") / config.name  # resolved first: a stop's hint looks there
     from training.train import train
 
-    config = config_from_train_args(args)
-    args.output = args.output or Path("runs") / config.name  # resolved: a stop's hint looks there
     train(config, args.output, resume=not args.no_resume)
 
 
@@ -311,9 +311,11 @@ def _after_stop(args: argparse.Namespace) -> str:
         return "; rerun the same command to go on where it stopped"
     if args.command != "train":
         return ""
-    from training.resume import last_checkpoint
+    from training.paths import last_checkpoint  # light: the run's imports may not have finished
 
-    if args.output is not None and last_checkpoint(args.output).is_file():
+    if args.output is None:  # stopped before its configuration was read: nothing had started
+        return ""
+    if last_checkpoint(args.output).is_file():
         return "; rerun it (without --no-resume) to go on from its last checkpoint"
     return "; it had saved no checkpoint yet, so a rerun starts afresh"
 

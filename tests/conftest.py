@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -32,14 +33,22 @@ def interruptible(command: list[str], **options) -> subprocess.Popen:
     return subprocess.Popen(command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **options)
 
 
-def signal_when(process: subprocess.Popen, ready: Callable[[], bool], signum: int, what: str) -> str | None:
-    """Send ``signum`` to ``process`` once ``ready()`` holds (``what``, for a failure); its stderr once it ends."""
+def signal_when(
+    process: subprocess.Popen, ready: Callable[[], bool], signum: int, what: str, group: bool = False
+) -> str | None:
+    """Send ``signum`` to ``process`` once ``ready()`` holds (``what``, for a failure); its stderr once it ends.
+
+    With ``group``, to every process of its process group (start it with ``start_new_session=True``).
+    """
     deadline = time.monotonic() + 120
     while not ready():
         assert process.poll() is None, f"the process ended before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
-    process.send_signal(signum)
+    if group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     return process.communicate(timeout=60)[1]
 
 

@@ -267,6 +267,22 @@ def test_a_signal_stops_a_run_as_such_and_the_same_command_resumes(g2p_files, tm
     assert "resuming from" in resumed.stdout
 
 
+def test_sigterm_to_every_process_with_loader_workers_saves_and_stops(g2p_files, tmp_path):
+    """systemd or a batch scheduler signals the whole process group: the workers leave it to the run."""
+    options = ("--set", "training.checkpoint_minutes=0.00001", "--set", "data.num_workers=2", "--max-epochs", "50")
+    args = tiny_train(g2p_files, tmp_path / "run", *options)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    run = subprocess.Popen(
+        [*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    stderr = signal_when(run, last.is_file, signal.SIGTERM, "a resume point", group=True)
+
+    assert run.returncode == 143, stderr[-2000:]
+    assert "genrnn train: terminated; rerun it (without --no-resume) to go on from its last checkpoint" in stderr
+    resumed = run_cli(*args, "--max-epochs", "1", timeout=300)  # the last budget given counts: end soon
+    assert "resuming from" in resumed.stdout
+
+
 def test_ctrl_c_before_the_first_resume_point_says_that_a_rerun_starts_afresh(g2p_files, tmp_path):
     # small batches: the first epoch, and the first resume point at its end, are far off
     args = tiny_train(g2p_files, tmp_path / "run", "--max-epochs", "50", "--max-tokens", "64")
@@ -279,8 +295,8 @@ def test_ctrl_c_before_the_first_resume_point_says_that_a_rerun_starts_afresh(g2
 
 
 # Runs `genrnn train ARGS…`, whose first process sends itself SIGTERM, as docker stop would, as
-# global step STEP ends (WHEN "batch"; exit 3 unless that batch validates as VALIDATES says), or in
-# the first batch of the validation after it (WHEN "validation").
+# global step STEP ends (WHEN "batch"; exit 3 unless that batch validates as VALIDATES says), in
+# the first batch of the validation after it (WHEN "validation"), or as training starts (WHEN "start").
 TERMINATE_DURING_TRAINING = """
 import os, signal, sys
 from genrnn.cli import main
@@ -303,8 +319,14 @@ def terminate_in_validation(self, trainer, *args):
     if when == "validation":
         terminate_once(trainer)
     validation_batch_end(self, trainer, *args)
+train_start = ResumePoint.on_train_start
+def terminate_at_start(self, trainer, *args):
+    if when == "start":
+        terminate_once(trainer)
+    train_start(self, trainer, *args)
 ResumePoint.on_train_batch_end = terminate_at
 ResumePoint.on_validation_batch_end = terminate_in_validation
+ResumePoint.on_train_start = terminate_at_start
 sys.exit(main(sys.argv[4:]))
 """
 
@@ -336,6 +358,7 @@ def unbroken_runs(g2p_files, tmp_path_factory) -> Callable[[str, int], tuple[lis
 @pytest.mark.parametrize(
     ("where", "when", "saved_after", "processes"),
     [
+        ("the start of training", "start", 1, 1),  # saved as the first batch ends
         ("the third batch of the second epoch", "batch", 0, 1),
         ("the batch before a mid-epoch validation", "batch", 1, 1),  # saved as the next batch ends
         ("the first batch of that validation", "validation", 1, 1),
@@ -354,6 +377,7 @@ def test_a_run_stopped_by_sigterm_saves_as_it_stops_and_resumes_to_an_unbroken_r
     options, record, fresh_final = unbroken_runs("1.0" if "last batch" in where else "0.5", processes)
     per_epoch = record["steps"] // record["epochs"]
     step, validates = {
+        "the start of training": (0, False),
         "the third batch of the second epoch": (per_epoch + 3, False),
         "the batch before a mid-epoch validation": (per_epoch + int(per_epoch * 0.5), True),
         "the first batch of that validation": (per_epoch + int(per_epoch * 0.5), True),
@@ -594,9 +618,9 @@ def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):
     # A stamp from before batches were recorded, or before a model setting existed, still resumes;
     # a model changed in a setting the stamp holds does not.
     del stamp["batches"], stamp["model"]["attention_query"]
+    (run / "run.json").write_text(json.dumps(stamp))
     result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--set", "model.decoder_hidden=24"), check=False)
     assert result.returncode == 1 and "with another model" in result.stderr
-    (run / "run.json").write_text(json.dumps(stamp))
     assert "resuming from" in run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1")).stdout
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--no-resume", train="test"))
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator, Sequence
+from functools import partial
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.seed import pl_worker_init_function
 
 from genrnn.config import DataConfig
 from genrnn.data import Batch, Example, PairDataset, TokenBudgetBatchSampler, collate, training_pairs
@@ -39,6 +43,19 @@ class ResumableLoader(torch.utils.data.DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.batch_sampler.resume(state["epoch"], state["served"])
+
+
+def deaf_to_sigterm(worker_id: int, rank: int) -> None:
+    """Start a loader worker that ignores SIGTERM, seeded as Lightning seeds workers.
+
+    A SIGTERM to the whole process group (systemd, a batch scheduler) is the training
+    process's to answer: it saves, then stops, and its workers with it. A worker that
+    died of it first failed the run. Lightning adds its seeding function only to loaders
+    without one, so this one calls it.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank=rank)
 
 
 class PairDataModule(pl.LightningDataModule):
@@ -83,6 +100,7 @@ class PairDataModule(pl.LightningDataModule):
             collate_fn=collate,
             num_workers=self.config.num_workers,
             persistent_workers=self.config.num_workers > 0,
+            worker_init_fn=partial(deaf_to_sigterm, rank=trainer.global_rank if trainer else 0),
             # Each pass draws its workers' seed from this generator. From torch's global one, a run
             # resumed mid-epoch would draw once more than an unbroken run, and its dropout would differ.
             generator=torch.Generator().manual_seed(self.seed),

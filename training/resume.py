@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -37,15 +35,18 @@ class ResumePoint(Checkpoint):
         self._saved_at = time.monotonic()
         self._terminated = False  # SIGTERM came; the run stops at its next save
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._saved_at = time.monotonic()
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning's own SIGTERM handler raises its stop flag at once, so the run stops at
         # Lightning's next look: inside a validation, or just after this callback's last
-        # chance to save. In a distributed run it also calls a collective operation from
-        # the handler, which meets whatever collective the run is in (a crash). This one
-        # only takes note; the next batch end decides, on every process together.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._take_note)
+        # chance to save. It also forwards the signal to the other processes of a
+        # distributed run and calls a collective operation from the handler, which meets
+        # whatever collective the run is in (a crash or a hang). Lightning installs its
+        # handler after setup, so it installs this one instead: it only takes note, and the
+        # next batch end decides, on every process together.
+        trainer._signal_connector._sigterm_notifier_fn = self._take_note
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._saved_at = time.monotonic()
 
     def _take_note(self, signum: int, frame: object) -> None:
         self._terminated = True
@@ -111,11 +112,6 @@ class StopsForGood(EarlyStopping):
         stopped = self.stopping_reason != EarlyStoppingReason.NOT_STOPPED
         if stopped or self.wait_count >= self.patience:  # the count alone, for checkpoints without a reason
             trainer.should_stop = True
-
-
-def last_checkpoint(output: Path) -> Path:
-    """Where a run in ``output`` keeps the checkpoint it resumes from."""
-    return Path(output) / "checkpoints" / "last.ckpt"
 
 
 # The checkpoint's entry for every process's generators, one a global rank.

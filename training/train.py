@@ -29,7 +29,8 @@ from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
 from training.distillation import Distillation
 from training.module import Seq2SeqModule
-from training.resume import ResumePoint, StopsForGood, last_checkpoint
+from training.paths import last_checkpoint
+from training.resume import ResumePoint, StopsForGood
 
 DEV_SHARE = 21  # without a dev set, about 1/21 of the training sources are held out
 LOG_EVERY_N_STEPS = 20

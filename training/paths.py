@@ -1,0 +1,10 @@
+"""Where a run directory keeps what it writes; light to import, for the command line's messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def last_checkpoint(output: Path) -> Path:
+    """Where a run in ``output`` keeps the checkpoint it resumes from."""
+    return Path(output) / "checkpoints" / "last.ckpt"
