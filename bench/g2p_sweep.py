@@ -84,7 +84,6 @@ VARIANTS: dict[str, list[str]] = {
     "luong-deep-no-feeding": NO_FEEDING,
     "luong-deep-no-feeding-seed7": [*NO_FEEDING, "training.seed=7"],
     "luong-deep-no-feeding-cosine": [*NO_FEEDING, *COSINE],
-    "luong-deep-no-feeding-cosine-seed7": [*NO_FEEDING, *COSINE, "training.seed=7"],
     # ablations: each of g2p.yaml's defaults taken away, to check that it earns its place
     "base-no-smoothing": ["training.label_smoothing=0.0"],
     "base-no-dropout": ["model.embedding_dropout=0.0", "model.layer_dropout=0.0", "model.output_dropout=0.0"],
@@ -179,8 +178,8 @@ def write_summary(output: Path, names: list[str]) -> None:
             continue
         results = summary[name] = json.loads(path.read_text())
         steps = results["training"].get("steps", "")
+        chosen = results.get("dev_choice") or dev_choice(results["scores"])  # results from before the key
         for mode, scores in results["scores"].items():
-            chosen = results.get("dev_choice") or dev_choice(results["scores"])  # results from before the key
             mark = "**" if mode == chosen else ""  # dev's choice, and what it reports
             rows.append(
                 f"| {name} | {mark}{mode}{mark} | {scores['dev']['wer']:.2%} | "

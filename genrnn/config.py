@@ -27,6 +27,7 @@ T = TypeVar("T")
 CellType = Literal["lstm", "gru", "rnn"]
 BridgeType = Literal["bridge", "last", "zero"]
 AttentionType = Literal["none", "luong", "bahdanau"]
+AttentionQuery = Literal["top", "bottom"]
 DecodingMode = Literal["greedy", "sample", "beam"]
 LengthPenaltyForm = Literal["gnmt", "average"]
 # How an ensemble combines its members' next-token distributions:
@@ -152,7 +153,7 @@ class ModelConfig:
     # Bahdanau only: which decoder layer's previous state asks where to attend. "bottom" (as in
     # GNMT): only the first layer then steps one token at a time in training, and the layers
     # above run over the whole target in one fused call each.
-    attention_query: Literal["top", "bottom"] = "top"
+    attention_query: AttentionQuery = "top"
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "encoder_hidden", "encoder_layers", "decoder_hidden", "decoder_layers"):
@@ -177,7 +178,6 @@ class ModelConfig:
             "model.input_feeding",
             "can be switched off only for Luong attention (Bahdanau's decoder reads the context it attends with)",
         )
-        _require(self.attention_query in ("top", "bottom"), "model.attention_query", "must be 'top' or 'bottom'")
         _require(
             self.attention_query == "top" or self.attention == "bahdanau",
             "model.attention_query",

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from genrnn.config import ModelConfig
+from genrnn.config import ModelConfig, from_dict
 from genrnn.errors import ConfigurationError
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import PAD_ID
@@ -201,8 +201,8 @@ def test_a_bottom_query_attends_with_the_first_layer_and_has_the_same_weights(la
 def test_only_bahdanau_attention_takes_a_bottom_query():
     with pytest.raises(ConfigurationError, match="model.attention_query"):
         small(attention="luong", attention_query="bottom")
-    with pytest.raises(ConfigurationError, match="model.attention_query"):
-        small(attention="bahdanau", attention_query="middle")
+    with pytest.raises(ConfigurationError, match="model.attention_query"):  # checked where every choice is
+        from_dict(ModelConfig, {"attention": "bahdanau", "attention_query": "middle"}, "model")
 
 
 def test_input_feeding_can_be_switched_off_only_for_luong():
