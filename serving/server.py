@@ -7,8 +7,11 @@ LitServe's queue manager.
 
 LitServe drains on SIGINT to this process alone, but SIGTERM (``docker stop``) would
 kill this process and leave the others serving. Both signals are therefore routed to
-LitServe's own shutdown: the HTTP processes stop accepting, finish the requests in
-flight (the workers still decode them), exit; then the workers and the manager stop.
+one shutdown: the HTTP processes stop accepting, finish the requests in flight (the
+workers still decode them), exit; then the workers and the manager stop.
+A signal may also reach every process at once (a terminal's Ctrl+C, systemd, ``kill --
+-PGID``). The HTTP processes then drain on their own, while the workers and the queue
+manager, which the drain still needs, are deaf to it: this process stops them last.
 """
 
 import multiprocessing
@@ -32,6 +35,7 @@ from serving.config import ServeConfig, check_accelerator
 from serving.schemas import GenerateRequest
 
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def fresh_metrics_directory() -> tuple[Path, bool]:
@@ -61,25 +65,51 @@ def api_key(config: ServeConfig) -> str | None:
     return os.environ.get(config.api_key_env) or None
 
 
-class WorkersIgnoreSigint(Callback):
-    """A terminal's Ctrl+C reaches every process of the group; the main process drains, workers go on."""
+class WorkersIgnoreStopSignals(Callback):
+    """The inference workers ignore SIGINT and SIGTERM: a signal to every process must not cut a drain short.
+
+    The main process stops them once the HTTP processes have drained (see :class:`Server`).
+    """
 
     def on_before_setup(self, *args: Any, **kwargs: Any) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # runs in each inference worker, before setup
+        for signum in STOP_SIGNALS:  # runs in each inference worker, before setup
+            signal.signal(signum, signal.SIG_IGN)
 
 
 class Server(ls.LitServer):
-    """LitServer whose shutdown first lets its worker monitor see the shutdown and stop.
+    """LitServer whose queue manager and inference workers outlive a drain, whoever got the signal."""
 
-    The monitor polls LitServe's queue manager every ``monitor_internal`` seconds; had
-    the manager already been shut down, its next poll would die with a traceback.
-    """
+    def _init_manager(self, num_api_servers: int) -> Any:
+        # The queue manager is forked in here, and a forked process keeps the signal mask, so
+        # SIGTERM stays blocked in it for good (it ignores SIGINT itself). This process gets
+        # a SIGTERM that came meanwhile as soon as the mask is back.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return super()._init_manager(num_api_servers)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
-    def _perform_graceful_shutdown(self, *args: Any, **kwargs: Any) -> None:
+    def _perform_graceful_shutdown(
+        self, manager: Any, uvicorn_workers: dict[int, Any], shutdown_reason: str = "normal"
+    ) -> None:
+        """LitServe's shutdown, but the workers ignore SIGTERM: they are killed once nothing is left for them."""
+        # The monitor polls the queue manager and the workers every monitor_internal seconds:
+        # had they gone, its next poll would die with a traceback, or start a second shutdown.
         for thread in threading.enumerate():
             if thread.name == "litserve-monitoring" and thread is not threading.current_thread():
                 thread.join(timeout=self.monitor_internal + 1)
-        super()._perform_graceful_shutdown(*args, **kwargs)
+        self._transport.close(send_sentinel=shutdown_reason != "keyboard_interrupt")
+        for http in uvicorn_workers.values():
+            http.terminate()  # uvicorn drains on SIGTERM (already told, on a signal: see drain_on_signals)
+        for http in uvicorn_workers.values():
+            http.join(timeout=self.uvicorn_graceful_timeout)
+            if http.is_alive():
+                print(f"genrnn serve: {http.name} did not drain in {self.uvicorn_graceful_timeout} s", file=sys.stderr)
+                http.kill()
+        for worker in self.inference_workers:  # every reply is out
+            worker.kill()
+            worker.join()
+        manager.shutdown()
 
 
 def drain_on_signals(server: Server) -> None:
@@ -89,7 +119,7 @@ def drain_on_signals(server: Server) -> None:
         event = server._shutdown_event  # LitServe's main thread waits on it in run()
         if event is None:  # nothing started yet
             raise KeyboardInterrupt
-        # LitServe stops its HTTP processes one after the other, so the later ones would keep
+        # The shutdown stops the HTTP processes one after the other, so the later ones would keep
         # accepting while the first drains: tell them all now (uvicorn drains on SIGTERM).
         for child in multiprocessing.active_children():
             if child.name.startswith("LitServer-"):
@@ -98,8 +128,8 @@ def drain_on_signals(server: Server) -> None:
         # from another thread uses a connection of its own instead of interleaving with it.
         threading.Thread(target=event.set, daemon=True).start()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
 
 
 def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None) -> Server:
@@ -133,7 +163,7 @@ def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None)
         max_payload_size=config.max_body_bytes,  # bytes: LitServe's check compares it as a number
         middlewares=middlewares,
         model_metadata=metadata,
-        callbacks=[WorkersIgnoreSigint()],
+        callbacks=[WorkersIgnoreStopSignals()],
     )
 
     async def metrics_endpoint() -> Response:

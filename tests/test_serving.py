@@ -270,6 +270,9 @@ def in_background(function: Callable, **kwargs) -> Queue:
     return results
 
 
+# How servers are stopped: SIGTERM to the main process alone (docker stop, Kubernetes) or to every
+# process (systemd, kill -- -PGID), and SIGINT to every process (a terminal's Ctrl+C).
+STOPS = (("SIGTERM", "main process"), ("SIGTERM", "process group"), ("SIGINT", "process group"))
 KEYED_OPTIONS = (
     "--workers-per-device", "2", "--api-key-env", KEY_ENV, "--batch-timeout", "0.05", "--max-batch-size", "16",
     "--max-inputs", "8", "--max-input-length", "32", "--max-beam-size", "4", "--max-return-sequences", "4",
@@ -281,8 +284,7 @@ SERVERS = {
     # One worker, no API key: a queue of 3 requests and a 2-second timeout.
     "small": (("--max-queue", "3", "--timeout", "2"), None),
     # One per shutdown test; two HTTP processes, which must both stop accepting at once.
-    "SIGTERM": (("--api-servers", "2"), None),
-    "SIGINT": (("--api-servers", "2"), None),
+    **{f"{stop} to the {whom}": (("--api-servers", "2"), None) for stop, whom in STOPS},
 }
 
 
@@ -612,15 +614,19 @@ def test_a_request_that_waits_past_the_timeout_gets_504(small):
 # -- shutdown ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_drains_the_request_in_flight_and_every_process_exits(servers, signum):
-    server = servers[signal.Signals(signum).name].ready()
+@pytest.mark.parametrize(("stop", "whom"), STOPS, ids=[f"{stop} to the {whom}" for stop, whom in STOPS])
+def test_a_signal_drains_the_request_in_flight_and_every_process_exits(servers, stop, whom):
+    server = servers[f"{stop} to the {whom}"].ready()
     processes = children(server.process.pid)
+    signum = getattr(signal, stop)
     with server.paused_worker():
         # Several connections, so that both HTTP processes are likely to hold one.
         in_flight = [in_background(server.generate, inputs=["cat", f"dog{i}"], mode="beam") for i in range(4)]
         server.wait_for_inflight(4)
-        server.process.send_signal(signum)
+        if whom == "main process":
+            server.process.send_signal(signum)
+        else:  # the server leads its own session (see Server)
+            os.killpg(server.process.pid, signum)
         time.sleep(1.0)  # every HTTP process stops accepting, even one still draining
         for _ in range(3):
             with pytest.raises(httpx.TransportError):
