@@ -263,7 +263,7 @@ class OptimConfig:
     early_stopping_patience: int = 6  # validations without improvement
     val_check_interval: float = 1.0  # fraction of an epoch, or steps if > 1
     seed: int = 1234
-    # between the mid-epoch checkpoints a killed run resumes from (0: epoch ends only); SIGTERM saves one too
+    # between the checkpoints a killed run resumes from (0: at every epoch end); training's end and SIGTERM save one too
     checkpoint_minutes: float = 10.0
     precision: Precision = "32-true"
     accelerator: str = "auto"
@@ -301,7 +301,7 @@ class OptimConfig:
             "must exceed training.plateau_patience + 1, or training stops before the learning rate is ever cut",
         )
         _require(self.num_nodes >= 1, "training.num_nodes", "must be at least 1")
-        _require(self.checkpoint_minutes >= 0, "training.checkpoint_minutes", "must be 0 (epoch ends only) or more")
+        _require(self.checkpoint_minutes >= 0, "training.checkpoint_minutes", "must be 0 (at every epoch end) or more")
         if self.max_time is not None:
             parts = self.max_time.split(":")
             _require(

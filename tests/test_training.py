@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -211,6 +212,40 @@ def train_until_killed(step: int, args: list[str], scratch: Path) -> None:
     driver.write_text(DIE_DURING_TRAINING)
     killed = subprocess.run([sys.executable, str(driver), str(step), *args], capture_output=True, timeout=300)
     assert killed.returncode == 9, killed.stderr.decode()[-3000:]
+
+
+# Runs `genrnn train ARGS…` and prints the global step of every resume point it writes.
+SAY_SAVES = """
+import sys
+from genrnn.cli import main
+from training.resume import ResumePoint
+def save_and_say(self, trainer, save=ResumePoint._save):
+    save(self, trainer)
+    print(f"resume point at step {trainer.global_step}", flush=True)
+ResumePoint._save = save_and_say
+main(sys.argv[1:])
+"""
+
+
+def resume_points(args: list[str]) -> tuple[list[int], str]:
+    """The steps at which ``genrnn train ARGS…`` wrote its resume point, and its output."""
+    result = subprocess.run([sys.executable, "-c", SAY_SAVES, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [int(step) for step in re.findall(r"resume point at step (\d+)", result.stdout)], result.stdout
+
+
+@pytest.mark.parametrize("minutes", ["10", "0"])
+def test_the_resume_point_is_written_when_due_and_when_training_ends(g2p_files, tmp_path, minutes):
+    options = ("--max-epochs", "3", "--set", f"training.checkpoint_minutes={minutes}")
+    args = tiny_train(g2p_files, tmp_path / "run", *options)
+    steps, _ = resume_points(args)
+    trained = json.loads((tmp_path / "run" / "bundle" / "genrnn.json").read_text())["training"]["steps"]
+    if minutes == "0":  # at every epoch end, the last one included, and only there
+        assert steps == [trained // 3, 2 * trained // 3, trained]
+    else:  # ten minutes never passed: once, as training ended
+        assert steps == [trained]
+    steps, output = resume_points(args)  # the finished run, run again
+    assert "resuming from" in output and steps == []
 
 
 @pytest.mark.parametrize("processes", [1, 2])

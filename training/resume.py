@@ -15,13 +15,16 @@ from genrnn.errors import ConfigurationError
 
 
 class ResumePoint(Checkpoint):
-    """Writes ``last.ckpt`` at each epoch end and after every ``every_minutes`` of training (0: epoch ends only).
+    """Writes ``last.ckpt`` every ``every_minutes`` of training (0: at every epoch end) and when training ends.
 
     With the training loader's place in its epoch inside the checkpoint (see
     :class:`training.datamodule.ResumableLoader`), a run killed mid-epoch loses at most
     ``every_minutes`` of work, and one stopped by SIGTERM none: it saves at the end of the
     batch in flight, or, when the run validates after that batch, of the next batch (of
-    the epoch, if every batch validates), and only then stops.
+    the epoch, if every batch validates), and only then stops. The save at the end lets a
+    finished run, run again, train no further. Saving at every epoch end as well would
+    cost more than it keeps: a model's checkpoint with Adam's moments weighs three times
+    its weights, and a short epoch on a GPU lasts seconds.
     Lightning writes checkpoints atomically, so a kill during a save leaves the previous
     one whole. As a :class:`Checkpoint`, it runs after
     the other callbacks' epoch-end hooks, so that their state is saved as it ends the epoch.
@@ -33,6 +36,7 @@ class ResumePoint(Checkpoint):
         self.path = Path(path)
         self.every_seconds = every_minutes * 60
         self._saved_at = time.monotonic()
+        self._saved_step = 0  # the global step of the last save (or of the start)
         self._terminated = False  # SIGTERM came; the run stops at its next save
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -46,7 +50,8 @@ class ResumePoint(Checkpoint):
         trainer._signal_connector._sigterm_notifier_fn = self._take_note
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._saved_at = time.monotonic()
+        # A resumed run starts where its checkpoint was saved: a finished run, run again, writes nothing.
+        self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
 
     def _take_note(self, signum: int, frame: object) -> None:
         self._terminated = True
@@ -66,10 +71,19 @@ class ResumePoint(Checkpoint):
             )
         restore_rng_states(states[trainer.global_rank])
 
+    def _decide(self, trainer: pl.Trainer, epoch_end: bool) -> tuple[bool, bool]:
+        """Whether a timed save is due, and whether SIGTERM came: rank 0's answers, on every rank.
+
+        Every rank saves and stops together, and SIGTERM may reach rank 0 alone.
+        """
+        if self.every_seconds:
+            timed = time.monotonic() - self._saved_at >= self.every_seconds
+        else:
+            timed = epoch_end
+        return trainer.strategy.broadcast((timed, self._terminated))
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        # Rank 0 decides for every rank, which all save and stop together: SIGTERM may reach it alone.
-        timed = bool(self.every_seconds) and time.monotonic() - self._saved_at >= self.every_seconds
-        timed, terminated = trainer.strategy.broadcast((timed, self._terminated))
+        timed, terminated = self._decide(trainer, epoch_end=False)
         # Not on a batch that validates: Lightning counts a batch saved at its end as done,
         # validation included, so a run resumed from there would never validate it.
         if validates_after_this_batch(trainer):
@@ -81,9 +95,15 @@ class ResumePoint(Checkpoint):
             self._stop(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer)
-        if trainer.strategy.broadcast(self._terminated):
+        timed, terminated = self._decide(trainer, epoch_end=True)
+        if timed or terminated:
+            self._save(trainer)
+        if terminated:
             self._stop(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self._saved_step:  # not saved as the last epoch ended
+            self._save(trainer)
 
     @staticmethod
     def _stop(trainer: pl.Trainer) -> None:
@@ -92,7 +112,7 @@ class ResumePoint(Checkpoint):
 
     def _save(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # optimiser, schedule and loader too
-        self._saved_at = time.monotonic()
+        self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
 
 
 class StopsForGood(EarlyStopping):
