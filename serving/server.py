@@ -12,8 +12,10 @@ workers still decode them), exit; then the workers and the manager stop.
 A signal may also reach every process at once (a terminal's Ctrl+C, systemd, ``kill --
 -PGID``). The HTTP processes then drain on their own, while the workers and the queue
 manager, which the drain still needs, are deaf to it: this process stops them last.
+Should this process die without a word (SIGKILL), the kernel kills the others with it.
 """
 
+import ctypes
 import multiprocessing
 import os
 import shutil
@@ -36,6 +38,7 @@ from serving.schemas import GenerateRequest
 
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PR_SET_PDEATHSIG = 1  # prctl's option, from <linux/prctl.h>
 
 
 def fresh_metrics_directory() -> tuple[Path, bool]:
@@ -65,15 +68,36 @@ def api_key(config: ServeConfig) -> str | None:
     return os.environ.get(config.api_key_env) or None
 
 
-class WorkersIgnoreStopSignals(Callback):
-    """The inference workers ignore SIGINT and SIGTERM: a signal to every process must not cut a drain short.
+def die_with(parent: int) -> None:
+    """Have the kernel SIGKILL this process when ``parent`` dies, however it dies (on Linux).
 
-    The main process stops them once the HTTP processes have drained (see :class:`Server`).
+    Else a server whose main process was killed outright (SIGKILL, the OOM killer) would
+    leave its HTTP processes holding the port and its workers the model's memory, and
+    they ignore SIGTERM (see :class:`WorkerSignals`).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(1)
+
+
+class WorkerSignals(Callback):
+    """Each inference worker ignores SIGINT and SIGTERM, and dies with the main process.
+
+    A signal to every process must not cut a drain short: the main process stops the
+    workers once the HTTP processes have drained (see :class:`Server`).
     """
 
+    def __init__(self) -> None:
+        self.server = os.getpid()  # made in the main process, which spawns the workers
+
     def on_before_setup(self, *args: Any, **kwargs: Any) -> None:
-        for signum in STOP_SIGNALS:  # runs in each inference worker, before setup
+        # Runs in each inference worker, before setup. Workers are spawned, not forked, so
+        # the hook that serve() leaves for forked processes never runs in them.
+        for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+        die_with(self.server)
 
 
 class Server(ls.LitServer):
@@ -163,7 +187,7 @@ def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None)
         max_payload_size=config.max_body_bytes,  # bytes: LitServe's check compares it as a number
         middlewares=middlewares,
         model_metadata=metadata,
-        callbacks=[WorkersIgnoreStopSignals()],
+        callbacks=[WorkerSignals()],
     )
 
     async def metrics_endpoint() -> Response:
@@ -189,6 +213,9 @@ def serve(config: ServeConfig) -> None:
         print(f"genrnn serve: {config.api_key_env} is {state}", file=sys.stderr)
 
     directory, ours = fresh_metrics_directory()
+    # The queue manager and the HTTP processes are forked from this one.
+    server_pid = os.getpid()
+    os.register_at_fork(after_in_child=lambda: die_with(server_pid))
     try:
         server = build_server(config, metadata, key)
         drain_on_signals(server)

@@ -218,14 +218,18 @@ class Server:
             self.process.send_signal(signal.SIGTERM)
 
     def stop(self) -> None:
-        """Wait for the server to exit, and SIGKILL its whole process group if it does not."""
+        """Wait for the server to exit, then SIGKILL whatever is left of its process group."""
         self.client.close()
         self.terminate()
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # a failed test may have left some behind
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
     def generate(self, **body) -> httpx.Response:
         return self.client.post("/v1/generate", json=body)
@@ -285,6 +289,7 @@ SERVERS = {
     "small": (("--max-queue", "3", "--timeout", "2"), None),
     # One per shutdown test; two HTTP processes, which must both stop accepting at once.
     **{f"{stop} to the {whom}": (("--api-servers", "2"), None) for stop, whom in STOPS},
+    "SIGKILL": (("--api-servers", "2"), None),
 }
 
 
@@ -638,3 +643,13 @@ def test_a_signal_drains_the_request_in_flight_and_every_process_exits(servers, 
     assert server.process.wait(timeout=60) == 0
     wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
     assert "Traceback" not in server.log.read_text()
+
+
+def test_every_process_of_the_server_dies_with_its_main_process(servers):
+    server = servers["SIGKILL"].ready()
+    processes = children(server.process.pid)
+    assert len(processes) >= 4  # two HTTP processes, a worker, the queue manager
+    server.process.kill()  # no handler runs: the OOM killer, kill -9
+    server.process.wait(timeout=60)
+    # Left alone, they would go on holding the port, the model's memory and requests nobody answers.
+    wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
