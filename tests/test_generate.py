@@ -264,6 +264,37 @@ def test_a_signal_stops_a_job_as_such_and_the_same_command_resumes(tiny_bundle, 
     assert [o["input"] for o in read_jsonl(output)] == words[:300]
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["to the main process", "to every process"])
+def test_sigterm_stops_a_two_process_job_that_the_same_command_resumes(tiny_bundle, words, tmp_path, group):
+    source_file = tmp_path / "in.txt"
+    source_file.write_text("\n".join(words[:400]) + "\n")
+    output = tmp_path / "out.jsonl"
+    parts = [tmp_path / "out.jsonl.parts" / f"part-{rank}.jsonl" for rank in (0, 1)]
+    command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(source_file), "--output", str(output)]
+    command += ["--accelerator", "cpu", "--devices", "2", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def both_started() -> bool:
+        return all(part.is_file() and part.read_bytes().count(b"\n") >= 4 for part in parts)
+
+    job = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stderr = signal_when(job, both_started, signal.SIGTERM, "4 items in each part", group=group)
+    finally:
+        if job.poll() is None:  # a failed wait leaves no job running
+            os.killpg(job.pid, signal.SIGKILL)
+
+    assert job.returncode == 143, stderr[-3000:]
+    assert "terminated; rerun the same command" in stderr
+    assert not output.exists()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = generate(tiny_bundle, source_file, tmp_path / "single.jsonl", batch_size=2)
+    assert_same_outputs(read_jsonl(output), single)
+
+
 @pytest.mark.parametrize("count", [60, 5])  # with 5, the second process has no batch at all
 def test_two_cpu_processes_merge_to_the_single_process_output(tiny_bundle, words, tmp_path, count):
     source_file = tmp_path / "in.txt"
