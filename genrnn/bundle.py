@@ -25,7 +25,7 @@ from genrnn.config import DEFAULT_AVERAGING, Averaging, ModelConfig, TokenizerCo
 from genrnn.ensemble import Ensemble
 from genrnn.errors import BundleError, ConfigurationError
 from genrnn.model import Seq2Seq
-from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, tokenizers_fingerprint
 
 FORMAT_VERSION = 1
 MANIFEST = "genrnn.json"
@@ -54,9 +54,8 @@ class Bundle:
 
     @property
     def tokenizers_fingerprint(self) -> str:
-        """sha256 of the two tokenizer models: bundles that share it share their vocabularies."""
-        protos = self.source_tokenizer.model_proto + self.target_tokenizer.model_proto
-        return hashlib.sha256(protos).hexdigest()
+        """Bundles that share it share their vocabularies."""
+        return tokenizers_fingerprint(self.source_tokenizer, self.target_tokenizer)
 
     def info(self) -> dict[str, Any]:
         """Metadata for people: name, versions, configs, training facts, size."""
@@ -138,16 +137,24 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{manifest_path}: format version {version!r}; this genrnn reads version {FORMAT_VERSION}")
-    for name, expected in manifest.get("files", {}).items():
-        path = directory / name
+    verify_files(manifest_path, manifest, {WEIGHTS, SOURCE_MODEL, TARGET_MODEL})
+    return manifest
+
+
+def verify_files(manifest_path: Path, manifest: dict[str, Any], required: set[str]) -> None:
+    """Check that every file the manifest lists is beside it with its checksum, the ``required`` ones among them."""
+    files = manifest.get("files", {})
+    for name, expected in files.items():
+        path = manifest_path.parent / name
         if not path.is_file():
-            raise BundleError(f"{path} is missing from the bundle")
+            raise BundleError(f"{path} is missing beside {manifest_path.name}")
         if sha256(path) != expected:
-            raise BundleError(f"{path} does not match its checksum in {MANIFEST}: the file was altered or damaged")
-    missing = {WEIGHTS, SOURCE_MODEL, TARGET_MODEL} - set(manifest.get("files", {}))
+            raise BundleError(
+                f"{path} does not match its checksum in {manifest_path.name}: the file was altered or damaged"
+            )
+    missing = required - set(files)
     if missing:
         raise BundleError(f"{manifest_path} lists no checksum for {', '.join(sorted(missing))}")
-    return manifest
 
 
 def load_bundle(
@@ -169,7 +176,10 @@ def load_bundle(
         raise BundleError(f"{directory / MANIFEST}: bad configuration: {error}") from None
     source_tokenizer = Tokenizer.load(directory / SOURCE_MODEL)
     target_tokenizer = Tokenizer.load(directory / TARGET_MODEL)
-    model = Seq2Seq(model_config, source_tokenizer.vocab_size, target_tokenizer.vocab_size)
+    # The weights about to be loaded make the initial ones moot: drawing them must not move the
+    # caller's generator, or a run would train otherwise for having loaded a teacher.
+    with torch.random.fork_rng(devices=[]):
+        model = Seq2Seq(model_config, source_tokenizer.vocab_size, target_tokenizer.vocab_size)
     try:
         load_model(model, str(directory / WEIGHTS), strict=True)
     except (RuntimeError, KeyError) as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -82,3 +83,8 @@ def train_tokenizers(
     source = train_tokenizer(sources, config.source_type, config.source_vocab_size)
     target = train_tokenizer(targets, config.target_type, config.target_vocab_size)
     return source, target
+
+
+def tokenizers_fingerprint(source: Tokenizer, target: Tokenizer) -> str:
+    """sha256 of a source and a target tokenizer's models: whatever shares it shares their vocabularies."""
+    return hashlib.sha256(source.model_proto + target.model_proto).hexdigest()

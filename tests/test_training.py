@@ -697,6 +697,62 @@ def test_a_distilled_run_resumes_with_its_teacher_and_refuses_another(g2p_files,
     )
 
 
+def taught_by(g2p_files, output: Path, teacher: Path, *options: str, train: str = "train", check: bool = True):
+    """``genrnn train`` of the tiny config taught by ``teacher``: a bundle or a saved table."""
+    args = tiny_train(g2p_files, output, *options, "--set", f"training.teacher={teacher}", train=train)
+    return run_cli(*args, check=check)
+
+
+def test_a_saved_teacher_table_teaches_another_run_as_its_teacher_would(g2p_files, tiny_bundle, tmp_path):
+    import torch
+
+    options = ("--max-steps", "12", "--set", "model.output_dropout=0.3")  # dropout: the generators must agree too
+    taught = taught_by(g2p_files, tmp_path / "taught", tiny_bundle, *options)
+    table = tmp_path / "taught" / "teacher-table"
+    assert f"teacher's table written to {table}" in taught.stdout
+    again = taught_by(g2p_files, tmp_path / "again", table, *options)
+    assert "teacher's distributions for" not in again.stdout  # no teacher ran
+    assert not (tmp_path / "again" / "teacher-table").exists()  # nothing new to keep
+
+    # The same tokenizers, the same distributions to learn: the same weights.
+    tokenizers = load_bundle(tmp_path / "again" / "bundle").tokenizers_fingerprint
+    assert tokenizers == load_bundle(tiny_bundle).tokenizers_fingerprint
+    first, second = (
+        torch.load(tmp_path / r / "checkpoints" / "last.ckpt", weights_only=False) for r in ("taught", "again")
+    )
+    for name, tensor in first["state_dict"].items():
+        torch.testing.assert_close(second["state_dict"][name], tensor, msg=lambda m, name=name: f"{name}: {m}")
+    # The table stands for the teacher that made it: the run it came from goes on with it.
+    resumed = taught_by(g2p_files, tmp_path / "taught", table, "--max-steps", "14", *options[2:])
+    assert "resuming from" in resumed.stdout
+
+
+@pytest.mark.parametrize(
+    "train,options,message",
+    [
+        ("dev", (), "holds a table made for other training data"),
+        ("train", ("--set", "data.max_target_length=5"), "made for other length limits (data.max_source_length=64"),
+    ],
+)
+def test_a_teacher_table_refuses_other_training_pairs(g2p_files, tiny_bundle, tmp_path, train, options, message):
+    taught_by(g2p_files, tmp_path / "taught", tiny_bundle, "--max-steps", "2")
+    table = tmp_path / "taught" / "teacher-table"
+    refused = taught_by(g2p_files, tmp_path / "other", table, "--max-steps", "2", *options, train=train, check=False)
+    assert refused.returncode == 1 and message in refused.stderr, refused.stderr[-2000:]
+
+
+def test_an_altered_teacher_table_is_refused(g2p_files, tiny_bundle, tmp_path):
+    taught_by(g2p_files, tmp_path / "taught", tiny_bundle, "--max-steps", "2")
+    table = tmp_path / "taught" / "teacher-table"
+    with (table / "table.safetensors").open("r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)[0]
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last ^ 1]))
+    refused = taught_by(g2p_files, tmp_path / "other", table, "--max-steps", "2", check=False)
+    assert refused.returncode == 1 and "does not match its checksum" in refused.stderr, refused.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "options,message",
     [

@@ -7,16 +7,42 @@ not run during training. Each position keeps the teacher's ``top_k`` most
 likely tokens, renormalised; for a vocabulary of phonemes or subwords the mass
 beyond the first few is negligible. The table takes ``target positions (EOS
 included) × top_k × 6`` bytes on the training device.
+
+A distilled run saves its table in ``teacher-table/``, with the tokenizers it was
+made with; naming that directory as ``training.teacher`` teaches another run on the
+same data without running the teacher again (another seed, size or budget, on
+another machine), since only the table, not the teacher, travels.
+
+```
+teacher-table.json  format version, the teacher's and the data's fingerprints, sha256 of every other file
+table.safetensors   each pair's length, then every position's top_k token ids and probabilities
+source.model        the tokenizers: the student's must be the teacher's
+target.model
+```
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from genrnn.bundle import SOURCE_MODEL, TARGET_MODEL, sha256, verify_files
+from genrnn.config import DataConfig, TokenizerConfig, from_dict, to_dict
 from genrnn.data import Batch, PairDataset, TokenBudgetBatchSampler, collate
+from genrnn.errors import BundleError, ConfigurationError
+from genrnn.tokenizer import Tokenizer, tokenizers_fingerprint
+
+TABLE_FORMAT_VERSION = 1
+TABLE_MANIFEST = "teacher-table.json"
+TABLE_WEIGHTS = "table.safetensors"
 
 
 class Distillation:
@@ -28,8 +54,9 @@ class Distillation:
     whole training set.
     """
 
-    def __init__(self, teacher: nn.Module, top_k: int = 8) -> None:
-        self.teacher: nn.Module | None = teacher.eval().requires_grad_(False)
+    def __init__(self, teacher: nn.Module | None, top_k: int = 8) -> None:
+        """From a teacher, or from nothing, for a saved table to fill (see :meth:`TeacherTable.distillation`)."""
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.top_k = top_k
         # Every pair's positions one after another: pair i's are rows start[i] … start[i] + length[i] - 1.
         self.start: torch.Tensor | None = None  # (pairs,)
@@ -38,8 +65,16 @@ class Distillation:
         self.probs: torch.Tensor | None = None  # (positions, top_k) their renormalised probabilities
 
     @torch.no_grad()
-    def prepare(self, dataset: PairDataset, device: torch.device, max_tokens: int) -> float:
-        """Run the teacher over every pair of ``dataset`` and keep its table on ``device``; the seconds it took."""
+    def prepare(self, dataset: PairDataset, device: torch.device, max_tokens: int) -> float | None:
+        """Have the table on ``device``, the teacher run over every pair of ``dataset`` if it has not.
+
+        Returns the seconds the teacher took; ``None`` when the table was there already.
+        """
+        if self.teacher is None:
+            self.start, self.length, self.ids, self.probs = (
+                t.to(device) for t in (self.start, self.length, self.ids, self.probs)
+            )
+            return None
         started = time.monotonic()
         teacher = self.teacher.to(device)
         k = min(self.top_k, teacher.target_vocab_size)
@@ -83,3 +118,116 @@ class Distillation:
     def __deepcopy__(self, memo: dict) -> Distillation:
         # Weight averaging copies the whole module; the frozen table can be shared.
         return self
+
+
+def save_table(
+    directory: Path,
+    distillation: Distillation,
+    source_tokenizer: Tokenizer,
+    target_tokenizer: Tokenizer,
+    facts: dict[str, Any],
+) -> Path:
+    """Write the table a teacher made, with the tokenizers and ``facts`` (teacher, data); the manifest last."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / TABLE_MANIFEST).unlink(missing_ok=True)
+    vocab = target_tokenizer.vocab_size
+    narrowest = torch.uint8 if vocab <= 256 else torch.int16 if vocab <= 2**15 else torch.int32
+    tensors = {
+        "length": distillation.length.int(),
+        "ids": distillation.ids.to(narrowest),  # a third of the table for a phoneme vocabulary
+        "probs": distillation.probs,
+    }
+    save_file({name: t.cpu().contiguous() for name, t in tensors.items()}, str(directory / TABLE_WEIGHTS))
+    source_tokenizer.save(directory / SOURCE_MODEL)
+    target_tokenizer.save(directory / TARGET_MODEL)
+    manifest = {
+        "format_version": TABLE_FORMAT_VERSION,
+        **facts,
+        "pairs": len(distillation.length),
+        "top_k": distillation.ids.shape[1],
+        "files": {f: sha256(directory / f) for f in (TABLE_WEIGHTS, SOURCE_MODEL, TARGET_MODEL)},
+    }
+    temporary = directory / (TABLE_MANIFEST + ".tmp")
+    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(temporary, directory / TABLE_MANIFEST)
+    return directory
+
+
+def is_teacher_table(path: str | Path) -> bool:
+    """Whether ``path`` is a directory that :func:`save_table` wrote."""
+    return (Path(path) / TABLE_MANIFEST).is_file()
+
+
+@dataclass
+class TeacherTable:
+    """A saved table: it teaches as its teacher did, and lends the run its tokenizers as a teacher bundle would."""
+
+    directory: Path
+    source_tokenizer: Tokenizer
+    target_tokenizer: Tokenizer
+    tokenizer_config: TokenizerConfig
+    manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, directory: str | Path) -> TeacherTable:
+        """Load and verify a table directory."""
+        directory = Path(directory)
+        path = directory / TABLE_MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BundleError(f"{path} is not valid JSON: {error}") from None
+        version = manifest.get("format_version")
+        if version != TABLE_FORMAT_VERSION:
+            raise BundleError(f"{path}: format version {version!r}; this genrnn reads version {TABLE_FORMAT_VERSION}")
+        verify_files(path, manifest, {TABLE_WEIGHTS, SOURCE_MODEL, TARGET_MODEL})
+        try:
+            tokenizer_config = from_dict(TokenizerConfig, manifest["tokenizer"], prefix="tokenizer")
+        except (KeyError, ConfigurationError) as error:
+            raise BundleError(f"{path}: bad configuration: {error}") from None
+        source, target = Tokenizer.load(directory / SOURCE_MODEL), Tokenizer.load(directory / TARGET_MODEL)
+        return cls(directory, source, target, tokenizer_config, manifest)
+
+    @property
+    def fingerprint(self) -> str:
+        """The teacher's: a run resumes with the table of the teacher it started with."""
+        return self.manifest["teacher"]
+
+    @property
+    def tokenizers_fingerprint(self) -> str:
+        return tokenizers_fingerprint(self.source_tokenizer, self.target_tokenizer)
+
+    def check(self, data_fingerprint: str, data: DataConfig, dataset: PairDataset) -> None:
+        """Refuse a run whose training pairs are not the ones the table was made for."""
+        made_for = self.manifest
+        limits = {"max_source_length": data.max_source_length, "max_target_length": data.max_target_length}
+        problem = None
+        if made_for["data"] != data_fingerprint:
+            problem = "other training data"
+        elif {key: made_for[key] for key in limits} != limits:
+            problem = f"other length limits ({', '.join(f'data.{k}={made_for[k]}' for k in limits)})"
+        elif made_for["pairs"] != len(dataset):
+            problem = f"{made_for['pairs']} training pairs, and this run has {len(dataset)}"
+        if problem:
+            raise ConfigurationError(f"training.teacher: {self.directory} holds a table made for {problem}")
+
+    def distillation(self) -> Distillation:
+        """The table, on the CPU until the run places it."""
+        tensors = load_file(str(self.directory / TABLE_WEIGHTS))
+        distillation = Distillation(None, top_k=self.manifest["top_k"])
+        distillation.length = tensors["length"].long()
+        distillation.start = distillation.length.cumsum(0) - distillation.length
+        distillation.ids = tensors["ids"].int()
+        distillation.probs = tensors["probs"]
+        return distillation
+
+
+def table_facts(teacher_fingerprint: str, data_fingerprint: str, data: DataConfig, tokenizer: TokenizerConfig) -> dict:
+    """What a saved table records of how it was made: the teacher, the training pairs, the tokenizers' settings."""
+    return {
+        "teacher": teacher_fingerprint,
+        "data": data_fingerprint,
+        "max_source_length": data.max_source_length,
+        "max_target_length": data.max_target_length,
+        "tokenizer": to_dict(tokenizer),
+    }

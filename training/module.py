@@ -52,10 +52,10 @@ class Seq2SeqModule(pl.LightningModule):
         """Make the teacher's table; after the callbacks' hook, so that a time budget counts it."""
         distillation = self.distillation
         # A rerun of a finished run stops before its first step (see training.resume.StopsForGood).
-        if distillation is not None and distillation.ids is None and not self.trainer.should_stop:
+        if distillation is not None and not self.trainer.should_stop:
             datamodule = self.trainer.datamodule
             seconds = distillation.prepare(datamodule.train_set, self.device, datamodule.config.max_tokens)
-            if self.trainer.is_global_zero:
+            if seconds is not None and self.trainer.is_global_zero:
                 pairs, size = len(datamodule.train_set), distillation.table_bytes / 2**20
                 print(
                     f"teacher's distributions for {pairs} training pairs in {seconds:.0f} s: a table of {size:.0f} MiB"

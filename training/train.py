@@ -27,9 +27,9 @@ from genrnn.data import Example, default_valid_spec, read_examples, training_pai
 from genrnn.errors import BundleError, ConfigurationError, DataError, interruption_kept
 from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
-from training.distillation import Distillation
+from training.distillation import Distillation, TeacherTable, is_teacher_table, save_table, table_facts
 from training.module import Seq2SeqModule
-from training.paths import last_checkpoint
+from training.paths import last_checkpoint, teacher_table
 from training.resume import ResumePoint, StopsForGood
 
 DEV_SHARE = 21  # without a dev set, about 1/21 of the training sources are held out
@@ -103,8 +103,8 @@ def _differences(wanted: object, found: object) -> str:
 DROPOUTS = ("embedding_dropout", "layer_dropout", "output_dropout")  # model settings that shape no weight
 
 
-def load_related_bundles(config: ExperimentConfig) -> dict[str, Bundle]:
-    """The bundles that ``training.init_from`` and ``training.teacher`` name, checked against the run.
+def load_related_bundles(config: ExperimentConfig) -> dict[str, Bundle | TeacherTable]:
+    """The bundles that ``training.init_from`` and ``training.teacher`` name (the teacher may be a saved table).
 
     They lend the run their tokenizers (a student must share its teacher's
     vocabulary), so their tokenizer settings must be the run's, and their tokenizers
@@ -117,8 +117,11 @@ def load_related_bundles(config: ExperimentConfig) -> dict[str, Bundle]:
         if not path:
             continue
         try:
-            # Several teachers teach their mixture: the mean of their probabilities.
-            bundles[key] = bundle = load_bundle(path, averaging="probabilities")
+            if key == "teacher" and is_teacher_table(path):
+                bundles[key] = bundle = TeacherTable.load(path)
+            else:
+                # Several teachers teach their mixture: the mean of their probabilities.
+                bundles[key] = bundle = load_bundle(path, averaging="probabilities")
         except BundleError as error:
             raise ConfigurationError(f"training.{key}: {error}") from None
         if bundle.tokenizer_config != config.tokenizer:
@@ -142,13 +145,18 @@ def load_related_bundles(config: ExperimentConfig) -> dict[str, Bundle]:
     return bundles
 
 
-def build_module(config: ExperimentConfig, related: dict[str, Bundle], vocab_sizes: tuple[int, int]) -> Seq2SeqModule:
+def build_module(
+    config: ExperimentConfig, related: dict[str, Bundle | TeacherTable], vocab_sizes: tuple[int, int]
+) -> Seq2SeqModule:
     """The module to train: started at ``init_from``'s weights and taught by ``teacher``, where those are set."""
     module = Seq2SeqModule.from_config(config, *vocab_sizes)
     if "init_from" in related:
         module.model.load_state_dict(related["init_from"].model.state_dict())
-    if "teacher" in related:
-        module.distillation = Distillation(related["teacher"].model)
+    teacher = related.get("teacher")
+    if isinstance(teacher, TeacherTable):
+        module.distillation = teacher.distillation()
+    elif teacher is not None:
+        module.distillation = Distillation(teacher.model)
     return module
 
 
@@ -157,7 +165,11 @@ LATER_STAMP_KEYS = ("batches",)
 
 
 def stamp_run(
-    output: Path, config: ExperimentConfig, data_fingerprint: str, related: dict[str, Bundle], resuming: bool
+    output: Path,
+    config: ExperimentConfig,
+    data_fingerprint: str,
+    related: dict[str, Bundle | TeacherTable],
+    resuming: bool,
 ) -> None:
     """Record what the run trains on; refuse to resume checkpoints of other data, model, tokenizers or teacher.
 
@@ -284,9 +296,14 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
             f"{datamodule.train_set.dropped} training pairs are longer than data.max_source_length / "
             "data.max_target_length and were left out"
         )
+    teacher = related.get("teacher")
+    if isinstance(teacher, TeacherTable):
+        teacher.check(data_fingerprint, config.data, datamodule.train_set)
+    # The table a teacher makes in this run is kept for other runs; a loaded one is kept already.
+    table_made_by = teacher.fingerprint if isinstance(teacher, Bundle) else None
     module = build_module(config, related, (source_tokenizer.vocab_size, target_tokenizer.vocab_size))
     weights_of = {key: bundle.fingerprint for key, bundle in related.items()}  # which init_from, which teacher
-    del related, lent  # the teacher lives on in the module until its table is made
+    del related, lent, teacher  # the teacher lives on in the module until its table is made
     trainer, checkpoint = build_trainer(config, output)
     last = last_checkpoint(output)
     ckpt_path = str(last) if resume and last.is_file() else None
@@ -297,6 +314,15 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
         return None
+    table = teacher_table(output)
+    if table_made_by and module.distillation.ids is not None and not is_teacher_table(table):
+        made = table_facts(table_made_by, data_fingerprint, config.data, config.tokenizer)
+        save_table(table, module.distillation, source_tokenizer, target_tokenizer, made)
+        size = sum(f.stat().st_size for f in table.iterdir()) / 2**20
+        print(
+            f"teacher's table written to {table} ({size:.0f} MiB): "
+            f"training.teacher={table} teaches another run without the teacher"
+        )
 
     best_path = checkpoint.best_model_path
     if best_path:
