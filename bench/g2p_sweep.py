@@ -8,11 +8,15 @@ results.json under the output directory); they share the machine's GPU, or its
 cores. When all have finished, the students named in ``--only`` are trained:
 each has one variant's configuration, starts from that variant's weights or from
 scratch, and learns from the ensemble of every variant of the run (distillation:
-their mixture, whatever ``--ensemble-averaging`` says), with its own budget. Then
-the ensembles named below are scored from the variants' bundles, once for each
-``--ensemble-averaging`` (one that averages log-probabilities is named with
-``-log-probabilities``). ``summary.json`` gathers every result and ``summary.md``
-holds the table rows; rerunning resumes unfinished runs and skips finished ones.
+their mixture, whatever ``--ensemble-averaging`` says), with its own budget; or,
+with ``--teacher-table DIR``, from a table that an earlier sweep kept, without
+any variant of this one. Then the ensembles named below are scored from the
+variants' and students' bundles, once for each ``--ensemble-averaging`` (one that
+averages log-probabilities is named with ``-log-probabilities``); with
+``--keep-teacher-table``, the variants' table is made meanwhile, in
+``OUTPUT/teacher-table-run/teacher-table``, for the students of a later sweep.
+``summary.json`` gathers every result and ``summary.md`` holds the table rows;
+rerunning resumes unfinished runs and skips finished ones.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from g2p_benchmark import dev_choice  # this script's neighbour
 from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING
 
 BENCHMARK = Path(__file__).with_name("g2p_benchmark.py")
+TABLE = "teacher-table-run"  # the run that makes the variants' table for later students
 
 LUONG_DEEP = ["model.attention=luong", "model.encoder_layers=3", "model.encoder_hidden=512"]
 BAHDANAU_DEEP = ["model.attention=bahdanau", "model.encoder_layers=3", "model.encoder_hidden=512"]
@@ -112,7 +117,11 @@ STUDENTS: dict[str, Student] = {
     "base-student": Student("base", DISTILLED),
     "bahdanau-deep-cosine-student": Student("bahdanau-deep-cosine", DISTILLED),
     "base-taught": Student("base", TAUGHT, from_variant=False),
+    "base-wide-dropout-taught": Student("base-wide-dropout", TAUGHT, from_variant=False),
     "bahdanau-deep-cosine-taught": Student("bahdanau-deep-cosine", TAUGHT, from_variant=False),
+    "bahdanau-deep-cosine-taught-seed11": Student("bahdanau-deep-cosine-seed11", TAUGHT, from_variant=False),
+    "bahdanau-deep-cosine-taught-seed13": Student("bahdanau-deep-cosine-seed13", TAUGHT, from_variant=False),
+    "bahdanau-wide-cosine-taught": Student("bahdanau-wide-cosine", TAUGHT, from_variant=False),
 }
 # name → the variants decoded together (those that finished)
 ENSEMBLES: dict[str, tuple[str, ...]] = {
@@ -124,6 +133,7 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
     "ensemble-no-feeding": tuple(name for name in VARIANTS if "no-feeding" in name),
     "ensemble-cosine": tuple(name for name in VARIANTS if name.endswith("cosine") or "-cosine-" in name),
     "ensemble-all": tuple(VARIANTS),
+    "ensemble-taught": tuple(name for name in STUDENTS if name.startswith("bahdanau") and "-taught" in name),
 }
 
 
@@ -193,10 +203,22 @@ def write_summary(output: Path, names: list[str]) -> None:
     (output / "summary.md").write_text(table + "\n")
 
 
+def teachers_of(args: argparse.Namespace, trained: list[str], output: Path) -> str:
+    """``training.teacher`` for this run's students: the table given, else every trained variant's bundle."""
+    return args.teacher_table or ",".join(str(output / name / "bundle") for name in trained)
+
+
+def table_job(args: argparse.Namespace, trained: list[str], output: Path) -> list[str]:
+    """A one-step training run taught by the variants, for the table of their mixture that it keeps."""
+    command = [sys.executable, "-m", "genrnn.cli", "train", "--config", args.config, "--output", str(output / TABLE)]
+    command += ["--train", str(Path(args.data_dir) / "g014b2b.train"), "--max-steps", "1"]  # dev held out by hash
+    return [*command, *(f"--set={s}" for s in args.set), f"--set=training.teacher={teachers_of(args, trained, output)}"]
+
+
 def student_jobs(args: argparse.Namespace, names: list[str], trained: list[str], output: Path) -> dict:
-    """The students' benchmark commands: each is taught by all the trained variants."""
+    """The students' benchmark commands: each is taught by all the trained variants, or by the table given."""
     jobs = {}
-    teachers = ",".join(str(output / name / "bundle") for name in trained)
+    teachers = teachers_of(args, trained, output)
     if not teachers:
         print(f"skip {', '.join(names)}: no variant of this run has finished to teach them", flush=True)
         return jobs
@@ -233,6 +255,10 @@ def main() -> None:
         help=f"what the ensembles average, comma-separated to score each way: {', '.join(AVERAGINGS)}",
     )
     parser.add_argument("--threads", type=int, help="CPU threads per process (default: cores / variants)")
+    parser.add_argument("--teacher-table", help="a kept teacher table that teaches the students instead")
+    parser.add_argument(
+        "--keep-teacher-table", action="store_true", help=f"make the variants' table in OUTPUT/{TABLE}/teacher-table"
+    )
     args = parser.parse_args()
 
     chosen = args.only.split(",") if args.only else list(VARIANTS)
@@ -269,7 +295,7 @@ def main() -> None:
 
     ensembles = {}
     for name, members in ENSEMBLES.items():
-        present = [m for m in members if m in trained]
+        present = [m for m in members if m in trained or m in students]
         if len(present) > 1:
             bundles = ",".join(str(output / m / "bundle") for m in present)
             for averaging in averagings:
@@ -278,7 +304,8 @@ def main() -> None:
                 ensembles[run] = benchmark_command(
                     args, output / run, "--model", bundles, "--ensemble-averaging", averaging
                 )
-    run_all(ensembles, output, threads)
+    table = {TABLE: table_job(args, trained, output)} if args.keep_teacher_table and trained else {}
+    run_all({**ensembles, **table}, output, threads)
 
     write_summary(output, [*names, *students, *ensembles])  # ensembles of this run's variants only
     print((output / "summary.md").read_text())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from genrnn.bundle import load_bundle
 from genrnn.data import read_examples
 from tests.conftest import ROOT, TINY_CONFIG, write_tsv
 
@@ -143,6 +144,18 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     assert taught["model"] == summary["base"]["training"]["config"]["model"]
     assert taught["training"]["init_from"] is None
     assert taught["training"]["teacher"] == str(output / "luong" / "bundle")
+
+    # the variants' table, kept for a later sweep whose students learn from it without any variant
+    kept = subprocess.run([*command, "--keep-teacher-table"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert kept.returncode == 0 and "start teacher-table-run" in kept.stdout, kept.stdout[-3000:]
+    table = output / "teacher-table-run" / "teacher-table"
+    later = [*command, "--teacher-table", str(table), "--output", str(tmp_path / "later")]
+    later[later.index("luong,base-student,base-taught")] = "base-taught"
+    students = subprocess.run(later, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert students.returncode == 0, students.stdout[-3000:]
+    taught = json.loads((tmp_path / "later" / "base-taught" / "results.json").read_text())["training"]
+    assert taught["config"]["training"]["teacher"] == str(table)
+    assert taught["related_bundles"] == {"teacher": load_bundle(output / "luong" / "bundle").fingerprint}
 
     # where the targets stand: each kind of system's row names one of this sweep's runs of that kind
     # (which one, dev decides: the test below, on figures that differ)
