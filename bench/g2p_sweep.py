@@ -121,7 +121,9 @@ STUDENTS: dict[str, Student] = {
     "bahdanau-deep-cosine-taught": Student("bahdanau-deep-cosine", TAUGHT, from_variant=False),
     "bahdanau-deep-cosine-taught-seed11": Student("bahdanau-deep-cosine-seed11", TAUGHT, from_variant=False),
     "bahdanau-deep-cosine-taught-seed13": Student("bahdanau-deep-cosine-seed13", TAUGHT, from_variant=False),
+    "bahdanau-deep-cosine-dropout-taught": Student("bahdanau-deep-cosine-dropout-seed11", TAUGHT, from_variant=False),
     "bahdanau-wide-cosine-taught": Student("bahdanau-wide-cosine", TAUGHT, from_variant=False),
+    "bahdanau-wide-cosine-taught-seed11": Student("bahdanau-wide-cosine-seed11", TAUGHT, from_variant=False),
 }
 # name → the variants decoded together (those that finished)
 ENSEMBLES: dict[str, tuple[str, ...]] = {
