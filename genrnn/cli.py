@@ -17,6 +17,7 @@ from pathlib import Path
 from genrnn.config import (
     AVERAGINGS,
     DEFAULT_AVERAGING,
+    Averaging,
     DecodingConfig,
     ExperimentConfig,
     decoding_for_mode,
@@ -68,9 +69,18 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ensemble-averaging",
         choices=AVERAGINGS,
-        default=DEFAULT_AVERAGING,
         help=f"an ensemble averages its members' probabilities or log-probabilities (default: {DEFAULT_AVERAGING})",
     )
+
+
+def ensemble_averaging(args: argparse.Namespace) -> Averaging:
+    """What ``--model``'s ensemble averages; refused for a single bundle, where it would mean nothing."""
+    averaging = getattr(args, "ensemble_averaging", None)  # serve's options are absent when not given
+    if averaging is None:
+        return DEFAULT_AVERAGING
+    if "," not in args.model:
+        raise ConfigurationError("--ensemble-averaging: applies to an ensemble, several bundles joined by commas")
+    return averaging
 
 
 def decoding_from_args(args: argparse.Namespace) -> DecodingConfig:
@@ -177,7 +187,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from genrnn.evaluation import evaluate
     from genrnn.quantization import quantize_int8
 
-    bundle = load_bundle(args.model, args.device, args.ensemble_averaging)
+    bundle = load_bundle(args.model, args.device, ensemble_averaging(args))
     examples = read_examples(args.data)
     settings = decoding_from_args(args)
     generator = Generator(
@@ -227,7 +237,7 @@ def _run_generate(args: argparse.Namespace) -> None:
     run_generate(
         GenerateJob(
             model=args.model,
-            ensemble_averaging=args.ensemble_averaging,
+            ensemble_averaging=ensemble_averaging(args),
             input=Path(args.input),
             output=Path(args.output),
             settings=decoding_from_args(args),
@@ -283,6 +293,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     from serving.server import serve
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+    options["ensemble_averaging"] = ensemble_averaging(args)
     limits = Limits(**{k: options.pop(k) for k in _SERVE_LIMITS if k in options})
     if options.get("devices", "auto") != "auto":
         try:

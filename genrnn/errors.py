@@ -21,6 +21,10 @@ class BundleError(GenrnnError):
     """A bundle directory is missing, incomplete or altered; the message names the file."""
 
 
+class ServerStopped(GenrnnError):
+    """The server stopped without being asked to: a worker failed to start or died."""
+
+
 class Terminated(Exception):
     """SIGTERM stopped a run; the command line reports it and how to go on."""
 

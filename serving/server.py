@@ -12,7 +12,9 @@ workers still decode them), exit; then the workers and the manager stop.
 A signal may also reach every process at once (a terminal's Ctrl+C, systemd, ``kill --
 -PGID``). The HTTP processes then drain on their own, while the workers and the queue
 manager, which the drain still needs, are deaf to it: this process stops them last.
-Should this process die without a word (SIGKILL), the kernel kills the others with it.
+A signal during startup ends the startup (status 130 or 143). Should this process die
+without a word (SIGKILL), the kernel kills the others with it (on Linux). A worker that
+dies stops the server with status 1, so that a supervisor restarts it.
 """
 
 import ctypes
@@ -23,7 +25,11 @@ import signal
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +37,10 @@ import litserve as ls
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from litserve.callbacks import Callback
+from litserve.utils import WorkerSetupStatus
 
 from genrnn.bundle import load_bundle
+from genrnn.errors import ServerStopped, Terminated
 from serving.config import ServeConfig, check_accelerator
 from serving.schemas import GenerateRequest
 
@@ -68,6 +76,16 @@ def api_key(config: ServeConfig) -> str | None:
     return os.environ.get(config.api_key_env) or None
 
 
+@contextmanager
+def signals_blocked(signums: Iterable[int]) -> Iterator[None]:
+    """Block ``signums`` in this thread meanwhile; a process started meanwhile keeps them blocked."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def die_with(parent: int) -> None:
     """Have the kernel SIGKILL this process when ``parent`` dies, however it dies (on Linux).
 
@@ -82,67 +100,67 @@ def die_with(parent: int) -> None:
         os._exit(1)
 
 
+class ForkedChildrenDieWithServer:
+    """Fork hooks: each process that the server's main process forks (queue manager, HTTP) dies with it.
+
+    The hooks pass to the children with the rest of the process; a process that a
+    child forks in turn is left alone.
+    """
+
+    def __init__(self) -> None:
+        self.server = os.getpid()
+        self.forking = 0  # the process forking now, as its child sees it
+
+    def register(self) -> None:
+        os.register_at_fork(before=self.before_fork, after_in_child=self.after_fork_in_child)
+
+    def before_fork(self) -> None:
+        self.forking = os.getpid()
+
+    def after_fork_in_child(self) -> None:
+        if self.forking == self.server:
+            die_with(self.server)
+
+
 class WorkerSignals(Callback):
     """Each inference worker ignores SIGINT and SIGTERM, and dies with the main process.
 
     A signal to every process must not cut a drain short: the main process stops the
-    workers once the HTTP processes have drained (see :class:`Server`).
+    workers once the HTTP processes have drained (see :class:`Server`). The workers
+    are started with both signals blocked, so that one sent while a worker imports
+    is not its end either.
     """
 
     def __init__(self) -> None:
         self.server = os.getpid()  # made in the main process, which spawns the workers
 
     def on_before_setup(self, *args: Any, **kwargs: Any) -> None:
-        # Runs in each inference worker, before setup. Workers are spawned, not forked, so
-        # the hook that serve() leaves for forked processes never runs in them.
+        # Runs in each inference worker, before setup. Ignoring a blocked signal discards one
+        # already pending. Workers are spawned, not forked: the fork hooks never run in them.
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         die_with(self.server)
 
 
 class Server(ls.LitServer):
-    """LitServer whose queue manager and inference workers outlive a drain, whoever got the signal."""
+    """LitServer that stops on SIGTERM as on SIGINT, drains whoever got the signal, and says why it stopped.
 
-    def _init_manager(self, num_api_servers: int) -> Any:
-        # The queue manager is forked in here, and a forked process keeps the signal mask, so
-        # SIGTERM stays blocked in it for good (it ignores SIGINT itself). This process gets
-        # a SIGTERM that came meanwhile as soon as the mask is back.
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            return super()._init_manager(num_api_servers)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    Its queue manager and inference workers outlive a drain, and a stop asked for
+    during startup ends the startup instead of being lost in it.
+    """
 
-    def _perform_graceful_shutdown(
-        self, manager: Any, uvicorn_workers: dict[int, Any], shutdown_reason: str = "normal"
-    ) -> None:
-        """LitServe's shutdown, but the workers ignore SIGTERM: they are killed once nothing is left for them."""
-        # The monitor polls the queue manager and the workers every monitor_internal seconds:
-        # had they gone, its next poll would die with a traceback, or start a second shutdown.
-        for thread in threading.enumerate():
-            if thread.name == "litserve-monitoring" and thread is not threading.current_thread():
-                thread.join(timeout=self.monitor_internal + 1)
-        self._transport.close(send_sentinel=shutdown_reason != "keyboard_interrupt")
-        for http in uvicorn_workers.values():
-            http.terminate()  # uvicorn drains on SIGTERM (already told, on a signal: see drain_on_signals)
-        for http in uvicorn_workers.values():
-            http.join(timeout=self.uvicorn_graceful_timeout)
-            if http.is_alive():
-                print(f"genrnn serve: {http.name} did not drain in {self.uvicorn_graceful_timeout} s", file=sys.stderr)
-                http.kill()
-        for worker in self.inference_workers:  # every reply is out
-            worker.kill()
-            worker.join()
-        manager.shutdown()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_signal: int | None = None  # the signal that asked this server to stop
+        self.failure: str | None = None  # why the server stopped, when not asked to
 
-
-def drain_on_signals(server: Server) -> None:
-    """Make SIGTERM and SIGINT start LitServe's graceful shutdown."""
-
-    def stop(signum: int, frame: Any) -> None:
-        event = server._shutdown_event  # LitServe's main thread waits on it in run()
-        if event is None:  # nothing started yet
-            raise KeyboardInterrupt
+    def request_stop(self, signum: int, frame: Any = None) -> None:
+        """The handler of SIGTERM and SIGINT: start the shutdown, or have startup give up."""
+        self.stop_signal = signum
+        event = self._shutdown_event  # LitServe's main thread waits on it in run()
+        if event is None:  # the queue manager is not there yet: _init_manager sets it
+            return
         # The shutdown stops the HTTP processes one after the other, so the later ones would keep
         # accepting while the first drains: tell them all now (uvicorn drains on SIGTERM).
         for child in multiprocessing.active_children():
@@ -152,8 +170,60 @@ def drain_on_signals(server: Server) -> None:
         # from another thread uses a connection of its own instead of interleaving with it.
         threading.Thread(target=event.set, daemon=True).start()
 
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, stop)
+    def _init_manager(self, num_api_servers: int) -> Any:
+        # The queue manager is forked in here and keeps this thread's signal mask: SIGTERM
+        # stays blocked in it for good (it ignores SIGINT itself).
+        with signals_blocked({signal.SIGTERM}):
+            manager = super()._init_manager(num_api_servers)
+        if self.stop_signal is not None:
+            self._shutdown_event.set()
+        return manager
+
+    def launch_inference_worker(self, lit_api: ls.LitAPI) -> list:
+        # Spawning starts multiprocessing's resource tracker once, and that start unblocks both
+        # signals in this thread: it must be running before they are blocked.
+        resource_tracker.ensure_running()
+        with signals_blocked(STOP_SIGNALS):  # until WorkerSignals ignores them
+            return super().launch_inference_worker(lit_api)
+
+    def verify_worker_status(self) -> None:
+        """LitServe's wait for a first ready worker; it gives up when a worker dies or a signal asks to stop."""
+        while not any(status == WorkerSetupStatus.READY for status in self.workers_setup_status.values()):
+            failed = any(status == WorkerSetupStatus.ERROR for status in self.workers_setup_status.values())
+            failed |= not all(worker.is_alive() for worker in self.inference_workers)
+            if failed or self._shutdown_event.is_set():
+                self._kill_workers()
+                if failed:
+                    raise ServerStopped("an inference worker failed to start (see the log above)")
+                raise KeyboardInterrupt if self.stop_signal == signal.SIGINT else Terminated
+            time.sleep(0.05)
+
+    def _kill_workers(self) -> None:
+        for worker in self.inference_workers:
+            worker.kill()
+            worker.join()
+
+    def _perform_graceful_shutdown(
+        self, manager: Any, uvicorn_workers: dict[int, Any], shutdown_reason: str = "normal"
+    ) -> None:
+        """LitServe's shutdown, but the workers ignore SIGTERM: they are killed once nothing is left for them."""
+        if shutdown_reason not in ("normal", "keyboard_interrupt"):  # from LitServe's monitor
+            self.failure = "an inference worker died (see the log above)"
+        # The monitor polls the queue manager and the workers every monitor_internal seconds:
+        # had they gone, its next poll would die with a traceback, or start a second shutdown.
+        for thread in threading.enumerate():
+            if thread.name == "litserve-monitoring" and thread is not threading.current_thread():
+                thread.join(timeout=self.monitor_internal + 1)
+        self._transport.close(send_sentinel=shutdown_reason != "keyboard_interrupt")
+        for http in uvicorn_workers.values():
+            http.terminate()  # uvicorn drains on SIGTERM (already told, on a signal: see request_stop)
+        for http in uvicorn_workers.values():
+            http.join(timeout=self.uvicorn_graceful_timeout)
+            if http.is_alive():
+                print(f"genrnn serve: {http.name} did not drain in {self.uvicorn_graceful_timeout} s", file=sys.stderr)
+                http.kill()
+        self._kill_workers()  # every reply is out
+        manager.shutdown()
 
 
 def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None) -> Server:
@@ -201,7 +271,10 @@ def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None)
 
 
 def serve(config: ServeConfig) -> None:
-    """Serve the bundle until SIGTERM or SIGINT; requests in flight are answered first."""
+    """Serve the bundle until SIGTERM or SIGINT; requests in flight are answered first.
+
+    Raises :class:`ServerStopped` when the server stopped on its own: a worker died.
+    """
     check_accelerator(config.accelerator)
     # A bad bundle fails here, with one line, before any process starts.
     bundle = load_bundle(config.model, averaging=config.ensemble_averaging)
@@ -213,12 +286,11 @@ def serve(config: ServeConfig) -> None:
         print(f"genrnn serve: {config.api_key_env} is {state}", file=sys.stderr)
 
     directory, ours = fresh_metrics_directory()
-    # The queue manager and the HTTP processes are forked from this one.
-    server_pid = os.getpid()
-    os.register_at_fork(after_in_child=lambda: die_with(server_pid))
+    ForkedChildrenDieWithServer().register()
     try:
         server = build_server(config, metadata, key)
-        drain_on_signals(server)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, server.request_stop)
         server.run(
             host=config.host,
             port=config.port,
@@ -230,3 +302,5 @@ def serve(config: ServeConfig) -> None:
     finally:
         if ours:
             shutil.rmtree(directory, ignore_errors=True)
+    if server.failure:
+        raise ServerStopped(f"the server stopped: {server.failure}")

@@ -290,6 +290,7 @@ SERVERS = {
     # One per shutdown test; two HTTP processes, which must both stop accepting at once.
     **{f"{stop} to the {whom}": (("--api-servers", "2"), None) for stop, whom in STOPS},
     "SIGKILL": (("--api-servers", "2"), None),
+    "worker dies": ((), None),
 }
 
 
@@ -645,10 +646,38 @@ def test_a_signal_drains_the_request_in_flight_and_every_process_exits(servers, 
     assert "Traceback" not in server.log.read_text()
 
 
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_every_process_while_the_workers_start_ends_the_startup(tiny_bundle, tmp_path, stop):
+    server = Server(tiny_bundle, tmp_path / "server.log", "--api-servers", "2")
+    try:
+        wait_until(lambda: inference_workers(server.process.pid), "a worker to be spawned")
+        processes = children(server.process.pid)
+        os.killpg(server.process.pid, getattr(signal, stop))  # while the worker imports, before it is ready
+        status = server.process.wait(timeout=60)
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert status == {"SIGTERM": 143, "SIGINT": 130}[stop], log[-3000:]
+    assert not any(alive(p) for p in processes)
+
+
+def test_a_worker_that_dies_stops_the_server_as_a_failure(servers):
+    server = servers["worker dies"].ready()
+    processes = children(server.process.pid)
+    (worker,) = inference_workers(server.process.pid)
+    os.kill(worker, signal.SIGKILL)
+    assert server.process.wait(timeout=60) == 1  # so that a supervisor restarts it
+    assert "genrnn serve: error: the server stopped: an inference worker died" in server.log.read_text()
+    wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
+
+
 def test_every_process_of_the_server_dies_with_its_main_process(servers):
     server = servers["SIGKILL"].ready()
     processes = children(server.process.pid)
     assert len(processes) >= 4  # two HTTP processes, a worker, the queue manager
+    # A stopped worker does not notice that the queue manager is gone: only a SIGKILL ends it.
+    (worker,) = inference_workers(server.process.pid)
+    os.kill(worker, signal.SIGSTOP)
     server.process.kill()  # no handler runs: the OOM killer, kill -9
     server.process.wait(timeout=60)
     # Left alone, they would go on holding the port, the model's memory and requests nobody answers.

@@ -234,18 +234,43 @@ def resume_points(args: list[str]) -> tuple[list[int], str]:
     return [int(step) for step in re.findall(r"resume point at step (\d+)", result.stdout)], result.stdout
 
 
-@pytest.mark.parametrize("minutes", ["10", "0"])
-def test_the_resume_point_is_written_when_due_and_when_training_ends(g2p_files, tmp_path, minutes):
-    options = ("--max-epochs", "3", "--set", f"training.checkpoint_minutes={minutes}")
-    args = tiny_train(g2p_files, tmp_path / "run", *options)
+# Ends by early stopping: at a constant, high rate, the dev WER soon stops improving.
+STOPS_EARLY = ("--max-epochs", "40", "--set", "training.early_stopping_patience=1")
+STOPS_EARLY += ("--set", "training.schedule=constant", "--set", "training.lr=0.05")
+
+
+@pytest.mark.parametrize(
+    "minutes,options",
+    [("10", ("--max-epochs", "3")), ("0", ("--max-epochs", "3")), ("10", STOPS_EARLY)],
+    ids=["every 10 minutes", "every epoch end", "every 10 minutes, stopping early"],
+)
+def test_the_resume_point_is_written_when_due_and_when_training_ends(g2p_files, tmp_path, minutes, options):
+    args = tiny_train(g2p_files, tmp_path / "run", *options, "--set", f"training.checkpoint_minutes={minutes}")
     steps, _ = resume_points(args)
-    trained = json.loads((tmp_path / "run" / "bundle" / "genrnn.json").read_text())["training"]["steps"]
+    trained = json.loads((tmp_path / "run" / "bundle" / "genrnn.json").read_text())["training"]
     if minutes == "0":  # at every epoch end, the last one included, and only there
-        assert steps == [trained // 3, 2 * trained // 3, trained]
+        assert steps == [trained["steps"] // 3, 2 * trained["steps"] // 3, trained["steps"]]
     else:  # ten minutes never passed: once, as training ended
-        assert steps == [trained]
+        assert steps == [trained["steps"]] and trained["epochs"] < 39
     steps, output = resume_points(args)  # the finished run, run again
     assert "resuming from" in output and steps == []
+
+
+def test_a_finished_run_given_more_epochs_goes_on_as_an_unbroken_run_with_weight_averaging(g2p_files, tmp_path):
+    import torch
+
+    # Weight averaging puts the averaged weights in place of the trained ones as training ends:
+    # the resume point must hold the trained ones, or the longer run would go on from the average.
+    options = ("--set", "training.ema_decay=0.9", "--set", "model.output_dropout=0.3")
+    run_cli(*tiny_train(g2p_files, tmp_path / "unbroken", "--max-epochs", "3", *options))
+    run_cli(*tiny_train(g2p_files, tmp_path / "run", "--max-epochs", "2", *options))
+    run_cli(*tiny_train(g2p_files, tmp_path / "run", "--max-epochs", "3", *options))
+    unbroken, resumed = (
+        torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False) for run in ("unbroken", "run")
+    )
+    for key in ("state_dict", "current_model_state"):  # the average, and the trained weights
+        for name, tensor in unbroken[key].items():
+            torch.testing.assert_close(resumed[key][name], tensor, msg=lambda m, at=f"{key} {name}": f"{at}: {m}")
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -319,7 +344,7 @@ def test_sigterm_to_every_process_with_loader_workers_saves_and_stops(g2p_files,
 
 
 def test_ctrl_c_before_the_first_resume_point_says_that_a_rerun_starts_afresh(g2p_files, tmp_path):
-    # small batches: the first epoch, and the first resume point at its end, are far off
+    # small batches, many epochs: the first resume point (10 minutes, or the end) is far off
     args = tiny_train(g2p_files, tmp_path / "run", "--max-epochs", "50", "--max-tokens", "64")
     run = interruptible([*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = signal_when(run, (tmp_path / "run" / "logs").is_dir, signal.SIGINT, "training to start")
@@ -555,6 +580,10 @@ def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp
         (["train", "--config", "/nonexistent.yaml"], "config file not found"),
         (["evaluate", "--model", "/nonexistent", "--data", "x.tsv"], "bundle directory not found"),
         (["evaluate", "--model", ".", "--data", "x.tsv"], "genrnn.json is missing"),
+        *(
+            ([*verb, "--model", "a", "--ensemble-averaging", "probabilities"], "applies to an ensemble")
+            for verb in (["evaluate", "--data", "x.tsv"], ["generate", "--input", "x", "--output", "y"], ["serve"])
+        ),
     ],
 )
 def test_user_errors_end_with_one_clear_line(args, message, tmp_path):

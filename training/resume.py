@@ -10,19 +10,21 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint, EarlyStopping
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
+from pytorch_lightning.loops.utilities import _is_max_limit_reached
 
 from genrnn.errors import ConfigurationError
 
 
 class ResumePoint(Checkpoint):
-    """Writes ``last.ckpt`` every ``every_minutes`` of training (0: at every epoch end) and when training ends.
+    """Writes ``last.ckpt`` every ``every_minutes`` of training (0: at every epoch end) and as training ends.
 
     With the training loader's place in its epoch inside the checkpoint (see
     :class:`training.datamodule.ResumableLoader`), a run killed mid-epoch loses at most
     ``every_minutes`` of work, and one stopped by SIGTERM none: it saves at the end of the
     batch in flight, or, when the run validates after that batch, of the next batch (of
-    the epoch, if every batch validates), and only then stops. The save at the end lets a
-    finished run, run again, train no further. Saving at every epoch end as well would
+    the epoch, if every batch validates), and only then stops. The save at the end of the
+    last epoch lets a finished run, run again, train no further (and one given a larger
+    budget go on as an unbroken run would). Saving at every epoch end as well would
     cost more than it keeps: a model's checkpoint with Adam's moments weighs three times
     its weights, and a short epoch on a GPU lasts seconds.
     Lightning writes checkpoints atomically, so a kill during a save leaves the previous
@@ -36,7 +38,6 @@ class ResumePoint(Checkpoint):
         self.path = Path(path)
         self.every_seconds = every_minutes * 60
         self._saved_at = time.monotonic()
-        self._saved_step = 0  # the global step of the last save (or of the start)
         self._terminated = False  # SIGTERM came; the run stops at its next save
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -50,8 +51,7 @@ class ResumePoint(Checkpoint):
         trainer._signal_connector._sigterm_notifier_fn = self._take_note
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A resumed run starts where its checkpoint was saved: a finished run, run again, writes nothing.
-        self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
+        self._saved_at = time.monotonic()
 
     def _take_note(self, signum: int, frame: object) -> None:
         self._terminated = True
@@ -96,14 +96,12 @@ class ResumePoint(Checkpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         timed, terminated = self._decide(trainer, epoch_end=True)
-        if timed or terminated:
+        # Training's end is saved here, not in on_train_end: by then weight averaging has put
+        # the averaged weights in place of the trained ones.
+        if timed or terminated or training_ends_after_this_epoch(trainer):
             self._save(trainer)
         if terminated:
             self._stop(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step != self._saved_step:  # not saved as the last epoch ended
-            self._save(trainer)
 
     @staticmethod
     def _stop(trainer: pl.Trainer) -> None:
@@ -112,7 +110,7 @@ class ResumePoint(Checkpoint):
 
     def _save(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # optimiser, schedule and loader too
-        self._saved_at, self._saved_step = time.monotonic(), trainer.global_step
+        self._saved_at = time.monotonic()
 
 
 class StopsForGood(EarlyStopping):
@@ -141,6 +139,20 @@ RNG_KEY = "genrnn_rng_states"
 def validates_after_this_batch(trainer: pl.Trainer) -> bool:
     """Whether Lightning validates once the current training batch has ended (its own test, not a copy)."""
     return trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+
+
+def training_ends_after_this_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the run stops once the epoch ending now has: every way a run ends passes an epoch end.
+
+    The test of Lightning's ``FitLoop.done``, asked without the message that it logs each
+    time; a time budget or early stopping has raised ``should_stop`` by the epoch's end.
+    """
+    loop = trainer.fit_loop
+    return (
+        _is_max_limit_reached(loop.epoch_loop.global_step, loop.max_steps)
+        or _is_max_limit_reached(loop.epoch_progress.current.processed, loop.max_epochs)
+        or (trainer.should_stop and loop._can_stop_early)
+    )
 
 
 def rng_states() -> dict:
