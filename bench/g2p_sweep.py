@@ -267,6 +267,8 @@ def main() -> None:
     unknown = sorted(set(chosen) - set(VARIANTS) - set(STUDENTS))
     if unknown:
         parser.error(f"unknown names {unknown}; variants: {', '.join(VARIANTS)}; students: {', '.join(STUDENTS)}")
+    if args.keep_teacher_table and args.teacher_table:
+        parser.error("--keep-teacher-table keeps the variants' table; with --teacher-table none is made")
     averagings = args.ensemble_averaging.split(",")
     if set(averagings) - set(AVERAGINGS):
         parser.error(f"--ensemble-averaging: each must be one of {', '.join(AVERAGINGS)}")

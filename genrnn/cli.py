@@ -78,7 +78,7 @@ def ensemble_averaging(args: argparse.Namespace) -> Averaging:
     averaging = getattr(args, "ensemble_averaging", None)  # serve's options are absent when not given
     if averaging is None:
         return DEFAULT_AVERAGING
-    if "," not in args.model:
+    if len([d for d in args.model.split(",") if d]) < 2:
         raise ConfigurationError("--ensemble-averaging: applies to an ensemble, several bundles joined by commas")
     return averaging
 

@@ -12,7 +12,7 @@ workers still decode them), exit; then the workers and the manager stop.
 A signal may also reach every process at once (a terminal's Ctrl+C, systemd, ``kill --
 -PGID``). The HTTP processes then drain on their own, while the workers and the queue
 manager, which the drain still needs, are deaf to it: this process stops them last.
-A signal during startup ends the startup (status 130 or 143). Should this process die
+A signal during startup ends the startup. Should this process die
 without a word (SIGKILL), the kernel kills the others with it (on Linux). A worker that
 dies stops the server with status 1, so that a supervisor restarts it.
 """
@@ -40,13 +40,19 @@ from litserve.callbacks import Callback
 from litserve.utils import WorkerSetupStatus
 
 from genrnn.bundle import load_bundle
-from genrnn.errors import ServerStopped, Terminated
+from genrnn.errors import ServerStopped
 from serving.config import ServeConfig, check_accelerator
 from serving.schemas import GenerateRequest
 
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # prctl's option, from <linux/prctl.h>
+MONITOR_THREAD = "litserve-monitoring"  # LitServe's thread that watches the workers
+FAILED_DRAIN_SECONDS = 2.0  # how long requests in flight get once a worker has died
+
+
+class StoppedDuringStartup(Exception):
+    """A signal asked the server to stop before it served: it stops as it would have after."""
 
 
 def fresh_metrics_directory() -> tuple[Path, bool]:
@@ -152,11 +158,16 @@ class Server(ls.LitServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.main_process = os.getpid()
         self.stop_signal: int | None = None  # the signal that asked this server to stop
         self.failure: str | None = None  # why the server stopped, when not asked to
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """The handler of SIGTERM and SIGINT: start the shutdown, or have startup give up."""
+        # The forked HTTP processes inherit this handler, and uvicorn puts it back and raises
+        # the signal again once it has drained: there, it has nothing to do.
+        if os.getpid() != self.main_process:
+            return
         self.stop_signal = signum
         event = self._shutdown_event  # LitServe's main thread waits on it in run()
         if event is None:  # the queue manager is not there yet: _init_manager sets it
@@ -195,7 +206,7 @@ class Server(ls.LitServer):
                 self._kill_workers()
                 if failed:
                     raise ServerStopped("an inference worker failed to start (see the log above)")
-                raise KeyboardInterrupt if self.stop_signal == signal.SIGINT else Terminated
+                raise StoppedDuringStartup
             time.sleep(0.05)
 
     def _kill_workers(self) -> None:
@@ -207,20 +218,27 @@ class Server(ls.LitServer):
         self, manager: Any, uvicorn_workers: dict[int, Any], shutdown_reason: str = "normal"
     ) -> None:
         """LitServe's shutdown, but the workers ignore SIGTERM: they are killed once nothing is left for them."""
-        if shutdown_reason not in ("normal", "keyboard_interrupt"):  # from LitServe's monitor
+        if threading.current_thread().name == MONITOR_THREAD:
+            # A worker died. The main thread waits on the queue manager, and shuts down once woken;
+            # shutting down here would take the manager away from under it.
             self.failure = "an inference worker died (see the log above)"
+            self._shutdown_event.set()
+            return
         # The monitor polls the queue manager and the workers every monitor_internal seconds:
         # had they gone, its next poll would die with a traceback, or start a second shutdown.
         for thread in threading.enumerate():
-            if thread.name == "litserve-monitoring" and thread is not threading.current_thread():
+            if thread.name == MONITOR_THREAD:
                 thread.join(timeout=self.monitor_internal + 1)
         self._transport.close(send_sentinel=shutdown_reason != "keyboard_interrupt")
         for http in uvicorn_workers.values():
             http.terminate()  # uvicorn drains on SIGTERM (already told, on a signal: see request_stop)
+        # A request that a dead worker held would never be answered: after a failure, the
+        # requests in flight get a short while, then their connections close.
+        drain = self.uvicorn_graceful_timeout if self.failure is None else FAILED_DRAIN_SECONDS
         for http in uvicorn_workers.values():
-            http.join(timeout=self.uvicorn_graceful_timeout)
+            http.join(timeout=drain)
             if http.is_alive():
-                print(f"genrnn serve: {http.name} did not drain in {self.uvicorn_graceful_timeout} s", file=sys.stderr)
+                print(f"genrnn serve: {http.name} did not drain in {drain} s", file=sys.stderr)
                 http.kill()
         self._kill_workers()  # every reply is out
         manager.shutdown()
@@ -299,6 +317,8 @@ def serve(config: ServeConfig) -> None:
             generate_client_file=False,
             access_log=config.access_log,
         )
+    except StoppedDuringStartup:
+        pass
     finally:
         if ours:
             shutil.rmtree(directory, ignore_errors=True)

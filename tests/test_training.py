@@ -770,6 +770,22 @@ def test_a_teacher_table_refuses_other_training_pairs(g2p_files, tiny_bundle, tm
     assert refused.returncode == 1 and message in refused.stderr, refused.stderr[-2000:]
 
 
+def test_the_table_is_kept_as_soon_as_it_is_made_and_replaced_when_starting_afresh(g2p_files, tiny_bundle, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    table = tmp_path / "run" / "teacher-table"
+    teacher = ("--set", f"training.teacher={tiny_bundle}")
+    train_until_killed(2, tiny_train(g2p_files, tmp_path / "run", "--max-steps", "20", *teacher), tmp_path)
+    assert json.loads((table / "teacher-table.json").read_text())["teacher"] == load_bundle(tiny_bundle).fingerprint
+    # Afresh with another teacher (the bundle twice: another mixture, other weights), another table.
+    pair = ("--set", f"training.teacher={tiny_bundle},{tiny_bundle}")
+    run_cli(*tiny_train(g2p_files, tmp_path / "run", "--max-steps", "2", *pair), "--no-resume")
+    manifest = json.loads((table / "teacher-table.json").read_text())
+    assert manifest["teacher"] == load_bundle(f"{tiny_bundle},{tiny_bundle}").fingerprint
+    assert load_file(str(table / "table.safetensors"))["ids"].dtype == torch.uint8  # a vocabulary under 256
+
+
 def test_an_altered_teacher_table_is_refused(g2p_files, tiny_bundle, tmp_path):
     taught_by(g2p_files, tmp_path / "taught", tiny_bundle, "--max-steps", "2")
     table = tmp_path / "taught" / "teacher-table"

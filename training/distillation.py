@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from genrnn.tokenizer import Tokenizer, tokenizers_fingerprint
 TABLE_FORMAT_VERSION = 1
 TABLE_MANIFEST = "teacher-table.json"
 TABLE_WEIGHTS = "table.safetensors"
+TABLE_LIMITS = ("max_source_length", "max_target_length")  # the data settings that choose the training pairs
 
 
 class Distillation:
@@ -58,6 +60,7 @@ class Distillation:
         """From a teacher, or from nothing, for a saved table to fill (see :meth:`TeacherTable.distillation`)."""
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.top_k = top_k
+        self.on_made: Callable[[Distillation], None] | None = None  # on rank 0, once the teacher has made the table
         # Every pair's positions one after another: pair i's are rows start[i] … start[i] + length[i] - 1.
         self.start: torch.Tensor | None = None  # (pairs,)
         self.length: torch.Tensor | None = None  # (pairs,) target length + 1 (EOS)
@@ -181,9 +184,12 @@ class TeacherTable:
         if version != TABLE_FORMAT_VERSION:
             raise BundleError(f"{path}: format version {version!r}; this genrnn reads version {TABLE_FORMAT_VERSION}")
         verify_files(path, manifest, {TABLE_WEIGHTS, SOURCE_MODEL, TARGET_MODEL})
+        missing = {"teacher", "data", "pairs", "top_k", "tokenizer", *TABLE_LIMITS} - set(manifest)
+        if missing:
+            raise BundleError(f"{path} lacks {', '.join(sorted(missing))}: not a teacher table's manifest")
         try:
             tokenizer_config = from_dict(TokenizerConfig, manifest["tokenizer"], prefix="tokenizer")
-        except (KeyError, ConfigurationError) as error:
+        except ConfigurationError as error:
             raise BundleError(f"{path}: bad configuration: {error}") from None
         source, target = Tokenizer.load(directory / SOURCE_MODEL), Tokenizer.load(directory / TARGET_MODEL)
         return cls(directory, source, target, tokenizer_config, manifest)
@@ -198,9 +204,9 @@ class TeacherTable:
         return tokenizers_fingerprint(self.source_tokenizer, self.target_tokenizer)
 
     def check(self, data_fingerprint: str, data: DataConfig, dataset: PairDataset) -> None:
-        """Refuse a run whose training pairs are not the ones the table was made for."""
+        """Refuse a run whose training pairs are not the ones the table was made for, position for position."""
         made_for = self.manifest
-        limits = {"max_source_length": data.max_source_length, "max_target_length": data.max_target_length}
+        limits = {key: getattr(data, key) for key in TABLE_LIMITS}
         problem = None
         if made_for["data"] != data_fingerprint:
             problem = "other training data"
@@ -208,12 +214,17 @@ class TeacherTable:
             problem = f"other length limits ({', '.join(f'data.{k}={made_for[k]}' for k in limits)})"
         elif made_for["pairs"] != len(dataset):
             problem = f"{made_for['pairs']} training pairs, and this run has {len(dataset)}"
+        elif not torch.equal(self._tensors()["length"].long(), torch.tensor([len(t) + 1 for t in dataset.targets])):
+            problem = "targets of other lengths: the tokenizers encode otherwise here"
         if problem:
             raise ConfigurationError(f"training.teacher: {self.directory} holds a table made for {problem}")
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.directory / TABLE_WEIGHTS))
+
     def distillation(self) -> Distillation:
         """The table, on the CPU until the run places it."""
-        tensors = load_file(str(self.directory / TABLE_WEIGHTS))
+        tensors = self._tensors()
         distillation = Distillation(None, top_k=self.manifest["top_k"])
         distillation.length = tensors["length"].long()
         distillation.start = distillation.length.cumsum(0) - distillation.length
@@ -227,7 +238,6 @@ def table_facts(teacher_fingerprint: str, data_fingerprint: str, data: DataConfi
     return {
         "teacher": teacher_fingerprint,
         "data": data_fingerprint,
-        "max_source_length": data.max_source_length,
-        "max_target_length": data.max_target_length,
+        **{key: getattr(data, key) for key in TABLE_LIMITS},
         "tokenizer": to_dict(tokenizer),
     }

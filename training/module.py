@@ -60,6 +60,8 @@ class Seq2SeqModule(pl.LightningModule):
                 print(
                     f"teacher's distributions for {pairs} training pairs in {seconds:.0f} s: a table of {size:.0f} MiB"
                 )
+                if distillation.on_made is not None:
+                    distillation.on_made(distillation)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | dict[str, torch.Tensor]:
         logits = self.model(batch.source, batch.source_lengths, batch.target_in)

@@ -23,8 +23,8 @@ class ResumePoint(Checkpoint):
     ``every_minutes`` of work, and one stopped by SIGTERM none: it saves at the end of the
     batch in flight, or, when the run validates after that batch, of the next batch (of
     the epoch, if every batch validates), and only then stops. The save at the end of the
-    last epoch lets a finished run, run again, train no further (and one given a larger
-    budget go on as an unbroken run would). Saving at every epoch end as well would
+    last epoch lets a finished run, run again, train no further (and one that ended at
+    max_epochs, given more, go on as an unbroken run would). Saving at every epoch end would
     cost more than it keeps: a model's checkpoint with Adam's moments weighs three times
     its weights, and a short epoch on a GPU lasts seconds.
     Lightning writes checkpoints atomically, so a kill during a save leaves the previous

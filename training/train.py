@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -145,6 +146,17 @@ def load_related_bundles(config: ExperimentConfig) -> dict[str, Bundle | Teacher
     return bundles
 
 
+def keep_table(
+    directory: Path, distillation: Distillation, tokenizers: tuple[Tokenizer, Tokenizer], facts: dict
+) -> None:
+    """Write the table a teacher has just made, once: a resumed run makes the same table again."""
+    if is_teacher_table(directory):
+        return
+    save_table(directory, distillation, *tokenizers, facts)
+    size = sum(f.stat().st_size for f in directory.iterdir()) / 2**20
+    print(f"teacher's table written to {directory} ({size:.0f} MiB): training.teacher={directory} teaches another run")
+
+
 def build_module(
     config: ExperimentConfig, related: dict[str, Bundle | TeacherTable], vocab_sizes: tuple[int, int]
 ) -> Seq2SeqModule:
@@ -279,8 +291,10 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     related = load_related_bundles(config)
     stamp_run(output, config, data_fingerprint, related, resuming=resume)
     if not resume and is_rank_zero():
-        # Afresh means without the old checkpoints: a later rerun would resume from them.
+        # Afresh means without the old checkpoints (a later rerun would resume from them), and
+        # without the old teacher's table (another run would learn from it).
         shutil.rmtree(output / "checkpoints", ignore_errors=True)
+        shutil.rmtree(teacher_table(output), ignore_errors=True)
     lent = next(iter(related.values()), None)
     if lent is not None:
         source_tokenizer, target_tokenizer = lent.source_tokenizer, lent.target_tokenizer
@@ -299,9 +313,14 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     teacher = related.get("teacher")
     if isinstance(teacher, TeacherTable):
         teacher.check(data_fingerprint, config.data, datamodule.train_set)
-    # The table a teacher makes in this run is kept for other runs; a loaded one is kept already.
-    table_made_by = teacher.fingerprint if isinstance(teacher, Bundle) else None
     module = build_module(config, related, (source_tokenizer.vocab_size, target_tokenizer.vocab_size))
+    if isinstance(teacher, Bundle):  # the table its teacher makes is kept for other runs; a loaded one is kept
+        module.distillation.on_made = partial(
+            keep_table,
+            teacher_table(output),
+            tokenizers=(source_tokenizer, target_tokenizer),
+            facts=table_facts(teacher.fingerprint, data_fingerprint, config.data, config.tokenizer),
+        )
     weights_of = {key: bundle.fingerprint for key, bundle in related.items()}  # which init_from, which teacher
     del related, lent, teacher  # the teacher lives on in the module until its table is made
     trainer, checkpoint = build_trainer(config, output)
@@ -314,15 +333,6 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
         return None
-    table = teacher_table(output)
-    if table_made_by and module.distillation.ids is not None and not is_teacher_table(table):
-        made = table_facts(table_made_by, data_fingerprint, config.data, config.tokenizer)
-        save_table(table, module.distillation, source_tokenizer, target_tokenizer, made)
-        size = sum(f.stat().st_size for f in table.iterdir()) / 2**20
-        print(
-            f"teacher's table written to {table} ({size:.0f} MiB): "
-            f"training.teacher={table} teaches another run without the teacher"
-        )
 
     best_path = checkpoint.best_model_path
     if best_path:
