@@ -12,9 +12,9 @@ workers still decode them), exit; then the workers and the manager stop.
 A signal may also reach every process at once (a terminal's Ctrl+C, systemd, ``kill --
 -PGID``). The HTTP processes then drain on their own, while the workers and the queue
 manager, which the drain still needs, are deaf to it: this process stops them last.
-A signal during startup ends the startup. Should this process die
-without a word (SIGKILL), the kernel kills the others with it (on Linux). A worker that
-dies stops the server with status 1, so that a supervisor restarts it.
+A signal during startup ends the startup. Should this process die without a word
+(SIGKILL), the kernel kills the others with it (on Linux). A worker that dies stops
+the server with status 1, so that a supervisor restarts it.
 """
 
 import ctypes

@@ -137,7 +137,7 @@ def save_table(
     narrowest = torch.uint8 if vocab <= 256 else torch.int16 if vocab <= 2**15 else torch.int32
     tensors = {
         "length": distillation.length.int(),
-        "ids": distillation.ids.to(narrowest),  # a third of the table for a phoneme vocabulary
+        "ids": distillation.ids.to(narrowest),  # one byte a token id for a phoneme vocabulary, not four
         "probs": distillation.probs,
     }
     save_file({name: t.cpu().contiguous() for name, t in tensors.items()}, str(directory / TABLE_WEIGHTS))
