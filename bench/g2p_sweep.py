@@ -124,6 +124,8 @@ STUDENTS: dict[str, Student] = {
     "bahdanau-deep-cosine-dropout-taught": Student("bahdanau-deep-cosine-dropout-seed11", TAUGHT, from_variant=False),
     "bahdanau-wide-cosine-taught": Student("bahdanau-wide-cosine", TAUGHT, from_variant=False),
     "bahdanau-wide-cosine-taught-seed11": Student("bahdanau-wide-cosine-seed11", TAUGHT, from_variant=False),
+    "bahdanau-deep-bottom-cosine-taught": Student("bahdanau-deep-bottom-cosine", TAUGHT, from_variant=False),
+    "luong-deep-no-feeding-cosine-taught": Student("luong-deep-no-feeding-cosine", TAUGHT, from_variant=False),
 }
 # name → the variants decoded together (those that finished)
 ENSEMBLES: dict[str, tuple[str, ...]] = {
