@@ -658,6 +658,7 @@ def test_a_signal_to_every_process_while_the_workers_start_ends_the_startup(tiny
         server.stop()
     log = server.log.read_text()
     assert status == 0 and "Traceback" not in log, log[-3000:]  # as a server asked to stop after startup
+    assert "Started server process" not in log  # it stopped in the startup: no HTTP process was started
     assert not any(alive(p) for p in processes)
 
 

@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -214,17 +215,19 @@ class TeacherTable:
             problem = f"other length limits ({', '.join(f'data.{k}={made_for[k]}' for k in limits)})"
         elif made_for["pairs"] != len(dataset):
             problem = f"{made_for['pairs']} training pairs, and this run has {len(dataset)}"
-        elif not torch.equal(self._tensors()["length"].long(), torch.tensor([len(t) + 1 for t in dataset.targets])):
+        elif not torch.equal(self._tensors["length"].long(), torch.tensor([len(t) + 1 for t in dataset.targets])):
             problem = "targets of other lengths: the tokenizers encode otherwise here"
         if problem:
             raise ConfigurationError(f"training.teacher: {self.directory} holds a table made for {problem}")
 
+    @cached_property
     def _tensors(self) -> dict[str, torch.Tensor]:
+        """The table's tensors, read once for the check and the run."""
         return load_file(str(self.directory / TABLE_WEIGHTS))
 
     def distillation(self) -> Distillation:
         """The table, on the CPU until the run places it."""
-        tensors = self._tensors()
+        tensors = self._tensors
         distillation = Distillation(None, top_k=self.manifest["top_k"])
         distillation.length = tensors["length"].long()
         distillation.start = distillation.length.cumsum(0) - distillation.length
