@@ -11,7 +11,8 @@ scratch, and learns from the ensemble of every variant of the run (distillation:
 their mixture, whatever ``--ensemble-averaging`` says), with its own budget; or,
 with ``--teacher-table DIR``, from a table that an earlier sweep kept, without
 any variant of this one. Then the ensembles named below are scored from the
-variants' and students' bundles, once for each ``--ensemble-averaging`` (one that
+variants' and students' bundles (those with the same members as one before them
+are skipped), once for each ``--ensemble-averaging`` (one that
 averages log-probabilities is named with ``-log-probabilities``); with
 ``--keep-teacher-table``, the variants' table is made meanwhile, in
 ``OUTPUT/teacher-table-run/teacher-table``, for the students of a later sweep.
@@ -299,11 +300,15 @@ def main() -> None:
         ]
         write_summary(output, [*names, *students])
 
-    ensembles = {}
+    ensembles, scored = {}, {}  # scored: each member list → the first ensemble that has it
     for name, members in ENSEMBLES.items():
         present = [m for m in members if m in trained or m in students]
         if len(present) > 1:
             bundles = ",".join(str(output / m / "bundle") for m in present)
+            if bundles in scored:  # the same models decode to the same figures: score them once
+                print(f"skip {name}: the same members as {scored[bundles]}", flush=True)
+                continue
+            scored[bundles] = name
             for averaging in averagings:
                 run = name if averaging == DEFAULT_AVERAGING else f"{name}-{averaging}"
                 forget_if_scored_otherwise(output / run / "results.json", bundles, averaging)

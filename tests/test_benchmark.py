@@ -130,6 +130,14 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
         str(output / n / "bundle") for n in ("base", "luong", "bahdanau")
     ]
 
+    # two ensembles of the same members are scored once, under the first name
+    pair = [*command]
+    pair[pair.index("base,luong,bahdanau,base-student")] = "luong,bahdanau"
+    same = subprocess.run(pair, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert same.returncode == 0 and "start" not in same.stdout, same.stdout[-3000:]
+    assert "skip ensemble-all: the same members as ensemble-attention" in same.stdout
+    assert list(json.loads((output / "summary.json").read_text())) == ["luong", "bahdanau", "ensemble-attention"]
+
     # taught by fewer variants, the student is trained again; without its starting point, it is skipped
     command[command.index("base,luong,bahdanau,base-student")] = "base,luong,base-student"
     fewer = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
