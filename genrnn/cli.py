@@ -21,6 +21,7 @@ from genrnn.config import (
     DecodingConfig,
     ExperimentConfig,
     decoding_for_mode,
+    from_dict,
     is_rank_zero,
     load_config,
     override,
@@ -84,7 +85,11 @@ def ensemble_averaging(args: argparse.Namespace) -> Averaging:
 
 
 def decoding_from_args(args: argparse.Namespace) -> DecodingConfig:
-    return decoding_for_mode({f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingConfig)})
+    return decoding_for_mode(_decoding_options(args))
+
+
+def _decoding_options(args: argparse.Namespace) -> dict[str, object]:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingConfig)}
 
 
 # -- train ---------------------------------------------------------------------------------------
@@ -240,7 +245,8 @@ def _run_generate(args: argparse.Namespace) -> None:
             ensemble_averaging=ensemble_averaging(args),
             input=Path(args.input),
             output=Path(args.output),
-            settings=decoding_from_args(args),
+            # Every option, also those --mode does not read: they are the defaults of lines in other modes.
+            settings=from_dict(DecodingConfig, _decoding_options(args)),
             batch_size=args.batch_size,
             accelerator=args.accelerator,
             devices=args.devices,
@@ -335,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (GenrnnError, ConfigurationError) as error:
+    except (GenrnnError, ConfigurationError, OSError) as error:  # OSError: a path, a permission, a full disk
         if is_rank_zero():  # every process of a distributed launch meets the same error
             print(f"genrnn {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -3,8 +3,10 @@
 The items are sorted by length and cut into batches; batch ``b`` belongs to rank
 ``b mod world_size``. Ownership depends only on the input and the number of ranks,
 never on what is already done, so ranks need not agree on progress: each skips
-the items of its own that a part file already holds and decodes the rest. Rank 0
-merges the parts in input order once every rank is through.
+its batches that the part files already hold whole and decodes the rest, a batch
+cut short whole again (writing only its new items), so that a resumed job writes
+what an unbroken one would. Rank 0 merges the parts in input order once every rank
+is through.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.utils.data import DataLoader
 
-from genrnn.bundle import load_bundle, sha256
-from genrnn.config import DEFAULT_AVERAGING, Averaging, DecodingConfig, parse_devices
+from genrnn.bundle import load_bundle
+from genrnn.config import DEFAULT_AVERAGING, Averaging, DecodingConfig, is_rank_zero, parse_devices
 from genrnn.decoding import Generator
 from genrnn.errors import ConfigurationError, interruption_kept
 from genrnn.quantization import quantize_int8
-from serving.batch_input import MAX_NEW_TOKENS, Item, read_items
+from serving.batch_input import MAX_NEW_TOKENS, Item, items_fingerprint, read_items
 from serving.batch_parts import PartStore
 
 
@@ -39,7 +41,7 @@ class GenerateJob:
     model: str | Path  # a bundle directory, or several joined by commas (an ensemble)
     input: Path
     output: Path
-    settings: DecodingConfig
+    settings: DecodingConfig  # every decoding option, also those its mode does not read: lines may change mode
     batch_size: int = 256
     accelerator: str = "auto"
     devices: str = "1"  # an integer, "auto", or a list like "0,1"
@@ -100,8 +102,12 @@ class GenerationModule(pl.LightningModule):
         ]
 
 
+def _as_is(batch: list[Item]) -> list[Item]:
+    return batch
+
+
 class ItemBatches(pl.LightningDataModule):
-    """The rank's pending batches: its own share, less what the part files already hold."""
+    """The rank's pending batches: its own share, less the batches the part files already hold whole."""
 
     def __init__(self, items: list[Item], store: PartStore, batch_size: int) -> None:
         super().__init__()
@@ -112,24 +118,29 @@ class ItemBatches(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         done = self.store.done()
         mine = owned_batches(self.items, self.batch_size, self.trainer.global_rank, self.trainer.world_size)
-        pending = [item for batch in mine for item in batch if item.index not in done]
-        # Re-cut in order after skipping, so that a resumed job still runs full batches of similar length.
-        return DataLoader(pending, batch_size=self.batch_size, collate_fn=list)
+        # A batch that a kill cut short is decoded whole again, not re-cut with the next: the last
+        # bits of a log-probability depend on what shares its batch, and a resumed job must write
+        # what an unbroken one would. PartWriter keeps only the items not written before.
+        pending = [batch for batch in mine if any(item.index not in done for item in batch)]
+        return DataLoader(pending, batch_size=None, collate_fn=_as_is)
 
 
 class PartWriter(BasePredictionWriter):
     """Appends each batch's records to the rank's part file as soon as it is decoded."""
 
-    def __init__(self, store: PartStore, total: int) -> None:
+    def __init__(self, store: PartStore, total: int, recorded: int) -> None:
+        """``recorded``: the items done without decoding (bad lines), out of ``total``."""
         super().__init__(write_interval="batch")
-        self.store, self.total = store, total
+        self.store, self.total, self.recorded = store, total, recorded
         self.part = None
+        self.done: set[int] = set()
         self.progress: Progress | None = None
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.part = self.store.open_part(trainer.global_rank)
+        self.done = self.store.done()
         if trainer.is_global_zero:
-            self.progress = Progress(self.total, len(self.store.done()), trainer.world_size)
+            self.progress = Progress(self.total, self.recorded + len(self.done), trainer.world_size)
 
     def write_on_batch_end(
         self,
@@ -141,9 +152,10 @@ class PartWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        self.store.write(self.part, prediction)
+        new = [(index, record) for index, record in prediction if index not in self.done]
+        self.store.write(self.part, new)
         if self.progress:
-            self.progress.advance(len(prediction))
+            self.progress.advance(len(new))
         if trainer.received_sigterm:  # Lightning's prediction loop never looks: stop once the batch is saved
             raise SIGTERMException
 
@@ -183,17 +195,19 @@ def run_generate(job: GenerateJob) -> None:
     """Decode the input file into the output file, resuming from its part files if a run was cut short."""
     if job.batch_size < 1:
         raise ConfigurationError(f"batch_size: must be at least 1; got {job.batch_size}")
+    if job.output.is_dir():
+        raise ConfigurationError(f"output: {job.output} is a directory; name the JSONL file to write")
     store = PartStore(job.output)
     if job.output.exists() and not store.directory.exists():
         print(f"genrnn generate: {job.output} exists: nothing to do (remove it to generate again)", file=sys.stderr)
         return
     items, bad_lines = read_items(job.input, job.settings, job.skip_bad_lines)
-    for bad in bad_lines:
+    for bad in bad_lines if is_rank_zero() else ():  # every rank reads the same lines
         print(f"genrnn generate: {job.input}:{bad.line}: {bad.error} (recorded, skipped)", file=sys.stderr)
     bundle = load_bundle(job.model, averaging=job.ensemble_averaging)
     _quiet_lightning()
     total = len(items) + len(bad_lines)
-    trainer = build_trainer(job, PartWriter(store, total))
+    trainer = build_trainer(job, PartWriter(store, total, recorded=len(bad_lines)))
     model = bundle.model
     if job.quantize == "int8":
         if not isinstance(trainer.accelerator, CPUAccelerator):
@@ -201,7 +215,7 @@ def run_generate(job: GenerateJob) -> None:
         model = quantize_int8(model)
     store.check_stamp(
         {
-            "input_sha256": sha256(job.input),
+            "items_sha256": items_fingerprint(items, bad_lines),
             "model_sha256": bundle.fingerprint,
             "settings": asdict(job.settings),
             "quantize": job.quantize,

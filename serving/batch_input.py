@@ -16,11 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from genrnn.config import DecodingConfig, decoding_for_mode
+from genrnn.config import DecodingConfig, decoding_for_mode, fields_read
 from genrnn.data import decode_line, is_unicode_text, numbered_lines
 from genrnn.errors import ConfigurationError, DataError
 
-MAX_NEW_TOKENS = 1024  # the most any item may ask for: bounds the memory one batch can take
+# The most any item may ask for: they bound the memory one batch can take, so that no line can
+# make a batch fail (which would fail every rerun of the job too).
+MAX_NEW_TOKENS = 1024
+MAX_BEAM_SIZE = 64
+MAX_RETURN_SEQUENCES = 64
 SETTING_KEYS = frozenset(f.name for f in dataclasses.fields(DecodingConfig))
 
 ItemId = str | int
@@ -78,7 +82,7 @@ def _parse_text(line: str, number: int) -> tuple[ItemId, str, dict[str, Any]]:
 
 
 def _parse_tsv(line: str, number: int) -> tuple[ItemId, str, dict[str, Any]]:
-    fields = line.split("\t")
+    fields = line.rstrip("\t ").split("\t")  # spreadsheets export trailing tabs
     if len(fields) != 2:
         raise _Malformed(f"expected 'id<TAB>source', found {len(fields)} tab-separated fields")
     item_id, source = fields[0].strip(), fields[1].strip()
@@ -112,15 +116,29 @@ def _parse_jsonl(line: str, number: int) -> tuple[ItemId, str, dict[str, Any]]:
 _PARSERS = {"text": _parse_text, "tsv": _parse_tsv, "jsonl": _parse_jsonl}
 
 
+def over_cap(settings: DecodingConfig) -> str | None:
+    """What in ``settings`` asks for more than a batch job allows, if anything."""
+    caps = {"max_new_tokens": MAX_NEW_TOKENS, "beam_size": MAX_BEAM_SIZE, "num_return_sequences": MAX_RETURN_SEQUENCES}
+    for field, cap in caps.items():
+        if getattr(settings, field) > cap:
+            return f"{field}: at most {cap}; got {getattr(settings, field)}"
+    return None
+
+
 def _settings(defaults: DecodingConfig, overrides: dict[str, Any], item_id: ItemId) -> DecodingConfig:
-    """The job's settings with a line's overrides, and the item's own seed where the job has one."""
+    """The job's settings with a line's overrides, and the item's own seed where the job has one.
+
+    ``defaults`` holds every option of the job, also those its own mode does not read:
+    a line in another mode reads them (a greedy job's ``--seed`` seeds its sampled lines).
+    """
     try:
         settings = decoding_for_mode({**dataclasses.asdict(defaults), **overrides})
     except ConfigurationError as error:
         raise _Malformed(str(error), item_id) from None
-    if settings.max_new_tokens > MAX_NEW_TOKENS:
-        raise _Malformed(f"max_new_tokens: at most {MAX_NEW_TOKENS}; got {settings.max_new_tokens}", item_id)
-    if "seed" not in overrides and defaults.seed is not None:
+    problem = over_cap(settings)
+    if problem:
+        raise _Malformed(problem, item_id)
+    if "seed" in fields_read(settings.mode) and "seed" not in overrides and defaults.seed is not None:
         settings = dataclasses.replace(settings, seed=item_seed(defaults.seed, item_id))
     return settings
 
@@ -132,8 +150,9 @@ def read_items(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"input file not found: {path}")
-    if defaults.max_new_tokens > MAX_NEW_TOKENS:
-        raise ConfigurationError(f"max_new_tokens: at most {MAX_NEW_TOKENS}; got {defaults.max_new_tokens}")
+    problem = over_cap(defaults)
+    if problem:
+        raise ConfigurationError(problem)
     parse = _PARSERS[input_format(path)]
     items: list[Item] = []
     bad: list[BadLine] = []
@@ -154,3 +173,14 @@ def read_items(
     if not items and not bad:
         raise DataError(f"{path}: no inputs")
     return items, bad
+
+
+def items_fingerprint(items: list[Item], bad_lines: list[BadLine]) -> str:
+    """sha256 of what a job decodes and records: every item with its settings, and every bad line.
+
+    Taken from the items as read, not from the file: a file changed while the job starts,
+    or the same bytes read in another format, give other items.
+    """
+    records = [[i.index, i.id, i.source, dataclasses.asdict(i.settings)] for i in items]
+    records += [[b.index, b.id, b.line, b.error] for b in bad_lines]
+    return hashlib.sha256(json.dumps(records, ensure_ascii=False).encode()).hexdigest()

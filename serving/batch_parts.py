@@ -38,12 +38,18 @@ class PartStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / STAMP
         if path.is_file():
-            if json.loads(path.read_text()) != stamp:
+            try:
+                recorded = json.loads(path.read_text())
+            except ValueError:
+                raise GenrnnError(f"{path} is not a job's record; remove {self.directory} to start afresh") from None
+            if recorded != stamp:
                 raise GenrnnError(
                     f"{self.directory} holds the parts of a different job (input, model or decoding settings "
                     f"changed); remove it to start afresh"
                 )
             return
+        if self._part_paths():  # parts are only ever written after the stamp: whose job made these is unknown
+            raise GenrnnError(f"{self.directory} holds parts but no {STAMP}; remove it to start afresh")
         temporary = path.with_name(f"{STAMP}.{os.getpid()}.tmp")  # several ranks may write it at once
         temporary.write_text(json.dumps(stamp, indent=2) + "\n")
         os.replace(temporary, path)
@@ -108,4 +114,7 @@ class PartStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, self.output)
+        # The stamp goes last, so that a kill in between never leaves parts without it.
+        for path in self._part_paths():
+            path.unlink()
         shutil.rmtree(self.directory)

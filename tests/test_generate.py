@@ -19,7 +19,7 @@ from genrnn.config import DecodingConfig
 from genrnn.decoding import Generator
 from genrnn.errors import GenrnnError
 from serving.batch import GenerateJob, owned_batches, run_generate
-from serving.batch_input import read_items
+from serving.batch_input import MAX_BEAM_SIZE, items_fingerprint, read_items
 from tests.conftest import interruptible, signal_when
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
@@ -158,12 +158,17 @@ def test_skip_bad_lines_records_each_error_in_its_place(tiny_bundle, words, tmp_
         json.dumps({"id": "f", "source": words[4], "mode": "sample", "top_k": 10**23}),  # past a tensor's integers
         json.dumps({"id": "g", "source": "\ud800"}),  # JSON can spell what UTF-8 cannot
         json.dumps({"id": "h", "source": words[5], "temperature": 0}),  # greedy reads no temperature
+        # a beam or a candidate list past the job's caps would fail its whole batch, on every rerun
+        json.dumps({"id": "i", "source": words[6], "mode": "beam", "beam_size": 10**9}),
+        json.dumps({"id": "j", "source": words[7], "mode": "sample", "num_return_sequences": 10**8}),
     ]
     # The byte-order mark some editors write is no part of the first source.
     (tmp_path / "in.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n")
     out = generate(tiny_bundle, tmp_path / "in.jsonl", tmp_path / "out.jsonl", skip_bad_lines=True)
-    assert [o["id"] for o in out] == ["a", 2, "c", "d", "e", "f", "g", "h"]
-    assert [o.get("line") for o in out] == [None, 2, 3, 4, None, 7, 8, None]
+    assert [o["id"] for o in out] == ["a", 2, "c", "d", "e", "f", "g", "h", "i", "j"]
+    assert [o.get("line") for o in out] == [None, 2, 3, 4, None, 7, 8, None, 10, 11]
+    assert out[8]["error"] == f"beam_size: at most {MAX_BEAM_SIZE}; got {10**9}"
+    assert out[9]["error"].startswith("num_return_sequences: at most")
     assert out[7]["candidates"]
     assert "not valid JSON" in out[1]["error"]
     assert out[2]["error"].startswith("temperature:")
@@ -171,6 +176,55 @@ def test_skip_bad_lines_records_each_error_in_its_place(tiny_bundle, words, tmp_
     assert out[5]["error"].startswith("top_k:") and "surrogate" in out[6]["error"]
     assert out[0]["candidates"] and out[4]["candidates"] and out[4]["input"] == words[3]
     assert out[0]["input"] == words[0]
+
+
+def test_a_greedy_jobs_sampling_options_reach_its_sampled_lines(tiny_bundle, words, tmp_path, capsys):
+    """--seed, --temperature and --top-k are the defaults of every line, whatever the job's own mode."""
+    lines = [{"id": "s", "source": words[0], "mode": "sample", "num_return_sequences": 3}, {"source": words[1]}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["generate", "--model", str(tiny_bundle), "--input", str(tmp_path / "in.jsonl"), "--accelerator", "cpu"]
+    runs = {}
+    for name, options in {"a": ["--seed", "7"], "b": ["--seed", "7"], "c": ["--seed", "8"]}.items():
+        assert main([*args, "--output", str(tmp_path / f"{name}.jsonl"), *options]) == 0
+        runs[name] = read_jsonl(tmp_path / f"{name}.jsonl")
+    assert runs["a"] == runs["b"] and runs["a"][0] != runs["c"][0]
+    assert_same_outputs(runs["a"][1:], runs["c"][1:])  # the greedy line reads no seed
+
+    items, _ = read_items(tmp_path / "in.jsonl", DecodingConfig(seed=7, temperature=0.5, top_k=5))
+    assert (items[0].settings.temperature, items[0].settings.top_k) == (0.5, 5)
+    assert items[0].settings.seed is not None and items[1].settings.seed is None
+
+
+def test_the_job_is_known_by_the_items_it_read_not_by_the_files_bytes(tmp_path):
+    """The same bytes read as plain text and as TSV are two jobs: a resume must not mix them."""
+    for name in ("in.txt", "in.tsv"):
+        (tmp_path / name).write_text("w1\tcat\nw2\tdog\n")
+    text, tsv = (read_items(tmp_path / name, DecodingConfig()) for name in ("in.txt", "in.tsv"))
+    assert [item.source for item in text[0]] == ["w1\tcat", "w2\tdog"]
+    assert items_fingerprint(*text) != items_fingerprint(*tsv)
+    (tmp_path / "again.txt").write_text("w1\tcat\r\nw2\tdog")  # the same items, other line ends
+    assert items_fingerprint(*read_items(tmp_path / "again.txt", DecodingConfig())) == items_fingerprint(*text)
+
+
+def test_parts_of_unknown_origin_are_never_adopted(tiny_bundle, words, tmp_path):
+    (tmp_path / "in.txt").write_text("\n".join(words[:4]) + "\n")
+    parts = tmp_path / "out.jsonl.parts"
+    parts.mkdir()
+    (parts / "part-0.jsonl").write_text('0\t{"id": 1, "input": "someone else\'s", "candidates": []}\n')
+    with pytest.raises(GenrnnError, match="holds parts but no job.json"):
+        generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "out.jsonl")
+    (parts / "job.json").write_text("{cut sh")
+    with pytest.raises(GenrnnError, match="job.json is not a job's record"):
+        generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "out.jsonl")
+
+
+def test_an_output_path_that_cannot_be_written_is_one_line_of_error(tiny_bundle, words, tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("\n".join(words[:4]) + "\n")
+    args = ["generate", "--model", str(tiny_bundle), "--input", str(tmp_path / "in.txt"), "--accelerator", "cpu"]
+    for output, message in ((tmp_path / "in.txt" / "out.jsonl", "Not a directory"), (tmp_path, "is a directory")):
+        assert main([*args, "--output", str(output)]) == 1
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("genrnn generate: error:") and message in error and len(error.splitlines()) == 1
 
 
 def test_seeded_sampling_does_not_depend_on_batch_size_or_order(tiny_bundle, words, tmp_path):
@@ -217,23 +271,33 @@ def test_a_killed_job_resumes_with_nothing_lost_or_written_twice(tiny_bundle, wo
     signal_when(job, lambda: part.is_file() and part.read_bytes().count(b"\n") >= 4, signal.SIGKILL, "4 items")
     written = part.read_bytes().count(b"\n")
     assert 0 < written < len(sources) and not output.exists()
-    # Mark one finished item, to see that the rerun keeps it rather than decoding it again, and
-    # end the part with half a line, as a kill in the middle of a write leaves it.
+    # Mark one finished item, to see that the rerun keeps it rather than decoding it again; keep
+    # half of the last batch of two, and end the part with half a line, as a kill in the middle of
+    # a write leaves it.
     first, *rest = part.read_text().splitlines(keepends=True)
+    if len(rest) % 2:
+        rest.pop()
     index, record = first.split("\t", 1)
     marked = json.loads(record)
     marked["candidates"][0]["text"] = "kept from the first run"
     part.write_text("".join([f"{index}\t{json.dumps(marked)}\n", *rest, '7\t{"id": 8, "inp']))
 
-    # The rerun (here in this process, with another batch size) takes up where the killed job stopped.
+    # Another job, the same output: other settings, or a file whose words changed meanwhile.
     with pytest.raises(GenrnnError, match="different job"):
-        generate(tiny_bundle, source_file, output, settings=DecodingConfig(mode="beam"))
-    resumed = generate(tiny_bundle, source_file, output, batch_size=64)
+        generate(tiny_bundle, source_file, output, settings=DecodingConfig(mode="beam"), batch_size=2)
+    source_file.write_text("\n".join(["changed", *sources[1:]]) + "\n")
+    with pytest.raises(GenrnnError, match="different job"):
+        generate(tiny_bundle, source_file, output, batch_size=2)
+    source_file.write_text("\n".join(sources) + "\n")
+
+    # The rerun (here in this process) takes up where the killed job stopped, and writes what an
+    # unbroken run writes, to the last bit: the batch the kill cut short is decoded whole again.
+    resumed = generate(tiny_bundle, source_file, output, batch_size=2)
     assert not part.parent.exists()
     assert resumed[int(index)] == marked
-    reference = generate(tiny_bundle, source_file, tmp_path / "reference.jsonl", batch_size=64)
+    reference = generate(tiny_bundle, source_file, tmp_path / "reference.jsonl", batch_size=2)
     reference[int(index)] = marked
-    assert_same_outputs(resumed, reference)
+    assert resumed == reference
     progress = capsys.readouterr().err
     assert "items/s" in progress and "ETA" in progress
     generate(tiny_bundle, source_file, output)
@@ -292,7 +356,7 @@ def test_sigterm_stops_a_two_process_job_that_the_same_command_resumes(tiny_bund
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     single = generate(tiny_bundle, source_file, tmp_path / "single.jsonl", batch_size=2)
-    assert_same_outputs(read_jsonl(output), single)
+    assert read_jsonl(output) == single  # the same batches, so the same output to the last bit
 
 
 @pytest.mark.parametrize("count", [60, 5])  # with 5, the second process has no batch at all
@@ -306,4 +370,4 @@ def test_two_cpu_processes_merge_to_the_single_process_output(tiny_bundle, words
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "out.jsonl.parts").exists()
     single = generate(tiny_bundle, source_file, tmp_path / "single.jsonl", batch_size=8)
-    assert_same_outputs(read_jsonl(output), single)
+    assert read_jsonl(output) == single  # the same batches, so the same output to the last bit
