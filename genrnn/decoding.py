@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -156,15 +157,38 @@ def trace_back(
     return out
 
 
-@contextmanager
-def _recurrent_kernel(rows: int) -> Iterator[None]:
-    """Run recurrent layers on oneDNN only for batches of at least ``ONEDNN_MIN_ROWS`` rows."""
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled and rows >= ONEDNN_MIN_ROWS
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
+class _KernelSwitch:
+    """The process-wide oneDNN switch, shared by the threads that decode at once.
+
+    The setting found when the first of them came in is put back when the last leaves:
+    each restoring what it found would leave it off for good whenever two overlap (the
+    second finds the first's "off"). While they overlap the last to come in sets it,
+    which changes the speed and the last bits of a result, never its tokens' meaning.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.inside = 0
+        self.found = True
+
+    @contextmanager
+    def rows(self, rows: int) -> Iterator[None]:
+        """Run recurrent layers on oneDNN only for batches of at least ``ONEDNN_MIN_ROWS`` rows."""
+        with self.lock:
+            if self.inside == 0:
+                self.found = torch.backends.mkldnn.enabled
+            self.inside += 1
+            torch.backends.mkldnn.enabled = self.found and rows >= ONEDNN_MIN_ROWS
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.inside -= 1
+                if self.inside == 0:
+                    torch.backends.mkldnn.enabled = self.found
+
+
+_recurrent_kernel = _KernelSwitch().rows
 
 
 # -- the engine ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Sequence
 
 import pytest
@@ -310,3 +311,25 @@ def test_every_mode_runs_on_an_attention_model(generator, attention):
     assert [b.candidates[0].tokens for b in beam] == [g.candidates[0].tokens for g in greedy]
     sampled = attending.generate(WORDS, DecodingConfig(mode="sample", num_return_sequences=3, seed=1))
     assert all(len(s.candidates) == 3 for s in sampled)
+
+
+def test_threads_decoding_at_once_leave_the_onednn_switch_as_they_found_it(generator):
+    """Small batches turn oneDNN off while they decode; overlapping ones must not leave it off."""
+    assert torch.backends.mkldnn.enabled
+    sample = DecodingConfig(mode="sample", seed=1, num_return_sequences=2, max_new_tokens=8)
+    failures = []
+
+    def decode() -> None:
+        try:
+            for _ in range(30):
+                generator.generate(WORDS, sample)
+        except Exception as error:  # a thread's failure would otherwise go unseen
+            failures.append(error)
+
+    threads = [threading.Thread(target=decode) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    assert torch.backends.mkldnn.enabled
