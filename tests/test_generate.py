@@ -204,6 +204,8 @@ def test_the_job_is_known_by_the_items_it_read_not_by_the_files_bytes(tmp_path):
     assert items_fingerprint(*text) != items_fingerprint(*tsv)
     (tmp_path / "again.txt").write_text("w1\tcat\r\nw2\tdog")  # the same items, other line ends
     assert items_fingerprint(*read_items(tmp_path / "again.txt", DecodingConfig())) == items_fingerprint(*text)
+    (tmp_path / "again.tsv").write_text("w1\tcat\t\nw2\tdog\t\t\n")  # spreadsheets end rows with tabs
+    assert items_fingerprint(*read_items(tmp_path / "again.tsv", DecodingConfig())) == items_fingerprint(*tsv)
 
 
 def test_parts_of_unknown_origin_are_never_adopted(tiny_bundle, words, tmp_path):
