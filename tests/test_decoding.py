@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import threading
@@ -12,7 +13,7 @@ import torch
 
 from genrnn import decoding
 from genrnn.bundle import load_bundle
-from genrnn.config import DecodingConfig, ModelConfig
+from genrnn.config import DecodingConfig, ModelConfig, replace
 from genrnn.decoding import Generator, filtered_distribution, length_penalty, wide_dtype
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
@@ -333,3 +334,59 @@ def test_threads_decoding_at_once_leave_the_onednn_switch_as_they_found_it(gener
         thread.join()
     assert not failures
     assert torch.backends.mkldnn.enabled
+
+
+def test_a_capped_output_ends_with_reason_length(generator):
+    never_ends = copy.deepcopy(generator.model)
+    with torch.no_grad():
+        never_ends.output.bias[EOS_ID] = -20.0
+    capped = Generator(never_ends, generator.source_tokenizer, generator.target_tokenizer, seed=0)
+    for settings in (DecodingConfig(mode="greedy"), DecodingConfig(mode="beam"), DecodingConfig(mode="sample")):
+        result = capped.generate(["spelling"], replace(settings, max_new_tokens=1))[0].candidates[0]
+        assert (len(result.tokens), result.finish_reason) == (1, "length"), settings.mode
+
+
+ARCHITECTURES = {"none": {}, **ATTENTION}
+
+
+def double_generator(architecture: str, tokenizers: Generator) -> Generator:
+    """A random two-layer model in float64, where a row computes alike alone and in a batch: results compare with ==."""
+    torch.manual_seed(6)
+    config = small_config(decoder_layers=2, encoder_layers=2, **ARCHITECTURES[architecture])
+    source, target = tokenizers.source_tokenizer, tokenizers.target_tokenizer
+    model = Seq2Seq(config, source.vocab_size, target.vocab_size).double().eval()
+    with torch.no_grad():
+        model.output.bias[EOS_ID] = 1.0
+    return Generator(model, source, target, seed=0)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_request_of_a_mixed_batch_decodes_as_it_would_alone(generator, architecture):
+    engine = double_generator(architecture, generator)
+    words = [*WORDS, "", "a" * 30]  # an empty input and a long one beside the rest
+    # Only a seeded sample is its own: an unseeded one draws from the engine's stream.
+    settings = [replace(s, seed=7) if s.mode == "sample" else s for s in mixed_batch(words)]
+    together = engine.generate(words, settings)
+    for word, setting, result in zip(words, settings, together):
+        alone = engine.generate([word], setting)[0]
+        assert [c.to_dict() for c in result.candidates] == [c.to_dict() for c in alone.candidates], word
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_reported_log_probabilities_are_the_training_forwards(generator, architecture):
+    """The engine steps one position at a time; training runs the teacher-forced forward: they agree."""
+    engine = double_generator(architecture, generator)
+    settings = [DecodingConfig(mode="greedy"), DecodingConfig(mode="beam", beam_size=3, num_return_sequences=3)]
+    model = engine.model
+    for setting in settings:
+        for word, result in zip(WORDS, engine.generate(WORDS, setting)):
+            ids = engine.source_tokenizer.encode([word])[0]
+            for candidate in result.candidates:
+                outputs = candidate.tokens + ([EOS_ID] if candidate.finish_reason == "eos" else [])
+                with torch.no_grad():
+                    logits = model(torch.tensor([ids]), torch.tensor([len(ids)]), torch.tensor([[BOS_ID, *outputs]]))
+                logits = logits[0, : len(outputs)]
+                logits[:, [PAD_ID, BOS_ID]] = float("-inf")  # the engine never emits these
+                expected = logits.log_softmax(-1).gather(1, torch.tensor(outputs)[:, None]).sum()
+                # The engine's softmax is float32 (its sums float64), whatever the weights.
+                assert candidate.logprob == pytest.approx(float(expected), abs=1e-5), (word, setting.mode)
