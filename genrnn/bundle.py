@@ -144,7 +144,11 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 def verify_files(manifest_path: Path, manifest: dict[str, Any], required: set[str]) -> None:
     """Check that every file the manifest lists is beside it with its checksum, the ``required`` ones among them."""
     files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise BundleError(f"{manifest_path}: 'files' must map file names to checksums")
     for name, expected in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):  # only files beside the manifest
+            raise BundleError(f"{manifest_path}: {name!r} is not a file name beside it")
         path = manifest_path.parent / name
         if not path.is_file():
             raise BundleError(f"{path} is missing beside {manifest_path.name}")
@@ -166,7 +170,10 @@ def load_bundle(
     distributions are averaged as ``averaging`` says; they must share their tokenizers.
     """
     if "," in str(directory):
-        return _load_ensemble([d for d in str(directory).split(",") if d], device, averaging)
+        members = [d for d in str(directory).split(",") if d]
+        if not members:
+            raise BundleError(f"no bundle named in {str(directory)!r}")
+        return _load_ensemble(members, device, averaging)
     directory = Path(directory)
     manifest = read_manifest(directory)
     try:

@@ -103,7 +103,7 @@ def from_dict(cls: type[T], values: Any, prefix: str = "") -> T:
     _require(isinstance(values, dict), where, f"must be a mapping; got {type(values).__name__}")
     hints = _field_types(cls)
     names = set(hints)
-    unknown = sorted(set(values) - names)
+    unknown = sorted(map(str, set(values) - names))  # YAML keys may be numbers or booleans
     _require(
         not unknown,
         f"{prefix + '.' if prefix else ''}{unknown[0] if unknown else ''}",
@@ -384,9 +384,14 @@ class ExperimentConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)  # used for dev metrics
 
 
+def process_rank() -> int:
+    """This process's rank in a distributed launch (0 for the only process)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
 def is_rank_zero() -> bool:
     """Whether this process speaks for the run: rank 0 of a distributed launch, or the only process."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    return process_rank() == 0
 
 
 def parse_devices(devices: str) -> int | str:
@@ -436,8 +441,21 @@ def override(config: ExperimentConfig, assignments: list[str]) -> ExperimentConf
             _require(isinstance(target.get(section), dict), key, f"unknown section {section!r}")
             target = target[section]
         _require(name in target, key, "unknown key")
-        target[name] = read_yaml(raw)
+        target[name] = _override_value(key, raw)
     return from_dict(ExperimentConfig, values)
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """An override's value read as a YAML scalar, except where YAML would cut or mangle a plain string."""
+    try:
+        value = read_yaml(raw)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or error
+        raise ConfigurationError(f"{key}: {raw!r} is not a YAML value ({problem}); quote it") from None
+    unquoted = not raw.lstrip().startswith(("'", '"'))
+    if isinstance(value, str) and unquoted and value != raw.strip():  # "my #1.tsv": YAML reads a comment
+        return raw.strip()
+    return value
 
 
 def replace(config: T, **changes: Any) -> T:

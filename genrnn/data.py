@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from genrnn.errors import DataError
-from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 BUILTIN_PREFIX = "builtin:"
 CMUDICT_SPLITS = ("train", "dev", "test")
@@ -55,7 +55,9 @@ def decode_line(raw: bytes, number: int) -> str:
 def _parse_tsv_line(line: str, where: str) -> Example:
     fields = line.rstrip("\t ").split("\t")  # spreadsheets export trailing tabs
     if len(fields) < 2:
-        raise DataError(f"{where}: expected 'source<TAB>target', found no tab")
+        raise DataError(
+            f"{where}: " + ("empty target" if "\t" in line else "expected 'source<TAB>target', found no tab")
+        )
     source, targets = fields[0].strip(), tuple(f.strip() for f in fields[1:])
     if not source or not all(targets):
         raise DataError(f"{where}: empty source or target")
@@ -150,6 +152,14 @@ def read_examples(spec: str | Path) -> list[Example]:
     return read_file(spec)
 
 
+def builtin_split(spec: str | Path) -> str | None:
+    """The split a built-in dataset spec names (``train`` when it names none); None for a file."""
+    spec = str(spec)
+    if not spec.startswith(BUILTIN_PREFIX):
+        return None
+    return spec[len(BUILTIN_PREFIX) :].partition(":")[2] or "train"
+
+
 def default_valid_spec(train_spec: str) -> str | None:
     """The dev set that goes with a built-in training set (none for files)."""
     if train_spec.startswith(BUILTIN_PREFIX + "cmudict"):
@@ -217,6 +227,8 @@ class PairDataset(torch.utils.data.Dataset):
         self.sources = [s for s, _ in kept]
         self.targets = [t for _, t in kept]
         self.dropped = len(pairs) - len(kept)
+        # Pieces past the vocabulary's size read as UNK: a model cannot learn to write them.
+        self.with_unknown = sum(UNK_ID in s or UNK_ID in t for s, t in kept)
 
     def __len__(self) -> int:
         return len(self.sources)

@@ -10,7 +10,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from genrnn.config import TokenizerConfig
-from genrnn.errors import BundleError
+from genrnn.errors import BundleError, ConfigurationError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 _CONTROL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
@@ -78,11 +78,23 @@ def train_tokenizers(
 ) -> tuple[Tokenizer, Tokenizer]:
     """Source and target tokenizers trained on the training pairs (one shared model if asked)."""
     if config.shared:
-        shared = train_tokenizer([*sources, *targets], config.source_type, config.source_vocab_size)
+        shared = _trained([*sources, *targets], config.source_type, config.source_vocab_size, "source")
         return shared, shared
-    source = train_tokenizer(sources, config.source_type, config.source_vocab_size)
-    target = train_tokenizer(targets, config.target_type, config.target_vocab_size)
+    source = _trained(sources, config.source_type, config.source_vocab_size, "source")
+    target = _trained(targets, config.target_type, config.target_vocab_size, "target")
     return source, target
+
+
+def _trained(texts: Sequence[str], model_type: str, vocab_size: int, side: str) -> Tokenizer:
+    """:func:`train_tokenizer`, with sentencepiece's refusal (too small a vocabulary) told as a setting's."""
+    try:
+        return train_tokenizer(texts, model_type, vocab_size)
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1]
+        raise ConfigurationError(
+            f"tokenizer.{side}_vocab_size: a {model_type} model of {vocab_size} pieces cannot be trained "
+            f"on the {side}s: {reason}"
+        ) from None
 
 
 def tokenizers_fingerprint(source: Tokenizer, target: Tokenizer) -> str:

@@ -94,6 +94,24 @@ def test_library_loads_and_decodes_without_lightning_or_litserve(bundle_dir):
     assert out.stdout.strip() == "cat"
 
 
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [(["weights.safetensors"], "'files' must map file names"), ({"../genrnn.json": "0"}, "is not a file name beside")],
+)
+def test_a_manifest_whose_files_are_no_names_beside_it_is_refused(bundle_dir, tmp_path, files, message):
+    directory, _ = bundle_dir
+    copy = shutil.copytree(directory, tmp_path / "copy")
+    manifest = json.loads((copy / "genrnn.json").read_text())
+    (copy / "genrnn.json").write_text(json.dumps({**manifest, "files": files}))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(copy)
+
+
+def test_a_model_list_naming_no_bundle_is_refused():
+    with pytest.raises(BundleError, match="no bundle named in ','"):
+        load_bundle(",")
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", "{not json"])
 def test_a_manifest_that_is_no_json_object_is_refused(bundle_dir, tmp_path, content):
     directory, _ = bundle_dir

@@ -122,3 +122,15 @@ def test_overrides_set_nested_keys_and_are_validated():
         override(ExperimentConfig(), ["model.size=3"])
     with pytest.raises(ConfigurationError, match="section.key=value"):
         override(ExperimentConfig(), ["model.cell"])
+
+
+def test_an_override_is_a_plain_string_where_yaml_would_cut_it_and_refused_where_yaml_cannot_read_it():
+    config = override(ExperimentConfig(), ["data.train=runs/my #1.tsv", "data.valid='dev #2.tsv'"])
+    assert (config.data.train, config.data.valid) == ("runs/my #1.tsv", "dev #2.tsv")
+    with pytest.raises(ConfigurationError, match="data.train: '@pairs.tsv' is not a YAML value .*quote it"):
+        override(ExperimentConfig(), ["data.train=@pairs.tsv"])
+
+
+def test_unknown_keys_of_any_yaml_type_are_named():
+    with pytest.raises(ConfigurationError, match="1: unknown key"):
+        from_dict(ExperimentConfig, {1: "a", "foo": "b"})  # `1:` and `foo:` in one file

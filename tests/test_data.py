@@ -39,6 +39,7 @@ def test_tsv_and_jsonl_read_the_same_examples(tmp_path):
     [
         ("bad.tsv", "cat\tK AE1 T\ndog K AO1 G\n", 2, "no tab"),
         ("bad.tsv", "cat\tK AE1 T\n\n\tK\n", 3, "empty"),
+        ("bad.tsv", "cat\tK AE1 T\ndog\t\n", 2, "empty target"),  # not "no tab": it has one
         ("bad.jsonl", '{"source": "cat", "target": "K"}\n{"source": "dog"\n', 2, "not valid JSON"),
         ("bad.jsonl", '{"source": "cat"}\n', 1, '"source" and "target"'),
         ("bad.jsonl", '{"source": 3, "target": "K"}\n', 1, "must be strings"),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from genrnn.config import TokenizerConfig
+from genrnn.errors import ConfigurationError
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizers
 
 WORDS = ["cat", "dog", "house", "mouse"] * 5
@@ -35,6 +38,13 @@ def test_shared_model_serves_both_sides():
     )
     assert source is target
     assert source.decode(source.encode(["K AE1 T"])) == ["K AE1 T"]
+
+
+def test_a_vocabulary_smaller_than_the_alphabet_is_a_settings_error():
+    config = TokenizerConfig(source_type="bpe", source_vocab_size=16)
+    words = ["abcdefghijklmnopqrstuvwxyz", "quick brown fox"] * 5
+    with pytest.raises(ConfigurationError, match="tokenizer.source_vocab_size: a bpe model of 16 pieces"):
+        train_tokenizers(words, ["K AE1 T"] * 10, config)
 
 
 def test_vocab_size_is_an_upper_bound():

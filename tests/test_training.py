@@ -17,11 +17,11 @@ import pytest
 
 from genrnn.bundle import load_bundle
 from genrnn.config import DecodingConfig, ExperimentConfig, from_dict
-from genrnn.data import TokenBudgetBatchSampler, read_examples
+from genrnn.data import Example, TokenBudgetBatchSampler, read_examples
 from genrnn.decoding import Generator
 from genrnn.metrics import score
 from tests.conftest import TINY_CONFIG, interruptible, signal_when
-from training.datamodule import ResumableLoader
+from training.datamodule import ResumableLoader, spread
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
 
@@ -591,6 +591,30 @@ def test_user_errors_end_with_one_clear_line(args, message, tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--data", "builtin:cmudict:dev"], "data.valid: builtin:cmudict:dev is the training data's own split"),
+        (["--devices", "abc"], "training.accelerator/devices/num_nodes/strategy/precision:"),
+        (["--set", "data.max_source_length=2"], "no training pair is within data.max_source_length"),
+    ],
+)
+def test_training_that_could_not_mean_anything_is_refused_in_one_line(g2p_files, tmp_path, options, message):
+    longer = tmp_path / "longer.tsv"  # words of three letters and more
+    longer.write_text("".join(line for line in g2p_files["train"].open() if len(line.split("\t")[0]) > 2))
+    train = ["--train", str(longer), "--valid", str(g2p_files["dev"])]
+    args = [*(train if "--data" not in options else []), *options]
+    result = run_cli("train", "--config", str(TINY_CONFIG), *args, "--output", str(tmp_path / "r"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_dev_wer_is_scored_on_examples_spread_through_the_dev_set():
+    examples = [Example(f"w{i:03}", ("x",)) for i in range(100)]
+    assert [e.source for e in spread(examples, 4)] == ["w000", "w025", "w050", "w075"]
+    assert spread(examples, 0) == examples == spread(examples, 1000)
 
 
 def test_a_malformed_training_line_is_named(tmp_path):

@@ -58,6 +58,14 @@ def deaf_to_sigterm(worker_id: int, rank: int) -> None:
         pl_worker_init_function(worker_id, rank=rank)
 
 
+def spread(examples: Sequence[Example], limit: int) -> list[Example]:
+    """``limit`` examples evenly spaced through ``examples`` (all of them for 0): dev files are
+    often sorted, and their first examples alone would be words of a few initial letters."""
+    if not limit or limit >= len(examples):
+        return list(examples)
+    return [examples[i * len(examples) // limit] for i in range(limit)]
+
+
 class PairDataModule(pl.LightningDataModule):
     """Training and dev loaders over examples that are already read and tokenisers already trained."""
 
@@ -78,8 +86,7 @@ class PairDataModule(pl.LightningDataModule):
         limits = (config.max_source_length, config.max_target_length)
         self.train_set = PairDataset(training_pairs(train_examples), source_tokenizer, target_tokenizer, *limits)
         self.dev_set = PairDataset(training_pairs(dev_examples), source_tokenizer, target_tokenizer)
-        limit = config.valid_limit or len(dev_examples)
-        self.dev_examples = list(dev_examples)[:limit]  # decoded for dev WER/PER at each validation
+        self.dev_examples = spread(dev_examples, config.valid_limit)  # decoded for dev WER/PER at each validation
 
     def _loader(self, dataset: PairDataset, shuffle: bool) -> torch.utils.data.DataLoader:
         """Training batches come from a :class:`ResumableLoader`; dev batches, in a fixed order, need not."""

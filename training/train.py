@@ -21,10 +21,11 @@ from pytorch_lightning.callbacks import (
     TQDMProgressBar,
 )
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from genrnn.bundle import Bundle, load_bundle, save_bundle
 from genrnn.config import ExperimentConfig, ModelConfig, from_dict, is_rank_zero, parse_devices, to_dict
-from genrnn.data import Example, default_valid_spec, read_examples, training_pairs
+from genrnn.data import Example, builtin_split, default_valid_spec, read_examples, training_pairs
 from genrnn.errors import BundleError, ConfigurationError, DataError, interruption_kept
 from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
@@ -60,15 +61,25 @@ def load_data(config: ExperimentConfig) -> tuple[list[Example], list[Example]]:
     valid_spec = config.data.valid or default_valid_spec(config.data.train)
     if valid_spec is None:
         train, dev = hold_out_dev(train)
-        if not dev:
+        if not dev or not train:
             raise DataError(
-                f"{config.data.train}: too few sources to hold out a dev set (about 1 in {DEV_SHARE}); "
-                "give one with --valid"
+                f"{config.data.train}: too few sources to hold out a dev set (about 1 in {DEV_SHARE}) "
+                "and keep some to train on; give one with --valid"
             )
         if is_rank_zero():  # new training data gets its own dev set, whatever data.valid said: say so
             print(f"dev set: {len(dev)} examples held out of {config.data.train} (--valid gives one instead)")
         return train, dev
-    return train, read_examples(valid_spec)
+    split = builtin_split(config.data.train)
+    if split is not None and split == builtin_split(valid_spec):
+        raise ConfigurationError(
+            f"data.valid: {valid_spec} is the training data's own split ({config.data.train}); "
+            "validate on another (builtin:cmudict:dev, or a file)"
+        )
+    dev = read_examples(valid_spec)
+    shared = {e.source for e in train} & {e.source for e in dev}
+    if shared and is_rank_zero():  # dev WER would flatter the model on them
+        print(f"warning: {len(shared)} of the {len(dev)} dev sources are also training sources")
+    return train, dev
 
 
 def prepare_tokenizers(
@@ -258,23 +269,26 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
         # Validation, checkpoints and hence the bundle see the averaged weights.
         callbacks.append(EMAWeightAveraging(decay=training.ema_decay))
     interval = training.val_check_interval
-    trainer = pl.Trainer(
-        accelerator=training.accelerator,
-        devices=parse_devices(training.devices),
-        num_nodes=training.num_nodes,
-        strategy=training.strategy,
-        precision=training.precision,
-        max_epochs=training.max_epochs,
-        max_steps=training.max_steps,
-        max_time=training.max_time,
-        gradient_clip_val=training.gradient_clip or None,
-        val_check_interval=int(interval) if interval > 1 else interval,
-        callbacks=callbacks,
-        logger=[CSVLogger(output, name="logs"), TensorBoardLogger(output, name="tensorboard")],
-        log_every_n_steps=LOG_EVERY_N_STEPS,
-        use_distributed_sampler=False,  # the token-budget batch sampler shards by rank itself
-        num_sanity_val_steps=0,
-    )
+    try:
+        trainer = pl.Trainer(
+            accelerator=training.accelerator,
+            devices=parse_devices(training.devices),
+            num_nodes=training.num_nodes,
+            strategy=training.strategy,
+            precision=training.precision,
+            max_epochs=training.max_epochs,
+            max_steps=training.max_steps,
+            max_time=training.max_time,
+            gradient_clip_val=training.gradient_clip or None,
+            val_check_interval=int(interval) if interval > 1 else interval,
+            callbacks=callbacks,
+            logger=[CSVLogger(output, name="logs"), TensorBoardLogger(output, name="tensorboard")],
+            log_every_n_steps=LOG_EVERY_N_STEPS,
+            use_distributed_sampler=False,  # the token-budget batch sampler shards by rank itself
+            num_sanity_val_steps=0,
+        )
+    except (MisconfigurationException, TypeError, ValueError) as error:
+        raise ConfigurationError(f"training.accelerator/devices/num_nodes/strategy/precision: {error}") from None
     return trainer, checkpoint
 
 
@@ -286,6 +300,7 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     """
     output = Path(output)
     pl.seed_everything(config.training.seed, workers=True, verbose=False)
+    trainer, checkpoint = build_trainer(config, output)  # first: a device setting it refuses costs nothing
     train_examples, dev_examples = load_data(config)
     data_fingerprint = fingerprint(train_examples)
     related = load_related_bundles(config)
@@ -305,10 +320,20 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     datamodule = PairDataModule(
         train_examples, dev_examples, source_tokenizer, target_tokenizer, config.data, config.training.seed
     )
-    if datamodule.train_set.dropped and is_rank_zero():
+    train_set = datamodule.train_set
+    if not len(train_set):
+        raise DataError(
+            f"{config.data.train}: no training pair is within data.max_source_length / data.max_target_length"
+        )
+    if train_set.dropped and is_rank_zero():
         print(
-            f"{datamodule.train_set.dropped} training pairs are longer than data.max_source_length / "
+            f"{train_set.dropped} training pairs are longer than data.max_source_length / "
             "data.max_target_length and were left out"
+        )
+    if train_set.with_unknown and is_rank_zero():
+        print(
+            f"warning: {train_set.with_unknown} training pairs hold pieces past the vocabulary "
+            "(tokenizer.source_vocab_size / target_vocab_size), which the model reads and writes as UNK"
         )
     teacher = related.get("teacher")
     if isinstance(teacher, TeacherTable):
@@ -323,14 +348,16 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
         )
     weights_of = {key: bundle.fingerprint for key, bundle in related.items()}  # which init_from, which teacher
     del related, lent, teacher  # the teacher lives on in the module until its table is made
-    trainer, checkpoint = build_trainer(config, output)
     last = last_checkpoint(output)
     ckpt_path = str(last) if resume and last.is_file() else None
     if ckpt_path and trainer.is_global_zero:
         print(f"resuming from {last}")
     started = time.monotonic()
     with interruption_kept(trainer):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except MisconfigurationException as error:  # settings that only the data shows wrong
+            raise ConfigurationError(f"training: {error}") from None
     if not trainer.is_global_zero:
         return None
 
