@@ -300,15 +300,16 @@ def main() -> None:
         ]
         write_summary(output, [*names, *students])
 
-    ensembles, scored = {}, {}  # scored: each member list → the first ensemble that has it
+    ensembles, scored = {}, {}  # scored: each set of members → the first ensemble that has it
     for name, members in ENSEMBLES.items():
         present = [m for m in members if m in trained or m in students]
         if len(present) > 1:
             bundles = ",".join(str(output / m / "bundle") for m in present)
-            if bundles in scored:  # the same models decode to the same figures: score them once
-                print(f"skip {name}: the same members as {scored[bundles]}", flush=True)
+            members_key = ",".join(sorted(present))
+            if members_key in scored:  # the same models decode to the same figures: score them once
+                print(f"skip {name}: the same members as {scored[members_key]}", flush=True)
                 continue
-            scored[bundles] = name
+            scored[members_key] = name
             for averaging in averagings:
                 run = name if averaging == DEFAULT_AVERAGING else f"{name}-{averaging}"
                 forget_if_scored_otherwise(output / run / "results.json", bundles, averaging)

@@ -25,6 +25,7 @@ from genrnn.config import (
     is_rank_zero,
     load_config,
     override,
+    process_rank,
     replace,
 )
 from genrnn.errors import ConfigurationError, GenrnnError, Terminated
@@ -341,9 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (GenrnnError, ConfigurationError, OSError) as error:  # OSError: a path, a permission, a full disk
+    except (GenrnnError, ConfigurationError) as error:
         if is_rank_zero():  # every process of a distributed launch meets the same error
             print(f"genrnn {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a path, a permission, a full disk: one process's own, so every rank tells its own
+        rank = process_rank()
+        print(f"genrnn {args.command}: error{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Terminated) as stop:
         # The shell's statuses for a process that a signal ended: 128 + SIGINT (2) or SIGTERM (15).

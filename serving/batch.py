@@ -12,6 +12,7 @@ is through.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 import warnings
@@ -25,8 +26,8 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.utils.data import DataLoader
 
-from genrnn.bundle import load_bundle
-from genrnn.config import DEFAULT_AVERAGING, Averaging, DecodingConfig, is_rank_zero, parse_devices
+from genrnn.bundle import load_bundle, sha256
+from genrnn.config import DEFAULT_AVERAGING, Averaging, DecodingConfig, decoding_for_mode, is_rank_zero, parse_devices
 from genrnn.decoding import Generator
 from genrnn.errors import ConfigurationError, interruption_kept
 from genrnn.quantization import quantize_int8
@@ -198,6 +199,8 @@ def run_generate(job: GenerateJob) -> None:
     if job.output.is_dir():
         raise ConfigurationError(f"output: {job.output} is a directory; name the JSONL file to write")
     store = PartStore(job.output)
+    if store.merged():  # a kill during the last cleanup: the output is whole
+        shutil.rmtree(store.directory, ignore_errors=True)
     if job.output.exists() and not store.directory.exists():
         print(f"genrnn generate: {job.output} exists: nothing to do (remove it to generate again)", file=sys.stderr)
         return
@@ -213,13 +216,17 @@ def run_generate(job: GenerateJob) -> None:
         if not isinstance(trainer.accelerator, CPUAccelerator):
             raise ConfigurationError("quantize: int8 decoding runs on the CPU; add --accelerator cpu")
         model = quantize_int8(model)
+    model_facts = {"model_sha256": bundle.fingerprint}
     store.check_stamp(
-        {
-            "items_sha256": items_fingerprint(items, bad_lines),
-            "model_sha256": bundle.fingerprint,
-            "settings": asdict(job.settings),
+        {"items_sha256": items_fingerprint(items, bad_lines), **model_facts, "quantize": job.quantize},
+        # the same job as genrnn stamped it before its stamp named the items read: the file's bytes
+        # and the settings its mode reads; its parts are taken over
+        earlier={
+            "input_sha256": sha256(job.input),
+            **model_facts,
+            "settings": asdict(decoding_for_mode(asdict(job.settings))),
             "quantize": job.quantize,
-        }
+        },
     )
 
     generator = Generator(model, bundle.source_tokenizer, bundle.target_tokenizer, max_new_tokens_cap=MAX_NEW_TOKENS)

@@ -33,8 +33,12 @@ class PartStore:
         self.output = Path(output)
         self.directory = parts_directory(self.output)
 
-    def check_stamp(self, stamp: dict[str, Any]) -> None:
-        """Record what the job is (input, model, settings), or check that the parts come from the same job."""
+    def check_stamp(self, stamp: dict[str, Any], earlier: dict[str, Any] | None = None) -> None:
+        """Record what the job is (input, model, settings), or check that the parts come from the same job.
+
+        ``earlier``: the same job as an earlier version of genrnn stamped it, whose parts
+        are taken over (and the stamp rewritten) rather than refused.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / STAMP
         if path.is_file():
@@ -42,17 +46,22 @@ class PartStore:
                 recorded = json.loads(path.read_text())
             except ValueError:
                 raise GenrnnError(f"{path} is not a job's record; remove {self.directory} to start afresh") from None
-            if recorded != stamp:
+            if recorded == stamp:
+                return
+            if earlier is None or recorded != earlier:
                 raise GenrnnError(
                     f"{self.directory} holds the parts of a different job (input, model or decoding settings "
                     f"changed); remove it to start afresh"
                 )
-            return
-        if self._part_paths():  # parts are only ever written after the stamp: whose job made these is unknown
+        elif self._part_paths():  # parts are only ever written after the stamp: whose job made these is unknown
             raise GenrnnError(f"{self.directory} holds parts but no {STAMP}; remove it to start afresh")
         temporary = path.with_name(f"{STAMP}.{os.getpid()}.tmp")  # several ranks may write it at once
         temporary.write_text(json.dumps(stamp, indent=2) + "\n")
         os.replace(temporary, path)
+
+    def merged(self) -> bool:
+        """Whether the output is in place and only the stamp is left: a kill cut the cleanup short."""
+        return self.output.is_file() and self.directory.is_dir() and not self._part_paths()
 
     def _part_paths(self) -> list[Path]:
         return sorted(self.directory.glob("part-*.jsonl"))

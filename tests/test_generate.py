@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -13,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from genrnn.bundle import load_bundle
+from genrnn.bundle import load_bundle, sha256
 from genrnn.cli import main
 from genrnn.config import DecodingConfig
 from genrnn.decoding import Generator
 from genrnn.errors import GenrnnError
 from serving.batch import GenerateJob, owned_batches, run_generate
 from serving.batch_input import MAX_BEAM_SIZE, items_fingerprint, read_items
+from serving.batch_parts import PartStore
 from tests.conftest import interruptible, signal_when
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
@@ -259,7 +261,7 @@ def test_batches_are_cut_by_length_and_shared_out_among_ranks(words, tmp_path):
     assert lengths == sorted(lengths)
 
 
-def test_a_killed_job_resumes_with_nothing_lost_or_written_twice(tiny_bundle, words, tmp_path, capsys):
+def test_a_killed_job_resumes_with_nothing_lost_or_written_twice(tiny_bundle, words, tmp_path, capsys, monkeypatch):
     sources = words[:300]
     source_file = tmp_path / "in.txt"
     source_file.write_text("\n".join(sources) + "\n")
@@ -293,8 +295,19 @@ def test_a_killed_job_resumes_with_nothing_lost_or_written_twice(tiny_bundle, wo
     source_file.write_text("\n".join(sources) + "\n")
 
     # The rerun (here in this process) takes up where the killed job stopped, and writes what an
-    # unbroken run writes, to the last bit: the batch the kill cut short is decoded whole again.
+    # unbroken run writes, to the last bit: the batch the kill cut short is decoded whole again,
+    # and only its items not written before are added to the part.
+    indices_written = []
+    merge = PartStore.merge
+
+    def look_then_merge(store: PartStore, *args) -> None:
+        indices_written.extend(int(line.split("\t", 1)[0]) for line in part.read_text().splitlines())
+        merge(store, *args)
+
+    monkeypatch.setattr(PartStore, "merge", look_then_merge)
     resumed = generate(tiny_bundle, source_file, output, batch_size=2)
+    monkeypatch.undo()
+    assert sorted(indices_written) == list(range(len(sources)))
     assert not part.parent.exists()
     assert resumed[int(index)] == marked
     reference = generate(tiny_bundle, source_file, tmp_path / "reference.jsonl", batch_size=2)
@@ -373,3 +386,32 @@ def test_two_cpu_processes_merge_to_the_single_process_output(tiny_bundle, words
     assert not (tmp_path / "out.jsonl.parts").exists()
     single = generate(tiny_bundle, source_file, tmp_path / "single.jsonl", batch_size=8)
     assert read_jsonl(output) == single  # the same batches, so the same output to the last bit
+
+
+def test_a_kill_during_the_last_cleanup_leaves_nothing_to_do(tiny_bundle, words, tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("\n".join(words[:6]) + "\n")
+    output = tmp_path / "out.jsonl"
+    written = generate(tiny_bundle, tmp_path / "in.txt", output, settings=DecodingConfig(mode="sample"))
+    (tmp_path / "out.jsonl.parts").mkdir()  # the output renamed into place, the parts gone, the stamp not yet
+    (tmp_path / "out.jsonl.parts" / "job.json").write_text("{}")
+    again = generate(tiny_bundle, tmp_path / "in.txt", output, settings=DecodingConfig(mode="sample"))
+    assert again == written and "nothing to do" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl.parts").exists()
+
+
+def test_parts_that_an_earlier_genrnn_stamped_are_taken_over(tiny_bundle, words, tmp_path):
+    """Its stamp named the file's bytes and the settings the mode reads, where it now names the items read."""
+    source_file = tmp_path / "in.txt"
+    source_file.write_text("\n".join(words[:20]) + "\n")
+    reference = generate(tiny_bundle, source_file, tmp_path / "reference.jsonl", batch_size=4)
+    parts = tmp_path / "out.jsonl.parts"
+    parts.mkdir()
+    earlier = {
+        "input_sha256": sha256(source_file),
+        "model_sha256": load_bundle(tiny_bundle).fingerprint,
+        "settings": dataclasses.asdict(DecodingConfig()),
+        "quantize": None,
+    }
+    (parts / "job.json").write_text(json.dumps(earlier))
+    (parts / "part-0.jsonl").write_text("".join(f"{i}\t{json.dumps(reference[i])}\n" for i in range(7)))
+    assert generate(tiny_bundle, source_file, tmp_path / "out.jsonl", batch_size=4) == reference
