@@ -61,7 +61,9 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
 
 def add_quantize_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--quantize", choices=["int8"], help="decode with int8 weights (dynamic quantization; CPU only)"
+        "--quantize",
+        choices=["int8"],
+        help="decode with int8 weights (dynamic quantization; CPU only; outputs depend on the batch, seeds too)",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from genrnn.decoding import Generator
 from genrnn.ensemble import Ensemble
 from genrnn.errors import BundleError
 from genrnn.model import Seq2Seq
-from genrnn.tokenizer import BOS_ID, train_tokenizers
+from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizers
 
 WORDS, PHONES = ["cat", "dog", "house", "mouse"] * 4, ["K AE1 T", "D AO1 G", "HH AW1 S", "M AW1 S"] * 4
 
@@ -57,6 +58,40 @@ def test_the_next_token_distribution_is_the_members_average(tokenizers, averagin
         expected = log_probs.mean(0).exp() / log_probs.mean(0).exp().sum(-1, keepdim=True)
     torch.testing.assert_close(averaged.exp(), expected)
     assert averaged.exp().sum(-1).item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("averaging", AVERAGINGS)
+def test_every_step_of_a_mixed_ensembles_outputs_scores_the_members_average(tokenizers, averaging):
+    """Members of other architectures and depths keep their own states through every step of a beam."""
+    shapes = [
+        {},
+        {"attention": "bahdanau", "decoder_layers": 2, "attention_query": "bottom"},
+        {"attention": "luong", "cell": "gru", "encoder_layers": 2},
+    ]
+    members = []
+    for seed, shape in enumerate(shapes):
+        torch.manual_seed(seed)
+        config = ModelConfig(embedding_dim=16, encoder_hidden=8, decoder_hidden=16, **shape)
+        members.append(Seq2Seq(config, tokenizers[0].vocab_size, tokenizers[1].vocab_size).double().eval())
+    settings = DecodingConfig(mode="beam", beam_size=3, num_return_sequences=3, max_new_tokens=6)
+    results = Generator(Ensemble(members, averaging), *tokenizers).generate(WORDS[:4], settings)
+    for word, result in zip(WORDS[:4], results):
+        ids = tokenizers[0].encode([word])
+        for candidate in result.candidates:
+            outputs = candidate.tokens + ([EOS_ID] if candidate.finish_reason == "eos" else [])
+            target_in = torch.tensor([[BOS_ID, *outputs]])
+            with torch.no_grad():  # each member alone, teacher-forced over the whole output
+                each = torch.stack(
+                    [m(torch.tensor(ids), torch.tensor([len(ids[0])]), target_in)[0].log_softmax(-1) for m in members]
+                )
+            if averaging == "probabilities":
+                averaged = torch.logsumexp(each, dim=0) - math.log(len(members))
+            else:
+                averaged = each.mean(dim=0)
+            averaged[:, [PAD_ID, BOS_ID]] = float("-inf")  # never emitted: the engine renormalises without them
+            steps = averaged[: len(outputs)].log_softmax(-1)
+            expected = steps.gather(1, torch.tensor(outputs)[:, None]).sum()
+            assert candidate.logprob == pytest.approx(float(expected), abs=1e-5), word
 
 
 def test_an_unknown_averaging_is_refused(tokenizers):
