@@ -309,6 +309,7 @@ class OptimConfig:
                 "training.max_time",
                 f"must be DD:HH:MM:SS; got {self.max_time!r}",
             )
+            _require(any(int(p) for p in parts), "training.max_time", "must be more than zero")
 
 
 MAX_TEMPERATURE = 100.0  # far past uniform already; beyond float32's range, logits / temperature is NaN

@@ -83,6 +83,7 @@ def test_decoding_ranges(values, field):
         ("training.seed=-5", "training.seed: must be in"),
         ("training.weight_decay=-1", "training.weight_decay: must be 0"),
         ("training.max_steps=0", "training.max_steps: must be positive or -1"),
+        ("training.max_time=00:00:00:00", "training.max_time: must be more than zero"),
         ("training.plateau_patience=-1", "training.plateau_patience: must be 0"),
         ("training.val_check_interval=0", "training.val_check_interval: must be a fraction"),
         ("training.val_check_interval=2.5", "training.val_check_interval: must be a fraction"),

@@ -831,7 +831,7 @@ def test_an_altered_teacher_table_is_refused(g2p_files, tiny_bundle, tmp_path):
         ),
         (
             ["--set", "tokenizer.target_vocab_size=60", "--set", "training.teacher={bundle}"],
-            "has other tokenizer settings than this run: target_vocab_size: 64 (this run: 60)",
+            "has other tokenizer settings than this run: target_vocab_size: 128 (this run: 60)",
         ),
         (["--set", "training.teacher={bundle},nowhere"], "training.teacher: bundle directory not found: nowhere"),
     ],
