@@ -301,6 +301,11 @@ class OptimConfig:
             "must exceed training.plateau_patience + 1, or training stops before the learning rate is ever cut",
         )
         _require(self.num_nodes >= 1, "training.num_nodes", "must be at least 1")
+        _require(
+            self.devices == "auto" or re.fullmatch(r"-1|[1-9][0-9]*|[0-9]+(,[0-9]+)*,?", self.devices) is not None,
+            "training.devices",
+            f"must be a count, 'auto', -1 (every device) or a list such as 0,1; got {self.devices!r}",
+        )
         _require(self.checkpoint_minutes >= 0, "training.checkpoint_minutes", "must be 0 (at every epoch end) or more")
         if self.max_time is not None:
             parts = self.max_time.split(":")
@@ -454,7 +459,7 @@ def _override_value(key: str, raw: str) -> Any:
         problem = getattr(error, "problem", None) or error
         raise ConfigurationError(f"{key}: {raw!r} is not a YAML value ({problem}); quote it") from None
     unquoted = not raw.lstrip().startswith(("'", '"'))
-    if isinstance(value, str) and unquoted and value != raw.strip():  # "my #1.tsv": YAML reads a comment
+    if isinstance(value, str) and unquoted and re.search(r"\s#", raw):  # "my #1.tsv": YAML reads a comment
         return raw.strip()
     return value
 

@@ -17,6 +17,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,24 @@ def build_trainer(job: GenerateJob, writer: PartWriter) -> pl.Trainer:
         raise ConfigurationError(f"accelerator/devices/num_nodes: {error}") from None
 
 
+def _earlier_stamp(job: GenerateJob, fingerprint: str, model_fingerprint: str) -> dict[str, Any] | None:
+    """The job's stamp as genrnn wrote it before stamps named the items read, if it decoded the same items.
+
+    That version stamped the file's bytes and the settings the job's mode reads, and gave a
+    line in another mode none of the job's other options: where that made other items, its
+    parts are not this job's.
+    """
+    settings = decoding_for_mode(asdict(job.settings))
+    if items_fingerprint(*read_items(job.input, settings, job.skip_bad_lines)) != fingerprint:
+        return None
+    return {
+        "input_sha256": sha256(job.input),
+        "model_sha256": model_fingerprint,
+        "settings": asdict(settings),
+        "quantize": job.quantize,
+    }
+
+
 def run_generate(job: GenerateJob) -> None:
     """Decode the input file into the output file, resuming from its part files if a run was cut short."""
     if job.batch_size < 1:
@@ -216,17 +235,10 @@ def run_generate(job: GenerateJob) -> None:
         if not isinstance(trainer.accelerator, CPUAccelerator):
             raise ConfigurationError("quantize: int8 decoding runs on the CPU; add --accelerator cpu")
         model = quantize_int8(model)
-    model_facts = {"model_sha256": bundle.fingerprint}
+    fingerprint = items_fingerprint(items, bad_lines)
     store.check_stamp(
-        {"items_sha256": items_fingerprint(items, bad_lines), **model_facts, "quantize": job.quantize},
-        # the same job as genrnn stamped it before its stamp named the items read: the file's bytes
-        # and the settings its mode reads; its parts are taken over
-        earlier={
-            "input_sha256": sha256(job.input),
-            **model_facts,
-            "settings": asdict(decoding_for_mode(asdict(job.settings))),
-            "quantize": job.quantize,
-        },
+        {"items_sha256": fingerprint, "model_sha256": bundle.fingerprint, "quantize": job.quantize},
+        earlier=partial(_earlier_stamp, job, fingerprint, bundle.fingerprint),
     )
 
     generator = Generator(model, bundle.source_tokenizer, bundle.target_tokenizer, max_new_tokens_cap=MAX_NEW_TOKENS)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -33,11 +33,12 @@ class PartStore:
         self.output = Path(output)
         self.directory = parts_directory(self.output)
 
-    def check_stamp(self, stamp: dict[str, Any], earlier: dict[str, Any] | None = None) -> None:
+    def check_stamp(self, stamp: dict[str, Any], earlier: Callable[[], dict[str, Any] | None] | None = None) -> None:
         """Record what the job is (input, model, settings), or check that the parts come from the same job.
 
-        ``earlier``: the same job as an earlier version of genrnn stamped it, whose parts
-        are taken over (and the stamp rewritten) rather than refused.
+        ``earlier()``: the same job as an earlier version of genrnn stamped it, if that
+        version decoded it alike; its parts are taken over (and the stamp rewritten)
+        rather than refused. Asked only when the recorded stamp is not ``stamp``.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / STAMP
@@ -48,7 +49,7 @@ class PartStore:
                 raise GenrnnError(f"{path} is not a job's record; remove {self.directory} to start afresh") from None
             if recorded == stamp:
                 return
-            if earlier is None or recorded != earlier:
+            if earlier is None or recorded != earlier():
                 raise GenrnnError(
                     f"{self.directory} holds the parts of a different job (input, model or decoding settings "
                     f"changed); remove it to start afresh"

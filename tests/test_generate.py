@@ -16,7 +16,7 @@ import torch
 
 from genrnn.bundle import load_bundle, sha256
 from genrnn.cli import main
-from genrnn.config import DecodingConfig
+from genrnn.config import DecodingConfig, decoding_for_mode
 from genrnn.decoding import Generator
 from genrnn.errors import GenrnnError
 from serving.batch import GenerateJob, owned_batches, run_generate
@@ -399,19 +399,35 @@ def test_a_kill_during_the_last_cleanup_leaves_nothing_to_do(tiny_bundle, words,
     assert not (tmp_path / "out.jsonl.parts").exists()
 
 
-def test_parts_that_an_earlier_genrnn_stamped_are_taken_over(tiny_bundle, words, tmp_path):
+def earlier_stamp(tiny_bundle: Path, source_file: Path, settings: DecodingConfig) -> dict:
+    """A job's stamp as genrnn wrote it before stamps named the items read."""
+    return {
+        "input_sha256": sha256(source_file),
+        "model_sha256": load_bundle(tiny_bundle).fingerprint,
+        "settings": dataclasses.asdict(decoding_for_mode(dataclasses.asdict(settings))),
+        "quantize": None,
+    }
+
+
+def test_parts_that_an_earlier_genrnn_stamped_are_taken_over_when_it_decoded_alike(tiny_bundle, words, tmp_path):
     """Its stamp named the file's bytes and the settings the mode reads, where it now names the items read."""
     source_file = tmp_path / "in.txt"
     source_file.write_text("\n".join(words[:20]) + "\n")
     reference = generate(tiny_bundle, source_file, tmp_path / "reference.jsonl", batch_size=4)
     parts = tmp_path / "out.jsonl.parts"
     parts.mkdir()
-    earlier = {
-        "input_sha256": sha256(source_file),
-        "model_sha256": load_bundle(tiny_bundle).fingerprint,
-        "settings": dataclasses.asdict(DecodingConfig()),
-        "quantize": None,
-    }
-    (parts / "job.json").write_text(json.dumps(earlier))
-    (parts / "part-0.jsonl").write_text("".join(f"{i}\t{json.dumps(reference[i])}\n" for i in range(7)))
-    assert generate(tiny_bundle, source_file, tmp_path / "out.jsonl", batch_size=4) == reference
+    (parts / "job.json").write_text(json.dumps(earlier_stamp(tiny_bundle, source_file, DecodingConfig())))
+    kept = {**reference[0], "candidates": [{**reference[0]["candidates"][0], "text": "kept from the first run"}]}
+    records = [kept, *reference[1:7]]
+    (parts / "part-0.jsonl").write_text("".join(f"{i}\t{json.dumps(r)}\n" for i, r in enumerate(records)))
+    assert generate(tiny_bundle, source_file, tmp_path / "out.jsonl", batch_size=4) == [kept, *reference[1:]]
+
+    # That version gave a line in another mode none of the job's options: a greedy job's --seed did
+    # not seed its sampled lines, so its parts of such a job are another job's.
+    lines = [{"source": word, **({"mode": "sample"} if i % 2 else {})} for i, word in enumerate(words[:6])]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "sampled.jsonl.parts").mkdir()
+    stamp = earlier_stamp(tiny_bundle, tmp_path / "in.jsonl", DecodingConfig(seed=5))
+    (tmp_path / "sampled.jsonl.parts" / "job.json").write_text(json.dumps(stamp))
+    with pytest.raises(GenrnnError, match="different job"):
+        generate(tiny_bundle, tmp_path / "in.jsonl", tmp_path / "sampled.jsonl", settings=DecodingConfig(seed=5))

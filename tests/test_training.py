@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from genrnn.bundle import load_bundle
-from genrnn.config import DecodingConfig, ExperimentConfig, from_dict
-from genrnn.data import Example, TokenBudgetBatchSampler, read_examples
+from genrnn.config import DataConfig, DecodingConfig, ExperimentConfig, TokenizerConfig, from_dict
+from genrnn.data import Example, PairDataset, TokenBudgetBatchSampler, read_examples
 from genrnn.decoding import Generator
 from genrnn.metrics import score
+from genrnn.tokenizer import train_tokenizers
 from tests.conftest import TINY_CONFIG, interruptible, signal_when
-from training.datamodule import ResumableLoader, spread
+from training.datamodule import PairDataModule, ResumableLoader, spread
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
 
@@ -597,8 +598,11 @@ def test_user_errors_end_with_one_clear_line(args, message, tmp_path):
     ("options", "message"),
     [
         (["--data", "builtin:cmudict:dev"], "data.valid: builtin:cmudict:dev is the training data's own split"),
-        (["--devices", "abc"], "training.accelerator/devices/num_nodes/strategy/precision:"),
+        (["--devices", "abc"], "training.devices: must be a count, 'auto'"),
+        # Lightning's refusal comes before the data is read: the missing file is not what is named
+        (["--accelerator", "tpuu", "--train", "/nonexistent.tsv"], "training.accelerator/devices/num_nodes/strategy"),
         (["--set", "data.max_source_length=2"], "no training pair is within data.max_source_length"),
+        (["--set", "training.val_check_interval=100000"], "training.val_check_interval: 100000 batches; an epoch has"),
     ],
 )
 def test_training_that_could_not_mean_anything_is_refused_in_one_line(g2p_files, tmp_path, options, message):
@@ -611,10 +615,33 @@ def test_training_that_could_not_mean_anything_is_refused_in_one_line(g2p_files,
     assert message in result.stderr.strip().splitlines()[-1]
 
 
-def test_dev_wer_is_scored_on_examples_spread_through_the_dev_set():
+def test_dev_wer_is_scored_on_examples_spread_through_the_dev_set(g2p_files):
     examples = [Example(f"w{i:03}", ("x",)) for i in range(100)]
     assert [e.source for e in spread(examples, 4)] == ["w000", "w025", "w050", "w075"]
     assert spread(examples, 0) == examples == spread(examples, 1000)
+    dev = read_examples(g2p_files["dev"])
+    tokenizers = train_tokenizers([e.source for e in dev], [e.targets[0] for e in dev], TokenizerConfig())
+    datamodule = PairDataModule(dev, dev, *tokenizers, DataConfig(valid_limit=10))
+    assert datamodule.dev_examples == spread(dev, 10) != dev[:10]
+
+
+def test_a_dev_set_that_shares_sources_with_the_training_data_is_reported(g2p_files, capsys):
+    from genrnn.config import load_config, replace
+    from training.train import load_data
+
+    config = load_config(TINY_CONFIG)
+    same = str(g2p_files["dev"])
+    load_data(replace(config, data=replace(config.data, train=same, valid=same)))
+    dev = read_examples(same)
+    assert f"warning: {len(dev)} of the {len(dev)} dev sources are also training sources" in capsys.readouterr().out
+
+
+def test_pairs_past_the_vocabulary_are_counted(g2p_files):
+    dev = read_examples(g2p_files["dev"])
+    pairs = [(e.source, e.targets[0]) for e in dev]
+    small = train_tokenizers([s for s, _ in pairs], [t for _, t in pairs], TokenizerConfig(target_vocab_size=40))
+    large = train_tokenizers([s for s, _ in pairs], [t for _, t in pairs], TokenizerConfig(target_vocab_size=128))
+    assert PairDataset(pairs, *small).with_unknown > 0 == PairDataset(pairs, *large).with_unknown
 
 
 def test_a_malformed_training_line_is_named(tmp_path):

@@ -113,6 +113,14 @@ class PairDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def epoch_batches(self, world_size: int) -> int:
+        """Training batches in an epoch of each of ``world_size`` processes."""
+        costs = [self.train_set.cost(i) for i in range(len(self.train_set))]
+        sampler = TokenBudgetBatchSampler(
+            costs, self.config.max_tokens, max_items=self.config.batch_size, num_replicas=world_size
+        )
+        return len(sampler)
+
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         return self._loader(self.train_set, shuffle=True)
 

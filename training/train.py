@@ -287,8 +287,8 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
             use_distributed_sampler=False,  # the token-budget batch sampler shards by rank itself
             num_sanity_val_steps=0,
         )
-    except (MisconfigurationException, TypeError, ValueError) as error:
-        raise ConfigurationError(f"training.accelerator/devices/num_nodes/strategy/precision: {error}") from None
+    except (MisconfigurationException, ValueError) as error:  # chained: a bug of ours would show its traceback
+        raise ConfigurationError(f"training.accelerator/devices/num_nodes/strategy/precision: {error}") from error
     return trainer, checkpoint
 
 
@@ -325,6 +325,10 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
         raise DataError(
             f"{config.data.train}: no training pair is within data.max_source_length / data.max_target_length"
         )
+    interval = config.training.val_check_interval
+    if interval > 1 and interval > (batches := datamodule.epoch_batches(trainer.world_size)):
+        # Lightning would find it only once fit has started, with a traceback
+        raise ConfigurationError(f"training.val_check_interval: {interval:g} batches; an epoch has {batches}")
     if train_set.dropped and is_rank_zero():
         print(
             f"{train_set.dropped} training pairs are longer than data.max_source_length / "
@@ -357,7 +361,7 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except MisconfigurationException as error:  # settings that only the data shows wrong
-            raise ConfigurationError(f"training: {error}") from None
+            raise ConfigurationError(f"training: {error}") from error
     if not trainer.is_global_zero:
         return None
 
