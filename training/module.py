@@ -138,7 +138,7 @@ class Seq2SeqModule(pl.LightningModule):
             return {"interval": "step", "frequency": int(interval)}
         if datamodule is None:  # no epoch length to go by: once an epoch
             return {"interval": "epoch"}
-        batches = len(datamodule.train_dataloader())
+        batches = datamodule.epoch_batches(self.trainer.world_size)
         return {"interval": "step", "frequency": max(1, int(batches * interval))}
 
     def configure_optimizers(self):
