@@ -659,7 +659,8 @@ def test_a_signal_to_every_process_while_the_workers_start_ends_the_startup(tiny
     log = server.log.read_text()
     assert status == 0 and "Traceback" not in log, log[-3000:]  # as a server asked to stop after startup
     assert "Started server process" not in log  # it stopped in the startup: no HTTP process was started
-    assert not any(alive(p) for p in processes)
+    # The main process's exit does not wait for the last of its children to be reaped.
+    wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
 
 
 def test_a_worker_that_dies_stops_the_server_as_a_failure(servers):
