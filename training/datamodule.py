@@ -91,15 +91,8 @@ class PairDataModule(pl.LightningDataModule):
     def _loader(self, dataset: PairDataset, shuffle: bool) -> torch.utils.data.DataLoader:
         """Training batches come from a :class:`ResumableLoader`; dev batches, in a fixed order, need not."""
         trainer = self.trainer
-        sampler = TokenBudgetBatchSampler(
-            [dataset.cost(i) for i in range(len(dataset))],
-            max_tokens=self.config.max_tokens,
-            max_items=self.config.batch_size,
-            shuffle=shuffle,
-            seed=self.seed,
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
-        )
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = self._sampler(dataset, shuffle, world_size, rank)
         loader = ResumableLoader if shuffle else torch.utils.data.DataLoader
         return loader(
             dataset,
@@ -113,13 +106,22 @@ class PairDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def _sampler(self, dataset: PairDataset, shuffle: bool, world_size: int, rank: int) -> TokenBudgetBatchSampler:
+        """Batches of ``dataset`` within the token budget, this rank's share of them."""
+        costs = [dataset.cost(i) for i in range(len(dataset))]
+        return TokenBudgetBatchSampler(
+            costs,
+            max_tokens=self.config.max_tokens,
+            max_items=self.config.batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            num_replicas=world_size,
+            rank=rank,
+        )
+
     def epoch_batches(self, world_size: int) -> int:
         """Training batches in an epoch of each of ``world_size`` processes."""
-        costs = [self.train_set.cost(i) for i in range(len(self.train_set))]
-        sampler = TokenBudgetBatchSampler(
-            costs, self.config.max_tokens, max_items=self.config.batch_size, num_replicas=world_size
-        )
-        return len(sampler)
+        return len(self._sampler(self.train_set, shuffle=True, world_size=world_size, rank=0))
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         return self._loader(self.train_set, shuffle=True)
