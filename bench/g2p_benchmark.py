@@ -29,10 +29,9 @@ import torch
 
 from genrnn.bundle import Bundle, load_bundle
 from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING, DecodingConfig, load_config, override, replace
-from genrnn.data import read_examples
+from genrnn.data import hold_out_dev, read_examples
 from genrnn.decoding import Generator
 from genrnn.evaluation import evaluate
-from training.train import hold_out_dev, train
 
 
 def train_model(args: argparse.Namespace, run: Path) -> tuple[Path, float]:
@@ -45,6 +44,8 @@ def train_model(args: argparse.Namespace, run: Path) -> tuple[Path, float]:
         training = replace(training, max_time=args.max_time)
     data = replace(config.data, train=str(Path(args.data_dir) / "g014b2b.train"), valid=None)
     config = replace(config, name=f"{config.name}-g014b2b", data=data, training=training)
+    from training.train import train  # here: scoring bundles alone needs no Lightning, and its import is slow
+
     started = time.monotonic()
     bundle = train(config, run)
     return bundle, time.monotonic() - started

@@ -18,6 +18,7 @@ from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 BUILTIN_PREFIX = "builtin:"
 CMUDICT_SPLITS = ("train", "dev", "test")
+DEV_SHARE = 21  # without a dev set, about 1/21 of the training sources are held out
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,15 @@ def merge_sources(examples: Sequence[Example]) -> list[Example]:
     for example in examples:
         targets.setdefault(example.source, {}).update(dict.fromkeys(example.targets))
     return [Example(source, tuple(t)) for source, t in targets.items()]
+
+
+def hold_out_dev(examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
+    """A deterministic dev set by a hash of each source, so every target of a source is on one side."""
+
+    def is_dev(example: Example) -> bool:
+        return int(hashlib.sha1(example.source.encode()).hexdigest()[:8], 16) % DEV_SHARE == 0
+
+    return [e for e in examples if not is_dev(e)], [e for e in examples if is_dev(e)]
 
 
 def cmudict_split(word: str) -> str:

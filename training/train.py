@@ -25,7 +25,15 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from genrnn.bundle import Bundle, load_bundle, save_bundle
 from genrnn.config import ExperimentConfig, ModelConfig, from_dict, is_rank_zero, parse_devices, to_dict
-from genrnn.data import Example, builtin_split, default_valid_spec, read_examples, training_pairs
+from genrnn.data import (
+    DEV_SHARE,
+    Example,
+    builtin_split,
+    default_valid_spec,
+    hold_out_dev,
+    read_examples,
+    training_pairs,
+)
 from genrnn.errors import BundleError, ConfigurationError, DataError, interruption_kept
 from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
@@ -34,7 +42,6 @@ from training.module import Seq2SeqModule
 from training.paths import last_checkpoint, teacher_table
 from training.resume import ResumePoint, StopsForGood
 
-DEV_SHARE = 21  # without a dev set, about 1/21 of the training sources are held out
 LOG_EVERY_N_STEPS = 20
 
 
@@ -44,15 +51,6 @@ def fingerprint(examples: Sequence[Example]) -> str:
     for example in examples:
         digest.update("\t".join((example.source, *example.targets)).encode() + b"\n")
     return digest.hexdigest()
-
-
-def hold_out_dev(examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
-    """A deterministic dev set by a hash of each source, so every target of a source is on one side."""
-
-    def is_dev(example: Example) -> bool:
-        return int(hashlib.sha1(example.source.encode()).hexdigest()[:8], 16) % DEV_SHARE == 0
-
-    return [e for e in examples if not is_dev(e)], [e for e in examples if is_dev(e)]
 
 
 def load_data(config: ExperimentConfig) -> tuple[list[Example], list[Example]]:
