@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+
+# The suite runs on every core at once (pytest-xdist), and its servers and jobs start processes
+# of their own. OpenMP's threads spin while they wait, so several processes each with a thread
+# per core took several times as long as one thread each; tiny models gain nothing from more.
+# Set before torch is first imported, here and in every process the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import signal
 import subprocess
 import time

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from genrnn.bundle import load_bundle, sha256
 from genrnn.cli import main
@@ -26,15 +25,6 @@ from tests.conftest import interruptible, signal_when
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
 CANDIDATE_KEYS = {"text", "tokens", "logprob", "finish_reason"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decode the tiny model on one thread: a busy CPU makes multithreaded small kernels crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -269,9 +259,8 @@ def test_a_killed_job_resumes_with_nothing_lost_or_written_twice(tiny_bundle, wo
     part = tmp_path / "out.jsonl.parts" / "part-0.jsonl"
     command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(source_file), "--output", str(output)]
     command += ["--accelerator", "cpu", "--batch-size", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     signal_when(job, lambda: part.is_file() and part.read_bytes().count(b"\n") >= 4, signal.SIGKILL, "4 items")
     written = part.read_bytes().count(b"\n")
     assert 0 < written < len(sources) and not output.exists()
@@ -330,15 +319,14 @@ def test_a_signal_stops_a_job_as_such_and_the_same_command_resumes(tiny_bundle, 
     part = tmp_path / "out.jsonl.parts" / "part-0.jsonl"
     command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(source_file), "--output", str(output)]
     command += ["--accelerator", "cpu", "--batch-size", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    job = interruptible(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job = interruptible(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = signal_when(job, lambda: part.is_file() and part.read_bytes().count(b"\n") >= 4, signum, "4 items")
 
     assert job.returncode == status, stderr[-2000:]
     assert f"genrnn generate: {how}; rerun the same command to go on where it stopped" in stderr
     assert not output.exists() and 4 <= part.read_bytes().count(b"\n") < 300
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [o["input"] for o in read_jsonl(output)] == words[:300]
 
@@ -351,13 +339,12 @@ def test_sigterm_stops_a_two_process_job_that_the_same_command_resumes(tiny_bund
     parts = [tmp_path / "out.jsonl.parts" / f"part-{rank}.jsonl" for rank in (0, 1)]
     command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(source_file), "--output", str(output)]
     command += ["--accelerator", "cpu", "--devices", "2", "--batch-size", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def both_started() -> bool:
         return all(part.is_file() and part.read_bytes().count(b"\n") >= 4 for part in parts)
 
     job = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         stderr = signal_when(job, both_started, signal.SIGTERM, "4 items in each part", group=group)
@@ -368,7 +355,7 @@ def test_sigterm_stops_a_two_process_job_that_the_same_command_resumes(tiny_bund
     assert job.returncode == 143, stderr[-3000:]
     assert "terminated; rerun the same command" in stderr
     assert not output.exists()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     single = generate(tiny_bundle, source_file, tmp_path / "single.jsonl", batch_size=2)
     assert read_jsonl(output) == single  # the same batches, so the same output to the last bit
@@ -381,7 +368,7 @@ def test_two_cpu_processes_merge_to_the_single_process_output(tiny_bundle, words
     output = tmp_path / "out.jsonl"
     command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(source_file), "--output", str(output)]
     command += ["--accelerator", "cpu", "--devices", "2", "--batch-size", "8"]
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "out.jsonl.parts").exists()
     single = generate(tiny_bundle, source_file, tmp_path / "single.jsonl", batch_size=8)

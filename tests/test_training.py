@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from genrnn.bundle import load_bundle
+from genrnn.cli import main
 from genrnn.config import DataConfig, DecodingConfig, ExperimentConfig, TokenizerConfig, from_dict
 from genrnn.data import Example, PairDataset, TokenBudgetBatchSampler, read_examples
 from genrnn.decoding import Generator
@@ -23,6 +25,7 @@ from genrnn.metrics import score
 from genrnn.tokenizer import train_tokenizers
 from tests.conftest import TINY_CONFIG, interruptible, signal_when
 from training.datamodule import PairDataModule, ResumableLoader, spread
+from training.resume import ResumePoint
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
 
@@ -91,10 +94,13 @@ def reversal(tmp_path_factory) -> dict[str, Path]:
     return {**files, "bundle": train(reversal_config(files["train"], files["dev"]), directory / "run")}
 
 
+# The tests that share a module fixture share a worker of the parallel run, which builds it once.
+@pytest.mark.xdist_group("reversal")
 def test_a_tiny_model_learns_to_reverse_strings(reversal):
     assert held_out_accuracy(reversal["bundle"], read_examples(reversal["test"])) >= 0.9
 
 
+@pytest.mark.xdist_group("reversal")
 def test_a_student_follows_its_teacher_where_the_references_are_noisy(reversal, tmp_path):
     """Half the references are copies instead of reversals; the teacher learned clean reversals.
 
@@ -114,10 +120,27 @@ def test_a_student_follows_its_teacher_where_the_references_are_noisy(reversal, 
 
 
 def run_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([*GENRNN, *args], capture_output=True, text=True, **kwargs)
+    """``genrnn ARGS…``: its status and output.
+
+    In this process, through the command line's own ``main``: a process of its own spends
+    seconds importing. A launch on several processes runs its command line again, and a
+    changed environment or directory is a process's own, so those get one.
+    """
+    if kwargs or launches_processes(args):
+        result = subprocess.run([*GENRNN, *args], capture_output=True, text=True, timeout=300, **kwargs)
+    else:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            status = main(list(args))
+        result = subprocess.CompletedProcess(["genrnn", *args], status, stdout.getvalue(), stderr.getvalue())
     if check and result.returncode != 0:
         raise AssertionError(f"genrnn {' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+def launches_processes(args: tuple[str, ...]) -> bool:
+    """Whether ``genrnn`` with these arguments starts processes of its own (``--devices N``)."""
+    return "--devices" in args and args[args.index("--devices") + 1] != "1"
 
 
 def tiny_train(g2p_files, output, *options: str, train: str = "train") -> list[str]:
@@ -215,24 +238,17 @@ def train_until_killed(step: int, args: list[str], scratch: Path) -> None:
     assert killed.returncode == 9, killed.stderr.decode()[-3000:]
 
 
-# Runs `genrnn train ARGS…` and prints the global step of every resume point it writes.
-SAY_SAVES = """
-import sys
-from genrnn.cli import main
-from training.resume import ResumePoint
-def save_and_say(self, trainer, save=ResumePoint._save):
-    save(self, trainer)
-    print(f"resume point at step {trainer.global_step}", flush=True)
-ResumePoint._save = save_and_say
-main(sys.argv[1:])
-"""
-
-
-def resume_points(args: list[str]) -> tuple[list[int], str]:
+def resume_points(args: list[str], monkeypatch) -> tuple[list[int], str]:
     """The steps at which ``genrnn train ARGS…`` wrote its resume point, and its output."""
-    result = subprocess.run([sys.executable, "-c", SAY_SAVES, *args], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [int(step) for step in re.findall(r"resume point at step (\d+)", result.stdout)], result.stdout
+    steps = []
+
+    def save_and_note(self, trainer, save=ResumePoint._save):
+        save(self, trainer)
+        steps.append(trainer.global_step)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ResumePoint, "_save", save_and_note)
+        return steps, run_cli(*args).stdout
 
 
 # Ends by early stopping: at a constant, high rate, the dev WER soon stops improving.
@@ -245,15 +261,17 @@ STOPS_EARLY += ("--set", "training.schedule=constant", "--set", "training.lr=0.0
     [("10", ("--max-epochs", "3")), ("0", ("--max-epochs", "3")), ("10", STOPS_EARLY)],
     ids=["every 10 minutes", "every epoch end", "every 10 minutes, stopping early"],
 )
-def test_the_resume_point_is_written_when_due_and_when_training_ends(g2p_files, tmp_path, minutes, options):
+def test_the_resume_point_is_written_when_due_and_when_training_ends(
+    g2p_files, tmp_path, monkeypatch, minutes, options
+):
     args = tiny_train(g2p_files, tmp_path / "run", *options, "--set", f"training.checkpoint_minutes={minutes}")
-    steps, _ = resume_points(args)
+    steps, _ = resume_points(args, monkeypatch)
     trained = json.loads((tmp_path / "run" / "bundle" / "genrnn.json").read_text())["training"]
     if minutes == "0":  # at every epoch end, the last one included, and only there
         assert steps == [trained["steps"] // 3, 2 * trained["steps"] // 3, trained["steps"]]
     else:  # ten minutes never passed: once, as training ended
         assert steps == [trained["steps"]] and trained["epochs"] < 39
-    steps, output = resume_points(args)  # the finished run, run again
+    steps, output = resume_points(args, monkeypatch)  # the finished run, run again
     assert "resuming from" in output and steps == []
 
 
@@ -285,7 +303,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_unbroken_run(g
     options += ("--set", "model.output_dropout=0.3", "--set", "model.embedding_dropout=0.1")
     options += ("--set", "training.val_check_interval=0.5", "--set", "training.plateau_patience=0")
     fresh_run, run = tmp_path / "fresh", tmp_path / "run"
-    run_cli(*tiny_train(g2p_files, fresh_run, *options), timeout=300)
+    run_cli(*tiny_train(g2p_files, fresh_run, *options))
     fresh = json.loads((fresh_run / "bundle" / "genrnn.json").read_text())["training"]
     steps_per_epoch = fresh["steps"] // fresh["epochs"]
 
@@ -298,7 +316,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_unbroken_run(g
     assert killed_at == validating_step + 1, "the resume point comes one batch after the validating one"
     assert not (run / "bundle" / "genrnn.json").exists()
 
-    result = run_cli(*args, timeout=300)
+    result = run_cli(*args)
     assert "resuming from" in result.stdout
     resumed = json.loads((run / "bundle" / "genrnn.json").read_text())["training"]
     assert resumed["steps"] == fresh["steps"] and resumed["epochs"] == fresh["epochs"] == 3
@@ -324,7 +342,7 @@ def test_a_signal_stops_a_run_as_such_and_the_same_command_resumes(g2p_files, tm
 
     assert run.returncode == status, stderr[-2000:]
     assert f"genrnn train: {how}; rerun it (without --no-resume) to go on from its last checkpoint" in stderr
-    resumed = run_cli(*args, "--max-epochs", "1", timeout=300)  # the last budget given counts: end soon
+    resumed = run_cli(*args, "--max-epochs", "1")  # the last budget given counts: end soon
     assert "resuming from" in resumed.stdout
 
 
@@ -340,7 +358,7 @@ def test_sigterm_to_every_process_with_loader_workers_saves_and_stops(g2p_files,
 
     assert run.returncode == 143, stderr[-2000:]
     assert "genrnn train: terminated; rerun it (without --no-resume) to go on from its last checkpoint" in stderr
-    resumed = run_cli(*args, "--max-epochs", "1", timeout=300)  # the last budget given counts: end soon
+    resumed = run_cli(*args, "--max-epochs", "1")  # the last budget given counts: end soon
     assert "resuming from" in resumed.stdout
 
 
@@ -407,7 +425,7 @@ def unbroken_runs(g2p_files, tmp_path_factory) -> Callable[[str, int], tuple[lis
             options += ["--set", f"training.val_check_interval={val_check_interval}"]
             options += ["--devices", str(processes), "--strategy", "ddp" if processes > 1 else "auto"]
             run = tmp_path_factory.mktemp("unbroken")
-            run_cli(*tiny_train(g2p_files, run, *options), timeout=300)
+            run_cli(*tiny_train(g2p_files, run, *options))
             record = json.loads((run / "bundle" / "genrnn.json").read_text())["training"]
             last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
             runs[val_check_interval, processes] = options, record, last
@@ -429,6 +447,7 @@ def unbroken_runs(g2p_files, tmp_path_factory) -> Callable[[str, int], tuple[lis
         ("the batch before a mid-epoch validation", "batch", 1, 2),
     ],
 )
+@pytest.mark.xdist_group("unbroken runs")
 def test_a_run_stopped_by_sigterm_saves_as_it_stops_and_resumes_to_an_unbroken_runs_weights(
     g2p_files, tmp_path, unbroken_runs, where, when, saved_after, processes
 ):
@@ -454,7 +473,7 @@ def test_a_run_stopped_by_sigterm_saves_as_it_stops_and_resumes_to_an_unbroken_r
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == step + saved_after
 
-    run_cli(*args, timeout=300)
+    run_cli(*args)
     final = torch.load(last, map_location="cpu", weights_only=False)
     assert final["global_step"] == fresh_final["global_step"]
     for name, tensor in fresh_final["state_dict"].items():
@@ -556,7 +575,7 @@ def test_step_values_are_logged_every_20_steps_and_at_the_last(g2p_files, tmp_pa
 def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli(*tiny_train(g2p_files, one, "--max-epochs", "1", "--devices", "1"))
-    run_cli(*tiny_train(g2p_files, two, "--max-epochs", "1", "--devices", "2", "--strategy", "ddp"), timeout=300)
+    run_cli(*tiny_train(g2p_files, two, "--max-epochs", "1", "--devices", "2", "--strategy", "ddp"))
     single = json.loads((one / "bundle" / "genrnn.json").read_text())["training"]
     double = json.loads((two / "bundle" / "genrnn.json").read_text())["training"]
     # Each of the two ranks takes every other batch: half the optimiser steps per epoch.
@@ -568,7 +587,7 @@ def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp
     run = tmp_path / "run"
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--devices", "1"))
     more = tiny_train(g2p_files, run, "--max-epochs", "2", "--devices", "2", "--strategy", "ddp")
-    result = run_cli(*more, check=False, timeout=300)
+    result = run_cli(*more, check=False)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("genrnn train: error:")]
     assert len(errors) == 1 and "saved by 1 training processes and this run has 2" in errors[0]
@@ -587,8 +606,9 @@ def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp
         ),
     ],
 )
-def test_user_errors_end_with_one_clear_line(args, message, tmp_path):
-    result = run_cli(*args, check=False, cwd=tmp_path)
+def test_user_errors_end_with_one_clear_line(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(*args, check=False)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
