@@ -1,5 +1,7 @@
 """Errors a user can cause: each carries one line that says what to fix."""
 
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,8 +37,10 @@ def interruption_kept(trainer: Any) -> Iterator[None]:
 
     Lightning answers Ctrl+C by exiting with status 1, which a script cannot tell from a
     failure, and SIGTERM by exiting with status 0, as if the run had ended. Ctrl+C stays
-    the KeyboardInterrupt it was, SIGTERM becomes :class:`Terminated`.
+    the KeyboardInterrupt it was, SIGTERM becomes :class:`Terminated`. The Ctrl+C handler
+    found on entry is put back on exit, whatever a callback installed.
     """
+    handler = signal.getsignal(signal.SIGINT)
     try:
         yield
     except SystemExit as stop:
@@ -45,3 +49,6 @@ def interruption_kept(trainer: Any) -> Iterator[None]:
         if getattr(trainer, "received_sigterm", False):
             raise Terminated from None
         raise
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)

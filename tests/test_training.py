@@ -129,9 +129,10 @@ def run_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedPro
     if kwargs or launches_processes(args):
         result = subprocess.run([*GENRNN, *args], capture_output=True, text=True, timeout=300, **kwargs)
     else:
-        stdout, stderr = io.StringIO(), io.StringIO()
+        stdout, stderr, ctrl_c = io.StringIO(), io.StringIO(), signal.getsignal(signal.SIGINT)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             status = main(list(args))
+        assert signal.getsignal(signal.SIGINT) is ctrl_c, "a run left its Ctrl+C handler behind"
         result = subprocess.CompletedProcess(["genrnn", *args], status, stdout.getvalue(), stderr.getvalue())
     if check and result.returncode != 0:
         raise AssertionError(f"genrnn {' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
@@ -362,13 +363,35 @@ def test_sigterm_to_every_process_with_loader_workers_saves_and_stops(g2p_files,
     assert "resuming from" in resumed.stdout
 
 
-def test_ctrl_c_before_the_first_resume_point_says_that_a_rerun_starts_afresh(g2p_files, tmp_path):
+# Runs `genrnn train ARGS…`, which presses Ctrl+C on itself as global step 3 starts, where the
+# KeyboardInterrupt is swallowed, as a finalizer running there would swallow it.
+CTRL_C_SWALLOWED = """
+import os, signal, sys, time
+from genrnn.cli import main
+from training.resume import ResumePoint
+def press_ctrl_c(self, trainer, *args):
+    if trainer.global_step == 3:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)
+        except KeyboardInterrupt:
+            print("swallowed", file=sys.stderr)
+ResumePoint.on_train_batch_start = press_ctrl_c
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_before_the_first_resume_point_stops_even_where_swallowed_and_says_a_rerun_starts_afresh(
+    g2p_files, tmp_path
+):
     # small batches, many epochs: the first resume point (10 minutes, or the end) is far off
     args = tiny_train(g2p_files, tmp_path / "run", "--max-epochs", "50", "--max-tokens", "64")
-    run = interruptible([*GENRNN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    stderr = signal_when(run, (tmp_path / "run" / "logs").is_dir, signal.SIGINT, "training to start")
+    command = [sys.executable, "-c", CTRL_C_SWALLOWED, *args]
+    run = interruptible(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = run.communicate(timeout=300)[1]
 
     assert run.returncode == 130, stderr[-2000:]
+    assert "swallowed" in stderr
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     assert "genrnn train: interrupted; it had saved no checkpoint yet, so a rerun starts afresh" in stderr
 

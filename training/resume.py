@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +41,7 @@ class ResumePoint(Checkpoint):
         self.every_seconds = every_minutes * 60
         self._saved_at = time.monotonic()
         self._terminated = False  # SIGTERM came; the run stops at its next save
+        self._interrupted = False  # Ctrl+C came
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning's own SIGTERM handler raises its stop flag at once, so the run stops at
@@ -49,12 +52,29 @@ class ResumePoint(Checkpoint):
         # handler after setup, so it installs this one instead: it only takes note, and the
         # next batch end decides, on every process together.
         trainer._signal_connector._sigterm_notifier_fn = self._take_note
+        # Ctrl+C raises KeyboardInterrupt wherever it finds the main thread. Where that is a
+        # finalizer (a progress bar's, a loader's), Python prints "Exception ignored" and goes
+        # on: the run trained to its end. So the handler also takes note, and the next batch
+        # end raises it again. Where SIGINT is ignored (a shell's background job), it stays so.
+        # The call around fit puts the previous handler back (genrnn.errors.interruption_kept).
+        main_thread = threading.current_thread() is threading.main_thread()  # where handlers are set
+        if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._interrupt)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_at = time.monotonic()
 
     def _take_note(self, signum: int, frame: object) -> None:
         self._terminated = True
+
+    def _interrupt(self, signum: int, frame: object) -> None:
+        self._interrupted = True
+        raise KeyboardInterrupt
+
+    def _raise_if_interrupted(self) -> None:
+        """Raise again a Ctrl+C that the code it found swallowed."""
+        if self._interrupted:
+            raise KeyboardInterrupt
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # Every rank saves together (see on_train_batch_end), so every rank takes part in the gather.
@@ -83,6 +103,7 @@ class ResumePoint(Checkpoint):
         return trainer.strategy.broadcast((timed, self._terminated))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        self._raise_if_interrupted()
         timed, terminated = self._decide(trainer, epoch_end=False)
         # Not on a batch that validates: Lightning counts a batch saved at its end as done,
         # validation included, so a run resumed from there would never validate it.
@@ -93,6 +114,9 @@ class ResumePoint(Checkpoint):
             self._save(trainer)
         if terminated:
             self._stop(trainer)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        self._raise_if_interrupted()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         timed, terminated = self._decide(trainer, epoch_end=True)
