@@ -24,6 +24,32 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = ROOT / "training" / "configs" / "tiny.yaml"
 
 
+# Tests that share a costly module fixture run on one worker of the parallel run, which builds
+# it once: the servers of test_serving.py and test_docker.py, the reversal model, and the
+# unbroken runs that the stopped ones are compared with. Keyed by node-id prefix, as the
+# scheduler sees node ids only (xdist's own xdist_group mark has no effect under pytest 9).
+SHARED_FIXTURE_GROUPS = {
+    "tests/test_serving.py::": "servers",
+    "tests/test_docker.py::": "docker servers",
+    "tests/test_training.py::test_a_tiny_model_learns_to_reverse_strings": "reversal",
+    "tests/test_training.py::test_a_student_follows_its_teacher": "reversal",
+    "tests/test_training.py::test_a_run_stopped_by_sigterm_saves_as_it_stops": "unbroken runs",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Tests one at a time to whichever worker is free, but each group above as one."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            groups = (group for prefix, group in SHARED_FIXTURE_GROUPS.items() if nodeid.startswith(prefix))
+            return next(groups, nodeid)
+
+    return SharedFixtureScheduling(config, log)
+
+
 def write_tsv(path: Path, examples) -> Path:
     """Write examples as ``source<TAB>target[<TAB>target…]`` lines."""
     path.write_text("".join("\t".join((e.source, *e.targets)) + "\n" for e in examples))

@@ -29,9 +29,6 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-# One worker of the parallel run runs this file: its servers start once, not once per worker.
-pytestmark = pytest.mark.xdist_group("docker")
-
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "genrnn.json"

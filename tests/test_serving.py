@@ -37,9 +37,6 @@ from serving.api import Failure, GenerationAPI
 from serving.config import ServeConfig
 from serving.schemas import GenerateRequest, Limits
 
-# One worker of the parallel run runs this file: its servers start once, not once per worker.
-pytestmark = pytest.mark.xdist_group("serving")
-
 KEY = "s3cret-key"
 KEY_ENV = "GENRNN_TEST_API_KEY"
 STARTUP_SECONDS = 180  # two slow shared cores: imports and the bundle take a while in every process

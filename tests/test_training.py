@@ -94,13 +94,10 @@ def reversal(tmp_path_factory) -> dict[str, Path]:
     return {**files, "bundle": train(reversal_config(files["train"], files["dev"]), directory / "run")}
 
 
-# The tests that share a module fixture share a worker of the parallel run, which builds it once.
-@pytest.mark.xdist_group("reversal")
 def test_a_tiny_model_learns_to_reverse_strings(reversal):
     assert held_out_accuracy(reversal["bundle"], read_examples(reversal["test"])) >= 0.9
 
 
-@pytest.mark.xdist_group("reversal")
 def test_a_student_follows_its_teacher_where_the_references_are_noisy(reversal, tmp_path):
     """Half the references are copies instead of reversals; the teacher learned clean reversals.
 
@@ -470,7 +467,6 @@ def unbroken_runs(g2p_files, tmp_path_factory) -> Callable[[str, int], tuple[lis
         ("the batch before a mid-epoch validation", "batch", 1, 2),
     ],
 )
-@pytest.mark.xdist_group("unbroken runs")
 def test_a_run_stopped_by_sigterm_saves_as_it_stops_and_resumes_to_an_unbroken_runs_weights(
     g2p_files, tmp_path, unbroken_runs, where, when, saved_after, processes
 ):
