@@ -2,7 +2,8 @@
 
     python bench/g2p_benchmark.py --data-dir ../shared/data/cmudict-g014b2b \\
         [--config training/configs/g2p.yaml] [--set key=value ...] [--output runs/g014b2b] \\
-        [--max-time 00:00:20:00] [--beam-size 4] [--length-penalty 0.6] [--model BUNDLE[,BUNDLE...]]
+        [--max-time 00:00:20:00] [--beam-size 4] [--length-penalty 0.6] [--model BUNDLE[,BUNDLE...]] \\
+        [--train FILE]
 
 The dev set is held out of the train file deterministically (about 1/21 of the
 words, by hash), and every choice — the checkpoint kept, greedy or beam — is made
@@ -14,7 +15,9 @@ distance to the closest reference over that reference's length. Writes
 prints table rows for BENCHMARKS.md, dev's choice and the test figures it reports in bold.
 
 ``--model a,b,c`` skips training and scores bundles already trained this way,
-several of them as one ensemble.
+several of them as one ensemble. ``--train FILE`` trains on another file instead of
+the split's train file (a distilled one, ``bench/g2p_distill.py``); it must hold the
+split's dev words as they are, so that the run holds out the same dev set.
 """
 
 from __future__ import annotations
@@ -29,26 +32,39 @@ import torch
 
 from genrnn.bundle import Bundle, load_bundle
 from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING, DecodingConfig, load_config, override, replace
-from genrnn.data import hold_out_dev, read_examples
+from genrnn.data import Example, hold_out_dev, read_examples
 from genrnn.decoding import Generator
 from genrnn.evaluation import evaluate
 
 
 def train_model(args: argparse.Namespace, run: Path) -> tuple[Path, float]:
-    """Train on the split's train file (dev held out by hash); the bundle and the seconds it took."""
+    """Train on the split's train file or ``--train`` (dev held out by hash); the bundle and the seconds it took."""
     config = override(load_config(args.config), args.set)
     training = config.training
     if args.accelerator:
         training = replace(training, accelerator=args.accelerator)
     if args.max_time:
         training = replace(training, max_time=args.max_time)
-    data = replace(config.data, train=str(Path(args.data_dir) / "g014b2b.train"), valid=None)
+    data = replace(config.data, train=str(args.train or Path(args.data_dir) / "g014b2b.train"), valid=None)
     config = replace(config, name=f"{config.name}-g014b2b", data=data, training=training)
     from training.train import train  # here: scoring bundles alone needs no Lightning, and its import is slow
 
     started = time.monotonic()
     bundle = train(config, run)
     return bundle, time.monotonic() - started
+
+
+def check_same_dev(train_file: Path, split_train: Path) -> None:
+    """Fail unless ``train_file`` holds out exactly the dev examples of the split's train file."""
+
+    def dev_of(path: Path) -> list[Example]:
+        return sorted(hold_out_dev(read_examples(path))[1], key=lambda e: (e.source, e.targets))
+
+    if dev_of(train_file) != dev_of(split_train):
+        raise SystemExit(
+            f"{train_file}: its dev words (held out by hash) differ from those of {split_train}; "
+            "keep the split's dev lines as they are, so that every run selects on the same dev set"
+        )
 
 
 def training_seconds(bundle: Bundle) -> float:
@@ -82,6 +98,7 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
     )
     parser.add_argument("--model", help="score these bundles (comma-separated: an ensemble) instead of training")
+    parser.add_argument("--train", type=Path, help="train on this file instead of the split's (its dev lines kept)")
     parser.add_argument(
         "--ensemble-averaging",
         choices=AVERAGINGS,
@@ -96,6 +113,11 @@ def main() -> None:
     args = parser.parse_args()
 
     run = Path(args.output)
+    data_dir = Path(args.data_dir)
+    if args.model and args.train:
+        parser.error("--train trains; --model scores bundles already trained")
+    if args.train:
+        check_same_dev(args.train, data_dir / "g014b2b.train")
     if args.model:
         run.mkdir(parents=True, exist_ok=True)
         bundle = load_bundle(args.model, args.device, args.ensemble_averaging)
@@ -103,7 +125,6 @@ def main() -> None:
     else:
         bundle_dir, seconds = train_model(args, run)
         bundle = load_bundle(bundle_dir, args.device)
-    data_dir = Path(args.data_dir)
     splits = {
         "dev": hold_out_dev(read_examples(data_dir / "g014b2b.train"))[1],
         "test": read_examples(data_dir / "g014b2b.ref"),
@@ -132,7 +153,7 @@ def main() -> None:
     results["dev_choice"] = dev_choice(results["scores"])
     (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    label = args.model or " ".join([Path(args.config).name, *args.set])
+    label = args.model or " ".join([Path(args.config).name, *args.set, *([f"on {args.train}"] if args.train else [])])
     if "averaging" in bundle.manifest:
         label += f" (averaging {bundle.manifest['averaging']})"
     print("| config | decoding | dev WER | test WER | test PER | parameters | training | device |")

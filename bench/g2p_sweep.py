@@ -1,7 +1,7 @@
 """Several G2P benchmark configurations trained side by side on one machine, then decoded as ensembles.
 
     python bench/g2p_sweep.py --data-dir ../shared/data/cmudict-g014b2b --output runs/g014b2b-sweep \\
-        [--max-time 00:00:05:00] [--only base,luong] [--config training/configs/g2p.yaml]
+        [--max-time 00:00:05:00] [--only base,luong] [--config training/configs/g2p.yaml] [--train FILE]
 
 Each variant is one ``bench/g2p_benchmark.py`` run (its own process, log and
 results.json under the output directory); they share the machine's GPU, or its
@@ -16,6 +16,8 @@ are skipped), once for each ``--ensemble-averaging`` (one that
 averages log-probabilities is named with ``-log-probabilities``); with
 ``--keep-teacher-table``, the variants' table is made meanwhile, in
 ``OUTPUT/teacher-table-run/teacher-table``, for the students of a later sweep.
+With ``--train FILE`` (a distilled train file, ``bench/g2p_distill.py``) every
+variant and student trains on it instead of the split's train file.
 ``summary.json`` gathers every result and ``summary.md`` holds the table rows;
 rerunning resumes unfinished runs and skips finished ones.
 """
@@ -152,6 +154,14 @@ def benchmark_command(args: argparse.Namespace, run: Path, *extra: str) -> list[
     return [*command, "--beam-size", str(args.beam_size), *extra]
 
 
+def training_command(args: argparse.Namespace, run: Path, budget: str, sets: list[str]) -> list[str]:
+    """The benchmark command that trains one variant or student, on ``--train`` if given."""
+    train = ("--train", args.train) if args.train else ()
+    return benchmark_command(
+        args, run, "--config", args.config, "--max-time", budget, *train, *(f"--set={s}" for s in sets)
+    )
+
+
 def run_all(jobs: dict[str, list[str]], output: Path, threads: int) -> dict[str, int]:
     """Run the jobs side by side (skipping those with results); each one's exit status."""
     running = {}
@@ -218,7 +228,8 @@ def teachers_of(args: argparse.Namespace, trained: list[str], output: Path) -> s
 def table_job(args: argparse.Namespace, trained: list[str], output: Path) -> list[str]:
     """A one-step training run taught by the variants, for the table of their mixture that it keeps."""
     command = [sys.executable, "-m", "genrnn.cli", "train", "--config", args.config, "--output", str(output / TABLE)]
-    command += ["--train", str(Path(args.data_dir) / "g014b2b.train"), "--max-steps", "1"]  # dev held out by hash
+    train = args.train or str(Path(args.data_dir) / "g014b2b.train")
+    command += ["--train", train, "--max-steps", "1"]  # dev held out by hash
     return [*command, *(f"--set={s}" for s in args.set), f"--set=training.teacher={teachers_of(args, trained, output)}"]
 
 
@@ -239,10 +250,7 @@ def student_jobs(args: argparse.Namespace, names: list[str], trained: list[str],
                 continue
             sets.append(f"training.init_from={output / student.variant / 'bundle'}")
         forget_if_taught_by_others(output / name, teachers)
-        budget = ("--max-time", args.student_time or args.max_time)
-        jobs[name] = benchmark_command(
-            args, output / name, "--config", args.config, *budget, *(f"--set={s}" for s in sets)
-        )
+        jobs[name] = training_command(args, output / name, args.student_time or args.max_time, sets)
     return jobs
 
 
@@ -255,6 +263,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated variant and student names (default: all variants)")
     parser.add_argument("--student-time", help="training budget of each student, DD:HH:MM:SS (default: --max-time)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
+    parser.add_argument("--train", help="train every variant and student on this file (its dev lines kept)")
     parser.add_argument("--beam-size", type=int, default=4)
     parser.add_argument(
         "--ensemble-averaging",
@@ -284,13 +293,7 @@ def main() -> None:
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, len(names)))
 
     training = {
-        name: benchmark_command(
-            args,
-            output / name,
-            *("--config", args.config, "--max-time", args.max_time),
-            *(f"--set={s}" for s in [*args.set, *VARIANTS[name]]),
-        )
-        for name in names
+        name: training_command(args, output / name, args.max_time, [*args.set, *VARIANTS[name]]) for name in names
     }
     status = run_all(training, output, threads)
     trained = [name for name in names if status.get(name, 0) == 0 and (output / name / "results.json").is_file()]

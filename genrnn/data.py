@@ -53,6 +53,11 @@ def decode_line(raw: bytes, number: int) -> str:
     return raw.decode("utf-8-sig" if number == 1 else "utf-8")
 
 
+def tsv_line(example: Example) -> str:
+    """The example as a TSV line, ``source<TAB>target[<TAB>target…]`` and its end: what the reader reads."""
+    return "\t".join((example.source, *example.targets)) + "\n"
+
+
 def _parse_tsv_line(line: str, where: str) -> Example:
     fields = line.rstrip("\t ").split("\t")  # spreadsheets export trailing tabs
     if len(fields) < 2:

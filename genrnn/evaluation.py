@@ -10,15 +10,22 @@ from genrnn.decoding import Generator
 from genrnn.metrics import Scores, score
 
 
-def evaluate(
-    generator: Generator, examples: Sequence[Example], settings: DecodingConfig, batch_size: int | None = None
-) -> Scores:
-    """WER, PER and the rest for the generator's best output on each example, in batches of similar length.
+def best_outputs(
+    generator: Generator, sources: Sequence[str], settings: DecodingConfig, batch_size: int | None = None
+) -> list[str]:
+    """The generator's best output for each source, in input order, decoded in batches of similar length.
 
     ``batch_size`` defaults to 256 inputs on a CPU, where larger batches gain little, and
     to 1,024 on a GPU, where a decoding step costs little more for more rows.
     """
     if batch_size is None:
         batch_size = 1024 if generator.device.type == "cuda" else 256
-    generations = generator.generate_sorted([e.source for e in examples], settings, batch_size)
-    return score([g.candidates[0].text for g in generations], [e.targets for e in examples])
+    return [g.candidates[0].text for g in generator.generate_sorted(sources, settings, batch_size)]
+
+
+def evaluate(
+    generator: Generator, examples: Sequence[Example], settings: DecodingConfig, batch_size: int | None = None
+) -> Scores:
+    """WER, PER and the rest for the generator's best output on each example (see :func:`best_outputs`)."""
+    outputs = best_outputs(generator, [e.source for e in examples], settings, batch_size)
+    return score(outputs, [e.targets for e in examples])

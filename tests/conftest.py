@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from genrnn.config import load_config, replace
-from genrnn.data import read_examples
+from genrnn.data import read_examples, tsv_line
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = ROOT / "training" / "configs" / "tiny.yaml"
@@ -52,7 +52,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 def write_tsv(path: Path, examples) -> Path:
     """Write examples as ``source<TAB>target[<TAB>target…]`` lines."""
-    path.write_text("".join("\t".join((e.source, *e.targets)) + "\n" for e in examples))
+    path.write_text("".join(tsv_line(e) for e in examples))
     return path
 
 

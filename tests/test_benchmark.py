@@ -10,10 +10,15 @@ from pathlib import Path
 import pytest
 
 from genrnn.bundle import load_bundle
-from genrnn.data import read_examples
+from genrnn.config import DecodingConfig
+from genrnn.data import hold_out_dev, read_examples, tsv_line
+from genrnn.decoding import Generator
+from genrnn.evaluation import evaluate
+from genrnn.metrics import score
 from tests.conftest import ROOT, TINY_CONFIG, write_tsv
 
 BENCHMARK = [sys.executable, str(ROOT / "bench" / "g2p_benchmark.py")]
+DISTILL = [sys.executable, str(ROOT / "bench" / "g2p_distill.py")]
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +70,50 @@ def test_trains_with_overrides_and_scores_the_test_words(split, tmp_path):
     assert (again["averaging"], pair["averaging"]) == (None, "probabilities")
 
 
+def test_a_distilled_train_file_holds_the_teachers_outputs_keeps_dev_and_trains_a_student(
+    split, tiny_bundle, other_bundle, tmp_path
+):
+    distilled, teachers = tmp_path / "distilled.train", f"{tiny_bundle},{other_bundle}"
+    command = [*DISTILL, "--data-dir", str(split), "--model", teachers, "--output", str(distilled), "--beam-size", "1"]
+    result = subprocess.run([*command, "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    train, dev = hold_out_dev(read_examples(split / "g014b2b.train"))
+    taught, kept = hold_out_dev(read_examples(distilled))
+    assert kept == dev  # the dev lines as they were: a student holds out the same dev set
+    assert [e.source for e in taught] == [e.source for e in train] and {len(e.targets) for e in taught} == {1}
+    # each train word's line is the ensemble's greedy output for that word, scored as the ensemble scores
+    bundle = load_bundle(teachers, "cpu")
+    generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
+    expected = evaluate(generator, train, DecodingConfig(mode="greedy"))
+    assert score([e.targets[0] for e in taught], [e.targets for e in train]) == expected
+    changed = round((1 - expected.sequence_accuracy) * len(train))
+    assert f"{len(train):,} train words decoded ({changed:,} differ from every reference" in result.stdout
+
+    student = run_benchmark(
+        split, tmp_path / "student", "--config", str(TINY_CONFIG), "--beam-size", "2",
+        "--train", str(distilled), "--set", "training.max_epochs=1",
+    )  # fmt: skip
+    assert student["training"]["config"]["data"]["train"] == str(distilled)
+    assert student["training"]["dev_examples"] == student["words"]["dev"] == len(dev)
+
+    # a file without the split's dev lines would select on another dev set: refused before training
+    no_dev = tmp_path / "no-dev.train"
+    no_dev.write_text("".join(tsv_line(e) for e in taught))
+    command = [*BENCHMARK, "--data-dir", str(split), "--output", str(tmp_path / "refused"), "--train", str(no_dev)]
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert refused.returncode != 0 and f"{no_dev}: its dev words" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+
 def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split, tmp_path):
     output = tmp_path / "sweep"
     command = [sys.executable, str(ROOT / "bench" / "g2p_sweep.py"), "--data-dir", str(split), "--output", str(output)]
     command += ["--config", str(TINY_CONFIG), "--only", "base,luong", "--set", "training.max_epochs=1"]
     command += ["--set", "training.accelerator=cpu", "--beam-size", "2", "--threads", "1"]
+    copy = tmp_path / "copy.train"  # the split's train file under another name: --train reaches every run
+    copy.write_text((split / "g014b2b.train").read_text())
+    command += ["--train", str(copy)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -78,6 +122,7 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     assert summary["luong"]["training"]["config"]["model"]["attention"] == "luong"
     assert summary["base"]["training"]["config"]["model"]["attention"] == "none"
     assert summary["base"]["training"]["device"] == "cpu"  # --set reaches every variant
+    assert {summary[name]["training"]["config"]["data"]["train"] for name in ("base", "luong")} == {str(copy)}
     assert summary["ensemble-all"]["parameters"] == summary["base"]["parameters"] + summary["luong"]["parameters"]
     rows = (output / "summary.md").read_text().splitlines()
     assert len(rows) == 2 + 3 * 2 and rows[-1].replace("**", "").startswith("| ensemble-all | beam2 |")

@@ -33,6 +33,7 @@ from genrnn.data import (
     hold_out_dev,
     read_examples,
     training_pairs,
+    tsv_line,
 )
 from genrnn.errors import BundleError, ConfigurationError, DataError, interruption_kept
 from genrnn.tokenizer import Tokenizer, train_tokenizers
@@ -49,7 +50,7 @@ def fingerprint(examples: Sequence[Example]) -> str:
     """sha256 of the examples, to recognise the same training data on a rerun."""
     digest = hashlib.sha256()
     for example in examples:
-        digest.update("\t".join((example.source, *example.targets)).encode() + b"\n")
+        digest.update(tsv_line(example).encode())
     return digest.hexdigest()
 
 
