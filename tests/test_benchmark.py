@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -277,3 +278,24 @@ def test_the_standing_takes_dev_choice_across_runs_and_never_looks_at_test(tmp_p
         "| ≤ 21.0 / 5.0 %: WER missed by 0.20 |",
         f"| ensemble | `{second / 'ensemble'}`, greedy | 20.30% | 19.90% | 4.60% | ≤ 20.0 / 4.7 %: **met** |",
     ]
+
+
+def test_the_timeline_splits_a_runs_time_between_steps_and_validations(tiny_bundle):
+    run = tiny_bundle.parent
+    command = [sys.executable, str(ROOT / "bench" / "run_timeline.py"), str(run)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = result.stdout.splitlines()[-1].strip("| ").split(" | ")
+    assert row[0] == str(run)
+
+    # the CSV log, written beside the events, says which steps logged a loss and which validated
+    rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
+    logged = [int(r["step"]) for r in rows if r["train_loss"]]
+    validated = {int(r["step"]) for r in rows if r["dev_wer"]}
+    steps, seconds, validations = int(row[1].replace(",", "")), float(row[2]), int(row[4])
+    assert steps == logged[-1]
+    assert validations == sum(logged[0] < v <= logged[-1] for v in validated) > 0
+    assert 0 < seconds <= load_bundle(tiny_bundle).training["seconds_this_run"]
+    validation_seconds = float(row[5].split()[0])
+    assert 0 < validation_seconds < seconds  # the share is of the unrounded seconds
+    assert abs(int(row[6].rstrip("%")) / 100 - validation_seconds / seconds) < 0.02
