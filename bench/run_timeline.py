@@ -34,11 +34,12 @@ class Timeline:
 
 
 def timeline(run: Path) -> Timeline:
-    """Read the run's TensorBoard events (``RUN/tensorboard/version_*/events*``)."""
-    events = sorted(run.glob("tensorboard/version_*/events.out.tfevents.*"))
+    """Read the run's latest TensorBoard events (``RUN/tensorboard/version_*/events*``): a resumed run's last part."""
+    events = list(run.glob("tensorboard/version_*/events.out.tfevents.*"))
     if not events:
         raise SystemExit(f"{run}: no TensorBoard events under {run / 'tensorboard'}")
-    accumulator = EventAccumulator(str(events[-1]), size_guidance={"scalars": 0})
+    latest = max(events, key=lambda path: path.stat().st_mtime)
+    accumulator = EventAccumulator(str(latest), size_guidance={"scalars": 0})
     accumulator.Reload()
     losses = accumulator.Scalars("train_loss")
     validated = [event.step for event in accumulator.Scalars("dev_wer")]
