@@ -82,7 +82,8 @@ VARIANTS: dict[str, list[str]] = {
     # more draws of the best single models, for dev to choose among and for a larger ensemble, and
     # Bahdanau with the wide decoder of base-wide
     "bahdanau-deep-cosine-seed13": [*BAHDANAU_DEEP, *COSINE, "training.seed=13"],
-    "bahdanau-deep-cosine-seed17": [*BAHDANAU_DEEP, *COSINE, "training.seed=17"],
+    # the weights' moving average, never measured on this split: the twin of the round of four's seed11
+    "bahdanau-deep-cosine-ema-seed11": [*BAHDANAU_DEEP, *COSINE, "training.ema_decay=0.999", "training.seed=11"],
     "bahdanau-wide-cosine": [*BAHDANAU_WIDE, *COSINE],
     # the bottom decoder layer queries the attention: only it steps a token at a time in training
     "bahdanau-deep-bottom-cosine": [*BAHDANAU_DEEP, "model.attention_query=bottom", *COSINE],
