@@ -10,8 +10,11 @@ kill this process and leave the others serving. Both signals are therefore route
 one shutdown: the HTTP processes stop accepting, finish the requests in flight (the
 workers still decode them), exit; then the workers and the manager stop.
 A signal may also reach every process at once (a terminal's Ctrl+C, systemd, ``kill --
--PGID``). The HTTP processes then drain on their own, while the workers and the queue
-manager, which the drain still needs, are deaf to it: this process stops them last.
+-PGID``). The workers and the queue manager, which the drain still needs, are deaf to
+it: this process stops them last. The HTTP processes never see SIGINT: they drain on
+the SIGTERM this process sends them, since uvicorn exits at once, dropping the
+requests in flight, on a SIGINT that follows another signal, and a loaded machine
+can deliver a Ctrl+C to them after this process's SIGTERM.
 A signal during startup ends the startup. Should this process die without a word
 (SIGKILL), the kernel kills the others with it (on Linux). A worker that dies stops
 the server with status 1, so that a supervisor restarts it.
@@ -165,7 +168,7 @@ class Server(ls.LitServer):
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """The handler of SIGTERM and SIGINT: start the shutdown, or have startup give up."""
         # The forked HTTP processes inherit this handler, and uvicorn puts it back and raises
-        # the signal again once it has drained: there, it has nothing to do.
+        # SIGTERM again once it has drained: there, it has nothing to do.
         if os.getpid() != self.main_process:
             return
         self.stop_signal = signum
@@ -189,6 +192,12 @@ class Server(ls.LitServer):
         if self.stop_signal is not None:
             self._shutdown_event.set()
         return manager
+
+    def _start_server(self, *args: Any, **kwargs: Any) -> dict[int, Any]:
+        # The HTTP processes are forked in here and keep this thread's signal mask: SIGINT stays
+        # blocked in them for good, so that only this process's SIGTERM makes them drain.
+        with signals_blocked({signal.SIGINT}):
+            return super()._start_server(*args, **kwargs)
 
     def launch_inference_worker(self, lit_api: ls.LitAPI) -> list:
         # Spawning starts multiprocessing's resource tracker once, and that start unblocks both

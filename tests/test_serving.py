@@ -265,6 +265,15 @@ def wait_until(condition: Callable[[], bool], what: str, seconds: float = 60) ->
         time.sleep(0.05)
 
 
+def responds(url: str) -> bool:
+    """Whether a GET of ``url`` gets any reply."""
+    try:
+        httpx.get(url, timeout=1)
+    except httpx.TransportError:
+        return False
+    return True
+
+
 def in_background(function: Callable, **kwargs) -> Queue:
     """Run ``function(**kwargs)`` in a thread; its result arrives on the returned queue."""
     results: Queue = Queue()
@@ -275,8 +284,16 @@ def in_background(function: Callable, **kwargs) -> Queue:
 
 
 # How servers are stopped: SIGTERM to the main process alone (docker stop, Kubernetes) or to every
-# process (systemd, kill -- -PGID), and SIGINT to every process (a terminal's Ctrl+C).
-STOPS = (("SIGTERM", "main process"), ("SIGTERM", "process group"), ("SIGINT", "process group"))
+# process (systemd, kill -- -PGID), and SIGINT to every process (a terminal's Ctrl+C). The last
+# stop orders what a loaded machine can: the group's SIGINT reaches the HTTP processes only after
+# the main process has told them to stop (uvicorn exits at once on a SIGINT after a signal).
+THEN_GROUP = "main process and then the process group"
+STOPS = (
+    ("SIGTERM", "main process"),
+    ("SIGTERM", "process group"),
+    ("SIGINT", "process group"),
+    ("SIGINT", THEN_GROUP),
+)
 KEYED_OPTIONS = (
     "--workers-per-device", "2", "--api-key-env", KEY_ENV, "--batch-timeout", "0.05", "--max-batch-size", "16",
     "--max-inputs", "8", "--max-input-length", "32", "--max-beam-size", "4", "--max-return-sequences", "4",
@@ -629,9 +646,11 @@ def test_a_signal_drains_the_request_in_flight_and_every_process_exits(servers, 
         # Several connections, so that both HTTP processes are likely to hold one.
         in_flight = [in_background(server.generate, inputs=["cat", f"dog{i}"], mode="beam") for i in range(4)]
         server.wait_for_inflight(4)
-        if whom == "main process":
+        if whom != "process group":
             server.process.send_signal(signum)
-        else:  # the server leads its own session (see Server)
+        if whom == THEN_GROUP:  # once every HTTP process has stopped accepting, on the main process's word
+            wait_until(lambda: not responds(f"{server.url}/health"), "the HTTP processes to stop accepting")
+        if whom != "main process":  # the server leads its own session (see Server)
             os.killpg(server.process.pid, signum)
         time.sleep(1.0)  # every HTTP process stops accepting, even one still draining
         for _ in range(3):
