@@ -67,8 +67,8 @@ def main() -> None:
     for run in args.runs:
         t = timeline(run)
         print(
-            f"| {run} | {t.steps:,} | {t.seconds:.0f} | {1 / t.seconds_per_step:.1f} | {t.validations} | "
-            f"{t.validation_seconds:.0f} ({t.validation_seconds / max(1, t.validations):.2f} each) | "
+            f"| {run} | {t.steps:,} | {t.seconds:.1f} | {1 / t.seconds_per_step:.1f} | {t.validations} | "
+            f"{t.validation_seconds:.1f} ({t.validation_seconds / max(1, t.validations):.2f} each) | "
             f"{t.validation_share:.0%} |"
         )
 
