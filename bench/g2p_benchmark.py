@@ -11,7 +11,8 @@ on it: both are scored on the whole dev set. The 12,000 test words are decoded
 once per configuration (greedy and beam) and scored as the literature does: a
 word is wrong unless the output equals one of its references; PER is the edit
 distance to the closest reference over that reference's length. Writes
-``results.json`` in the run directory (``dev_choice``: the decoding dev chose) and
+``results.json`` in the run directory (``dev_choice``: the decoding dev chose),
+``outputs.json`` beside it (every word's 1-best output, and whether it is right), and
 prints table rows for BENCHMARKS.md, dev's choice and the test figures it reports in bold.
 
 ``--model a,b,c`` skips training and scores bundles already trained this way,
@@ -34,7 +35,8 @@ from genrnn.bundle import Bundle, load_bundle
 from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING, DecodingConfig, load_config, override, replace
 from genrnn.data import Example, hold_out_dev, read_examples
 from genrnn.decoding import Generator
-from genrnn.evaluation import evaluate
+from genrnn.evaluation import best_outputs
+from genrnn.metrics import is_right, score
 
 
 def train_model(args: argparse.Namespace, run: Path) -> tuple[Path, float]:
@@ -76,6 +78,25 @@ def training_seconds(bundle: Bundle) -> float:
 def dev_choice(scores: dict[str, dict[str, dict[str, float]]]) -> str:
     """The decoding with the lowest dev WER; on a tie, the first (greedy, the cheaper)."""
     return min(scores, key=lambda mode: scores[mode]["dev"]["wer"])
+
+
+def outputs_record(splits: dict[str, list[Example]], outputs: dict[str, dict[str, list[str]]]) -> dict:
+    """``outputs.json``: the words, and each decoding's 1-best output of each with whether it is right.
+
+    Two runs scored on the same words can then be compared word by word
+    (``bench/g2p_standing.py``), which is far more telling than their two rates.
+    """
+    return {
+        "words": {split: [e.source for e in examples] for split, examples in splits.items()},
+        "outputs": outputs,
+        "right": {
+            mode: {
+                split: "".join("1" if is_right(text, e.targets) else "0" for text, e in zip(texts, splits[split]))
+                for split, texts in by_split.items()
+            }
+            for mode, by_split in outputs.items()
+        },
+    }
 
 
 def table_row(label: str, mode: str, results: dict) -> str:
@@ -145,13 +166,20 @@ def main() -> None:
         "training": bundle.training,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "words": {split: len(examples) for split, examples in splits.items()},
-        "scores": {
-            mode: {split: evaluate(generator, examples, settings).to_dict() for split, examples in splits.items()}
-            for mode, settings in modes.items()
-        },
+    }
+    outputs = {
+        mode: {
+            split: best_outputs(generator, [e.source for e in examples], settings) for split, examples in splits.items()
+        }
+        for mode, settings in modes.items()
+    }
+    results["scores"] = {
+        mode: {split: score(texts, [e.targets for e in splits[split]]).to_dict() for split, texts in by_split.items()}
+        for mode, by_split in outputs.items()
     }
     results["dev_choice"] = dev_choice(results["scores"])
     (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (run / "outputs.json").write_text(json.dumps(outputs_record(splits, outputs)) + "\n")
 
     label = args.model or " ".join([Path(args.config).name, *args.set, *([f"on {args.train}"] if args.train else [])])
     if "averaging" in bundle.manifest:

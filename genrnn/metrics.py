@@ -41,6 +41,12 @@ class Scores:
         return asdict(self)
 
 
+def is_right(hypothesis: str, references: Sequence[str]) -> bool:
+    """Whether a 1-best output counts as right: its tokens equal one of the references'."""
+    tokens = hypothesis.split()
+    return any(tokens == r.split() for r in references)
+
+
 def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> Scores:
     """WER, PER and sequence accuracy of 1-best outputs against every accepted reference."""
     if len(hypotheses) != len(references):
@@ -51,7 +57,7 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> Sco
     for hypothesis, refs in zip(hypotheses, references):
         tokens = hypothesis.split()
         ref_tokens = [r.split() for r in refs]
-        correct += any(tokens == r for r in ref_tokens)
+        correct += is_right(hypothesis, refs)
         distance, closest = min((edit_distance(tokens, r), len(r)) for r in ref_tokens)
         errors += distance
         length += closest

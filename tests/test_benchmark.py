@@ -61,6 +61,22 @@ def test_trains_with_overrides_and_scores_the_test_words(split, tmp_path):
         for words in ("dev", "test"):
             assert 0.0 <= scores[words]["wer"] <= 1.0 and 0.0 <= scores[words]["per"]
 
+    # every word's output is kept beside the results, with whether it is right, in the split's order
+    kept = json.loads((tmp_path / "run" / "outputs.json").read_text())
+    references = {
+        "dev": hold_out_dev(read_examples(split / "g014b2b.train"))[1],
+        "test": read_examples(split / "g014b2b.ref"),
+    }
+    for words, examples in references.items():
+        assert kept["words"][words] == [e.source for e in examples]
+        for mode, scores in results["scores"].items():
+            outputs, right = kept["outputs"][mode][words], kept["right"][mode][words]
+            assert len(outputs) == len(right) == len(examples)
+            assert right == "".join(
+                str(int(o.split() in [t.split() for t in e.targets])) for o, e in zip(outputs, examples)
+            )
+            assert right.count("1") == round((1 - scores[words]["wer"]) * len(examples))
+
     # scoring a trained bundle again, and as an ensemble of two copies, gives the same figures
     bundle = tmp_path / "run" / "bundle"
     again = run_benchmark(split, tmp_path / "again", "--model", str(bundle), "--beam-size", "2")
@@ -227,10 +243,14 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
         else:
             group = "attention, single model"
         decodings[group] += [(s["dev"]["wer"], path.parent, mode, s["test"]) for mode, s in results["scores"].items()]
-    rows = standing.stdout.splitlines()[2:]
+    rows = standing.stdout.splitlines()[2:5]
     assert [row.split(" | ")[0] for row in rows] == [f"| {group}" for group in decodings]
     for row, group in zip(rows, decodings.values()):
         assert any(f"| `{run}`, {mode} | {dev:.2%} | {test['wer']:.2%} |" in row for dev, run, mode, test in group)
+    # every run kept its outputs, so each choice is compared word by word with the best other run
+    margins = standing.stdout.split("standard error):\n")[1].splitlines()
+    assert [line.split(":")[0] for line in margins] == [f"- {group}" for group in decodings]
+    assert all("paired:" in line for line in margins), margins
     # runs scored on different words cannot be compared
     other = tmp_path / "other" / "run"
     other.mkdir(parents=True)
@@ -244,8 +264,16 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     assert mixed.returncode != 0 and str(other / "results.json") in mixed.stderr
 
 
-def write_results(path: Path, attention: str | None, scores: dict[str, tuple[float, float, float]]) -> None:
-    """A results.json as the benchmark writes it: ``attention`` None for an ensemble; mode → (dev, test WER, PER)."""
+def write_results(
+    path: Path,
+    attention: str | None,
+    scores: dict[str, tuple[float, float, float]],
+    right: dict[str, str] | None = None,
+) -> None:
+    """A results.json as the benchmark writes it: ``attention`` None for an ensemble; mode → (dev, test WER, PER).
+
+    With ``right`` (mode → which dev words it got right, "0"/"1" each), the outputs.json beside it too.
+    """
     path.mkdir(parents=True)
     results = {
         "config": "a/bundle,b/bundle" if attention is None else "g2p.yaml",
@@ -257,6 +285,10 @@ def write_results(path: Path, attention: str | None, scores: dict[str, tuple[flo
         },
     }
     (path / "results.json").write_text(json.dumps(results))
+    if right:
+        words = [f"word{i}" for i in range(len(next(iter(right.values()))))]
+        outputs = {"words": {"dev": words}, "right": {mode: {"dev": flags} for mode, flags in right.items()}}
+        (path / "outputs.json").write_text(json.dumps(outputs))
 
 
 def test_the_standing_takes_dev_choice_across_runs_and_never_looks_at_test(tmp_path):
@@ -271,12 +303,36 @@ def test_the_standing_takes_dev_choice_across_runs_and_never_looks_at_test(tmp_p
     standing = subprocess.run(command, capture_output=True, text=True)
     assert standing.returncode == 0, standing.stderr
 
-    rows = standing.stdout.splitlines()[2:]
+    rows = standing.stdout.splitlines()[2:5]
     assert rows == [
         f"| no attention | `{second / 'wide'}`, greedy | 24.60% | 23.90% | 5.80% | ≤ 24.0 / 5.9 %: **met** |",
         f"| attention, single model | `{first / 'luong'}`, greedy | 21.50% | 21.20% | 4.90% "
         "| ≤ 21.0 / 5.0 %: WER missed by 0.20 |",
         f"| ensemble | `{second / 'ensemble'}`, greedy | 20.30% | 19.90% | 4.60% | ≤ 20.0 / 4.7 %: **met** |",
+    ]
+
+
+def test_the_standing_says_how_far_ahead_each_choice_is_word_by_word(tmp_path):
+    # 100 dev words: the choice gets 10 right that the other misses, the other 4 that the choice misses
+    chosen = "1" * 10 + "0" * 4 + "1" * 60 + "0" * 26
+    other = "0" * 10 + "1" * 4 + "1" * 60 + "0" * 26
+    write_results(tmp_path / "a", "bahdanau", {"beam4": (0.30, 0.21, 0.049)}, right={"beam4": chosen})
+    write_results(tmp_path / "b", "luong", {"greedy": (0.36, 0.20, 0.048)}, right={"greedy": other})
+    write_results(tmp_path / "c", "none", {"greedy": (0.25, 0.24, 0.059)})
+    write_results(tmp_path / "d", None, {"greedy": (0.20, 0.19, 0.046)}, right={"greedy": chosen})
+    write_results(tmp_path / "e", None, {"greedy": (0.22, 0.19, 0.046)}, right={"greedy": chosen[:50]})
+    command = [sys.executable, str(ROOT / "bench" / "g2p_standing.py"), str(tmp_path)]
+    standing = subprocess.run(command, capture_output=True, text=True)
+    assert standing.returncode == 0, standing.stderr
+
+    # paired: the per-word differences are -1 on 10 words, +1 on 4, 0 on 86; their mean's standard
+    # error is sqrt(14 - 6² / 100) / 100 = 3.69 points. Test: sqrt(p (1 - p) / 12,000).
+    # The ensembles kept outputs for different words (100 and 50), so they are not paired.
+    assert standing.stdout.split("standard error):\n")[1].splitlines() == [
+        "- no attention: the only run; test WER 24.00% ± 0.39",
+        f"- attention, single model: 6.00 points of dev WER ahead of `{tmp_path / 'b'}`, greedy "
+        "(± 3.69, paired: 10 words right in the choice alone, 4 in the other alone); test WER 21.00% ± 0.37",
+        f"- ensemble: 2.00 points of dev WER ahead of `{tmp_path / 'e'}`, greedy; test WER 19.00% ± 0.36",
     ]
 
 
