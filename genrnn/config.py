@@ -369,7 +369,8 @@ MODE_FIELDS: dict[str, frozenset[str]] = {
 
 def fields_read(mode: str) -> frozenset[str]:
     """Every DecodingConfig field that decoding in ``mode`` reads."""
-    return MODE_FIELDS.get(mode, frozenset()) | {"mode", "max_new_tokens"}
+    reads = MODE_FIELDS.get(mode, frozenset()) if isinstance(mode, str) else frozenset()  # a bad mode: from_dict says
+    return reads | {"mode", "max_new_tokens"}
 
 
 def decoding_for_mode(values: dict[str, Any]) -> DecodingConfig:

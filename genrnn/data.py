@@ -53,6 +53,15 @@ def decode_line(raw: bytes, number: int) -> str:
     return raw.decode("utf-8-sig" if number == 1 else "utf-8")
 
 
+def line_problem(line: str) -> str | None:
+    """What keeps a decoded line from being one record of a UTF-8 text file, if anything."""
+    if "\r" in line:  # one line would silently hold several
+        return "a carriage return inside the line; save the file with LF line ends"
+    if "\x00" in line:  # UTF-16 or UTF-32 text, whose bytes are mostly valid UTF-8 too
+        return "a NUL character inside the line; is the file UTF-16? save it as UTF-8"
+    return None
+
+
 def tsv_line(example: Example) -> str:
     """The example as a TSV line, ``source<TAB>target[<TAB>target…]`` and its end: what the reader reads."""
     return "\t".join((example.source, *example.targets)) + "\n"
@@ -103,8 +112,9 @@ def read_file(path: str | Path) -> list[Example]:
             line = decode_line(raw, number)
         except UnicodeDecodeError as error:
             raise DataError(f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start})") from None
-        if "\r" in line:  # one line would silently hold several
-            raise DataError(f"{path}:{number}: a carriage return inside the line; save the file with LF line ends")
+        problem = line_problem(line)
+        if problem:
+            raise DataError(f"{path}:{number}: {problem}")
         if line.strip():
             examples.append(parse(line, f"{path}:{number}"))
     if not examples:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from genrnn.config import DecodingConfig, decoding_for_mode, fields_read
-from genrnn.data import decode_line, is_unicode_text, numbered_lines
+from genrnn.data import decode_line, is_unicode_text, line_problem, numbered_lines
 from genrnn.errors import ConfigurationError, DataError
 
 # The most any item may ask for: they bound the memory one batch can take, so that no line can
@@ -25,6 +25,7 @@ from genrnn.errors import ConfigurationError, DataError
 MAX_NEW_TOKENS = 1024
 MAX_BEAM_SIZE = 64
 MAX_RETURN_SEQUENCES = 64
+MAX_SOURCE_LENGTH = 4096  # characters: a batch is padded to its longest source
 SETTING_KEYS = frozenset(f.name for f in dataclasses.fields(DecodingConfig))
 
 ItemId = str | int
@@ -96,11 +97,17 @@ def _parse_jsonl(line: str, number: int) -> tuple[ItemId, str, dict[str, Any]]:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise _Malformed(f"not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise _Malformed("not valid JSON here (nested too deeply)") from None
+    except ValueError as error:  # an integer of over 4,300 digits
+        raise _Malformed(f"not valid JSON here ({str(error).split(';')[0]})") from None
     if not isinstance(record, dict):
         raise _Malformed('expected an object with "source"')
     item_id = record.pop("id", number)
     if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
         raise _Malformed('"id" must be a string or an integer')
+    if isinstance(item_id, str) and not is_unicode_text(item_id):
+        raise _Malformed('"id" holds a lone surrogate (\\ud800-\\udfff), not text')
     source = record.pop("source", None)
     if not isinstance(source, str) or not source.strip():
         raise _Malformed('"source" must be a non-empty string', item_id)
@@ -160,9 +167,14 @@ def read_items(
         index = len(items) + len(bad)
         try:
             line = decode_line(raw, number)
+            problem = line_problem(line)
+            if problem:
+                raise _Malformed(problem)
             if not line.strip():
                 continue
             item_id, source, overrides = parse(line, number)
+            if len(source) > MAX_SOURCE_LENGTH:
+                raise _Malformed(f"the source has {len(source):,} characters; at most {MAX_SOURCE_LENGTH:,}", item_id)
             items.append(Item(index, number, item_id, source, _settings(defaults, overrides, item_id)))
         except (_Malformed, UnicodeDecodeError) as error:
             message = "not valid UTF-8" if isinstance(error, UnicodeDecodeError) else str(error)

@@ -17,9 +17,9 @@ from genrnn.bundle import load_bundle, sha256
 from genrnn.cli import main
 from genrnn.config import DecodingConfig, decoding_for_mode
 from genrnn.decoding import Generator
-from genrnn.errors import GenrnnError
+from genrnn.errors import DataError, GenrnnError
 from serving.batch import GenerateJob, owned_batches, run_generate
-from serving.batch_input import MAX_BEAM_SIZE, items_fingerprint, read_items
+from serving.batch_input import MAX_BEAM_SIZE, MAX_SOURCE_LENGTH, items_fingerprint, read_items
 from serving.batch_parts import PartStore
 from tests.conftest import interruptible, signal_when
 
@@ -168,6 +168,39 @@ def test_skip_bad_lines_records_each_error_in_its_place(tiny_bundle, words, tmp_
     assert out[5]["error"].startswith("top_k:") and "surrogate" in out[6]["error"]
     assert out[0]["candidates"] and out[4]["candidates"] and out[4]["input"] == words[3]
     assert out[0]["input"] == words[0]
+
+
+def test_lines_that_once_crashed_the_job_or_failed_their_batch_are_bad_lines(tmp_path):
+    lines = [
+        '{"id": "\\ud800", "source": "cat"}',  # an id that UTF-8 cannot spell: the job's stamp could not be written
+        '{"source": "cat", "mode": ["beam"]}',  # a mode that is no string
+        '{"id": ' + "9" * 5000 + ', "source": "cat"}',  # an integer Python declines to read
+        '{"source": "cat", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",  # nesting past the recursion limit
+        json.dumps({"source": "a" * (MAX_SOURCE_LENGTH + 1)}),  # its batch, padded to it, would not fit in memory
+        "cat\rdog",  # a file with CR line ends would be one line
+        json.dumps({"source": "dog"}),
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    items, bad = read_items(path, DecodingConfig(), skip_bad_lines=True)
+
+    assert [(item.line, item.source) for item in items] == [(7, "dog")]
+    assert [b.line for b in bad] == [1, 2, 3, 4, 5, 6]
+    assert [b.error for b in bad[:2]] == [
+        '"id" holds a lone surrogate (\\ud800-\\udfff), not text',
+        "mode: must be one of greedy, sample, beam; got ['beam']",
+    ]
+    assert bad[2].error.startswith("not valid JSON here (Exceeds the limit (4300 digits)")
+    assert bad[3].error == "not valid JSON here (nested too deeply)"
+    assert bad[4].error == f"the source has {MAX_SOURCE_LENGTH + 1:,} characters; at most {MAX_SOURCE_LENGTH:,}"
+    assert bad[5].error.startswith("a carriage return inside the line")
+    assert items_fingerprint(items, bad)
+    with pytest.raises(DataError, match='in.jsonl:1: "id" holds a lone surrogate'):
+        read_items(path, DecodingConfig())
+    # UTF-16 text without a byte-order mark is valid UTF-8, a NUL beside each character
+    (tmp_path / "in.txt").write_bytes("cat\ndog\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match="in.txt:1: a NUL character"):
+        read_items(tmp_path / "in.txt", DecodingConfig())
 
 
 def test_a_greedy_jobs_sampling_options_reach_its_sampled_lines(tiny_bundle, words, tmp_path, capsys):
