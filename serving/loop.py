@@ -55,7 +55,7 @@ class InputBudgetLoop(BatchedLoop):
 
     def get_batch_requests(self, lit_api: LitAPI, request_queue: Queue, transport: MessageTransport):
         """One batch ``[(response_queue_id, uid, request)]``; requests that waited too long get their 504 here."""
-        batch, late, inputs, deadline = [], [], 0, None
+        batch, arrivals, inputs, deadline = [], [], 0, None
         timeout = lit_api.request_timeout
         while inputs < lit_api.max_batch_size:
             item = self._next(request_queue, deadline)
@@ -66,20 +66,22 @@ class InputBudgetLoop(BatchedLoop):
             response_queue_id, uid, arrived, request = item
             waited = time.monotonic() - arrived  # monotonic clocks agree across processes on one machine
             if timeout not in (-1, False, None) and waited > timeout:
+                # Answered now: the loop may go on waiting for company for a batch, or for a second when idle.
                 metrics.QUEUE_WAIT.observe(waited)
-                late.append((response_queue_id, uid, waited))
+                self.put_error(transport, response_queue_id, uid, timeout_error(waited, timeout))
                 continue
             size = len(request.inputs)
             if batch and inputs + size > lit_api.max_batch_size:
                 self._held.append(item)
                 break
-            metrics.QUEUE_WAIT.observe(waited)
             batch.append((response_queue_id, uid, request))
+            arrivals.append(arrived)
             inputs += size
             if deadline is None:
                 deadline = time.monotonic() + lit_api.batch_timeout
-        for response_queue_id, uid, waited in late:
-            self.put_error(transport, response_queue_id, uid, timeout_error(waited, timeout))
+        started = time.monotonic()
+        for arrived in arrivals:  # queued until the batch starts: the wait for it to fill counts too
+            metrics.QUEUE_WAIT.observe(started - arrived)
         return batch, []
 
     def put_error(self, transport: MessageTransport, response_queue_id: int, uid: str, error: HTTPException) -> None:

@@ -60,8 +60,8 @@ MODEL_INFO = Gauge(
 def mode_label(body: bytes) -> str:
     """The decoding mode a request body asks for ("unknown" when the body does not say it in a valid way)."""
     try:
-        mode = json.loads(body).get("mode", "greedy")
-    except (ValueError, AttributeError):
+        mode = json.loads(body.decode("utf-8")).get("mode", "greedy")  # UTF-8 alone, as the server reads bodies
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: nesting past Python's limit
         return "unknown"
     return mode if mode in MODES else "unknown"
 

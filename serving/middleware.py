@@ -1,14 +1,16 @@
-"""ASGI middlewares of the HTTP processes: API key, admission (429), request metrics.
+"""ASGI middlewares of the HTTP processes: UTF-8 bodies, API key, admission (429), request metrics.
 
 Each is a plain ASGI wrapper, so it can answer before the body is read (a rejected
 request costs no parsing) and see the status code of every reply, errors included.
 """
 
+import codecs
 import hashlib
 import hmac
 import time
 from multiprocessing.sharedctypes import Synchronized
 
+from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import metrics
@@ -18,6 +20,40 @@ from serving.errors import reply_error
 def _digest(key: bytes) -> bytes:
     # Comparing fixed-size digests keeps the comparison's time independent of the key's length too.
     return hashlib.sha256(key).digest()
+
+
+class Utf8BodyMiddleware:
+    """Answers 400 to a body on ``path`` that is not UTF-8 text, as JSON between systems must be.
+
+    FastAPI would guess UTF-16 or UTF-32 from the bytes and read them. Such text without
+    a byte-order mark is valid UTF-8 too, but holds NUL bytes, which JSON text never does.
+    The check runs as the app reads the body, so a body refused for its size is never decoded.
+    """
+
+    def __init__(self, app: ASGIApp, path: str) -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        decoder = codecs.getincrementaldecoder("utf-8")()  # a character may straddle two chunks
+
+        async def receive_checked() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                chunk = message.get("body", b"")
+                try:
+                    decoder.decode(chunk, final=not message.get("more_body", False))
+                except UnicodeDecodeError as error:
+                    raise HTTPException(400, f"the body is not UTF-8 text ({error.reason})") from None
+                if b"\x00" in chunk:
+                    raise HTTPException(400, "the body holds a NUL byte: send JSON as UTF-8, not UTF-16 or UTF-32")
+            return message
+
+        # FastAPI answers an HTTPException raised while it reads the body as it answers its own.
+        await self.app(scope, receive_checked, send)
 
 
 class ApiKeyMiddleware:

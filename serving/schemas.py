@@ -81,8 +81,8 @@ class GenerateRequest(BaseModel):
                 {"count": len(items), "cap": cls.limits.max_inputs},
             )
         for index, text in enumerate(items):
-            if not text:
-                raise PydanticCustomError("empty", "input {index} is an empty string", {"index": index})
+            if not text.strip():  # nothing to read: the tokenizer drops whitespace
+                raise PydanticCustomError("empty", "input {index} is empty or only whitespace", {"index": index})
             if not is_unicode_text(text):
                 raise PydanticCustomError(
                     "not_unicode", "input {index} holds a lone surrogate (\\ud800-\\udfff), not text", {"index": index}

@@ -259,7 +259,7 @@ def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None)
     from serving import metrics
     from serving.api import GENERATE_PATH, GenerationAPI
     from serving.errors import validation_error_reply
-    from serving.middleware import AdmissionMiddleware, ApiKeyMiddleware, RequestMetricsMiddleware
+    from serving.middleware import AdmissionMiddleware, ApiKeyMiddleware, RequestMetricsMiddleware, Utf8BodyMiddleware
 
     GenerateRequest.limits = config.limits
     api = GenerationAPI(
@@ -269,7 +269,8 @@ def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None)
 
     # Listed innermost first: each middleware wraps the ones before it. Metrics sees every reply.
     middlewares: list = [
-        (AdmissionMiddleware, {"path": GENERATE_PATH, "limit": config.max_queue, "admitted": admitted})
+        (Utf8BodyMiddleware, {"path": GENERATE_PATH}),
+        (AdmissionMiddleware, {"path": GENERATE_PATH, "limit": config.max_queue, "admitted": admitted}),
     ]
     if key:
         middlewares.append((ApiKeyMiddleware, {"prefix": "/v1/", "key": key}))

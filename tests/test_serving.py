@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from queue import Queue
 import httpx
 import pytest
 import torch
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.transport.process_transport import MPQueueTransport
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,6 +35,7 @@ from genrnn.cli import main
 from genrnn.config import DecodingConfig
 from genrnn.decoding import Generator
 from genrnn.errors import ConfigurationError
+from serving import loop, metrics
 from serving.api import Failure, GenerationAPI
 from serving.config import ServeConfig
 from serving.schemas import GenerateRequest, Limits
@@ -80,6 +83,46 @@ def test_a_request_that_waited_past_the_timeout_is_answered_504_without_decoding
     assert _batches(api, _queued(1, age=5.0), MPQueueTransport(None, [replies])) == []
     uid, (error, status, *_) = replies.get_nowait()
     assert (uid, status, error.status_code) == ("uid0", "ERROR", 504)
+
+
+def test_a_late_request_is_answered_at_once_not_when_the_idle_loop_wakes(monkeypatch):
+    monkeypatch.setattr(loop, "_IDLE_WAIT", 600.0)  # the loop waits this long for a request that never comes
+    api = GenerationAPI("unused", Limits(), max_batch_size=4, batch_timeout=0.01)
+    api.request_timeout = 1.0
+    queue, replies = _queued(1, age=5.0), Queue()
+    looping = threading.Thread(target=_until_stopped, args=(api, queue, MPQueueTransport(None, [replies])))
+    looping.start()
+    try:
+        uid, (error, status, *_) = replies.get(timeout=60)  # the loop is still waiting for more meanwhile
+        assert (uid, status, error.status_code) == ("uid0", "ERROR", 504)
+    finally:
+        queue.put(_SENTINEL_VALUE)
+        looping.join()
+
+
+def _until_stopped(api: GenerationAPI, queue: Queue, transport: MPQueueTransport) -> None:
+    """Form batches until the loop is told to stop."""
+    try:
+        while True:
+            api.loop.get_batch_requests(api, queue, transport)
+    except _StopLoopError:
+        pass
+
+
+def test_the_queue_wait_lasts_until_the_batch_starts():
+    api = GenerationAPI("unused", Limits(), max_batch_size=4, batch_timeout=0.3)
+    api.request_timeout = 30.0
+    (family,) = metrics.QUEUE_WAIT.collect()
+    before = {s.name: s.value for s in family.samples}
+
+    (batch,) = _batches(api, _queued(1), MPQueueTransport(None, [Queue()]))
+    (family,) = metrics.QUEUE_WAIT.collect()
+    after = {s.name: s.value for s in family.samples}
+
+    # the lone request waited in the worker for company, for --batch-timeout, before its batch started
+    assert batch == [1]
+    assert after["genrnn_queue_wait_seconds_count"] - before["genrnn_queue_wait_seconds_count"] == 1
+    assert after["genrnn_queue_wait_seconds_sum"] - before["genrnn_queue_wait_seconds_sum"] >= 0.3
 
 
 def batch_size_samples() -> Counter:
@@ -452,6 +495,7 @@ INVALID = [
     ({"inputs": "cat", "temprature": 0.5}, 422, "temprature"),
     ({"inputs": ""}, 422, "inputs"),
     ({"inputs": ["cat", ""]}, 422, "inputs"),
+    ({"inputs": ["cat", " \t"]}, 422, "inputs"),  # nothing the tokenizer reads
     ({"inputs": []}, 422, "inputs"),
     ({"inputs": 5}, 422, "inputs"),
     ({"mode": "greedy"}, 422, "inputs"),
@@ -510,6 +554,39 @@ def test_a_body_that_is_not_json_gets_422(keyed):
 
     assert response.status_code == 422
     assert "JSON" in response.json()["detail"]
+
+
+NOT_UTF8 = {
+    "Latin-1": '{"inputs": "café"}'.encode("latin-1"),
+    "UTF-16": '{"inputs": "cat"}'.encode("utf-16"),
+    "UTF-16 without a byte-order mark": '{"inputs": "cat"}'.encode("utf-16-le"),
+    "a surrogate in UTF-8's form": b'{"inputs": "\xed\xa0\x80"}',
+}
+
+
+@pytest.mark.parametrize("body", NOT_UTF8.values(), ids=NOT_UTF8)
+def test_a_body_that_is_not_utf8_gets_400_and_counts_as_unknown(keyed, body):
+    before = keyed.metrics()
+    response = keyed.client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+    after = keyed.metrics()
+
+    assert response.status_code == 400
+    assert "UTF-8" in response.json()["detail"]
+    counted = ("genrnn_requests_total", (("mode", "unknown"), ("status", "400")))
+    assert after[counted] - before[counted] == 1
+
+
+def test_a_body_nested_past_the_parsers_depth_gets_400_and_is_counted(keyed):
+    before = keyed.metrics()
+    body = b'{"inputs": ' + b"[" * 1500 + b"]" * 1500 + b"}"
+    response = keyed.client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+    after = keyed.metrics()
+
+    assert response.status_code == 400
+    counted = ("genrnn_requests_total", (("mode", "unknown"), ("status", "400")))
+    assert after[counted] - before[counted] == 1
+    assert after["genrnn_inflight_requests", ()] == 0
+    assert keyed.generate(inputs="cat").status_code == 200
 
 
 def test_a_body_over_the_size_limit_gets_413(keyed):
