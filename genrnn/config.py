@@ -195,6 +195,9 @@ class ModelConfig:
         return self.encoder_hidden * (2 if self.bidirectional else 1)
 
 
+MAX_VOCAB_SIZE = 1_000_000  # sentencepiece reads the size as a 32-bit integer; far more pieces than any task needs
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
     """sentencepiece models for the two sides (trained on the training data)."""
@@ -207,7 +210,9 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         for name in ("source_vocab_size", "target_vocab_size"):
-            _require(getattr(self, name) >= 8, f"tokenizer.{name}", "must be at least 8")
+            _require(
+                8 <= getattr(self, name) <= MAX_VOCAB_SIZE, f"tokenizer.{name}", f"must be 8 to {MAX_VOCAB_SIZE:,}"
+            )
 
 
 @dataclass(frozen=True)
@@ -308,13 +313,10 @@ class OptimConfig:
         )
         _require(self.checkpoint_minutes >= 0, "training.checkpoint_minutes", "must be 0 (at every epoch end) or more")
         if self.max_time is not None:
-            parts = self.max_time.split(":")
-            _require(
-                len(parts) == 4 and all(p.isdigit() for p in parts),
-                "training.max_time",
-                f"must be DD:HH:MM:SS; got {self.max_time!r}",
-            )
-            _require(any(int(p) for p in parts), "training.max_time", "must be more than zero")
+            # Lightning's own pattern; bounded so that the days fit a timedelta (at most 999,999,999)
+            match = re.fullmatch(r"([0-9]{1,9}):([0-9]{2}):([0-9]{2}):([0-9]{2})", self.max_time)
+            _require(match is not None, "training.max_time", f"must be DD:HH:MM:SS; got {self.max_time!r}")
+            _require(any(int(p) for p in match.groups()), "training.max_time", "must be more than zero")
 
 
 MAX_TEMPERATURE = 100.0  # far past uniform already; beyond float32's range, logits / temperature is NaN

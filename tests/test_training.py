@@ -642,6 +642,12 @@ def test_user_errors_end_with_one_clear_line(args, message, tmp_path, monkeypatc
         (["--accelerator", "tpuu", "--train", "/nonexistent.tsv"], "training.accelerator/devices/num_nodes/strategy"),
         (["--set", "data.max_source_length=2"], "no training pair is within data.max_source_length"),
         (["--set", "training.val_check_interval=100000"], "training.val_check_interval: 100000 batches; an epoch has"),
+        # each of these once ended in a traceback
+        (["--accelerator", "cpu", "--devices", "0,1"], "training.accelerator/devices/num_nodes/strategy"),
+        (["--accelerator", "cpu", "--precision", "16-mixed"], "training.precision: 16-mixed needs a GPU"),
+        (["--max-time", "00:00:00:\u00b2"], "training.max_time: must be DD:HH:MM:SS"),  # a digit int() refuses
+        (["--max-time", "99999999999:00:00:00"], "training.max_time: must be DD:HH:MM:SS"),  # past a timedelta
+        (["--set", "tokenizer.source_vocab_size=10000000000"], "tokenizer.source_vocab_size: must be 8 to 1,000,000"),
     ],
 )
 def test_training_that_could_not_mean_anything_is_refused_in_one_line(g2p_files, tmp_path, options, message):
@@ -762,28 +768,51 @@ def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):
     run = tmp_path / "run"
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1"))
     stamp = json.loads((run / "run.json").read_text())
-    assert set(stamp) == {"data", "model", "tokenizer", "batches"}  # no init_from or teacher keys
+    assert set(stamp) == {"data", "model", "tokenizer", "batches", "optimization"}  # no init_from or teacher keys
     result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", train="test"), check=False)
-    assert result.returncode == 1 and "holds a run on other data" in result.stderr
-    # Other batches would make the checkpoint's count of served batches skip the wrong ones.
-    for option in (("--max-tokens", "512"), ("--seed", "7")):
+    assert result.returncode == 1 and "holds a run with other settings (data:" in result.stderr
+    # Other batches would make the checkpoint's count of served batches skip the wrong ones; another
+    # schedule could not load the saved one's state, and another rate would be recorded but not used.
+    for option, differs in (
+        (("--max-tokens", "512"), "batches"),
+        (("--seed", "7"), "batches"),
+        (("--set", "training.schedule=warmup"), "optimization"),
+        (("--set", "training.lr=0.0001"), "optimization"),
+    ):
         result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", *option), check=False)
-        assert result.returncode == 1 and "batching or seed" in result.stderr
-    # A stamp from before batches were recorded, or before a model setting existed, still resumes;
-    # a model changed in a setting the stamp holds does not.
-    del stamp["batches"], stamp["model"]["attention_query"]
+        assert result.returncode == 1 and f"other settings ({differs}:" in result.stderr, result.stderr[-2000:]
+        assert "training.init_from=BUNDLE" in result.stderr and "Traceback" not in result.stderr
+    # A stamp from before batches and optimisation were recorded, or before a model setting existed,
+    # still resumes; a model changed in a setting the stamp holds does not.
+    del stamp["batches"], stamp["optimization"], stamp["model"]["attention_query"]
     (run / "run.json").write_text(json.dumps(stamp))
     result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--set", "model.decoder_hidden=24"), check=False)
-    assert result.returncode == 1 and "with another model" in result.stderr
+    assert result.returncode == 1 and "other settings (model:" in result.stderr
     assert "resuming from" in run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1")).stdout
+    # A stamp cut short (it is written whole, but disks fill up) is named, not a traceback
+    (run / "run.json").write_text('{"data": ')
+    result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1"), check=False)
+    assert result.returncode == 1 and "run.json is damaged" in result.stderr and "Traceback" not in result.stderr
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--no-resume", train="test"))
 
 
 def test_a_budget_spent_before_the_first_validation_still_writes_a_bundle(g2p_files, tmp_path):
+    import torch
+
     run = tmp_path / "run"
-    run_cli(*tiny_train(g2p_files, run, "--max-steps", "3"))
-    facts = load_bundle(run / "bundle").training
+    options = ("--max-steps", "3", "--set", "training.ema_decay=0.5")
+    run_cli(*tiny_train(g2p_files, run, *options))
+    bundle = load_bundle(run / "bundle")
+    facts = bundle.training
     assert facts["steps"] == 3 and facts["best_checkpoint"] is None and facts["best_dev"] == {}
+    # the weights' moving average, which a rerun of the finished run writes again, not the raw weights
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    name = "decoder.layers.0.weight_hh_l0"
+    assert not torch.equal(last["state_dict"]["model." + name], last["current_model_state"]["model." + name])
+    assert torch.equal(bundle.model.state_dict()[name], last["state_dict"]["model." + name])
+    assert "resuming from" in run_cli(*tiny_train(g2p_files, run, *options)).stdout
+    again = load_bundle(run / "bundle").model.state_dict()
+    assert all(torch.equal(again[key], weight) for key, weight in bundle.model.state_dict().items())
 
 
 def test_init_from_starts_the_model_at_the_bundles_weights(g2p_files, tiny_bundle, tmp_path):
@@ -886,6 +915,10 @@ def test_an_altered_teacher_table_is_refused(g2p_files, tiny_bundle, tmp_path):
         f.write(bytes([last ^ 1]))
     refused = taught_by(g2p_files, tmp_path / "other", table, "--max-steps", "2", check=False)
     assert refused.returncode == 1 and "does not match its checksum" in refused.stderr, refused.stderr[-2000:]
+    (table / "teacher-table.json").write_text("[]")  # JSON, but no manifest
+    refused = taught_by(g2p_files, tmp_path / "third", table, "--max-steps", "2", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "is not a teacher table's manifest" in refused.stderr
 
 
 @pytest.mark.parametrize(

@@ -181,6 +181,8 @@ class TeacherTable:
             manifest = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BundleError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{path} is not a teacher table's manifest (a JSON object)")
         version = manifest.get("format_version")
         if version != TABLE_FORMAT_VERSION:
             raise BundleError(f"{path}: format version {version!r}; this genrnn reads version {TABLE_FORMAT_VERSION}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import (
     EMAWeightAveraging,
     LearningRateMonitor,
@@ -183,7 +184,22 @@ def build_module(
 
 
 # Recorded since after the first runs were stamped: a stamp without them resumes as before.
-LATER_STAMP_KEYS = ("batches",)
+LATER_STAMP_KEYS = ("batches", "optimization")
+
+# The settings that the optimiser's and the schedule's saved state, and the loss, depend on.
+# The budget (max_steps, max_epochs, max_time) may change: a finished run may go on.
+OPTIMIZATION_KEYS = (
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "schedule",
+    "warmup_steps",
+    "plateau_factor",
+    "plateau_patience",
+    "label_smoothing",
+    "gradient_clip",
+    "ema_decay",
+)
 
 
 def stamp_run(
@@ -207,6 +223,7 @@ def stamp_run(
         "max_target_length": data.max_target_length,
         "seed": config.training.seed,
     }
+    stamp["optimization"] = {key: getattr(config.training, key) for key in OPTIMIZATION_KEYS}
     # Only when set, so that run directories from before these keys existed still resume.
     if related:
         stamp["tokenizers_from_bundle"] = next(iter(related.values())).tokenizers_fingerprint
@@ -214,16 +231,28 @@ def stamp_run(
         stamp["teacher"] = related["teacher"].fingerprint
     path = output / "run.json"
     if resuming and path.is_file() and last_checkpoint(output).is_file():
-        stored = json.loads(path.read_text())
-        # Model settings added since the stamp was written take their defaults, which keep the old behaviour.
-        stored["model"] = to_dict(from_dict(ModelConfig, stored["model"], "model"))
-        if stored != {key: value for key, value in stamp.items() if key in stored or key not in LATER_STAMP_KEYS}:
+        try:
+            stored = json.loads(path.read_text())
+            # Model settings added since the stamp was written take their defaults, which keep the old behaviour.
+            stored["model"] = to_dict(from_dict(ModelConfig, stored["model"], "model"))
+        except (ValueError, KeyError, TypeError, ConfigurationError):
             raise ConfigurationError(
-                f"{output} holds a run on other data or with another model, tokenizer, teacher, batching "
-                "or seed; use another --output, or --no-resume to start afresh there"
+                f"{path} is damaged, so the run there cannot be checked before it resumes; "
+                "use another --output, or --no-resume to start afresh there"
+            ) from None
+        wanted = {key: value for key, value in stamp.items() if key in stored or key not in LATER_STAMP_KEYS}
+        if stored != wanted:
+            differ = ", ".join(key for key in wanted if stored.get(key) != wanted[key])
+            raise ConfigurationError(
+                f"{output} holds a run with other settings ({differ}: data, model, tokenizer, teacher, batching, "
+                "seed and optimisation must stay as the run began); use another --output, --no-resume to start "
+                "afresh there, or training.init_from=BUNDLE to go on from its weights with new settings"
             )
     output.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(stamp))
+    # Written whole or not at all: a kill while writing would leave a run that cannot resume.
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(stamp))
+    os.replace(temporary, path)
 
 
 def progress_bar(accelerator: str) -> TQDMProgressBar:
@@ -286,8 +315,13 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, M
             use_distributed_sampler=False,  # the token-budget batch sampler shards by rank itself
             num_sanity_val_steps=0,
         )
-    except (MisconfigurationException, ValueError) as error:  # chained: a bug of ours would show its traceback
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as error:
+        # Chained: a bug of ours would show its traceback. TypeError: a device count Lightning
+        # refuses for the accelerator; ImportError: an accelerator whose package is missing.
         raise ConfigurationError(f"training.accelerator/devices/num_nodes/strategy/precision: {error}") from error
+    if isinstance(trainer.accelerator, CPUAccelerator) and training.precision.startswith("16"):
+        # Lightning accepts it, and the LSTM kernel fails at the first step
+        raise ConfigurationError(f"training.precision: {training.precision} needs a GPU; on a CPU use bf16-mixed")
     return trainer, checkpoint
 
 
@@ -367,7 +401,12 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     best_path = checkpoint.best_model_path
     if best_path:
         best = Seq2SeqModule.load_from_checkpoint(best_path, map_location="cpu", weights_only=False)
-    else:  # the budget ran out before the first validation: the weights as they are
+    elif last.is_file():
+        # The budget ran out before the first validation: the weights as they are, from the
+        # checkpoint saved at the end, which holds the moving average with EMA on. The module
+        # would not: a rerun of a finished run trains nothing, and EMA never swaps its average in.
+        best = Seq2SeqModule.load_from_checkpoint(last, map_location="cpu", weights_only=False)
+    else:
         best = module.cpu()
     best_score = checkpoint.best_model_score
     facts = {
