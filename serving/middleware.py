@@ -22,13 +22,8 @@ def _digest(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
-class Utf8BodyMiddleware:
-    """Answers 400 to a body on ``path`` that is not UTF-8 text, as JSON between systems must be.
-
-    FastAPI would guess UTF-16 or UTF-32 from the bytes and read them. Such text without
-    a byte-order mark is valid UTF-8 too, but holds NUL bytes, which JSON text never does.
-    The check runs as the app reads the body, so a body refused for its size is never decoded.
-    """
+class PathMiddleware:
+    """A middleware for HTTP requests to one path (:meth:`handle`); everything else passes through."""
 
     def __init__(self, app: ASGIApp, path: str) -> None:
         self.app = app
@@ -38,6 +33,21 @@ class Utf8BodyMiddleware:
         if scope["type"] != "http" or scope["path"] != self.path:
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class Utf8BodyMiddleware(PathMiddleware):
+    """Answers 400 to a body on ``path`` that is not UTF-8 text, as JSON between systems must be.
+
+    FastAPI would guess UTF-16 or UTF-32 from the bytes and read them. Such text without
+    a byte-order mark is valid UTF-8 too, but holds NUL bytes, which JSON text never does.
+    The check runs as the app reads the body, so a body refused for its size is never decoded.
+    """
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")()  # a character may straddle two chunks
 
         async def receive_checked() -> Message:
@@ -84,20 +94,16 @@ class ApiKeyMiddleware:
         return hmac.compare_digest(_digest(presented), self.key_digest)
 
 
-class AdmissionMiddleware:
+class AdmissionMiddleware(PathMiddleware):
     """Answers 429 while ``limit`` requests to ``path`` are admitted and unanswered, counted across processes."""
 
     def __init__(self, app: ASGIApp, path: str, limit: int, admitted: Synchronized, retry_after: int = 1) -> None:
-        self.app = app
-        self.path = path
+        super().__init__(app, path)
         self.limit = limit
         self.admitted = admitted  # an mp.Value shared by every HTTP process (they are forked from the server)
         self.retry_after = retry_after
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         with self.admitted.get_lock():
             full = self.admitted.value >= self.limit
             if not full:
@@ -113,17 +119,10 @@ class AdmissionMiddleware:
                 self.admitted.value -= 1
 
 
-class RequestMetricsMiddleware:
+class RequestMetricsMiddleware(PathMiddleware):
     """Counts requests to ``path`` by mode and status, times them, and tracks how many are in flight."""
 
-    def __init__(self, app: ASGIApp, path: str) -> None:
-        self.app = app
-        self.path = path
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         body = bytearray()  # kept as the app reads it, for the mode label
         status = 500  # what the client gets if the app raises

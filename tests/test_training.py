@@ -834,7 +834,7 @@ def test_a_distilled_run_resumes_with_its_teacher_and_refuses_another(g2p_files,
     assert other.returncode == 1 and "training.teacher: bundle directory not found: a" in other.stderr
     pair = ("--set", f"training.teacher={tiny_bundle},{tiny_bundle}")  # other weights: another teacher
     refused = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *pair), check=False)
-    assert refused.returncode == 1 and "with another model, tokenizer, teacher" in refused.stderr
+    assert refused.returncode == 1 and "other settings (teacher:" in refused.stderr
     resumed = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *teacher))
     assert "resuming from" in resumed.stdout
     facts = load_bundle(run / "bundle").training
