@@ -64,13 +64,8 @@ class Paired:
     words: int
 
     @property
-    def difference(self) -> float:
-        """The first's WER less the second's (negative: the first is ahead)."""
-        return (self.only_second - self.only_first) / self.words
-
-    @property
     def standard_error(self) -> float:
-        """Of :attr:`difference`, as the mean of per-word differences in {-1, 0, 1}."""
+        """Of the two WERs' difference, the mean of per-word differences in {-1, 0, 1}."""
         discordant, net = self.only_first + self.only_second, self.only_second - self.only_first
         return math.sqrt(max(discordant - net * net / self.words, 0.0)) / self.words
 
