@@ -431,8 +431,11 @@ def load_config(path: str | Path) -> ExperimentConfig:
         values = read_yaml(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigurationError(f"config file not found: {path}") from None
-    except yaml.YAMLError as error:
-        raise ConfigurationError(f"{path}: not valid YAML: {error}") from None
+    except yaml.YAMLError as error:  # PyYAML's own message takes four lines: its problem and where, in one
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigurationError(f"{where}: not valid YAML ({problem})") from None
     except UnicodeDecodeError as error:
         raise ConfigurationError(f"{path}: not UTF-8 ({error.reason} at byte {error.start})") from None
     return from_dict(ExperimentConfig, values)

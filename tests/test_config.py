@@ -51,9 +51,11 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
     with pytest.raises(ConfigurationError, match="not found"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: [unclosed")
-    with pytest.raises(ConfigurationError, match="not valid YAML"):
+    bad.write_text("name: g2p\nmodel: [unclosed\n")
+    with pytest.raises(ConfigurationError) as raised:
         load_config(bad)
+    # one line, naming the line at fault
+    assert str(raised.value) == f"{bad}:3: not valid YAML (expected ',' or ']', but got '<stream end>')"
 
 
 @pytest.mark.parametrize(
