@@ -835,6 +835,8 @@ def test_a_distilled_run_resumes_with_its_teacher_and_refuses_another(g2p_files,
     pair = ("--set", f"training.teacher={tiny_bundle},{tiny_bundle}")  # other weights: another teacher
     refused = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *pair), check=False)
     assert refused.returncode == 1 and "other settings (teacher:" in refused.stderr
+    untaught = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40"), check=False)
+    assert untaught.returncode == 1 and "other settings (tokenizers_from_bundle, teacher:" in untaught.stderr
     resumed = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *teacher))
     assert "resuming from" in resumed.stdout
     facts = load_bundle(run / "bundle").training

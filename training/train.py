@@ -242,7 +242,8 @@ def stamp_run(
             ) from None
         wanted = {key: value for key, value in stamp.items() if key in stored or key not in LATER_STAMP_KEYS}
         if stored != wanted:
-            differ = ", ".join(key for key in wanted if stored.get(key) != wanted[key])
+            keys = [*wanted, *(key for key in stored if key not in wanted)]  # a teacher dropped is a difference too
+            differ = ", ".join(key for key in keys if stored.get(key) != wanted.get(key))
             raise ConfigurationError(
                 f"{output} holds a run with other settings ({differ}: data, model, tokenizer, teacher, batching, "
                 "seed and optimisation must stay as the run began); use another --output, --no-resume to start "
