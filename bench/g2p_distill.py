@@ -26,6 +26,7 @@ from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING, DecodingConfig
 from genrnn.data import Example, hold_out_dev, read_examples, tsv_line
 from genrnn.decoding import Generator
 from genrnn.evaluation import best_outputs
+from genrnn.metrics import is_right
 
 
 def main() -> None:
@@ -58,7 +59,7 @@ def main() -> None:
     partial = output.with_name(output.name + ".partial")  # a killed run leaves no file that looks finished
     partial.write_text("".join(tsv_line(e) for e in [*distilled, *dev]))
     partial.replace(output)
-    changed = sum(best not in e.targets for e, best in zip(train, outputs))
+    changed = sum(not is_right(best, e.targets) for e, best in zip(train, outputs))  # as scoring counts them
     print(
         f"{output}: {len(train):,} train words decoded ({changed:,} differ from every reference, "
         f"{changed / max(1, len(train)):.2%}), {len(dev):,} dev words kept as they were; "
