@@ -100,17 +100,19 @@ def filtered_distribution(
     """Per-row temperature, top-k and top-p (nucleus) filtering.
 
     Returns probabilities sorted in descending order ``(rows, vocab)`` (zero outside
-    the kept set, renormalised) and the token id at each sorted position. Top-p
-    keeps the smallest prefix of the sorted distribution whose mass reaches ``p``;
+    the kept set, renormalised) and the token id at each sorted position. Top-k
+    comes first; top-p then keeps the smallest prefix of what top-k left, renormalised,
+    whose mass reaches ``p`` (the order of Hugging Face's and TGI's samplers).
     ``top_k == 0`` and ``top_p == 1`` switch the filters off.
     """
     scaled = logits / temperature[:, None]
     sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
     probs = sorted_logits.softmax(dim=-1)
     rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
-    keep = (top_k[:, None] == 0) | (rank < top_k[:, None])
+    probs = probs * ((top_k[:, None] == 0) | (rank < top_k[:, None]))
+    probs = probs / probs.sum(dim=-1, keepdim=True)
     mass_before = probs.cumsum(dim=-1) - probs
-    keep &= (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    keep = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
     keep[:, 0] = True  # the likeliest token always: a p under float32's smallest number rounds to 0
     probs = probs * keep
     return probs / probs.sum(dim=-1, keepdim=True), order

@@ -206,6 +206,13 @@ def test_top_k_keeps_the_k_likeliest():
     assert order[0, :2].tolist() == [1, 3] and (kept[0] > 0).tolist() == [True, True, False, False]
 
 
+def test_top_p_measures_what_top_k_left():
+    # sorted 0.5, 0.3, 0.2: top-k 2 leaves 0.625, 0.375, so p = 0.6 is reached by the first
+    logits = torch.tensor([[0.2, 0.5, 0.3]]).log()
+    kept, order = filtered_distribution(logits, torch.ones(1), torch.tensor([2]), torch.tensor([0.6]))
+    assert order[0].tolist() == [1, 2, 0] and kept[0].tolist() == [1.0, 0.0, 0.0]
+
+
 def test_seeded_samples_follow_the_tempered_softmax(generator):
     temperature, n = 0.7, 4000
     ids = generator.source_tokenizer.encode(["house"])[0]
