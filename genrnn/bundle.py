@@ -11,8 +11,6 @@ target.model
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import genrnn
 from genrnn.config import DEFAULT_AVERAGING, Averaging, ModelConfig, TokenizerConfig, from_dict, to_dict
 from genrnn.ensemble import Ensemble
 from genrnn.errors import BundleError, ConfigurationError
+from genrnn.files import read_manifest, sha256, write_manifest
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, tokenizers_fingerprint
 
@@ -79,14 +78,6 @@ class Bundle:
         }
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_bundle(
     directory: str | Path,
     model: Seq2Seq,
@@ -114,51 +105,16 @@ def save_bundle(
         "training": training or {},
         "files": {f: sha256(directory / f) for f in (WEIGHTS, SOURCE_MODEL, TARGET_MODEL)},
     }
-    temporary = directory / (MANIFEST + ".tmp")
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(temporary, directory / MANIFEST)
+    write_manifest(directory / MANIFEST, manifest)
     return directory
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
+def read_bundle_manifest(directory: str | Path) -> dict[str, Any]:
     """The bundle's manifest, after checking the format version and every file's checksum."""
     directory = Path(directory)
     if not directory.is_dir():
         raise BundleError(f"bundle directory not found: {directory}")
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleError(f"{manifest_path} is missing: not a genrnn bundle (or an unfinished one)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BundleError(f"{manifest_path} is not valid JSON: {error}") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{manifest_path} is not a genrnn manifest (a JSON object)")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{manifest_path}: format version {version!r}; this genrnn reads version {FORMAT_VERSION}")
-    verify_files(manifest_path, manifest, {WEIGHTS, SOURCE_MODEL, TARGET_MODEL})
-    return manifest
-
-
-def verify_files(manifest_path: Path, manifest: dict[str, Any], required: set[str]) -> None:
-    """Check that every file the manifest lists is beside it with its checksum, the ``required`` ones among them."""
-    files = manifest.get("files", {})
-    if not isinstance(files, dict):
-        raise BundleError(f"{manifest_path}: 'files' must map file names to checksums")
-    for name, expected in files.items():
-        if Path(name).name != name or name in ("", ".", ".."):  # only files beside the manifest
-            raise BundleError(f"{manifest_path}: {name!r} is not a file name beside it")
-        path = manifest_path.parent / name
-        if not path.is_file():
-            raise BundleError(f"{path} is missing beside {manifest_path.name}")
-        if sha256(path) != expected:
-            raise BundleError(
-                f"{path} does not match its checksum in {manifest_path.name}: the file was altered or damaged"
-            )
-    missing = required - set(files)
-    if missing:
-        raise BundleError(f"{manifest_path} lists no checksum for {', '.join(sorted(missing))}")
+    return read_manifest(directory / MANIFEST, "genrnn bundle", FORMAT_VERSION, {WEIGHTS, SOURCE_MODEL, TARGET_MODEL})
 
 
 def load_bundle(
@@ -175,7 +131,7 @@ def load_bundle(
             raise BundleError(f"no bundle named in {str(directory)!r}")
         return _load_ensemble(members, device, averaging)
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = read_bundle_manifest(directory)
     try:
         model_config = from_dict(ModelConfig, manifest["model"], prefix="model")
         tokenizer_config = from_dict(TokenizerConfig, manifest["tokenizer"], prefix="tokenizer")

@@ -27,10 +27,11 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.utils.data import DataLoader
 
-from genrnn.bundle import load_bundle, sha256
+from genrnn.bundle import load_bundle
 from genrnn.config import DEFAULT_AVERAGING, Averaging, DecodingConfig, decoding_for_mode, is_rank_zero, parse_devices
 from genrnn.decoding import Generator
 from genrnn.errors import ConfigurationError, interruption_kept
+from genrnn.files import sha256
 from genrnn.quantization import quantize_int8
 from serving.batch_input import MAX_NEW_TOKENS, Item, items_fingerprint, read_items
 from serving.batch_parts import PartStore

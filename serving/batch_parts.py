@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from genrnn.errors import GenrnnError
+from genrnn.files import write_atomically
 
 STAMP = "job.json"
 
@@ -56,9 +57,7 @@ class PartStore:
                 )
         elif self._part_paths():  # parts are only ever written after the stamp: whose job made these is unknown
             raise GenrnnError(f"{self.directory} holds parts but no {STAMP}; remove it to start afresh")
-        temporary = path.with_name(f"{STAMP}.{os.getpid()}.tmp")  # several ranks may write it at once
-        temporary.write_text(json.dumps(stamp, indent=2) + "\n")
-        os.replace(temporary, path)
+        write_atomically(path, json.dumps(stamp, indent=2) + "\n")  # several ranks may write it at once
 
     def merged(self) -> bool:
         """Whether the output is in place and only the stamp is left: a kill cut the cleanup short."""

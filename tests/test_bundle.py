@@ -68,13 +68,14 @@ def test_a_missing_file_is_refused_by_name(bundle_dir, name):
         load_bundle(directory)
 
 
-def test_unknown_format_version_is_refused(bundle_dir, tmp_path):
+@pytest.mark.parametrize("version", [99, True, 1.0, "1"])  # true and 1.0 equal 1 in Python
+def test_unknown_format_version_is_refused(bundle_dir, tmp_path, version):
     directory, _ = bundle_dir
     copy = shutil.copytree(directory, tmp_path / "copy")
     manifest = json.loads((copy / "genrnn.json").read_text())
-    manifest["format_version"] = 99
+    manifest["format_version"] = version
     (copy / "genrnn.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="format version 99"):
+    with pytest.raises(BundleError, match=f"format version {version!r}"):
         load_bundle(copy)
 
 

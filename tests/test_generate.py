@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from genrnn.bundle import load_bundle, sha256
+from genrnn.bundle import load_bundle
 from genrnn.cli import main
 from genrnn.config import DecodingConfig, decoding_for_mode
 from genrnn.decoding import Generator
 from genrnn.errors import DataError, GenrnnError
+from genrnn.files import sha256
 from serving.batch import GenerateJob, owned_batches, run_generate
 from serving.batch_input import MAX_BEAM_SIZE, MAX_SOURCE_LENGTH, items_fingerprint, read_items
 from serving.batch_parts import PartStore

@@ -23,8 +23,6 @@ target.model
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,10 +34,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from genrnn.bundle import SOURCE_MODEL, TARGET_MODEL, sha256, verify_files
+from genrnn.bundle import SOURCE_MODEL, TARGET_MODEL
 from genrnn.config import DataConfig, TokenizerConfig, from_dict, to_dict
 from genrnn.data import Batch, PairDataset, TokenBudgetBatchSampler, collate
 from genrnn.errors import BundleError, ConfigurationError
+from genrnn.files import read_manifest, sha256, write_manifest
 from genrnn.tokenizer import Tokenizer, tokenizers_fingerprint
 
 TABLE_FORMAT_VERSION = 1
@@ -151,9 +150,7 @@ def save_table(
         "top_k": distillation.ids.shape[1],
         "files": {f: sha256(directory / f) for f in (TABLE_WEIGHTS, SOURCE_MODEL, TARGET_MODEL)},
     }
-    temporary = directory / (TABLE_MANIFEST + ".tmp")
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(temporary, directory / TABLE_MANIFEST)
+    write_manifest(directory / TABLE_MANIFEST, manifest)
     return directory
 
 
@@ -177,16 +174,8 @@ class TeacherTable:
         """Load and verify a table directory."""
         directory = Path(directory)
         path = directory / TABLE_MANIFEST
-        try:
-            manifest = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise BundleError(f"{path} is not valid JSON: {error}") from None
-        if not isinstance(manifest, dict):
-            raise BundleError(f"{path} is not a teacher table's manifest (a JSON object)")
-        version = manifest.get("format_version")
-        if version != TABLE_FORMAT_VERSION:
-            raise BundleError(f"{path}: format version {version!r}; this genrnn reads version {TABLE_FORMAT_VERSION}")
-        verify_files(path, manifest, {TABLE_WEIGHTS, SOURCE_MODEL, TARGET_MODEL})
+        required = {TABLE_WEIGHTS, SOURCE_MODEL, TARGET_MODEL}
+        manifest = read_manifest(path, "teacher table", TABLE_FORMAT_VERSION, required)
         missing = {"teacher", "data", "pairs", "top_k", "tokenizer", *TABLE_LIMITS} - set(manifest)
         if missing:
             raise BundleError(f"{path} lacks {', '.join(sorted(missing))}: not a teacher table's manifest")

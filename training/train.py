@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from genrnn.data import (
     tsv_line,
 )
 from genrnn.errors import BundleError, ConfigurationError, DataError, interruption_kept
+from genrnn.files import write_atomically
 from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
 from training.distillation import Distillation, TeacherTable, is_teacher_table, save_table, table_facts
@@ -100,9 +100,7 @@ def prepare_tokenizers(
         (target_path, target.model_proto),
         (stamp_path, json.dumps(stamp).encode()),
     ):
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        temporary.write_bytes(content)
-        os.replace(temporary, path)
+        write_atomically(path, content)
     return source, target
 
 
@@ -251,9 +249,7 @@ def stamp_run(
             )
     output.mkdir(parents=True, exist_ok=True)
     # Written whole or not at all: a kill while writing would leave a run that cannot resume.
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(stamp))
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(stamp))
 
 
 def progress_bar(accelerator: str) -> TQDMProgressBar:

@@ -1,0 +1,71 @@
+"""Files that must be whole: checksums, writes that a kill cannot cut short, and checked manifests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from genrnn.errors import BundleError
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """Write ``path`` whole or not at all: a kill leaves the old file (or none), never part of one.
+
+    The temporary file is named for the process, so that several ranks may write the same file at once.
+    """
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(content.encode() if isinstance(content, str) else content)
+    os.replace(temporary, path)
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write a manifest last, whole: the files it lists are complete once it exists."""
+    write_atomically(path, json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(path: Path, kind: str, version: int, required: set[str]) -> dict[str, Any]:
+    """A manifest of ``kind`` (a bundle, a teacher table) after checking its format version and checksums."""
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: not a {kind} (or an unfinished one)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path} is not a {kind}'s manifest (a JSON object)")
+    found = manifest.get("format_version")
+    if type(found) is not int or found != version:  # JSON's true and 1.0 equal 1 in Python
+        raise BundleError(f"{path}: format version {found!r}; this genrnn reads version {version}")
+    verify_files(path, manifest, required)
+    return manifest
+
+
+def verify_files(manifest_path: Path, manifest: dict[str, Any], required: set[str]) -> None:
+    """Check that every file the manifest lists is beside it with its checksum, the ``required`` ones among them."""
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise BundleError(f"{manifest_path}: 'files' must map file names to checksums")
+    for name, expected in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):  # only files beside the manifest
+            raise BundleError(f"{manifest_path}: {name!r} is not a file name beside it")
+        path = manifest_path.parent / name
+        if not path.is_file():
+            raise BundleError(f"{path} is missing beside {manifest_path.name}")
+        if sha256(path) != expected:
+            raise BundleError(
+                f"{path} does not match its checksum in {manifest_path.name}: the file was altered or damaged"
+            )
+    missing = required - set(files)
+    if missing:
+        raise BundleError(f"{manifest_path} lists no checksum for {', '.join(sorted(missing))}")
