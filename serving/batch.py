@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -86,23 +87,55 @@ class Progress:
         )
 
 
+def out_of_memory(error: Exception) -> bool:
+    """Whether ``error`` is an allocation that failed: a GPU's, or the CPU allocator's."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
 class GenerationModule(pl.LightningModule):
     """Wraps the decoding engine for Lightning's predict: a batch of items in, output records out."""
 
-    def __init__(self, generator: Generator) -> None:
+    def __init__(self, generator: Generator, input: Path) -> None:
         super().__init__()
         self.generator = generator
         self.model = generator.model  # a submodule, so that Lightning places it on the rank's device
+        self.input = input  # named in the message of an item that cannot be decoded
 
     def transfer_batch_to_device(self, batch: list[Item], device: Any, dataloader_idx: int) -> list[Item]:
         return batch  # plain Python items: the engine places its own tensors
 
     def predict_step(self, batch: list[Item], batch_idx: int) -> list[tuple[int, dict[str, Any]]]:
-        generations = self.generator.generate([item.source for item in batch], [item.settings for item in batch])
-        return [
-            (item.index, item.output([c.to_dict() for c in generation.candidates]))
-            for item, generation in zip(batch, generations)
-        ]
+        return self._decode(batch)
+
+    def _decode(self, batch: list[Item]) -> list[tuple[int, dict[str, Any]]]:
+        """The batch's records; a batch that runs out of memory is decoded in halves, down to single items.
+
+        An item that does not fit alone is recorded with its error, as a bad line is: otherwise
+        every rerun of the job would stop at the same batch. Any other error stops the job.
+        """
+        generations = None
+        try:
+            generations = self.generator.generate([item.source for item in batch], [item.settings for item in batch])
+        except Exception as error:
+            if not out_of_memory(error):
+                raise
+        if generations is not None:
+            return [
+                (item.index, item.output([c.to_dict() for c in generation.candidates]))
+                for item, generation in zip(batch, generations)
+            ]
+        # Out of the except block: its traceback held the failed batch's tensors until here.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            item = batch[0]
+            reason = "decoding ran out of memory, even alone"
+            print(f"genrnn generate: {self.input}:{item.line}: {reason} (recorded)", file=sys.stderr)
+            return [(item.index, item.failure(reason))]
+        half = len(batch) // 2
+        return self._decode(batch[:half]) + self._decode(batch[half:])
 
 
 def _as_is(batch: list[Item]) -> list[Item]:
@@ -244,9 +277,8 @@ def run_generate(job: GenerateJob) -> None:
 
     generator = Generator(model, bundle.source_tokenizer, bundle.target_tokenizer, max_new_tokens_cap=MAX_NEW_TOKENS)
     with interruption_kept(trainer):
-        trainer.predict(
-            GenerationModule(generator), datamodule=ItemBatches(items, store, job.batch_size), return_predictions=False
-        )
+        module, batches = GenerationModule(generator, job.input), ItemBatches(items, store, job.batch_size)
+        trainer.predict(module, datamodule=batches, return_predictions=False)
     trainer.strategy.barrier("merge")  # every rank's part is complete before rank 0 reads them
     if trainer.is_global_zero:
         store.merge(total, {bad.index: bad.output() for bad in bad_lines})

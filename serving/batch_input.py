@@ -45,6 +45,10 @@ class Item:
         """The output object: the same candidate objects as the HTTP reply."""
         return {"id": self.id, "input": self.source, "candidates": candidates}
 
+    def failure(self, error: str) -> dict[str, Any]:
+        """The output object of an item that could not be decoded: a bad line's."""
+        return BadLine(self.index, self.line, self.id, error).output()
+
 
 @dataclass(frozen=True)
 class BadLine:

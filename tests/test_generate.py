@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from genrnn.bundle import load_bundle
 from genrnn.cli import main
@@ -169,6 +170,36 @@ def test_skip_bad_lines_records_each_error_in_its_place(tiny_bundle, words, tmp_
     assert out[5]["error"].startswith("top_k:") and "surrogate" in out[6]["error"]
     assert out[0]["candidates"] and out[4]["candidates"] and out[4]["input"] == words[3]
     assert out[0]["input"] == words[0]
+
+
+def test_a_batch_out_of_memory_is_decoded_in_halves_and_an_item_that_never_fits_is_recorded(
+    tiny_bundle, words, tmp_path, monkeypatch, capsys
+):
+    sources = words[:12]
+    (tmp_path / "in.txt").write_text("\n".join(sources) + "\n")
+    reference = generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "reference.jsonl", batch_size=8)
+    huge = sources[5]
+    decode, sizes = Generator.generate, []
+
+    def generate_in_little_memory(self: Generator, batch: list[str], settings) -> list:
+        sizes.append(len(batch))
+        if len(batch) > 2 or huge in batch:  # as a GPU would: no memory for more than two, or for the huge one
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return decode(self, batch, settings)
+
+    monkeypatch.setattr(Generator, "generate", generate_in_little_memory)
+    out = generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "out.jsonl", batch_size=8)
+    assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) <= 4
+    assert out[5] == {"id": 6, "line": 6, "error": "decoding ran out of memory, even alone"}
+    assert_same_outputs(out[:5] + out[6:], reference[:5] + reference[6:])
+    assert f"{tmp_path / 'in.txt'}:6: decoding ran out of memory" in capsys.readouterr().err
+
+    def fail(self: Generator, batch: list[str], settings) -> list:
+        raise ValueError("not a matter of memory")
+
+    monkeypatch.setattr(Generator, "generate", fail)  # any other error stops the job: rerunning resumes it
+    with pytest.raises(ValueError, match="not a matter of memory"):
+        generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "other.jsonl", batch_size=8)
 
 
 def test_lines_that_once_crashed_the_job_or_failed_their_batch_are_bad_lines(tmp_path):
