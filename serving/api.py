@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import litserve as ls
+import torch
 from fastapi.responses import JSONResponse
 
 import genrnn
@@ -95,7 +96,10 @@ class GenerationAPI(ls.LitAPI):
             if len(requests) == 1:
                 return [self._failure(requests[0])]
             logger.exception("a batch of %d requests failed; decoding them one at a time", len(requests))
-            return [self._generate_alone(r) for r in requests]
+        # Out of the except block: its traceback held the failed batch's tensors until here.
+        if self.generator.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [self._generate_alone(r) for r in requests]
 
     def encode_response(self, output: GenerateReply | Failure) -> GenerateReply:
         """The reply; a failed request gets a 500 of its own (FastAPI passes a Response through as is)."""
