@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 import genrnn
@@ -123,10 +124,11 @@ def load_bundle(
     """Load and verify a bundle; the model is placed on ``device`` in eval mode.
 
     Several bundle directories separated by commas load as one ensemble, whose members'
-    distributions are averaged as ``averaging`` says; they must share their tokenizers.
+    distributions are averaged as ``averaging`` says; they must share their tokenizers. A
+    directory whose own name holds a comma loads as the one bundle it is.
     """
-    if "," in str(directory):
-        members = [d for d in str(directory).split(",") if d]
+    if "," in str(directory) and not Path(directory).is_dir():
+        members = [d.strip() for d in str(directory).split(",") if d.strip()]
         if not members:
             raise BundleError(f"no bundle named in {str(directory)!r}")
         return _load_ensemble(members, device, averaging)
@@ -146,14 +148,21 @@ def load_bundle(
     try:
         load_model(model, str(directory / WEIGHTS), strict=True)
     except (RuntimeError, KeyError) as error:
-        raise BundleError(f"{directory / WEIGHTS} does not fit the model in {MANIFEST}: {error}") from None
+        # torch lists each missing or unexpected tensor on a line of its own
+        reason = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise BundleError(f"{directory / WEIGHTS} does not fit the model in {MANIFEST}: {reason}") from None
+    except SafetensorError as error:
+        raise BundleError(f"{directory / WEIGHTS} is not a safetensors file: {error}") from None
+    name = manifest.get("name", directory.name)
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"{directory / MANIFEST}: name must be a non-empty string; got {name!r}")
     return Bundle(
         model=model.to(device).eval(),
         source_tokenizer=source_tokenizer,
         target_tokenizer=target_tokenizer,
         model_config=model_config,
         tokenizer_config=tokenizer_config,
-        name=manifest.get("name", directory.name),
+        name=name,
         training=manifest.get("training", {}),
         manifest=manifest,
     )

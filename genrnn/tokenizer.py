@@ -28,7 +28,13 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        return cls(Path(path).read_bytes())
+        path = Path(path)
+        try:
+            return cls(path.read_bytes())
+        except RuntimeError:  # sentencepiece's, which names only a line of its C++ source
+            raise BundleError(f"{path} is not a sentencepiece model (it does not parse)") from None
+        except BundleError as error:
+            raise BundleError(f"{path}: {error}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.model_proto)

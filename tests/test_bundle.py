@@ -120,3 +120,50 @@ def test_a_manifest_that_is_no_json_object_is_refused(bundle_dir, tmp_path, cont
     (copy / "genrnn.json").write_text(content)
     with pytest.raises(BundleError, match="genrnn.json is not"):
         load_bundle(copy)
+
+
+def rewritten(directory, tmp_path, file: str, content: bytes | None = None, **manifest_changes):
+    """A copy of the bundle with ``file`` replaced by ``content`` (its checksum updated) and the manifest changed."""
+    from genrnn.files import sha256
+
+    copy = shutil.copytree(directory, tmp_path / "copy")
+    manifest = json.loads((copy / "genrnn.json").read_text())
+    if content is not None:
+        (copy / file).write_bytes(content)
+        manifest["files"][file] = sha256(copy / file)
+    (copy / "genrnn.json").write_text(json.dumps({**manifest, **manifest_changes}))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "changes", "message"),
+    [
+        ("source.model", b"not a model", {}, "source.model is not a sentencepiece model"),
+        ("model.safetensors", b"xx", {}, "model.safetensors is not a safetensors file"),
+        ("genrnn.json", None, {"name": None}, "name must be a non-empty string; got None"),
+        ("genrnn.json", None, {"name": 5}, "name must be a non-empty string; got 5"),
+    ],
+)
+def test_a_damaged_file_whose_checksum_was_updated_is_refused_in_one_line(
+    bundle_dir, tmp_path, name, content, changes, message
+):
+    copy = rewritten(bundle_dir[0], tmp_path, name, content, **changes)
+    with pytest.raises(BundleError, match=message) as raised:
+        load_bundle(copy)
+    assert "\n" not in str(raised.value)
+
+
+def test_weights_that_do_not_fit_the_model_are_refused_in_one_line(bundle_dir, tmp_path):
+    manifest = json.loads((bundle_dir[0] / "genrnn.json").read_text())
+    copy = rewritten(bundle_dir[0], tmp_path, "genrnn.json", model={**manifest["model"], "attention": "luong"})
+    with pytest.raises(BundleError, match="does not fit the model") as raised:
+        load_bundle(copy)
+    assert "\n" not in str(raised.value) and "size mismatch" in str(raised.value)
+
+
+def test_a_bundle_directory_with_a_comma_in_its_name_loads_as_one_bundle(bundle_dir, tmp_path):
+    directory, _ = bundle_dir
+    copy = shutil.copytree(directory, tmp_path / "g2p,v2")
+    assert load_bundle(copy).fingerprint == load_bundle(directory).fingerprint
+    pair = load_bundle(f"{directory}, {directory}")  # members may be spaced out after their commas
+    assert len(pair.manifest["members"]) == 2
