@@ -533,6 +533,19 @@ def test_a_run_that_stopped_early_trains_no_further_when_run_again(g2p_files, tm
     assert (again["steps"], again["epochs"], again["best_dev"]) == (first["steps"], first["epochs"], first["best_dev"])
 
 
+def test_a_run_directory_moved_elsewhere_resumes_with_its_best_checkpoint_and_score(g2p_files, tmp_path):
+    run_cli(*tiny_train(g2p_files, tmp_path / "here", "--max-epochs", "1"))
+    first = json.loads((tmp_path / "here" / "bundle" / "genrnn.json").read_text())["training"]
+    (tmp_path / "here").rename(tmp_path / "there")
+    result = run_cli(*tiny_train(g2p_files, tmp_path / "there", "--max-epochs", "1"))
+    assert "resuming from" in result.stdout
+    again = json.loads((tmp_path / "there" / "bundle" / "genrnn.json").read_text())["training"]
+    assert first["best_dev"] and (again["best_checkpoint"], again["best_dev"]) == (
+        first["best_checkpoint"],
+        first["best_dev"],
+    )
+
+
 def test_the_plateau_schedule_is_stepped_after_every_validation(g2p_files, tmp_path):
     import torch
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Checkpoint, EarlyStopping
+from pytorch_lightning.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loops.utilities import _is_max_limit_reached
 
@@ -154,6 +156,39 @@ class StopsForGood(EarlyStopping):
         stopped = self.stopping_reason != EarlyStoppingReason.NOT_STOPPED
         if stopped or self.wait_count >= self.patience:  # the count alone, for checkpoints without a reason
             trainer.should_stop = True
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """The best checkpoint on the dev metric, whose record follows its run directory when that is moved.
+
+    Lightning records the checkpoints' absolute paths, and a run resumed from another directory
+    forgot its best score (so that its next validation counted as the best, however it scored)
+    but kept the old best path, from which the bundle was then read, or failed to be.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's own key, so that checkpoints saved before this class keep their record.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath:
+            state_dict = moved_paths(state_dict, old, self.dirpath)
+        super().load_state_dict(state_dict)
+
+
+def moved_paths(state_dict: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    """A checkpoint callback's state with every path under directory ``old`` moved under ``new``."""
+
+    def move(path: Any) -> Any:
+        if isinstance(path, str) and (path == old or path.startswith(old + os.sep)):
+            return new + path[len(old) :]
+        return path
+
+    state = {key: move(value) for key, value in state_dict.items()}
+    state["best_k_models"] = {move(path): score for path, score in state_dict.get("best_k_models", {}).items()}
+    return state
 
 
 # The checkpoint's entry for every process's generators, one a global rank.

@@ -17,7 +17,6 @@ from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import (
     EMAWeightAveraging,
     LearningRateMonitor,
-    ModelCheckpoint,
     TQDMProgressBar,
 )
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -42,7 +41,7 @@ from training.datamodule import PairDataModule
 from training.distillation import Distillation, TeacherTable, is_teacher_table, save_table, table_facts
 from training.module import Seq2SeqModule
 from training.paths import last_checkpoint, teacher_table
-from training.resume import ResumePoint, StopsForGood
+from training.resume import BestCheckpoint, ResumePoint, StopsForGood
 
 LOG_EVERY_N_STEPS = 20
 
@@ -262,10 +261,10 @@ def progress_bar(accelerator: str) -> TQDMProgressBar:
     return TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS if on_gpu else 1)
 
 
-def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, ModelCheckpoint]:
+def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, BestCheckpoint]:
     """A Trainer with checkpoints on the dev metric, early stopping, and CSV + TensorBoard logs."""
     training = config.training
-    checkpoint = ModelCheckpoint(
+    checkpoint = BestCheckpoint(
         dirpath=output / "checkpoints",
         filename="best-{epoch}-{step}",
         monitor=training.monitor,
