@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from genrnn.config import (
     AVERAGINGS,
     DEFAULT_AVERAGING,
+    JOB_CAPS,
     Averaging,
     DecodingConfig,
     ExperimentConfig,
@@ -24,6 +26,7 @@ from genrnn.config import (
     from_dict,
     is_rank_zero,
     load_config,
+    over_job_cap,
     override,
     process_rank,
     replace,
@@ -195,14 +198,23 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from genrnn.evaluation import evaluate
     from genrnn.quantization import quantize_int8
 
-    bundle = load_bundle(args.model, args.device, ensemble_averaging(args))
-    examples = read_examples(args.data)
+    # Every argument is checked before the decoding, which may take long.
     settings = decoding_from_args(args)
+    problem = over_job_cap(settings)
+    if problem:
+        raise ConfigurationError(problem)
+    if args.batch_size < 1:
+        raise ConfigurationError(f"batch_size: must be at least 1; got {args.batch_size}")
+    if args.output:
+        check_writable(Path(args.output))
+    device = torch_device(args.device)
+    bundle = load_bundle(args.model, device, ensemble_averaging(args))
+    examples = read_examples(args.data)
     generator = Generator(
         quantize_int8(bundle.model) if args.quantize == "int8" else bundle.model,
         bundle.source_tokenizer,
         bundle.target_tokenizer,
-        max_new_tokens_cap=max(256, settings.max_new_tokens),
+        max_new_tokens_cap=JOB_CAPS["max_new_tokens"],
     )
     scores = evaluate(generator, examples, settings, args.batch_size)
     print(
@@ -211,6 +223,33 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     )
     if args.output:
         Path(args.output).write_text(json.dumps(scores.to_dict(), indent=2) + "\n")
+
+
+def torch_device(name: str):  # -> torch.device; torch is imported only when a verb runs
+    """The torch device ``name`` stands for, if this machine has it."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigurationError(f"device: {name!r} is no torch device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ConfigurationError(f"device: {name}: torch sees {torch.cuda.device_count()} CUDA devices here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigurationError(f"device: {name}: torch sees no MPS device here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigurationError(f"device: {name}: genrnn decodes on cpu, cuda or mps")
+    return device
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output path that could not be written, before the work whose result it is to hold."""
+    if path.is_dir():
+        raise ConfigurationError(f"output: {path} is a directory; name the file to write")
+    if not path.parent.is_dir():
+        raise ConfigurationError(f"output: {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigurationError(f"output: {path} cannot be written (permissions)")
 
 
 # -- generate ------------------------------------------------------------------------------------

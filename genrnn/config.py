@@ -360,6 +360,20 @@ class DecodingConfig:
             )
 
 
+# The most a file's item may ask for, in batch jobs and evaluation: they bound the memory one batch
+# can take, so that no item can make a batch fail (which would fail every rerun of a job too).
+# The server has caps of its own, set by its operator.
+JOB_CAPS = {"max_new_tokens": 1024, "beam_size": 64, "num_return_sequences": 64}
+
+
+def over_job_cap(settings: DecodingConfig) -> str | None:
+    """What in ``settings`` asks for more than a batch job or an evaluation allows, if anything."""
+    for name, cap in JOB_CAPS.items():
+        if getattr(settings, name) > cap:
+            return f"{name}: at most {cap}; got {getattr(settings, name)}"
+    return None
+
+
 # The fields each mode reads, beside mode and max_new_tokens. A request's other fields are
 # ignored, whatever their values: they neither change the output nor make it an error.
 MODE_FIELDS: dict[str, frozenset[str]] = {

@@ -29,12 +29,20 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from torch.utils.data import DataLoader
 
 from genrnn.bundle import load_bundle
-from genrnn.config import DEFAULT_AVERAGING, Averaging, DecodingConfig, decoding_for_mode, is_rank_zero, parse_devices
+from genrnn.config import (
+    DEFAULT_AVERAGING,
+    JOB_CAPS,
+    Averaging,
+    DecodingConfig,
+    decoding_for_mode,
+    is_rank_zero,
+    parse_devices,
+)
 from genrnn.decoding import Generator
 from genrnn.errors import ConfigurationError, interruption_kept
 from genrnn.files import sha256
 from genrnn.quantization import quantize_int8
-from serving.batch_input import MAX_NEW_TOKENS, Item, items_fingerprint, read_items
+from serving.batch_input import Item, items_fingerprint, read_items
 from serving.batch_parts import PartStore
 
 
@@ -251,16 +259,19 @@ def run_generate(job: GenerateJob) -> None:
         raise ConfigurationError(f"batch_size: must be at least 1; got {job.batch_size}")
     if job.output.is_dir():
         raise ConfigurationError(f"output: {job.output} is a directory; name the JSONL file to write")
+    if job.input.resolve() == job.output.resolve():
+        raise ConfigurationError(f"output: {job.output} is the input file; name another")
+    # The input and the model are read first, so that a finished job's rerun tells a mistyped one.
+    items, bad_lines = read_items(job.input, job.settings, job.skip_bad_lines)
+    bundle = load_bundle(job.model, averaging=job.ensemble_averaging)
     store = PartStore(job.output)
     if store.merged():  # a kill during the last cleanup: the output is whole
         shutil.rmtree(store.directory, ignore_errors=True)
     if job.output.exists() and not store.directory.exists():
         print(f"genrnn generate: {job.output} exists: nothing to do (remove it to generate again)", file=sys.stderr)
         return
-    items, bad_lines = read_items(job.input, job.settings, job.skip_bad_lines)
     for bad in bad_lines if is_rank_zero() else ():  # every rank reads the same lines
         print(f"genrnn generate: {job.input}:{bad.line}: {bad.error} (recorded, skipped)", file=sys.stderr)
-    bundle = load_bundle(job.model, averaging=job.ensemble_averaging)
     _quiet_lightning()
     total = len(items) + len(bad_lines)
     trainer = build_trainer(job, PartWriter(store, total, recorded=len(bad_lines)))
@@ -275,7 +286,9 @@ def run_generate(job: GenerateJob) -> None:
         earlier=partial(_earlier_stamp, job, fingerprint, bundle.fingerprint),
     )
 
-    generator = Generator(model, bundle.source_tokenizer, bundle.target_tokenizer, max_new_tokens_cap=MAX_NEW_TOKENS)
+    generator = Generator(
+        model, bundle.source_tokenizer, bundle.target_tokenizer, max_new_tokens_cap=JOB_CAPS["max_new_tokens"]
+    )
     with interruption_kept(trainer):
         module, batches = GenerationModule(generator, job.input), ItemBatches(items, store, job.batch_size)
         trainer.predict(module, datamodule=batches, return_predictions=False)

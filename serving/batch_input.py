@@ -16,16 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from genrnn.config import DecodingConfig, decoding_for_mode, fields_read
+from genrnn.config import DecodingConfig, decoding_for_mode, fields_read, over_job_cap
 from genrnn.data import decode_line, is_unicode_text, line_problem, numbered_lines
 from genrnn.errors import ConfigurationError, DataError
 
-# The most any item may ask for: they bound the memory one batch can take, so that no line can
-# make a batch fail (which would fail every rerun of the job too).
-MAX_NEW_TOKENS = 1024
-MAX_BEAM_SIZE = 64
-MAX_RETURN_SEQUENCES = 64
-MAX_SOURCE_LENGTH = 4096  # characters: a batch is padded to its longest source
+# The longest source a line may hold (characters), beside genrnn.config.JOB_CAPS: a batch is
+# padded to its longest source, and one of them must not make its batch fail.
+MAX_SOURCE_LENGTH = 4096
 SETTING_KEYS = frozenset(f.name for f in dataclasses.fields(DecodingConfig))
 
 ItemId = str | int
@@ -127,15 +124,6 @@ def _parse_jsonl(line: str, number: int) -> tuple[ItemId, str, dict[str, Any]]:
 _PARSERS = {"text": _parse_text, "tsv": _parse_tsv, "jsonl": _parse_jsonl}
 
 
-def over_cap(settings: DecodingConfig) -> str | None:
-    """What in ``settings`` asks for more than a batch job allows, if anything."""
-    caps = {"max_new_tokens": MAX_NEW_TOKENS, "beam_size": MAX_BEAM_SIZE, "num_return_sequences": MAX_RETURN_SEQUENCES}
-    for field, cap in caps.items():
-        if getattr(settings, field) > cap:
-            return f"{field}: at most {cap}; got {getattr(settings, field)}"
-    return None
-
-
 def _settings(defaults: DecodingConfig, overrides: dict[str, Any], item_id: ItemId) -> DecodingConfig:
     """The job's settings with a line's overrides, and the item's own seed where the job has one.
 
@@ -146,7 +134,7 @@ def _settings(defaults: DecodingConfig, overrides: dict[str, Any], item_id: Item
         settings = decoding_for_mode({**dataclasses.asdict(defaults), **overrides})
     except ConfigurationError as error:
         raise _Malformed(str(error), item_id) from None
-    problem = over_cap(settings)
+    problem = over_job_cap(settings)
     if problem:
         raise _Malformed(problem, item_id)
     if "seed" in fields_read(settings.mode) and "seed" not in overrides and defaults.seed is not None:
@@ -161,7 +149,7 @@ def read_items(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"input file not found: {path}")
-    problem = over_cap(defaults)
+    problem = over_job_cap(defaults)
     if problem:
         raise ConfigurationError(problem)
     parse = _PARSERS[input_format(path)]

@@ -16,12 +16,12 @@ import torch
 
 from genrnn.bundle import load_bundle
 from genrnn.cli import main
-from genrnn.config import DecodingConfig, decoding_for_mode
+from genrnn.config import JOB_CAPS, DecodingConfig, decoding_for_mode
 from genrnn.decoding import Generator
-from genrnn.errors import DataError, GenrnnError
+from genrnn.errors import ConfigurationError, DataError, GenrnnError
 from genrnn.files import sha256
 from serving.batch import GenerateJob, owned_batches, run_generate
-from serving.batch_input import MAX_BEAM_SIZE, MAX_SOURCE_LENGTH, items_fingerprint, read_items
+from serving.batch_input import MAX_SOURCE_LENGTH, items_fingerprint, read_items
 from serving.batch_parts import PartStore
 from tests.conftest import interruptible, signal_when
 
@@ -161,7 +161,7 @@ def test_skip_bad_lines_records_each_error_in_its_place(tiny_bundle, words, tmp_
     out = generate(tiny_bundle, tmp_path / "in.jsonl", tmp_path / "out.jsonl", skip_bad_lines=True)
     assert [o["id"] for o in out] == ["a", 2, "c", "d", "e", "f", "g", "h", "i", "j"]
     assert [o.get("line") for o in out] == [None, 2, 3, 4, None, 7, 8, None, 10, 11]
-    assert out[8]["error"] == f"beam_size: at most {MAX_BEAM_SIZE}; got {10**9}"
+    assert out[8]["error"] == f"beam_size: at most {JOB_CAPS['beam_size']}; got {10**9}"
     assert out[9]["error"].startswith("num_return_sequences: at most")
     assert out[7]["candidates"]
     assert "not valid JSON" in out[1]["error"]
@@ -200,6 +200,21 @@ def test_a_batch_out_of_memory_is_decoded_in_halves_and_an_item_that_never_fits_
     monkeypatch.setattr(Generator, "generate", fail)  # any other error stops the job: rerunning resumes it
     with pytest.raises(ValueError, match="not a matter of memory"):
         generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "other.jsonl", batch_size=8)
+
+
+def test_a_finished_jobs_rerun_still_checks_its_model_input_and_settings(tiny_bundle, words, tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("\n".join(words[:3]) + "\n")
+    generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "out.jsonl")
+    with pytest.raises(GenrnnError, match="bundle directory not found"):
+        generate(tmp_path / "no-bundle", tmp_path / "in.txt", tmp_path / "out.jsonl")
+    with pytest.raises(DataError, match="input file not found"):
+        generate(tiny_bundle, tmp_path / "no-input.txt", tmp_path / "out.jsonl")
+    with pytest.raises(ConfigurationError, match="beam_size: at most 64"):
+        generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "out.jsonl", settings=DecodingConfig(beam_size=999))
+    with pytest.raises(ConfigurationError, match="is the input file"):
+        generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "in.txt")
+    generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "out.jsonl")
+    assert "nothing to do" in capsys.readouterr().err
 
 
 def test_lines_that_once_crashed_the_job_or_failed_their_batch_are_bad_lines(tmp_path):

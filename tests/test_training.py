@@ -632,6 +632,18 @@ def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp
         (["train", "--config", "/nonexistent.yaml"], "config file not found"),
         (["evaluate", "--model", "/nonexistent", "--data", "x.tsv"], "bundle directory not found"),
         (["evaluate", "--model", ".", "--data", "x.tsv"], "genrnn.json is missing"),
+        # each of these once ended in a traceback, or after the whole decoding: the model is not read first
+        *(
+            (["evaluate", "--model", "/nonexistent", "--data", "x.tsv", *options], message)
+            for options, message in [
+                (["--batch-size", "0"], "batch_size: must be at least 1; got 0"),
+                (["--device", "bogus"], "device: 'bogus' is no torch device"),
+                (["--device", "cuda:99"], "device: cuda:99: torch sees"),
+                (["--max-new-tokens", "1000000000"], "max_new_tokens: at most 1024; got 1000000000"),
+                (["--mode", "beam", "--beam-size", "100000"], "beam_size: at most 64; got 100000"),
+                (["--output", "/nonexistent/scores.json"], "output: /nonexistent does not exist"),
+            ]
+        ),
         *(
             ([*verb, "--model", "a", "--ensemble-averaging", "probabilities"], "applies to an ensemble")
             for verb in (["evaluate", "--data", "x.tsv"], ["generate", "--input", "x", "--output", "y"], ["serve"])
