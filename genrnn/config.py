@@ -390,7 +390,15 @@ def fields_read(mode: str) -> frozenset[str]:
 
 
 def decoding_for_mode(values: dict[str, Any]) -> DecodingConfig:
-    """A request's settings (HTTP, a batch line, the command line): the fields its mode reads, validated."""
+    """A request's settings (HTTP, a batch line, the command line): the fields its mode reads, validated.
+
+    Every field's type is checked, as HTTP's schema checks it; only those the mode reads are
+    kept and checked for range.
+    """
+    types_of = _field_types(DecodingConfig)
+    for key, value in values.items():
+        if key in types_of:
+            _convert(value, types_of[key], key)
     reads = fields_read(values.get("mode", DecodingConfig.mode))
     return from_dict(DecodingConfig, {key: value for key, value in values.items() if key in reads})
 

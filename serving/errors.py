@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 
 from serving.schemas import TOO_LARGE
@@ -39,6 +41,13 @@ def _is_json(content_type: str) -> bool:
     """Whether FastAPI parses a body of this content type as JSON: application/json or a ``+json`` type."""
     media = content_type.split(";")[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def http_error_reply(request: Request, error: StarletteHTTPException) -> Response:
+    """FastAPI's reply to an HTTPException, with a detail a person can act on where FastAPI's says nothing."""
+    if error.status_code == 400 and isinstance(error.__cause__, RecursionError):
+        error = StarletteHTTPException(400, "body: JSON nested too deeply to read", error.headers)
+    return await http_exception_handler(request, error)
 
 
 async def validation_error_reply(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -256,9 +256,11 @@ class Server(ls.LitServer):
 def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None) -> Server:
     """The LitServer with its API, middlewares, ``/metrics`` and error replies."""
     # Imported here, after the metrics directory is set: see serving.metrics.
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     from serving import metrics
     from serving.api import GENERATE_PATH, GenerationAPI
-    from serving.errors import validation_error_reply
+    from serving.errors import http_error_reply, validation_error_reply
     from serving.middleware import AdmissionMiddleware, ApiKeyMiddleware, RequestMetricsMiddleware, Utf8BodyMiddleware
 
     GenerateRequest.limits = config.limits
@@ -295,6 +297,7 @@ def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None)
     server.monitor_internal = 0.5  # seconds between the monitor's polls: also how long shutdown waits for it
     server.app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     server.app.add_exception_handler(RequestValidationError, validation_error_reply)
+    server.app.add_exception_handler(StarletteHTTPException, http_error_reply)
     return server
 
 
