@@ -57,8 +57,13 @@ class Tokenizer:
         return self._sp.id_to_piece(token_id)
 
 
-def train_tokenizer(texts: Iterable[str], model_type: str, vocab_size: int) -> Tokenizer:
-    """Train a sentencepiece model on ``texts``; ``vocab_size`` is an upper bound."""
+def train_tokenizer(texts: Iterable[str], model_type: str, vocab_size: int, normalize: bool = True) -> Tokenizer:
+    """Train a sentencepiece model on ``texts``; ``vocab_size`` is an upper bound.
+
+    ``normalize``: map text to Unicode's compatibility forms first (NFKC: full-width
+    letters, ligatures, modifier letters such as ʰ), as sentencepiece does by default. A
+    model that writes targets must not: it could never write a reference as it stands.
+    """
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
@@ -73,6 +78,7 @@ def train_tokenizer(texts: Iterable[str], model_type: str, vocab_size: int) -> T
         eos_id=EOS_ID,
         # A char model would otherwise spend one step on a leading "▁" per input.
         add_dummy_prefix=model_type != "char",
+        normalization_rule_name="nmt_nfkc" if normalize else "identity",
         minloglevel=2,
         num_threads=1,
     )
@@ -84,17 +90,17 @@ def train_tokenizers(
 ) -> tuple[Tokenizer, Tokenizer]:
     """Source and target tokenizers trained on the training pairs (one shared model if asked)."""
     if config.shared:
-        shared = _trained([*sources, *targets], config.source_type, config.source_vocab_size, "source")
+        shared = _trained([*sources, *targets], config.source_type, config.source_vocab_size, "source", False)
         return shared, shared
-    source = _trained(sources, config.source_type, config.source_vocab_size, "source")
-    target = _trained(targets, config.target_type, config.target_vocab_size, "target")
+    source = _trained(sources, config.source_type, config.source_vocab_size, "source", True)
+    target = _trained(targets, config.target_type, config.target_vocab_size, "target", False)
     return source, target
 
 
-def _trained(texts: Sequence[str], model_type: str, vocab_size: int, side: str) -> Tokenizer:
+def _trained(texts: Sequence[str], model_type: str, vocab_size: int, side: str, normalize: bool) -> Tokenizer:
     """:func:`train_tokenizer`, with sentencepiece's refusal (too small a vocabulary) told as a setting's."""
     try:
-        return train_tokenizer(texts, model_type, vocab_size)
+        return train_tokenizer(texts, model_type, vocab_size, normalize)
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1]
         raise ConfigurationError(

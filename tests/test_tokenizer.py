@@ -26,6 +26,20 @@ def test_special_ids_are_fixed_and_round_trip_is_exact(tmp_path):
     assert Tokenizer.load(tmp_path / "s.model").encode(["cab"]) == source.encode(["cab"])
 
 
+@pytest.mark.parametrize("target_type", ["word", "char"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_targets_round_trip_as_written_where_sources_are_normalised(target_type, shared):
+    # IPA's aspiration, a full-width letter and a ligature: NFKC would write them h, A and fi
+    phones = ["kʰ æ tʰ", "pʰ ɪ n", "Ａ ﬁ"] * 5
+    words = ["ｃat", "pin", "ﬁ"] * 5
+    config = TokenizerConfig(shared=shared, target_type=target_type, source_type="char")
+    source, target = train_tokenizers(words, phones, config)
+    assert target.decode(target.encode(phones[:3])) == phones[:3]
+    assert UNK_ID not in [i for ids in target.encode(phones[:3]) for i in ids]
+    if not shared:  # a source in full-width letters reads as the same word in ASCII
+        assert source.encode(["ｃat"]) == source.encode(["cat"])
+
+
 def test_decode_drops_special_ids():
     source, _ = train_tokenizers(WORDS, PHONES, TokenizerConfig())
     ids = source.encode(["cat"])[0]
