@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -930,6 +931,19 @@ def test_the_table_is_kept_as_soon_as_it_is_made_and_replaced_when_starting_afre
     manifest = json.loads((table / "teacher-table.json").read_text())
     assert manifest["teacher"] == load_bundle(f"{tiny_bundle},{tiny_bundle}").fingerprint
     assert load_file(str(table / "table.safetensors"))["ids"].dtype == torch.uint8  # a vocabulary under 256
+
+
+def test_a_table_of_another_teacher_is_replaced_and_the_table_that_teaches_is_kept(
+    g2p_files, tiny_bundle, other_bundle, tmp_path
+):
+    run, table = tmp_path / "run", tmp_path / "run" / "teacher-table"
+    taught_by(g2p_files, run, tiny_bundle, "--max-steps", "2")
+    shutil.rmtree(run / "checkpoints")  # as a kill before the first checkpoint leaves a run: its table alone
+    taught_by(g2p_files, run, other_bundle, "--max-steps", "2")  # nothing to resume: another teacher may teach
+    assert json.loads((table / "teacher-table.json").read_text())["teacher"] == load_bundle(other_bundle).fingerprint
+    # Afresh, taught by the run's own table: --no-resume keeps the table that teaches it.
+    afresh = taught_by(g2p_files, run, table, "--max-steps", "2", "--no-resume")
+    assert "teacher's distributions for" not in afresh.stdout and table.is_dir()
 
 
 def test_an_altered_teacher_table_is_refused(g2p_files, tiny_bundle, tmp_path):

@@ -38,7 +38,14 @@ from genrnn.errors import BundleError, ConfigurationError, DataError, interrupti
 from genrnn.files import write_atomically
 from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.datamodule import PairDataModule
-from training.distillation import Distillation, TeacherTable, is_teacher_table, save_table, table_facts
+from training.distillation import (
+    TABLE_MANIFEST,
+    Distillation,
+    TeacherTable,
+    is_teacher_table,
+    save_table,
+    table_facts,
+)
 from training.module import Seq2SeqModule
 from training.paths import last_checkpoint, teacher_table
 from training.resume import BestCheckpoint, ResumePoint, StopsForGood
@@ -157,9 +164,19 @@ def load_related_bundles(config: ExperimentConfig) -> dict[str, Bundle | Teacher
 def keep_table(
     directory: Path, distillation: Distillation, tokenizers: tuple[Tokenizer, Tokenizer], facts: dict
 ) -> None:
-    """Write the table a teacher has just made, once: a resumed run makes the same table again."""
+    """Write the table a teacher has just made, once: a resumed run makes the same table again.
+
+    A table of another teacher or data is replaced: a run killed before its first checkpoint
+    may be run again with another teacher, which it resumes nothing of.
+    """
     if is_teacher_table(directory):
-        return
+        try:
+            manifest = json.loads((directory / TABLE_MANIFEST).read_text())
+        except (ValueError, OSError):
+            manifest = {}
+        if isinstance(manifest, dict) and {key: manifest.get(key) for key in facts} == json.loads(json.dumps(facts)):
+            return
+        shutil.rmtree(directory)
     save_table(directory, distillation, *tokenizers, facts)
     size = sum(f.stat().st_size for f in directory.iterdir()) / 2**20
     print(f"teacher's table written to {directory} ({size:.0f} MiB): training.teacher={directory} teaches another run")
@@ -338,7 +355,10 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
         # Afresh means without the old checkpoints (a later rerun would resume from them), and
         # without the old teacher's table (another run would learn from it).
         shutil.rmtree(output / "checkpoints", ignore_errors=True)
-        shutil.rmtree(teacher_table(output), ignore_errors=True)
+        # ... unless that table is the one that teaches this run.
+        table, taught_by = teacher_table(output), related.get("teacher")
+        if not (isinstance(taught_by, TeacherTable) and taught_by.directory.resolve() == table.resolve()):
+            shutil.rmtree(table, ignore_errors=True)
     lent = next(iter(related.values()), None)
     if lent is not None:
         source_tokenizer, target_tokenizer = lent.source_tokenizer, lent.target_tokenizer
