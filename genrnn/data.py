@@ -94,7 +94,11 @@ def _parse_jsonl_line(line: str, where: str) -> Example:
         raise DataError(f"{where}: empty source or target")
     if not all(map(is_unicode_text, (source, *targets))):
         raise DataError(f"{where}: a lone surrogate (\\ud800-\\udfff) in the text")
-    return Example(source.strip(), tuple(t.strip() for t in targets))
+    example = Example(source.strip(), tuple(t.strip() for t in targets))
+    # JSON's escapes spell what a TSV line cannot hold, nor a line pass the reader's own checks.
+    if any(c in text for text in (example.source, *example.targets) for c in "\t\n\r\x00"):
+        raise DataError(f"{where}: a tab, line break or NUL inside the source or a target")
+    return example
 
 
 def read_file(path: str | Path) -> list[Example]:

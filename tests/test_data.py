@@ -44,6 +44,15 @@ def test_tsv_and_jsonl_read_the_same_examples(tmp_path):
         ("bad.jsonl", '{"source": "cat"}\n', 1, '"source" and "target"'),
         ("bad.jsonl", '{"source": 3, "target": "K"}\n', 1, "must be strings"),
         ("bad.jsonl", '{"source": "cat", "target": "K"}\n{"source": "\\ud800", "target": "K"}\n', 2, "surrogate"),
+        *(
+            (
+                "bad.jsonl",
+                f'{{"source": "cat", "target": "K"}}\n{{"source": "c{escape}at", "target": "K"}}\n',
+                2,
+                "NUL inside",
+            )
+            for escape in ("\\t", "\\n", "\\r", "\\u0000")
+        ),
         ("bad.tsv", "cat\tK AE1 T\ncaf\xe9\tK AE1 F\n", 2, "not UTF-8"),  # written as Latin-1 below
         ("bad.tsv", "cat\tK AE1 T\ndog\tD AO1 G\rread\tR EH1 D\r\n", 2, "carriage return"),  # CR-only ends
         ("bad.tsv", "cat\tK AE1 T\n\x00d\x00o\x00g\x00\t\x00D\x00\n", 2, "NUL"),  # UTF-16 text is valid UTF-8
