@@ -233,13 +233,6 @@ class DataConfig:
         _require(self.batch_size >= 0, "data.batch_size", "must be 0 (no cap) or more")
         for name in ("max_source_length", "max_target_length"):
             _require(getattr(self, name) >= 1, f"data.{name}", "must be at least 1")
-        longest = max(self.max_source_length, self.max_target_length + 1)  # a target gains EOS (or BOS)
-        _require(
-            self.max_tokens >= longest,
-            "data.max_tokens",
-            f"must hold one pair of the longest lengths kept ({longest} tokens, from data.max_source_length "
-            "and data.max_target_length); such a pair would be a batch over the budget",
-        )
         _require(self.valid_limit >= 0, "data.valid_limit", "must be 0 (all) or more")
         _require(self.num_workers >= 0, "data.num_workers", "must be 0 or more")
 

@@ -95,7 +95,7 @@ def _parse_jsonl_line(line: str, where: str) -> Example:
     if not all(map(is_unicode_text, (source, *targets))):
         raise DataError(f"{where}: a lone surrogate (\\ud800-\\udfff) in the text")
     example = Example(source.strip(), tuple(t.strip() for t in targets))
-    # JSON's escapes spell what a TSV line cannot hold, nor a line pass the reader's own checks.
+    # JSON's escapes can spell what no TSV line holds, and what the reader refuses inside a line.
     if any(c in text for text in (example.source, *example.targets) for c in "\t\n\r\x00"):
         raise DataError(f"{where}: a tab, line break or NUL inside the source or a target")
     return example

@@ -667,6 +667,7 @@ def test_user_errors_end_with_one_clear_line(args, message, tmp_path, monkeypatc
         # Lightning's refusal comes before the data is read: the missing file is not what is named
         (["--accelerator", "tpuu", "--train", "/nonexistent.tsv"], "training.accelerator/devices/num_nodes/strategy"),
         (["--set", "data.max_source_length=2"], "no training pair is within data.max_source_length"),
+        (["--max-tokens", "16"], "training pairs need more than its 16 tokens (the longer side, with EOS)"),
         (["--set", "training.val_check_interval=100000"], "training.val_check_interval: 100000 batches; an epoch has"),
         # each of these once ended in a traceback
         (["--accelerator", "cpu", "--devices", "0,1"], "training.accelerator/devices/num_nodes/strategy"),

@@ -374,6 +374,12 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
         raise DataError(
             f"{config.data.train}: no training pair is within data.max_source_length / data.max_target_length"
         )
+    over = sum(train_set.cost(i) > config.data.max_tokens for i in range(len(train_set)))
+    if over:  # each would be a batch of its own, over the budget
+        raise ConfigurationError(
+            f"data.max_tokens: {over} training pairs need more than its {config.data.max_tokens} tokens (the longer "
+            "side, with EOS); raise it, or leave them out with data.max_source_length / data.max_target_length"
+        )
     interval = config.training.val_check_interval
     if interval > 1 and interval > (batches := datamodule.epoch_batches(trainer.world_size)):
         # Lightning would find it only once fit has started, with a traceback
