@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from genrnn.config import (
     AVERAGINGS,
@@ -32,6 +33,9 @@ from genrnn.config import (
     replace,
 )
 from genrnn.errors import ConfigurationError, GenrnnError, Terminated
+
+if TYPE_CHECKING:  # torch is imported when a verb runs, not to parse its arguments
+    import torch
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "training" / "configs" / "g2p.yaml"
 
@@ -225,7 +229,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         Path(args.output).write_text(json.dumps(scores.to_dict(), indent=2) + "\n")
 
 
-def torch_device(name: str):  # -> torch.device; torch is imported only when a verb runs
+def torch_device(name: str) -> torch.device:
     """The torch device ``name`` stands for, if this machine has it."""
     import torch
 
