@@ -6,8 +6,9 @@
         [--train FILE]
 
 The dev set is held out of the train file deterministically (about 1/21 of the
-words, by hash), and every choice — the checkpoint kept, greedy or beam — is made
-on it: both are scored on the whole dev set. The 12,000 test words are decoded
+words, by hash), and every choice is made on it: the checkpoint kept, by the greedy
+WER of the dev words each validation decodes (``data.valid_limit``, spread through
+the dev set), and greedy or beam, by the whole dev set's. The 12,000 test words are decoded
 once per configuration (greedy and beam) and scored as the literature does: a
 word is wrong unless the output equals one of its references; PER is the edit
 distance to the closest reference over that reference's length. Writes
@@ -18,7 +19,8 @@ prints table rows for BENCHMARKS.md, dev's choice and the test figures it report
 ``--model a,b,c`` skips training and scores bundles already trained this way,
 several of them as one ensemble. ``--train FILE`` trains on another file instead of
 the split's train file (a distilled one, ``bench/g2p_distill.py``); it must hold the
-split's dev words as they are, so that the run holds out the same dev set.
+split's dev words as they are, so that the run holds out the same dev set, and no
+test word.
 """
 
 from __future__ import annotations
@@ -56,17 +58,22 @@ def train_model(args: argparse.Namespace, run: Path) -> tuple[Path, float]:
     return bundle, time.monotonic() - started
 
 
-def check_same_dev(train_file: Path, split_train: Path) -> None:
-    """Fail unless ``train_file`` holds out exactly the dev examples of the split's train file."""
+def check_train_file(train_file: Path, data_dir: Path) -> None:
+    """Fail unless ``train_file`` holds out exactly the split's dev examples and holds no test word."""
 
     def dev_of(path: Path) -> list[Example]:
         return sorted(hold_out_dev(read_examples(path))[1], key=lambda e: (e.source, e.targets))
 
+    split_train = data_dir / "g014b2b.train"
     if dev_of(train_file) != dev_of(split_train):
         raise SystemExit(
             f"{train_file}: its dev words (held out by hash) differ from those of {split_train}; "
             "keep the split's dev lines as they are, so that every run selects on the same dev set"
         )
+    test_words = {e.source for e in read_examples(data_dir / "g014b2b.ref")}
+    leaked = sorted(test_words & {e.source for e in read_examples(train_file)})
+    if leaked:
+        raise SystemExit(f"{train_file}: {len(leaked):,} of its words are test words (such as {leaked[0]!r})")
 
 
 def training_seconds(bundle: Bundle) -> float:
@@ -138,7 +145,7 @@ def main() -> None:
     if args.model and args.train:
         parser.error("--train trains; --model scores bundles already trained")
     if args.train:
-        check_same_dev(args.train, data_dir / "g014b2b.train")
+        check_train_file(args.train, data_dir)
     if args.model:
         run.mkdir(parents=True, exist_ok=True)
         bundle = load_bundle(args.model, args.device, args.ensemble_averaging)

@@ -121,6 +121,14 @@ def test_a_distilled_train_file_holds_the_teachers_outputs_keeps_dev_and_trains_
     refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert refused.returncode != 0 and f"{no_dev}: its dev words" in refused.stderr
     assert not (tmp_path / "refused").exists()
+    # nor may a file hold a test word: the model would be scored on what it was taught
+    leaky = tmp_path / "leaky.train"
+    test_word = next(e for e in read_examples(split / "g014b2b.ref") if hold_out_dev([e])[0])  # not a dev word
+    leaky.write_text(distilled.read_text() + tsv_line(test_word))
+    command = [*BENCHMARK, "--data-dir", str(split), "--output", str(tmp_path / "refused"), "--train", str(leaky)]
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert refused.returncode != 0 and f"{leaky}: 1 of its words are test words" in refused.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split, tmp_path):
