@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import torch
 
 from genrnn.bundle import Bundle, load_bundle
 from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING, DecodingConfig, load_config, override, replace
-from genrnn.data import Example, hold_out_dev, read_examples
+from genrnn.data import BUILTIN_PREFIX, Example, hold_out_dev, read_examples
 from genrnn.decoding import Generator
 from genrnn.evaluation import best_outputs
 from genrnn.metrics import is_right, score
@@ -74,6 +75,21 @@ def check_train_file(train_file: Path, data_dir: Path) -> None:
     leaked = sorted(test_words & {e.source for e in read_examples(train_file)})
     if leaked:
         raise SystemExit(f"{train_file}: {len(leaked):,} of its words are test words (such as {leaked[0]!r})")
+
+
+def check_trained_on(bundle: Bundle, data_dir: Path) -> None:
+    """Fail unless each member of ``bundle`` trained on a file that :func:`check_train_file` passes.
+
+    A bundle records the file it trained on; one that is not here to read is named on stderr.
+    """
+    members = [m["training"] for m in bundle.manifest.get("members", [])] or [bundle.training]
+    for data in sorted({str(t.get("data")) for t in members}):
+        if data.startswith(BUILTIN_PREFIX):  # the whole dictionary: the test words among them
+            raise SystemExit(f"a bundle trained on {data}, which holds the split's test words")
+        if Path(data).is_file():
+            check_train_file(Path(data), data_dir)
+        else:
+            print(f"warning: a bundle trained on {data}, which is not here to check", file=sys.stderr)
 
 
 def training_seconds(bundle: Bundle) -> float:
@@ -147,8 +163,9 @@ def main() -> None:
     if args.train:
         check_train_file(args.train, data_dir)
     if args.model:
-        run.mkdir(parents=True, exist_ok=True)
         bundle = load_bundle(args.model, args.device, args.ensemble_averaging)
+        check_trained_on(bundle, data_dir)
+        run.mkdir(parents=True, exist_ok=True)
         seconds = training_seconds(bundle)
     else:
         bundle_dir, seconds = train_model(args, run)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from g2p_benchmark import check_trained_on  # the script's own directory is on the path
 
 from genrnn.bundle import load_bundle
 from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING, DecodingConfig
@@ -44,6 +45,7 @@ def main() -> None:
 
     started = time.monotonic()
     bundle = load_bundle(args.model, args.device, args.ensemble_averaging)
+    check_trained_on(bundle, Path(args.data_dir))  # teachers that saw dev or test words would teach them
     train, dev = hold_out_dev(read_examples(Path(args.data_dir) / "g014b2b.train"))
     if args.beam_size == 1:
         settings = DecodingConfig(mode="greedy")

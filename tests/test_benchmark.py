@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,29 @@ def test_a_distilled_train_file_holds_the_teachers_outputs_keeps_dev_and_trains_
     refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert refused.returncode != 0 and f"{leaky}: 1 of its words are test words" in refused.stderr
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("trained_on", ["builtin:cmudict", "leaky.train", "elsewhere.train"])
+def test_a_bundle_is_scored_or_teaches_only_if_it_trained_on_no_test_word(split, tiny_bundle, tmp_path, trained_on):
+    leaky = tmp_path / "leaky.train"
+    test_words = [e for e in read_examples(split / "g014b2b.ref") if hold_out_dev([e])[0]]  # no dev word
+    leaky.write_text((split / "g014b2b.train").read_text() + "".join(map(tsv_line, test_words)))
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "genrnn.json").read_text())
+    data = trained_on if trained_on.startswith("builtin:") else str(tmp_path / trained_on)
+    manifest["training"]["data"] = data  # what the bundle says it trained on: not checksummed
+    (bundle / "genrnn.json").write_text(json.dumps(manifest))
+    for script, output in ((BENCHMARK, "scored"), (DISTILL, "distilled.train")):
+        command = [*script, "--data-dir", str(split), "--model", f"{bundle},{tiny_bundle}", "--beam-size", "1"]
+        result = subprocess.run(
+            [*command, "--output", str(tmp_path / output), "--device", "cpu"],
+            capture_output=True, text=True, cwd=ROOT, timeout=600,
+        )  # fmt: skip
+        if trained_on == "elsewhere.train":  # not here to read: named, and the run goes on
+            assert result.returncode == 0 and f"a bundle trained on {data}, which is not here" in result.stderr
+        else:
+            assert result.returncode != 0 and "test words" in result.stderr, result.stderr[-2000:]
+            assert not (tmp_path / output).exists()
 
 
 def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split, tmp_path):
