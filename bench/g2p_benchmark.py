@@ -26,6 +26,7 @@ test word.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -59,20 +60,24 @@ def train_model(args: argparse.Namespace, run: Path) -> tuple[Path, float]:
     return bundle, time.monotonic() - started
 
 
+@functools.cache
+def _dev_and_words(path: Path) -> tuple[list[Example], frozenset[str]]:
+    """A file's dev examples (held out by hash, in a fixed order) and all its words: read once a process."""
+    examples = read_examples(path)
+    dev = sorted(hold_out_dev(examples)[1], key=lambda e: (e.source, e.targets))
+    return dev, frozenset(e.source for e in examples)
+
+
 def check_train_file(train_file: Path, data_dir: Path) -> None:
     """Fail unless ``train_file`` holds out exactly the split's dev examples and holds no test word."""
-
-    def dev_of(path: Path) -> list[Example]:
-        return sorted(hold_out_dev(read_examples(path))[1], key=lambda e: (e.source, e.targets))
-
     split_train = data_dir / "g014b2b.train"
-    if dev_of(train_file) != dev_of(split_train):
+    dev, words = _dev_and_words(train_file)
+    if dev != _dev_and_words(split_train)[0]:
         raise SystemExit(
             f"{train_file}: its dev words (held out by hash) differ from those of {split_train}; "
             "keep the split's dev lines as they are, so that every run selects on the same dev set"
         )
-    test_words = {e.source for e in read_examples(data_dir / "g014b2b.ref")}
-    leaked = sorted(test_words & {e.source for e in read_examples(train_file)})
+    leaked = sorted(words & _dev_and_words(data_dir / "g014b2b.ref")[1])
     if leaked:
         raise SystemExit(f"{train_file}: {len(leaked):,} of its words are test words (such as {leaked[0]!r})")
 
