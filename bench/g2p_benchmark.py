@@ -61,23 +61,25 @@ def train_model(args: argparse.Namespace, run: Path) -> tuple[Path, float]:
 
 
 @functools.cache
-def _dev_and_words(path: Path) -> tuple[list[Example], frozenset[str]]:
-    """A file's dev examples (held out by hash, in a fixed order) and all its words: read once a process."""
-    examples = read_examples(path)
-    dev = sorted(hold_out_dev(examples)[1], key=lambda e: (e.source, e.targets))
-    return dev, frozenset(e.source for e in examples)
+def examples_of(path: Path) -> tuple[Example, ...]:
+    """A file's examples, read once a process: the checks, the scoring and the distillation share them."""
+    return tuple(read_examples(path))
 
 
 def check_train_file(train_file: Path, data_dir: Path) -> None:
     """Fail unless ``train_file`` holds out exactly the split's dev examples and holds no test word."""
+
+    def dev_of(path: Path) -> list[Example]:
+        return sorted(hold_out_dev(examples_of(path))[1], key=lambda e: (e.source, e.targets))
+
     split_train = data_dir / "g014b2b.train"
-    dev, words = _dev_and_words(train_file)
-    if dev != _dev_and_words(split_train)[0]:
+    if dev_of(train_file) != dev_of(split_train):
         raise SystemExit(
             f"{train_file}: its dev words (held out by hash) differ from those of {split_train}; "
             "keep the split's dev lines as they are, so that every run selects on the same dev set"
         )
-    leaked = sorted(words & _dev_and_words(data_dir / "g014b2b.ref")[1])
+    test_words = {e.source for e in examples_of(data_dir / "g014b2b.ref")}
+    leaked = sorted(test_words & {e.source for e in examples_of(train_file)})
     if leaked:
         raise SystemExit(f"{train_file}: {len(leaked):,} of its words are test words (such as {leaked[0]!r})")
 
@@ -88,7 +90,7 @@ def check_trained_on(bundle: Bundle, data_dir: Path) -> None:
     A bundle records the file it trained on; one that is not here to read is named on stderr.
     """
     members = [m["training"] for m in bundle.manifest.get("members", [])] or [bundle.training]
-    for data in sorted({str(t.get("data")) for t in members}):
+    for data in sorted({str(t.get("data", "a file it does not name")) for t in members}):
         if data.startswith(BUILTIN_PREFIX):  # the whole dictionary: the test words among them
             raise SystemExit(f"a bundle trained on {data}, which holds the split's test words")
         if Path(data).is_file():
@@ -176,8 +178,8 @@ def main() -> None:
         bundle_dir, seconds = train_model(args, run)
         bundle = load_bundle(bundle_dir, args.device)
     splits = {
-        "dev": hold_out_dev(read_examples(data_dir / "g014b2b.train"))[1],
-        "test": read_examples(data_dir / "g014b2b.ref"),
+        "dev": hold_out_dev(examples_of(data_dir / "g014b2b.train"))[1],
+        "test": list(examples_of(data_dir / "g014b2b.ref")),
     }
     generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
     modes = {

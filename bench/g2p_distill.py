@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from g2p_benchmark import check_trained_on  # the script's own directory is on the path
+from g2p_benchmark import check_trained_on, examples_of  # the script's own directory is on the path
 
 from genrnn.bundle import load_bundle
 from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING, DecodingConfig
-from genrnn.data import Example, hold_out_dev, read_examples, tsv_line
+from genrnn.data import Example, hold_out_dev, tsv_line
 from genrnn.decoding import Generator
 from genrnn.evaluation import best_outputs
 from genrnn.metrics import is_right
@@ -46,7 +46,7 @@ def main() -> None:
     started = time.monotonic()
     bundle = load_bundle(args.model, args.device, args.ensemble_averaging)
     check_trained_on(bundle, Path(args.data_dir))  # teachers that saw dev or test words would teach them
-    train, dev = hold_out_dev(read_examples(Path(args.data_dir) / "g014b2b.train"))
+    train, dev = hold_out_dev(examples_of(Path(args.data_dir) / "g014b2b.train"))
     if args.beam_size == 1:
         settings = DecodingConfig(mode="greedy")
     else:
