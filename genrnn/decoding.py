@@ -14,11 +14,12 @@ shares its batch.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -92,6 +93,15 @@ def row_key(seed: int, candidate: int) -> tuple[int, int]:
     """The random stream of candidate ``candidate`` of a request seeded with ``seed``."""
     digest = hashlib.blake2b(f"{seed}:{candidate}".encode(), digest_size=8).digest()
     return int.from_bytes(digest[:4], "big"), int.from_bytes(digest[4:], "big")
+
+
+def item_seed(seed: int, item_id: int | str) -> int:
+    """The seed of one item of many decoded under one seed: a hash of the seed and the item's id.
+
+    Each item then samples from a stream of its own, whatever batch it lands in.
+    """
+    digest = hashlib.blake2b(f"{seed}:{json.dumps(item_id)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: a non-negative int64
 
 
 def filtered_distribution(
@@ -234,12 +244,20 @@ class Generator:
     def generate_sorted(
         self, sources: Sequence[str], settings: DecodingConfig, batch_size: int = 256
     ) -> list[Generation]:
-        """Decode many sources in batches of similar length; results in input order."""
+        """Decode many sources in batches of similar length; results in input order.
+
+        A seed samples each source from a stream of its own, derived from the seed and the
+        source's position, so that sources do not share one stream of random numbers.
+        """
+        seed = settings.seed
+        per_source = [settings] * len(sources)
+        if seed is not None:
+            per_source = [replace(settings, seed=item_seed(seed, i)) for i in range(len(sources))]
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         results: list[Generation | None] = [None] * len(sources)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            for i, generation in zip(chunk, self.generate([sources[i] for i in chunk], settings)):
+            for i, generation in zip(chunk, self.generate([sources[i] for i in chunk], [per_source[i] for i in chunk])):
                 results[i] = generation
         return results
 

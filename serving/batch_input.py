@@ -18,6 +18,7 @@ from typing import Any
 
 from genrnn.config import DecodingConfig, decoding_for_mode, fields_read, over_job_cap
 from genrnn.data import decode_line, is_unicode_text, line_problem, numbered_lines
+from genrnn.decoding import item_seed
 from genrnn.errors import ConfigurationError, DataError
 
 # The longest source a line may hold (characters), beside genrnn.config.JOB_CAPS: a batch is
@@ -66,12 +67,6 @@ class _Malformed(Exception):
     def __init__(self, message: str, item_id: ItemId | None = None) -> None:
         super().__init__(message)
         self.item_id = item_id
-
-
-def item_seed(job_seed: int, item_id: ItemId) -> int:
-    """The seed of one item's random stream: a hash of the job's seed and the item's id."""
-    digest = hashlib.blake2b(f"{job_seed}:{json.dumps(item_id)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1  # 63 bits: a non-negative int64
 
 
 def input_format(path: Path) -> str:

@@ -260,6 +260,17 @@ def test_a_seed_gives_the_same_output_alone_and_in_a_mixed_batch(trained, g2p_fi
     assert len(other_seed.candidates) == 2
 
 
+def test_many_sources_under_one_seed_each_sample_a_stream_of_their_own(generator):
+    # Under one stream every copy of a source would draw the same numbers and write the same output.
+    sources = ["spelling"] * 24
+    settings = DecodingConfig(mode="sample", temperature=2.0, seed=5, max_new_tokens=8)
+    outputs = [g.candidates[0].tokens for g in generator.generate_sorted(sources, settings)]
+    assert len({tuple(o) for o in outputs}) > 1
+    one_at_a_time = [g.candidates[0].tokens for g in generator.generate_sorted(sources, settings, batch_size=1)]
+    assert one_at_a_time == outputs
+    assert [g.candidates[0].tokens for g in generator.generate_sorted(sources, settings)] == outputs
+
+
 def test_compaction_changes_no_result(trained, g2p_files):
     words = [line.split("\t")[0] for line in g2p_files["test"].read_text().splitlines()[:37]]
     settings = mixed_batch(words)
