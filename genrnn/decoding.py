@@ -486,7 +486,15 @@ class Generator:
             step_parents.append(torch.zeros((n, width), dtype=torch.long, device=device))
             step_parents[-1][live["request"]] = source_beam
 
-            enough = (torch.isfinite(fin["norm"]) & valid_beam).sum(dim=1) >= live["beams"]
+            # A request ends once it holds beam_size finished hypotheses and no live beam, were it to
+            # end at its next step, would outscore the last of them (Hugging Face's default rule).
+            # Stopping at beam_size finished alone dropped better, longer outputs whenever a length
+            # penalty favours them; bounding by the length cap instead is exact but runs far longer.
+            held = (torch.isfinite(fin["norm"]) & valid_beam).sum(dim=1) >= live["beams"]
+            last_held = fin["norm"].gather(1, (live["beams"] - 1)[:, None])[:, 0]
+            next_length = torch.full_like(live["max_len"], t + 2)
+            best_open = scores.max(dim=1).values / length_penalty(next_length, live["alpha"], live["average"])
+            enough = held & (best_open <= last_held)
             finished = enough | at_cap[:, 0] | ~torch.isfinite(scores).any(dim=1)
             state = _select_rows(state, (torch.arange(b, device=device)[:, None] * width + source_beam).view(-1))
             tokens = tokens.view(-1)

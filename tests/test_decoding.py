@@ -177,6 +177,61 @@ def test_beam_finds_the_exhaustive_optimum_on_a_tiny_vocabulary():
     assert normalised(top, alpha) == pytest.approx(best, abs=1e-5)
 
 
+def beam_reference(generator: Generator, source: str, settings: DecodingConfig) -> list[tuple[float, tuple[int, ...]]]:
+    """Beam search over one source, written plainly: (normalised score, tokens with EOS), best first.
+
+    Each step ranks the 2 × beam likeliest extensions; those among the first beam_size that
+    end (EOS or the cap) finish, the beam_size best others go on. It stops once beam_size have
+    finished and no live beam, ending at its next step, would outscore the last of them.
+    """
+    k, cap, alpha = settings.beam_size, settings.max_new_tokens, settings.length_penalty
+
+    def penalty(length: int) -> float:
+        return length if settings.length_penalty_form == "average" else ((5 + length) / 6) ** alpha
+
+    model = generator.model
+    ids = generator.source_tokenizer.encode([source])[0]
+    with torch.no_grad():
+        beams = [((), 0.0, model.encode(torch.tensor([ids]), torch.tensor([len(ids)])).state)]
+        finished: list[tuple[float, tuple[int, ...]]] = []
+        for t in range(cap):
+            extensions = []
+            for tokens, score, state in beams:
+                logits, next_state = model.decode(torch.tensor([[tokens[-1] if tokens else BOS_ID]]), state)
+                logits = logits[0, 0]
+                logits[[PAD_ID, BOS_ID]] = float("-inf")
+                logp = logits.log_softmax(-1).double()
+                extensions += [
+                    (score + float(logp[i]), (*tokens, i), next_state) for i in range(len(logp)) if i > BOS_ID
+                ]
+            extensions.sort(key=lambda e: -e[0])
+            beams = []
+            for rank, (score, tokens, state) in enumerate(extensions[: 2 * k]):
+                if tokens[-1] == EOS_ID or t + 1 == cap:
+                    if rank < k:
+                        finished.append((score / penalty(t + 1), tokens))
+                elif len(beams) < k:
+                    beams.append((tokens, score, state))
+            finished.sort(key=lambda f: -f[0])
+            if not beams or (len(finished) >= k and max(b[1] for b in beams) / penalty(t + 2) <= finished[k - 1][0]):
+                break
+    return finished[:k]
+
+
+@pytest.mark.parametrize("form, alpha", [("gnmt", 0.6), ("gnmt", 2.0), ("average", 0.0)])
+def test_beam_search_equals_a_plain_one_with_its_stopping_rule(trained, g2p_files, form, alpha):
+    # A strong length penalty keeps longer hypotheses going after beam_size shorter ones ended.
+    words = [line.split("\t")[0] for line in g2p_files["test"].read_text().splitlines()[:60]]
+    settings = DecodingConfig(
+        mode="beam", beam_size=3, num_return_sequences=3, max_new_tokens=24, length_penalty=alpha,
+        length_penalty_form=form,
+    )  # fmt: skip
+    for word, result in zip(words, trained.generate(words, settings)):
+        expected = beam_reference(trained, word, settings)
+        got = [(*c.tokens, EOS_ID) if c.finish_reason == "eos" else tuple(c.tokens) for c in result.candidates]
+        assert got == [tokens for _, tokens in expected], word
+
+
 def test_top_k_one_and_a_tiny_temperature_equal_greedy(generator):
     greedy = generator.generate(WORDS, DecodingConfig(mode="greedy", max_new_tokens=10))
     top1 = generator.generate(WORDS, DecodingConfig(mode="sample", top_k=1, seed=1, max_new_tokens=10))
