@@ -1,8 +1,9 @@
 """Typed, immutable configuration: parsed once from YAML, validated at the edge.
 
-Every section is a frozen dataclass. ``from_dict`` rejects unknown keys, checks
-types and enumerated choices (``Literal`` annotations), and each class's
-``__post_init__`` checks ranges; every error names the offending key.
+Every section is a frozen dataclass. ``from_dict`` rejects unknown keys and checks
+types, and each class's ``__post_init__`` checks ranges and enumerated choices
+(``Literal`` annotations), so that a config built in Python is checked too; every
+error names the offending key.
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _require_choices(config: Any, prefix: str = "") -> None:
+    """Check a config's enumerated fields (``Literal``): one built in Python skips ``from_dict``."""
+    for name, annotation in _field_types(type(config)).items():
+        if typing.get_origin(annotation) is Literal:
+            _convert(getattr(config, name), annotation, prefix + name)
+
+
 def from_dict(cls: type[T], values: Any, prefix: str = "") -> T:
     """Build the dataclass ``cls`` from a mapping, naming any bad key in the error."""
     where = prefix or cls.__name__
@@ -156,6 +164,7 @@ class ModelConfig:
     attention_query: AttentionQuery = "top"
 
     def __post_init__(self) -> None:
+        _require_choices(self, "model.")
         for name in ("embedding_dim", "encoder_hidden", "encoder_layers", "decoder_hidden", "decoder_layers"):
             _require(getattr(self, name) >= 1, f"model.{name}", "must be at least 1")
         for name in ("embedding_dropout", "layer_dropout", "output_dropout"):
@@ -209,6 +218,7 @@ class TokenizerConfig:
     target_vocab_size: int = 256
 
     def __post_init__(self) -> None:
+        _require_choices(self, "tokenizer.")
         for name in ("source_vocab_size", "target_vocab_size"):
             _require(
                 8 <= getattr(self, name) <= MAX_VOCAB_SIZE, f"tokenizer.{name}", f"must be 8 to {MAX_VOCAB_SIZE:,}"
@@ -277,6 +287,7 @@ class OptimConfig:
     strategy: str = "auto"
 
     def __post_init__(self) -> None:
+        _require_choices(self, "training.")
         _require(self.lr > 0, "training.lr", "must be positive")
         _require(self.weight_decay >= 0, "training.weight_decay", "must be 0 (off) or more")
         _require(0 <= self.seed < 2**32, "training.seed", "must be in [0, 2**32)")
@@ -340,6 +351,7 @@ class DecodingConfig:
     max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
+        _require_choices(self)
         # Upper bounds keep every value finite in float32 and within a tensor's integers.
         _require(0 < self.temperature <= MAX_TEMPERATURE, "temperature", f"must be in (0, {MAX_TEMPERATURE:g}]")
         _require(0 <= self.top_k <= MAX_TOP_K, "top_k", f"must be 0 (off) or up to {MAX_TOP_K}")

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from genrnn.config import DecodingConfig, ExperimentConfig, ModelConfig, from_dict, load_config, override, replace
+from genrnn.config import (
+    DecodingConfig,
+    ExperimentConfig,
+    ModelConfig,
+    OptimConfig,
+    TokenizerConfig,
+    from_dict,
+    load_config,
+    override,
+    replace,
+)
 from genrnn.errors import ConfigurationError
 from tests.conftest import ROOT
 
@@ -77,6 +87,23 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
 def test_decoding_ranges(values, field):
     with pytest.raises(ConfigurationError, match=f"^{field}:"):
         DecodingConfig(**values)
+
+
+@pytest.mark.parametrize(
+    "cls,values,message",
+    [
+        (DecodingConfig, {"mode": "Beam"}, "mode: must be one of greedy, sample, beam; got 'Beam'"),
+        (DecodingConfig, {"mode": "beam", "length_penalty_form": "avg"}, "length_penalty_form: must be one of"),
+        (ModelConfig, {"cell": "lsmt"}, "model.cell: must be one of"),
+        (ModelConfig, {"attention": "additive"}, "model.attention: must be one of"),
+        (TokenizerConfig, {"target_type": "words"}, "tokenizer.target_type: must be one of"),
+        (OptimConfig, {"schedule": "linear"}, "training.schedule: must be one of"),
+    ],
+)
+def test_choices_are_checked_in_configs_built_in_python(cls, values, message):
+    # A mistyped mode decoded by sampling from an unseeded stream; from_dict alone checked them.
+    with pytest.raises(ConfigurationError, match=f"^{message}"):
+        cls(**values)
 
 
 @pytest.mark.parametrize(
