@@ -2,7 +2,8 @@
 
 An :class:`Ensemble` has the interface the decoding engine uses (``encode``,
 ``decode``), so every mode decodes it unchanged. Its state is the members' states
-side by side; its "logits" are the log-probabilities of the averaged distribution.
+side by side; its "logits" are the log-probabilities of the averaged distribution,
+in which PAD and BOS, never emitted, have none.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING, Averaging
 from genrnn.model import Encoded, Seq2Seq, State
+from genrnn.tokenizer import BOS_ID, PAD_ID
 
 
 class Ensemble(nn.Module):
@@ -41,9 +43,13 @@ class Ensemble(nn.Module):
     def decode(self, target_in: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Log-probabilities of the averaged distribution ``(batch, steps, vocab)``, and the new state."""
         log_probs, new_state, start = [], [], 0
+        never_emitted = torch.tensor([PAD_ID, BOS_ID], device=target_in.device)
         for member, size in zip(self.members, self._sizes):
             logits, member_state = member.decode(target_in, state[start : start + size])
-            log_probs.append(logits.float().log_softmax(dim=-1))
+            # Each member's distribution as it decodes alone, without the tokens never emitted:
+            # a member that gives them mass would otherwise weigh less in the mixture.
+            logits = logits.float().index_fill(-1, never_emitted, float("-inf"))
+            log_probs.append(logits.log_softmax(dim=-1))
             new_state.extend(member_state)
             start += size
         stacked = torch.stack(log_probs)

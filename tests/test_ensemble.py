@@ -51,7 +51,9 @@ def test_the_next_token_distribution_is_the_members_average(tokenizers, averagin
     bos = torch.tensor([[BOS_ID]])
     with torch.no_grad():
         averaged, _ = ensemble.decode(bos, ensemble.encode(ids, lengths).state)
-        log_probs = torch.stack([m.decode(bos, m.encode(ids, lengths).state)[0].log_softmax(-1) for m in members])
+        logits = torch.stack([m.decode(bos, m.encode(ids, lengths).state)[0] for m in members])
+    logits[..., [PAD_ID, BOS_ID]] = float("-inf")  # each member's distribution as it decodes alone
+    log_probs = logits.log_softmax(-1)
     if averaging == "probabilities":  # a mixture
         expected = log_probs.exp().mean(0)
     else:  # a normalised product
@@ -81,14 +83,13 @@ def test_every_step_of_a_mixed_ensembles_outputs_scores_the_members_average(toke
             outputs = candidate.tokens + ([EOS_ID] if candidate.finish_reason == "eos" else [])
             target_in = torch.tensor([[BOS_ID, *outputs]])
             with torch.no_grad():  # each member alone, teacher-forced over the whole output
-                each = torch.stack(
-                    [m(torch.tensor(ids), torch.tensor([len(ids[0])]), target_in)[0].log_softmax(-1) for m in members]
-                )
+                each = torch.stack([m(torch.tensor(ids), torch.tensor([len(ids[0])]), target_in)[0] for m in members])
+            each[..., [PAD_ID, BOS_ID]] = float("-inf")  # never emitted: each member's distribution without them
+            each = each.log_softmax(-1)
             if averaging == "probabilities":
                 averaged = torch.logsumexp(each, dim=0) - math.log(len(members))
             else:
                 averaged = each.mean(dim=0)
-            averaged[:, [PAD_ID, BOS_ID]] = float("-inf")  # never emitted: the engine renormalises without them
             steps = averaged[: len(outputs)].log_softmax(-1)
             expected = steps.gather(1, torch.tensor(outputs)[:, None]).sum()
             assert candidate.logprob == pytest.approx(float(expected), abs=1e-5), word
