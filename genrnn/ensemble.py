@@ -24,6 +24,8 @@ class Ensemble(nn.Module):
 
     def __init__(self, members: Sequence[Seq2Seq], averaging: Averaging = DEFAULT_AVERAGING) -> None:
         super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
         if len({(m.source_vocab_size, m.target_vocab_size) for m in members}) != 1:
             raise ValueError("ensemble members must share their vocabularies")
         if averaging not in AVERAGINGS:

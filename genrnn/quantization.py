@@ -19,6 +19,9 @@ def quantize_int8(model: Seq2Seq) -> Seq2Seq:
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ConfigurationError(f"quantize: int8 decoding runs on the CPU; the model is on {device}")
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:  # the int8 kernels take float32 activations: another type fails only mid-decoding
+        raise ConfigurationError(f"quantize: int8 decoding takes a float32 model; this one is {dtype}")
     with warnings.catch_warnings():
         # torch.ao.quantization warns that it moves to torchao, whose quantize_ has no recurrent layers.
         warnings.simplefilter("ignore")

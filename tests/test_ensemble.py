@@ -98,6 +98,8 @@ def test_every_step_of_a_mixed_ensembles_outputs_scores_the_members_average(toke
 def test_an_unknown_averaging_is_refused(tokenizers):
     with pytest.raises(ValueError, match="averaging must be one of probabilities, log-probabilities"):
         Ensemble([member(1, tokenizers)], "geometric")
+    with pytest.raises(ValueError, match="needs at least one member"):
+        Ensemble([])
 
 
 def test_bundles_joined_by_commas_load_as_an_ensemble(tokenizers, tmp_path):

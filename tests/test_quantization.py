@@ -47,6 +47,12 @@ def test_int8_is_refused_for_a_model_off_the_cpu(tiny_bundle):
         quantize_int8(model.model)
 
 
+def test_int8_is_refused_for_a_model_not_in_float32(tiny_bundle):
+    model = load_bundle(tiny_bundle).model.double()  # it quantized, then failed at its first decoding step
+    with pytest.raises(ConfigurationError, match="takes a float32 model; this one is torch.float64"):
+        quantize_int8(model)
+
+
 def test_generate_and_evaluate_take_quantize_int8(tiny_bundle, g2p_files, tmp_path, capsys):
     words = tmp_path / "words.txt"
     words.write_text("".join(e.source + "\n" for e in read_examples(g2p_files["dev"])[:10]))
