@@ -16,8 +16,12 @@ the SIGTERM this process sends them, since uvicorn exits at once, dropping the
 requests in flight, on a SIGINT that follows another signal, and a loaded machine
 can deliver a Ctrl+C to them after this process's SIGTERM.
 A signal during startup ends the startup. Should this process die without a word
-(SIGKILL), the kernel kills the others with it (on Linux). A worker that dies stops
-the server with status 1, so that a supervisor restarts it.
+(SIGKILL), the kernel kills the others with it (on Linux). An inference worker or an
+HTTP process that dies stops the server with status 1, so that a supervisor restarts it.
+
+Only the HTTP processes hold the listening socket (on Linux): this process and the
+queue manager close the copies they inherit, so that the port refuses connections as
+soon as the HTTP processes stop accepting, rather than queueing them unanswered.
 """
 
 import ctypes
@@ -25,6 +29,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -51,6 +56,7 @@ METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # prctl's option, from <linux/prctl.h>
 MONITOR_THREAD = "litserve-monitoring"  # LitServe's thread that watches the workers
+HTTP_MONITOR_THREAD = "genrnn-http-monitoring"  # the thread that watches the HTTP processes
 FAILED_DRAIN_SECONDS = 2.0  # how long requests in flight get once a worker has died
 
 
@@ -109,6 +115,31 @@ def die_with(parent: int) -> None:
         os._exit(1)
 
 
+def close_server_socket(port: int) -> None:
+    """Close this process's copy of the server's socket, the TCP socket bound to ``port`` (on Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+        try:
+            copy = os.dup(fd)  # looked at through a copy, which closes alone
+        except OSError:  # the listing's own descriptor, closed since
+            continue
+        try:
+            with socket.socket(fileno=copy) as sock:
+                ours = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.getsockname()[1] == port
+                if ours:
+                    try:
+                        sock.getpeername()
+                        ours = False  # a connection, not the server's socket
+                    except OSError:
+                        pass
+        except OSError:  # not a socket
+            os.close(copy)
+            continue
+        if ours:
+            os.close(fd)
+
+
 class ForkedChildrenDieWithServer:
     """Fork hooks: each process that the server's main process forks (queue manager, HTTP) dies with it.
 
@@ -119,6 +150,7 @@ class ForkedChildrenDieWithServer:
     def __init__(self) -> None:
         self.server = os.getpid()
         self.forking = 0  # the process forking now, as its child sees it
+        self.port: int | None = None  # set while forking the queue manager, which serves no HTTP on it
 
     def register(self) -> None:
         os.register_at_fork(before=self.before_fork, after_in_child=self.after_fork_in_child)
@@ -129,6 +161,8 @@ class ForkedChildrenDieWithServer:
     def after_fork_in_child(self) -> None:
         if self.forking == self.server:
             die_with(self.server)
+            if self.port is not None:
+                close_server_socket(self.port)
 
 
 class WorkerSignals(Callback):
@@ -159,11 +193,19 @@ class Server(ls.LitServer):
     during startup ends the startup instead of being lost in it.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, forks: ForkedChildrenDieWithServer, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.forks = forks
+        self.port = 8000  # LitServer.run's default; run() sets it
         self.main_process = os.getpid()
         self.stop_signal: int | None = None  # the signal that asked this server to stop
         self.failure: str | None = None  # why the server stopped, when not asked to
+        self.stopping = False  # from here on, an HTTP process that exits was asked to
+        self.drain_seconds = self.uvicorn_graceful_timeout  # how long requests in flight get at shutdown
+
+    def run(self, *args: Any, port: int = 8000, **kwargs: Any) -> None:
+        self.port = port
+        super().run(*args, port=port, **kwargs)
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """The handler of SIGTERM and SIGINT: start the shutdown, or have startup give up."""
@@ -172,6 +214,7 @@ class Server(ls.LitServer):
         if os.getpid() != self.main_process:
             return
         self.stop_signal = signum
+        self.stopping = True
         event = self._shutdown_event  # LitServe's main thread waits on it in run()
         if event is None:  # the queue manager is not there yet: _init_manager sets it
             return
@@ -188,7 +231,11 @@ class Server(ls.LitServer):
         # The queue manager is forked in here and keeps this thread's signal mask: SIGTERM
         # stays blocked in it for good (it ignores SIGINT itself).
         with signals_blocked({signal.SIGTERM}):
-            manager = super()._init_manager(num_api_servers)
+            self.forks.port = self.port
+            try:
+                manager = super()._init_manager(num_api_servers)
+            finally:
+                self.forks.port = None
         if self.stop_signal is not None:
             self._shutdown_event.set()
         return manager
@@ -197,7 +244,27 @@ class Server(ls.LitServer):
         # The HTTP processes are forked in here and keep this thread's signal mask: SIGINT stays
         # blocked in them for good, so that only this process's SIGTERM makes them drain.
         with signals_blocked({signal.SIGINT}):
-            return super()._start_server(*args, **kwargs)
+            processes = super()._start_server(*args, **kwargs)
+        close_server_socket(self.port)  # the HTTP processes hold theirs
+        monitor = threading.Thread(
+            target=self._watch_http_processes, args=(list(processes.values()),), name=HTTP_MONITOR_THREAD, daemon=True
+        )
+        monitor.start()
+        return processes
+
+    def _watch_http_processes(self, processes: list[multiprocessing.Process]) -> None:
+        """Stop the server as a failure when an HTTP process dies: LitServe watches only the workers.
+
+        The admission slots of the requests it held would never come back (429 for good),
+        and with its only HTTP process gone the server would go on living and serving nothing.
+        """
+        while not self.stopping:
+            dead = [p for p in processes if not p.is_alive()]
+            if dead and not self.stopping:
+                self.failure = f"an HTTP process died (exit status {dead[0].exitcode})"
+                self._shutdown_event.set()
+                return
+            time.sleep(self.monitor_internal)
 
     def launch_inference_worker(self, lit_api: ls.LitAPI) -> list:
         # Spawning starts multiprocessing's resource tracker once, and that start unblocks both
@@ -231,19 +298,21 @@ class Server(ls.LitServer):
             # A worker died. The main thread waits on the queue manager, and shuts down once woken;
             # shutting down here would take the manager away from under it.
             self.failure = "an inference worker died (see the log above)"
+            # A request that the dead worker held would never be answered: the requests in
+            # flight get a short while, then their connections close.
+            self.drain_seconds = FAILED_DRAIN_SECONDS
             self._shutdown_event.set()
             return
-        # The monitor polls the queue manager and the workers every monitor_internal seconds:
-        # had they gone, its next poll would die with a traceback, or start a second shutdown.
+        self.stopping = True
+        # The monitors poll the queue manager and the processes every monitor_internal seconds:
+        # had they gone, a poll would die with a traceback, start a second shutdown, or call it a failure.
         for thread in threading.enumerate():
-            if thread.name == MONITOR_THREAD:
+            if thread.name in (MONITOR_THREAD, HTTP_MONITOR_THREAD):
                 thread.join(timeout=self.monitor_internal + 1)
         self._transport.close(send_sentinel=shutdown_reason != "keyboard_interrupt")
         for http in uvicorn_workers.values():
             http.terminate()  # uvicorn drains on SIGTERM (already told, on a signal: see request_stop)
-        # A request that a dead worker held would never be answered: after a failure, the
-        # requests in flight get a short while, then their connections close.
-        drain = self.uvicorn_graceful_timeout if self.failure is None else FAILED_DRAIN_SECONDS
+        drain = self.drain_seconds
         for http in uvicorn_workers.values():
             http.join(timeout=drain)
             if http.is_alive():
@@ -253,7 +322,9 @@ class Server(ls.LitServer):
         manager.shutdown()
 
 
-def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None) -> Server:
+def build_server(
+    config: ServeConfig, metadata: dict[str, Any], key: str | None, forks: ForkedChildrenDieWithServer
+) -> Server:
     """The LitServer with its API, middlewares, ``/metrics`` and error replies."""
     # Imported here, after the metrics directory is set: see serving.metrics.
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -288,6 +359,7 @@ def build_server(config: ServeConfig, metadata: dict[str, Any], key: str | None)
         middlewares=middlewares,
         model_metadata=metadata,
         callbacks=[WorkerSignals()],
+        forks=forks,
     )
 
     async def metrics_endpoint() -> Response:
@@ -317,9 +389,10 @@ def serve(config: ServeConfig) -> None:
         print(f"genrnn serve: {config.api_key_env} is {state}", file=sys.stderr)
 
     directory, ours = fresh_metrics_directory()
-    ForkedChildrenDieWithServer().register()
+    forks = ForkedChildrenDieWithServer()
+    forks.register()
     try:
-        server = build_server(config, metadata, key)
+        server = build_server(config, metadata, key, forks)
         for signum in STOP_SIGNALS:
             signal.signal(signum, server.request_stop)
         server.run(

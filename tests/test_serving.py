@@ -224,6 +224,21 @@ def inference_workers(pid: int) -> list[int]:
     return workers
 
 
+def http_processes(pid: int) -> list[int]:
+    """The server's HTTP processes: forked, as the queue manager is, but started after the workers."""
+
+    def started(process: int) -> int:
+        return int(Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+    workers = inference_workers(pid)
+    command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return [
+        child
+        for child in children(pid)
+        if Path(f"/proc/{child}/cmdline").read_bytes() == command and started(child) >= max(map(started, workers))
+    ]
+
+
 class Server:
     """A ``genrnn serve`` subprocess and an HTTP client for it."""
 
@@ -351,6 +366,7 @@ SERVERS = {
     **{f"{stop} to the {whom}": (("--api-servers", "2"), None) for stop, whom in STOPS},
     "SIGKILL": (("--api-servers", "2"), None),
     "worker dies": ((), None),
+    "HTTP process dies": (("--api-servers", "2"), None),
 }
 
 
@@ -730,9 +746,9 @@ def test_a_signal_drains_the_request_in_flight_and_every_process_exits(servers, 
         if whom != "main process":  # the server leads its own session (see Server)
             os.killpg(server.process.pid, signum)
         time.sleep(1.0)  # every HTTP process stops accepting, even one still draining
-        for _ in range(3):
-            with pytest.raises(httpx.TransportError):
-                httpx.get(f"{server.url}/health", timeout=1)
+        for _ in range(3):  # refused, not left waiting in the socket's queue until the server exits
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{server.url}/health", timeout=5)
     replies = [r.get(timeout=60) for r in in_flight]
 
     assert [r.status_code for r in replies] == [200] * 4
@@ -779,6 +795,18 @@ def test_a_worker_that_dies_stops_the_server_as_a_failure(servers):
     assert "genrnn serve: error: the server stopped: an inference worker died" in log and "Traceback" not in log, log
     wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
     assert isinstance(held.get(timeout=30), httpx.TransportError)  # its connection closed: the client knows
+
+
+def test_an_http_process_that_dies_stops_the_server_as_a_failure(servers):
+    server = servers["HTTP process dies"].ready()
+    processes = children(server.process.pid)
+    first, _ = http_processes(server.process.pid)
+    os.kill(first, signal.SIGKILL)  # the OOM killer, say: the requests it held never give back their slots
+    assert server.process.wait(timeout=20) == 1  # soon, and a failure: a supervisor restarts it
+    log = server.log.read_text()
+    assert "genrnn serve: error: the server stopped: an HTTP process died (exit status -9)" in log, log
+    assert "Traceback" not in log, log
+    wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
 
 
 def test_every_process_of_the_server_dies_with_its_main_process(servers):
