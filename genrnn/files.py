@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +21,27 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomically(path: Path, content: str | bytes) -> None:
-    """Write ``path`` whole or not at all: a kill leaves the old file (or none), never part of one.
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; once written, it replaces ``path`` in one step.
 
-    The temporary file is named for the process, so that several ranks may write the same file at once.
+    A kill leaves the old file (or none), never part of one. Beside it, on the same file
+    system, the rename cannot fail into a copy. The temporary file is named for the
+    process, so that several ranks may write the same file at once.
     """
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(content.encode() if isinstance(content, str) else content)
+    try:
+        yield temporary
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     os.replace(temporary, path)
+
+
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """Write ``path`` whole or not at all (see :func:`replacing`)."""
+    with replacing(path) as temporary:
+        temporary.write_bytes(content.encode() if isinstance(content, str) else content)
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:

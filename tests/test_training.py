@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from genrnn.metrics import score
 from genrnn.tokenizer import train_tokenizers
 from tests.conftest import TINY_CONFIG, interruptible, signal_when
 from training.datamodule import PairDataModule, ResumableLoader, spread
-from training.resume import ResumePoint
+from training.resume import CheckpointBeside, ResumePoint
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
 
@@ -514,6 +515,35 @@ def test_no_resume_starts_without_the_old_checkpoints(g2p_files, tmp_path):
     fresh = tmp_path / "fresh"
     run_cli(*tiny_train(g2p_files, fresh, "--max-epochs", "1", train="dev"))
     assert steps == json.loads((fresh / "bundle" / "genrnn.json").read_text())["training"]["steps"]
+
+
+def test_checkpoints_are_written_beside_themselves_and_renamed_into_place(tmp_path, monkeypatch):
+    import torch
+
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a temporary directory on another file system than the run's")
+    # TMPDIR on another file system, as a container's /tmp beside a mounted run directory:
+    # a temporary file there cannot be renamed into place, only copied into the checkpoint itself.
+    monkeypatch.setattr(tempfile, "tempdir", str(other))
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    CheckpointBeside().save_checkpoint({"step": 1}, path)
+    first = path.stat().st_ino
+    CheckpointBeside().save_checkpoint({"step": 2}, path)
+    assert path.stat().st_ino != first  # a new file: a kill while it was written would have left the old one
+    assert torch.load(path)["step"] == 2
+    assert list(path.parent.iterdir()) == [path]
+
+
+def test_a_resume_point_cut_short_is_refused_in_one_line(g2p_files, tmp_path):
+    args = tiny_train(g2p_files, tmp_path / "run", "--max-epochs", "1")
+    run_cli(*args)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a disk that filled up, say
+    result = run_cli(*args, check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(f"genrnn train: error: {last} cannot be read (")
+    assert "rerun with --no-resume to start afresh" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_run_that_stopped_early_trains_no_further_when_run_again(g2p_files, tmp_path):

@@ -7,6 +7,7 @@ import random
 import signal
 import threading
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,39 @@ import torch
 from pytorch_lightning.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loops.utilities import _is_max_limit_reached
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from genrnn.errors import ConfigurationError
+from genrnn.files import replacing
+
+
+class CheckpointBeside(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, then renames it into place.
+
+    Lightning's own writes the temporary file in the system's temporary directory; where
+    that is another file system (a container's /tmp and a mounted run directory, a tmpfs
+    /tmp) the rename fails and it copies into the checkpoint itself, and a kill during the
+    copy leaves a truncated checkpoint that no rerun can resume from.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError("storage_options: not supported for checkpoints written to local files")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path) as temporary:
+            torch.save(checkpoint, temporary)
+
+
+def check_resumable(path: Path) -> None:
+    """Refuse, in one line, a checkpoint that cannot be read (cut short by a full disk, say)."""
+    try:
+        with zipfile.ZipFile(path):  # torch's format: a truncated file has no zip directory at its end
+            pass
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ConfigurationError(
+            f"{path} cannot be read ({error}): rerun with --no-resume to start afresh, or put back a whole copy"
+        ) from None
 
 
 class ResumePoint(Checkpoint):
@@ -31,8 +63,8 @@ class ResumePoint(Checkpoint):
     max_epochs, given more, go on as an unbroken run would). Saving at every epoch end would
     cost more than it keeps: a model's checkpoint with Adam's moments weighs three times
     its weights, and a short epoch on a GPU lasts seconds.
-    Lightning writes checkpoints atomically, so a kill during a save leaves the previous
-    one whole. As a :class:`Checkpoint`, it runs after
+    :class:`CheckpointBeside` writes checkpoints whole, so a kill during a save leaves the
+    previous one. As a :class:`Checkpoint`, it runs after
     the other callbacks' epoch-end hooks, so that their state is saved as it ends the epoch.
     Every process's random number generators travel with it, so that dropout after a resume
     draws the masks it would have drawn; a run resumes only on as many processes.

@@ -48,7 +48,7 @@ from training.distillation import (
 )
 from training.module import Seq2SeqModule
 from training.paths import last_checkpoint, teacher_table
-from training.resume import BestCheckpoint, ResumePoint, StopsForGood
+from training.resume import BestCheckpoint, CheckpointBeside, ResumePoint, StopsForGood, check_resumable
 
 LOG_EVERY_N_STEPS = 20
 
@@ -327,6 +327,7 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, B
             log_every_n_steps=LOG_EVERY_N_STEPS,
             use_distributed_sampler=False,  # the token-budget batch sampler shards by rank itself
             num_sanity_val_steps=0,
+            plugins=[CheckpointBeside()],
         )
     except (MisconfigurationException, ValueError, TypeError, ImportError) as error:
         # Chained: a bug of ours would show its traceback. TypeError: a device count Lightning
@@ -409,8 +410,10 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     del related, lent, teacher  # the teacher lives on in the module until its table is made
     last = last_checkpoint(output)
     ckpt_path = str(last) if resume and last.is_file() else None
-    if ckpt_path and trainer.is_global_zero:
-        print(f"resuming from {last}")
+    if ckpt_path:
+        check_resumable(last)
+        if trainer.is_global_zero:
+            print(f"resuming from {last}")
     started = time.monotonic()
     with interruption_kept(trainer):
         try:
