@@ -15,6 +15,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -426,6 +427,14 @@ class ExperimentConfig:
     training: OptimConfig = field(default_factory=OptimConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)  # used for dev metrics
 
+    def __post_init__(self) -> None:
+        # The name names the run's directory (runs/<name>) and the bundle, which must have one.
+        _require(
+            bool(self.name.strip()) and "/" not in self.name and self.name not in (".", ".."),
+            "name",
+            f"must be a non-empty name without '/'; got {self.name!r}",
+        )
+
 
 def process_rank() -> int:
     """This process's rank in a distributed launch (0 for the only process)."""
@@ -443,7 +452,11 @@ def parse_devices(devices: str) -> int | str:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML as PyYAML reads it, but for base-60 numbers: ``max_time: 10:00:00:00`` is text, not 2160000."""
+    """YAML as PyYAML reads it, but for base-60 numbers and repeated keys.
+
+    ``max_time: 10:00:00:00`` is text, not 2160000; a key given twice in one mapping is
+    refused, where PyYAML keeps the last and drops the first without a word.
+    """
 
     _SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?$")
 
@@ -451,6 +464,20 @@ class _Loader(yaml.SafeLoader):
         if kind is yaml.ScalarNode and implicit[0] and self._SEXAGESIMAL.match(value):
             return "tag:yaml.org,2002:str"
         return super().resolve(kind, value, implicit)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": its keys may be given again
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} given twice (first on line {first_line[key]})", key_node.start_mark
+                )
+            if isinstance(key, Hashable):
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 def read_yaml(text: str) -> Any:

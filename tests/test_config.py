@@ -13,6 +13,7 @@ from genrnn.config import (
     from_dict,
     load_config,
     override,
+    read_yaml,
     replace,
 )
 from genrnn.errors import ConfigurationError
@@ -51,6 +52,18 @@ def test_shipped_configs_load(name):
 def test_bad_values_name_their_key(values, message):
     with pytest.raises(ConfigurationError, match=message.replace(".", r"\.")):
         from_dict(ExperimentConfig, values)
+
+
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
+    # YAML would keep the last section and drop the first's settings without a word.
+    path = tmp_path / "twice.yaml"
+    path.write_text("training:\n  lr: 0.01\nmodel: {cell: gru}\ntraining:\n  seed: 5\n")
+    with pytest.raises(
+        ConfigurationError, match=r"twice.yaml:4: not valid YAML \('training' given twice \(first on line 1\)\)"
+    ):
+        load_config(path)
+    merged = read_yaml("small: &small {cell: gru, layers: 1}\nmodel:\n  <<: *small\n  cell: lstm\n")
+    assert merged["model"] == {"cell": "lstm", "layers": 1}  # a merge's keys may be given again
 
 
 def test_numbers_in_exponent_notation_are_numbers():
@@ -118,6 +131,8 @@ def test_choices_are_checked_in_configs_built_in_python(cls, values, message):
         ("training.val_check_interval=2.5", "training.val_check_interval: must be a fraction"),
         ("training.precision=banana", "training.precision: must be one of"),
         ("decoding.temperature=0", "decoding.temperature: must be in"),  # its section, as in the file
+        ("name=''", "name: must be a non-empty name"),  # a bundle without a name loads nowhere
+        ("name=a/b", "name: must be a non-empty name without '/'"),  # it names the run's directory
     ],
 )
 def test_values_that_would_fail_deep_inside_training_are_refused_at_the_edge(assignment, message):
