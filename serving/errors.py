@@ -5,6 +5,7 @@ limit (too many inputs, an input too long) is a 413, any other bad field a 422.
 """
 
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +48,11 @@ async def http_error_reply(request: Request, error: StarletteHTTPException) -> R
     """FastAPI's reply to an HTTPException, with a detail a person can act on where FastAPI's says nothing."""
     if error.status_code == 400 and isinstance(error.__cause__, RecursionError):
         error = StarletteHTTPException(400, "body: JSON nested too deeply to read", error.headers)
+    elif error.status_code == 400 and "integer string conversion" in str(error.__cause__):  # Python's digit cap
+        digits = sys.get_int_max_str_digits()
+        error = StarletteHTTPException(
+            400, f"body: a number in the JSON has more than {digits:,} digits", error.headers
+        )
     return await http_exception_handler(request, error)
 
 

@@ -60,7 +60,7 @@ MODEL_INFO = Gauge(
 def mode_label(body: bytes) -> str:
     """The decoding mode a request body asks for ("unknown" when the body does not say it in a valid way)."""
     try:
-        mode = json.loads(body.decode("utf-8")).get("mode", "greedy")  # UTF-8 alone, as the server reads bodies
+        mode = json.loads(body.decode("utf-8-sig")).get("mode", "greedy")  # UTF-8, a BOM allowed: as the server reads
     except (ValueError, AttributeError, RecursionError):  # RecursionError: nesting past Python's limit
         return "unknown"
     return mode if mode in MODES else "unknown"

@@ -1,6 +1,6 @@
 """ASGI middlewares of the HTTP processes: UTF-8 bodies, API key, admission (429), request metrics.
 
-Each is a plain ASGI wrapper, so it can answer before the body is read (a rejected
+Each is a plain ASGI wrapper, so it can answer before the body is parsed (a rejected
 request costs no parsing) and see the status code of every reply, errors included.
 """
 
@@ -94,16 +94,50 @@ class ApiKeyMiddleware:
         return hmac.compare_digest(_digest(presented), self.key_digest)
 
 
-class AdmissionMiddleware(PathMiddleware):
-    """Answers 429 while ``limit`` requests to ``path`` are admitted and unanswered, counted across processes."""
+async def _whole_body(receive: Receive) -> list[Message]:
+    """Every message of a request's body, up to its last (or to the client's going away)."""
+    messages = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return messages
 
-    def __init__(self, app: ASGIApp, path: str, limit: int, admitted: Synchronized, retry_after: int = 1) -> None:
+
+class AdmissionMiddleware(PathMiddleware):
+    """Answers 429 while ``limit`` requests to ``path`` are admitted and unanswered, counted across processes.
+
+    A request is admitted once its whole body is in: a client that trickles its body, or
+    never ends it, holds a connection but no place in the queue, so a few slow clients
+    cannot have every other one refused.
+    """
+
+    def __init__(
+        self, app: ASGIApp, path: str, limit: int, admitted: Synchronized, max_body_bytes: int, retry_after: int = 1
+    ) -> None:
         super().__init__(app, path)
         self.limit = limit
         self.admitted = admitted  # an mp.Value shared by every HTTP process (they are forked from the server)
+        self.max_body_bytes = max_body_bytes  # checked by LitServe as the body arrives; named in its 413
         self.retry_after = retry_after
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await _whole_body(receive)
+        except HTTPException as error:  # LitServe's size check raises it as the body arrives
+            detail = error.detail
+            if error.status_code == 413:
+                detail = f"the body is over the server's limit of {self.max_body_bytes:,} bytes (--max-body-bytes)"
+            await reply_error(send, error.status_code, detail)
+            return
+        unread = iter(body)
+
+        async def receive_body() -> Message:
+            return next(unread, None) or await receive()
+
+        if body[-1]["type"] != "http.request":  # the client went away mid-body: the app sees it so
+            await self.app(scope, receive_body, send)
+            return
         with self.admitted.get_lock():
             full = self.admitted.value >= self.limit
             if not full:
@@ -113,7 +147,7 @@ class AdmissionMiddleware(PathMiddleware):
             await reply_error(send, 429, detail, [(b"retry-after", str(self.retry_after).encode())])
             return
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive_body, send)
         finally:
             with self.admitted.get_lock():
                 self.admitted.value -= 1

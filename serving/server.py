@@ -343,7 +343,15 @@ def build_server(
     # Listed innermost first: each middleware wraps the ones before it. Metrics sees every reply.
     middlewares: list = [
         (Utf8BodyMiddleware, {"path": GENERATE_PATH}),
-        (AdmissionMiddleware, {"path": GENERATE_PATH, "limit": config.max_queue, "admitted": admitted}),
+        (
+            AdmissionMiddleware,
+            {
+                "path": GENERATE_PATH,
+                "limit": config.max_queue,
+                "admitted": admitted,
+                "max_body_bytes": config.max_body_bytes,
+            },
+        ),
     ]
     if key:
         middlewares.append((ApiKeyMiddleware, {"prefix": "/v1/", "key": key}))

@@ -605,11 +605,49 @@ def test_a_body_nested_past_the_parsers_depth_gets_400_and_is_counted(keyed):
     assert keyed.generate(inputs="cat").status_code == 200
 
 
-def test_a_body_over_the_size_limit_gets_413(keyed):
+def test_a_body_over_the_size_limit_gets_413_naming_the_limit(keyed):
     response = keyed.client.post("/v1/generate", json={"inputs": "cat", "padding": "x" * 5000})
 
     assert response.status_code == 413
-    assert response.json()["detail"]
+    assert response.json()["detail"] == "the body is over the server's limit of 4,096 bytes (--max-body-bytes)"
+
+
+def test_a_number_too_long_to_read_gets_400_saying_so(small):
+    body = b'{"inputs": "cat", "mode": "sample", "seed": ' + b"1" * 5000 + b"}"
+    response = small.client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+
+    assert response.status_code == 400
+    assert (
+        response.json()["detail"] == f"body: a number in the JSON has more than {sys.get_int_max_str_digits():,} digits"
+    )
+
+
+def test_a_body_with_a_byte_order_mark_is_counted_under_its_mode(keyed):
+    before = keyed.metrics()
+    body = '\ufeff{"inputs": "cat", "mode": "beam"}'.encode()
+    response = keyed.client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+    after = keyed.metrics()
+
+    assert response.status_code == 200
+    counted = ("genrnn_requests_total", (("mode", "beam"), ("status", "200")))
+    assert after[counted] - before[counted] == 1
+
+
+def test_clients_still_sending_their_bodies_hold_no_place_in_the_queue(small):
+    host, port = small.url.removeprefix("http://").split(":")
+    trickling = []
+    try:
+        for _ in range(3):  # as many as the queue holds: each sends 5 bytes of a 100-byte body, then waits
+            client = socket.create_connection((host, int(port)))
+            client.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: genrnn\r\nContent-Type: application/json\r\n")
+            client.sendall(b'Content-Length: 100\r\n\r\n{"inp')
+            trickling.append(client)
+        small.wait_for_inflight(3)
+        assert small.generate(inputs="cat").status_code == 200
+    finally:
+        for client in trickling:
+            client.close()
+    small.wait_for_inflight(0)
 
 
 def test_bad_requests_are_refused_before_the_queue_and_the_server_still_answers(keyed, engine):
