@@ -825,7 +825,7 @@ def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):
     run = tmp_path / "run"
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1"))
     stamp = json.loads((run / "run.json").read_text())
-    assert set(stamp) == {"data", "model", "tokenizer", "batches", "optimization"}  # no init_from or teacher keys
+    assert set(stamp) == {"data", "model", "tokenizer", "batches", "optimization", "validation"}  # no teacher keys
     result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", train="test"), check=False)
     assert result.returncode == 1 and "holds a run with other settings (data:" in result.stderr
     # Other batches would make the checkpoint's count of served batches skip the wrong ones; another
@@ -835,13 +835,18 @@ def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):
         (("--seed", "7"), "batches"),
         (("--set", "training.schedule=warmup"), "optimization"),
         (("--set", "training.lr=0.0001"), "optimization"),
+        # Scores on another dev set, or measured otherwise, would be compared with the best so far.
+        (("--valid", str(g2p_files["test"])), "validation"),
+        (("--set", "data.valid_limit=10"), "validation"),
+        (("--set", "training.monitor=val_loss"), "validation"),
+        (("--set", "decoding.mode=beam"), "validation"),
     ):
         result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", *option), check=False)
         assert result.returncode == 1 and f"other settings ({differs}:" in result.stderr, result.stderr[-2000:]
         assert "training.init_from=BUNDLE" in result.stderr and "Traceback" not in result.stderr
     # A stamp from before batches and optimisation were recorded, or before a model setting existed,
     # still resumes; a model changed in a setting the stamp holds does not.
-    del stamp["batches"], stamp["optimization"], stamp["model"]["attention_query"]
+    del stamp["batches"], stamp["optimization"], stamp["validation"], stamp["model"]["attention_query"]
     (run / "run.json").write_text(json.dumps(stamp))
     result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--set", "model.decoder_hidden=24"), check=False)
     assert result.returncode == 1 and "other settings (model:" in result.stderr

@@ -198,7 +198,7 @@ def build_module(
 
 
 # Recorded since after the first runs were stamped: a stamp without them resumes as before.
-LATER_STAMP_KEYS = ("batches", "optimization")
+LATER_STAMP_KEYS = ("batches", "optimization", "validation")
 
 # The settings that the optimiser's and the schedule's saved state, and the loss, depend on.
 # The budget (max_steps, max_epochs, max_time) may change: a finished run may go on.
@@ -222,11 +222,14 @@ def stamp_run(
     data_fingerprint: str,
     related: dict[str, Bundle | TeacherTable],
     resuming: bool,
+    dev_fingerprint: str,
 ) -> None:
     """Record what the run trains on; refuse to resume checkpoints of other data, model, tokenizers or teacher.
 
     The batches and the seed are recorded too: a resumed run skips the batches its checkpoint
-    says were served, which are other batches under another token budget or seed.
+    says were served, which are other batches under another token budget or seed. So is how
+    the run is validated: its best score, early stopping and schedule compare scores on one
+    dev set, decoded and measured one way.
     """
     stamp = {"data": data_fingerprint, "model": to_dict(config.model), "tokenizer": to_dict(config.tokenizer)}
     data = config.data
@@ -238,6 +241,12 @@ def stamp_run(
         "seed": config.training.seed,
     }
     stamp["optimization"] = {key: getattr(config.training, key) for key in OPTIMIZATION_KEYS}
+    stamp["validation"] = {
+        "dev": dev_fingerprint,
+        "valid_limit": data.valid_limit,
+        "monitor": config.training.monitor,
+        "decoding": to_dict(config.decoding),
+    }
     # Only when set, so that run directories from before these keys existed still resume.
     if related:
         stamp["tokenizers_from_bundle"] = next(iter(related.values())).tokenizers_fingerprint
@@ -260,8 +269,8 @@ def stamp_run(
             differ = ", ".join(key for key in keys if stored.get(key) != wanted.get(key))
             raise ConfigurationError(
                 f"{output} holds a run with other settings ({differ}: data, model, tokenizer, teacher, batching, "
-                "seed and optimisation must stay as the run began); use another --output, --no-resume to start "
-                "afresh there, or training.init_from=BUNDLE to go on from its weights with new settings"
+                "seed, optimisation and validation must stay as the run began); use another --output, --no-resume "
+                "to start afresh there, or training.init_from=BUNDLE to go on from its weights with new settings"
             )
     output.mkdir(parents=True, exist_ok=True)
     # Written whole or not at all: a kill while writing would leave a run that cannot resume.
@@ -351,7 +360,7 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     train_examples, dev_examples = load_data(config)
     data_fingerprint = fingerprint(train_examples)
     related = load_related_bundles(config)
-    stamp_run(output, config, data_fingerprint, related, resuming=resume)
+    stamp_run(output, config, data_fingerprint, related, resuming=resume, dev_fingerprint=fingerprint(dev_examples))
     if not resume and is_rank_zero():
         # Afresh means without the old checkpoints (a later rerun would resume from them), and
         # without the old teacher's table (another run would learn from it).
