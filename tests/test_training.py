@@ -28,6 +28,7 @@ from genrnn.tokenizer import train_tokenizers
 from tests.conftest import TINY_CONFIG, interruptible, signal_when
 from training.datamodule import PairDataModule, ResumableLoader, spread
 from training.resume import CheckpointBeside, ResumePoint
+from training.train import cpu_runs_recurrent_at
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
 
@@ -715,6 +716,20 @@ def test_training_that_could_not_mean_anything_is_refused_in_one_line(g2p_files,
     result = run_cli("train", "--config", str(TINY_CONFIG), *args, "--output", str(tmp_path / "r"), check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_a_bfloat16_precision_this_cpu_cannot_run_is_refused_in_one_line(g2p_files, tmp_path, precision):
+    if cpu_runs_recurrent_at(precision, "lstm"):
+        pytest.skip(f"this CPU runs LSTMs at {precision}")
+    result = run_cli(
+        *tiny_train(g2p_files, tmp_path / "run", "--precision", precision, "--max-steps", "1"), check=False
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"genrnn train: error: training.precision: this CPU's LSTM kernel cannot run {precision} "
+        "(it lacks bfloat16 instructions); use 32-true"
+    )
 
 
 def test_dev_wer_is_scored_on_examples_spread_through_the_dev_set(g2p_files):

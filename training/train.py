@@ -21,6 +21,7 @@ from pytorch_lightning.callbacks import (
 )
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import nn
 
 from genrnn.bundle import Bundle, load_bundle, save_bundle
 from genrnn.config import ExperimentConfig, ModelConfig, from_dict, is_rank_zero, parse_devices, to_dict
@@ -342,10 +343,31 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, B
         # Chained: a bug of ours would show its traceback. TypeError: a device count Lightning
         # refuses for the accelerator; ImportError: an accelerator whose package is missing.
         raise ConfigurationError(f"training.accelerator/devices/num_nodes/strategy/precision: {error}") from error
-    if isinstance(trainer.accelerator, CPUAccelerator) and training.precision.startswith("16"):
-        # Lightning accepts it, and the LSTM kernel fails at the first step
-        raise ConfigurationError(f"training.precision: {training.precision} needs a GPU; on a CPU use bf16-mixed")
+    if isinstance(trainer.accelerator, CPUAccelerator):
+        # Lightning accepts both, and the recurrent kernel fails at the first step, in a traceback.
+        if training.precision.startswith("16"):
+            raise ConfigurationError(f"training.precision: {training.precision} needs a GPU; on a CPU use 32-true")
+        if training.precision.startswith("bf16") and not cpu_runs_recurrent_at(training.precision, config.model.cell):
+            raise ConfigurationError(
+                f"training.precision: this CPU's {config.model.cell.upper()} kernel cannot run {training.precision} "
+                "(it lacks bfloat16 instructions); use 32-true"
+            )
     return trainer, checkpoint
+
+
+def cpu_runs_recurrent_at(precision: str, cell: str) -> bool:
+    """Whether this CPU's recurrent layers run at a bfloat16 ``precision``: not every CPU has the instructions."""
+    layer = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cell](8, 8, batch_first=True)
+    inputs = torch.zeros(2, 3, 8)
+    try:
+        if precision.endswith("-true"):  # the weights themselves in bfloat16
+            layer.to(torch.bfloat16)(inputs.to(torch.bfloat16))
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                layer(inputs)
+    except RuntimeError:
+        return False
+    return True
 
 
 def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> Path | None:
