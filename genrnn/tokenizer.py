@@ -88,8 +88,17 @@ def train_tokenizer(texts: Iterable[str], model_type: str, vocab_size: int, norm
 def train_tokenizers(
     sources: Sequence[str], targets: Sequence[str], config: TokenizerConfig
 ) -> tuple[Tokenizer, Tokenizer]:
-    """Source and target tokenizers trained on the training pairs (one shared model if asked)."""
+    """Source and target tokenizers trained on the training pairs (one shared model if asked).
+
+    A shared model writes targets too, so it reads sources as they stand (no NFKC).
+    """
     if config.shared:
+        target, source = (config.target_type, config.target_vocab_size), (config.source_type, config.source_vocab_size)
+        if target != source:  # one model, one type and size: the target's would be ignored without a word
+            raise ConfigurationError(
+                f"tokenizer.shared: one model serves both sides, so target_type and target_vocab_size must equal "
+                f"source_type and source_vocab_size; got {target[0]}/{target[1]} for {source[0]}/{source[1]}"
+            )
         shared = _trained([*sources, *targets], config.source_type, config.source_vocab_size, "source", False)
         return shared, shared
     source = _trained(sources, config.source_type, config.source_vocab_size, "source", True)

@@ -32,7 +32,7 @@ def test_targets_round_trip_as_written_where_sources_are_normalised(target_type,
     # IPA's aspiration, a full-width letter and a ligature: NFKC would write them h, A and fi
     phones = ["kʰ æ tʰ", "pʰ ɪ n", "Ａ ﬁ"] * 5
     words = ["ｃat", "pin", "ﬁ"] * 5
-    config = TokenizerConfig(shared=shared, target_type=target_type, source_type="char")
+    config = TokenizerConfig(shared=shared, target_type=target_type, source_type=target_type if shared else "char")
     source, target = train_tokenizers(words, phones, config)
     assert target.decode(target.encode(phones[:3])) == phones[:3]
     assert UNK_ID not in [i for ids in target.encode(phones[:3]) for i in ids]
@@ -47,11 +47,18 @@ def test_decode_drops_special_ids():
 
 
 def test_shared_model_serves_both_sides():
-    source, target = train_tokenizers(
-        WORDS, PHONES, TokenizerConfig(shared=True, source_type="bpe", source_vocab_size=40)
+    config = TokenizerConfig(
+        shared=True, source_type="bpe", source_vocab_size=40, target_type="bpe", target_vocab_size=40
     )
+    source, target = train_tokenizers(WORDS, PHONES, config)
     assert source is target
     assert source.decode(source.encode(["K AE1 T"])) == ["K AE1 T"]
+
+
+def test_a_shared_model_refuses_target_settings_it_would_ignore():
+    config = TokenizerConfig(shared=True, source_type="char", target_type="word")  # phonemes split into letters
+    with pytest.raises(ConfigurationError, match="tokenizer.shared: .* got word/256 for char/256"):
+        train_tokenizers(WORDS, PHONES, config)
 
 
 def test_a_vocabulary_smaller_than_the_alphabet_is_a_settings_error():
