@@ -31,7 +31,16 @@ esac
 # (argparse keeps the last value). `set --` keeps every value one word, spaces and all.
 given_model=no
 for argument in "$@"; do
-    case "$argument" in --model | --model=*) given_model=yes ;; esac
+    case "$argument" in
+        --model | --model=*) given_model=yes ;;
+        # The image's health check and the announcement below read the variables: an argument
+        # would move the server away from them (the container then reported unhealthy).
+        --port | --port=* | --host | --host=*)
+            name=$(echo "${argument%%=*}" | sed 's/^--//' | tr 'a-z' 'A-Z')
+            echo "genrnn: set GENRNN_$name instead of $argument: the health check and this script read it" >&2
+            exit 2
+            ;;
+    esac
 done
 option() { echo "--$1" | tr 'A-Z_' 'a-z-'; }
 for name in $SERVE_OPTIONS; do

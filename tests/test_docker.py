@@ -298,6 +298,19 @@ def test_entry_script_runs_other_commands_as_they_are():
     assert usage.returncode == 0 and "serve" in usage.stdout
 
 
+@pytest.mark.parametrize("argument", [["--port", "8933"], ["--port=8933"], ["--host", "0.0.0.0"]])
+def test_entry_script_refuses_a_port_or_host_its_health_check_would_not_follow(argument):
+    result = subprocess.run(
+        [image_command()[0], "serve", *argument], env=host_environment(), capture_output=True, text=True
+    )
+    name = argument[0].split("=")[0].removeprefix("--").upper()
+    assert result.returncode == 2
+    assert (
+        result.stderr
+        == f"genrnn: set GENRNN_{name} instead of {argument[0]}: the health check and this script read it\n"
+    )
+
+
 def test_entry_script_names_the_missing_bundle(tmp_path):
     missing = tmp_path / "no-bundle"
     result = subprocess.run(
@@ -465,6 +478,9 @@ def test_image_installs_torch_first_as_a_non_root_user():
 
     stage = dict(runtime_stage())
     assert stage["USER"] not in ("root", "0")
+    # A baked bundle is copied as root with its own modes: it must be left readable for that user.
+    (bake,) = [args for keyword, args in runtime_stage() if keyword == "RUN" and "/models/bundle" in args]
+    assert bake.index("chmod -R a+rX /models/bundle") < bake.index("load_bundle")
     assert stage["EXPOSE"] == "8000" and stage["STOPSIGNAL"] == "SIGTERM"
 
 
