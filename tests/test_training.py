@@ -569,6 +569,9 @@ def test_a_run_directory_moved_elsewhere_resumes_with_its_best_checkpoint_and_sc
     run_cli(*tiny_train(g2p_files, tmp_path / "here", "--max-epochs", "1"))
     first = json.loads((tmp_path / "here" / "bundle" / "genrnn.json").read_text())["training"]
     (tmp_path / "here").rename(tmp_path / "there")
+    # A best checkpoint saved after the resume point by a run killed before its next one: no record holds it.
+    stray = tmp_path / "there" / "checkpoints" / "best-epoch=9-step=999.ckpt"
+    stray.write_bytes(b"")
     result = run_cli(*tiny_train(g2p_files, tmp_path / "there", "--max-epochs", "1"))
     assert "resuming from" in result.stdout
     again = json.loads((tmp_path / "there" / "bundle" / "genrnn.json").read_text())["training"]
@@ -576,6 +579,7 @@ def test_a_run_directory_moved_elsewhere_resumes_with_its_best_checkpoint_and_sc
         first["best_checkpoint"],
         first["best_dev"],
     )
+    assert sorted(p.name for p in stray.parent.iterdir()) == sorted([Path(first["best_checkpoint"]).name, "last.ckpt"])
 
 
 def test_the_plateau_schedule_is_stepped_after_every_validation(g2p_files, tmp_path):

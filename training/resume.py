@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loops.utilities import _is_max_limit_reached
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from genrnn.config import is_rank_zero
 from genrnn.errors import ConfigurationError
 from genrnn.files import replacing
 
@@ -196,6 +197,8 @@ class BestCheckpoint(ModelCheckpoint):
     Lightning records the checkpoints' absolute paths, and a run resumed from another directory
     forgot its best score (so that its next validation counted as the best, however it scored)
     but kept the old best path, from which the bundle was then read, or failed to be.
+    A resumed run also deletes the best checkpoints that its record does not hold: those a
+    killed run saved after its resume point, which nothing would ever delete.
     """
 
     @property
@@ -208,6 +211,12 @@ class BestCheckpoint(ModelCheckpoint):
         if old and self.dirpath and old != self.dirpath:
             state_dict = moved_paths(state_dict, old, self.dirpath)
         super().load_state_dict(state_dict)
+        if self.dirpath and is_rank_zero():
+            recorded = {Path(p).resolve() for p in [*self.best_k_models, self.best_model_path] if p}
+            prefix = self.filename.split("{", 1)[0] if self.filename else ""
+            for path in Path(self.dirpath).glob(f"{prefix}*{self.FILE_EXTENSION}"):
+                if path.resolve() not in recorded and path.name != f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}":
+                    path.unlink(missing_ok=True)
 
 
 def moved_paths(state_dict: dict[str, Any], old: str, new: str) -> dict[str, Any]:
