@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -266,16 +267,40 @@ def stamp_run(
             ) from None
         wanted = {key: value for key, value in stamp.items() if key in stored or key not in LATER_STAMP_KEYS}
         if stored != wanted:
-            keys = [*wanted, *(key for key in stored if key not in wanted)]  # a teacher dropped is a difference too
-            differ = ", ".join(key for key in keys if stored.get(key) != wanted.get(key))
             raise ConfigurationError(
-                f"{output} holds a run with other settings ({differ}: data, model, tokenizer, teacher, batching, "
-                "seed, optimisation and validation must stay as the run began); use another --output, --no-resume "
-                "to start afresh there, or training.init_from=BUNDLE to go on from its weights with new settings"
+                f"{output} holds a run with other settings ({_stamp_differences(stored, wanted)}; data, model, "
+                "tokenizer, teacher, batching, seed, optimisation and validation must stay as the run began); use "
+                "another --output, --no-resume to start afresh there, or training.init_from=BUNDLE to go on from "
+                "its weights with new settings"
             )
     output.mkdir(parents=True, exist_ok=True)
     # Written whole or not at all: a kill while writing would leave a run that cannot resume.
     write_atomically(path, json.dumps(stamp))
+
+
+def _stamp_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """Where two run stamps differ, key by key: ``batches.max_tokens: 6000 → 512``, ``data: changed``."""
+
+    def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in values.items():
+            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return items
+
+    old, new = flat(recorded), flat(wanted)
+    keys = [*new, *(key for key in old if key not in new)]  # a teacher dropped is a difference too
+    shown = []
+    for key in (key for key in keys if old.get(key) != new.get(key)):
+        before, after = old.get(key), new.get(key)
+        if _is_digest(before) or _is_digest(after):
+            shown.append(f"{key}: {'added' if before is None else 'dropped' if after is None else 'changed'}")
+        else:
+            shown.append(f"{key}: {before!r} → {after!r}")
+    return ", ".join(shown)
+
+
+def _is_digest(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def progress_bar(accelerator: str) -> TQDMProgressBar:
