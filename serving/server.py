@@ -53,6 +53,7 @@ from serving.config import ServeConfig, check_accelerator
 from serving.schemas import GenerateRequest
 
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_DIR_PREFIX = "genrnn-metrics-"  # then the server's process id: genrnn-metrics-1234-x8f2k1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # prctl's option, from <linux/prctl.h>
 MONITOR_THREAD = "litserve-monitoring"  # LitServe's thread that watches the workers
@@ -79,9 +80,24 @@ def fresh_metrics_directory() -> tuple[Path, bool]:
         for stale in directory.glob("*.db"):
             stale.unlink()
         return directory, False
-    directory = Path(tempfile.mkdtemp(prefix="genrnn-metrics-"))
+    remove_stale_metrics_directories()
+    directory = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"))
     os.environ[METRICS_DIR_VARIABLE] = str(directory)
     return directory, True
+
+
+def remove_stale_metrics_directories() -> None:
+    """Delete the metrics directories of servers whose process is gone: a SIGKILL leaves its own behind."""
+    for directory in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        owner = directory.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+        if not owner.isdigit():  # named before directories named their process: whose is unknown
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            shutil.rmtree(directory, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def api_key(config: ServeConfig) -> str | None:

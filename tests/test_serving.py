@@ -176,6 +176,21 @@ def test_serve_refuses_an_accelerator_the_machine_lacks(accelerator, tmp_path, c
     ]
 
 
+def test_a_server_removes_the_metrics_directories_of_servers_that_are_gone(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"genrnn-metrics-{gone.stdout.strip()}-abc"  # a server killed outright leaves its own
+    running = tmp_path / f"genrnn-metrics-{os.getpid()}-def"
+    unknown = tmp_path / "genrnn-metrics-xyz"  # named before names held the process id
+    for directory in (stale, running, unknown):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"")
+    script = "from serving.server import fresh_metrics_directory; print(fresh_metrics_directory()[0])"
+    env = {**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, "TMPDIR": str(tmp_path)}
+    made = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert not stale.exists() and running.exists() and unknown.exists()
+    assert Path(made.stdout.strip()).name.startswith("genrnn-metrics-")
+
+
 # -- a real server in a subprocess ---------------------------------------------------------------
 
 
