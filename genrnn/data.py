@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import random
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +31,16 @@ class Example:
 
 
 # -- reading -------------------------------------------------------------------------------
+
+
+# White space and the characters that are never seen: controls, format marks (zero-width
+# spaces and joiners, byte-order marks, soft hyphens) and separators.
+_UNSEEN = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def is_blank(text: str) -> bool:
+    """Whether ``text`` holds nothing to read: only white space and unseen characters, which tokenizers drop."""
+    return all(c.isspace() or unicodedata.category(c) in _UNSEEN for c in text)
 
 
 def is_unicode_text(text: str) -> bool:
@@ -74,8 +85,8 @@ def _parse_tsv_line(line: str, where: str) -> Example:
             f"{where}: " + ("empty target" if "\t" in line else "expected 'source<TAB>target', found no tab")
         )
     source, targets = fields[0].strip(), tuple(f.strip() for f in fields[1:])
-    if not source or not all(targets):
-        raise DataError(f"{where}: empty source or target")
+    if is_blank(source) or any(map(is_blank, targets)):
+        raise DataError(f"{where}: empty source or target (or only unseen characters, such as zero-width spaces)")
     return Example(source, targets)
 
 
@@ -90,8 +101,8 @@ def _parse_jsonl_line(line: str, where: str) -> Example:
     targets = tuple(target) if isinstance(target, list) else (target,)
     if not isinstance(source, str) or not all(isinstance(t, str) for t in targets):
         raise DataError(f'{where}: "source" and "target" must be strings (or a list of strings)')
-    if not source.strip() or not targets or not all(t.strip() for t in targets):
-        raise DataError(f"{where}: empty source or target")
+    if is_blank(source) or not targets or any(map(is_blank, targets)):
+        raise DataError(f"{where}: empty source or target (or only unseen characters, such as zero-width spaces)")
     if not all(map(is_unicode_text, (source, *targets))):
         raise DataError(f"{where}: a lone surrogate (\\ud800-\\udfff) in the text")
     example = Example(source.strip(), tuple(t.strip() for t in targets))

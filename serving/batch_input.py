@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from genrnn.config import DecodingConfig, decoding_for_mode, fields_read, over_job_cap
-from genrnn.data import decode_line, is_unicode_text, line_problem, numbered_lines
+from genrnn.data import decode_line, is_blank, is_unicode_text, line_problem, numbered_lines
 from genrnn.decoding import item_seed
 from genrnn.errors import ConfigurationError, DataError
 
@@ -160,6 +160,8 @@ def read_items(
             if not line.strip():
                 continue
             item_id, source, overrides = parse(line, number)
+            if is_blank(source):  # zero-width spaces and the like: the tokenizer would read nothing
+                raise _Malformed("the source holds only unseen characters (such as zero-width spaces)", item_id)
             if len(source) > MAX_SOURCE_LENGTH:
                 raise _Malformed(f"the source has {len(source):,} characters; at most {MAX_SOURCE_LENGTH:,}", item_id)
             items.append(Item(index, number, item_id, source, _settings(defaults, overrides, item_id)))

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from genrnn.config import DecodingConfig, decoding_for_mode, fields_read
-from genrnn.data import is_unicode_text
+from genrnn.data import is_blank, is_unicode_text
 from genrnn.errors import ConfigurationError
 
 _DEFAULTS = DecodingConfig()
@@ -81,8 +81,10 @@ class GenerateRequest(BaseModel):
                 {"count": len(items), "cap": cls.limits.max_inputs},
             )
         for index, text in enumerate(items):
-            if not text.strip():  # nothing to read: the tokenizer drops whitespace
-                raise PydanticCustomError("empty", "input {index} is empty or only whitespace", {"index": index})
+            if is_blank(text):  # nothing to read: the tokenizer drops white space and unseen characters
+                raise PydanticCustomError(
+                    "empty", "input {index} is empty, or only white space or unseen characters", {"index": index}
+                )
             if not is_unicode_text(text):
                 raise PydanticCustomError(
                     "not_unicode", "input {index} holds a lone surrogate (\\ud800-\\udfff), not text", {"index": index}

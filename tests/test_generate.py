@@ -228,14 +228,16 @@ def test_lines_that_once_crashed_the_job_or_failed_their_batch_are_bad_lines(tmp
         '{"source": "cat", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",  # nesting past the recursion limit
         json.dumps({"source": "a" * (MAX_SOURCE_LENGTH + 1)}),  # its batch, padded to it, would not fit in memory
         "cat\rdog",  # a file with CR line ends would be one line
+        json.dumps({"source": "\u200b\u200d"}),  # zero-width characters: decoded from nothing
         json.dumps({"source": "dog"}),
     ]
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(lines) + "\n")
     items, bad = read_items(path, DecodingConfig(), skip_bad_lines=True)
 
-    assert [(item.line, item.source) for item in items] == [(7, "dog")]
-    assert [b.line for b in bad] == [1, 2, 3, 4, 5, 6]
+    assert [(item.line, item.source) for item in items] == [(8, "dog")]
+    assert [b.line for b in bad] == [1, 2, 3, 4, 5, 6, 7]
+    assert bad[6].error == "the source holds only unseen characters (such as zero-width spaces)"
     assert [b.error for b in bad[:2]] == [
         '"id" holds a lone surrogate (\\ud800-\\udfff), not text',
         "mode: must be one of greedy, sample, beam; got ['beam']",

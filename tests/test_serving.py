@@ -527,6 +527,7 @@ INVALID = [
     ({"inputs": ""}, 422, "inputs"),
     ({"inputs": ["cat", ""]}, 422, "inputs"),
     ({"inputs": ["cat", " \t"]}, 422, "inputs"),  # nothing the tokenizer reads
+    ({"inputs": ["cat", "\u200b\ufeff"]}, 422, "inputs"),  # a zero-width space and a BOM: nothing either
     ({"inputs": []}, 422, "inputs"),
     ({"inputs": 5}, 422, "inputs"),
     ({"mode": "greedy"}, 422, "inputs"),
