@@ -56,8 +56,24 @@ for name in $SERVE_SWITCHES; do
 done
 
 # A missing bundle is the usual first mistake in a container: say where one should be.
-model="${GENRNN_MODEL:-}"
-if [ "$given_model" = no ] && [ -n "$model" ] && [ ! -f "$model/genrnn.json" ]; then
+# Several bundles joined by commas are an ensemble: each must be there.
+missing=""
+if [ "$given_model" = no ]; then
+    set -f  # a bundle's name is not a pattern
+    old_ifs=$IFS
+    IFS=,
+    for member in ${GENRNN_MODEL:-}; do
+        member=$(echo "$member" | sed 's/^ *//; s/ *$//')  # genrnn allows spaces after the commas
+        if [ ! -f "$member/genrnn.json" ]; then
+            missing="$member"
+            break
+        fi
+    done
+    IFS=$old_ifs
+    set +f
+fi
+if [ -n "$missing" ]; then
+    model="$missing"
     echo "genrnn: no bundle at $model (genrnn.json missing)." >&2
     echo "  Mount one there (docker run -v \$PWD/runs/g2p-en-small/bundle:$model:ro ...), bake one in" >&2
     echo "  (docker build --build-arg BUNDLE=runs/g2p-en-small/bundle ...), or point GENRNN_MODEL at one;" >&2

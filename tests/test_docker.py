@@ -311,13 +311,20 @@ def test_entry_script_refuses_a_port_or_host_its_health_check_would_not_follow(a
     )
 
 
-def test_entry_script_names_the_missing_bundle(tmp_path):
+def test_entry_script_names_the_missing_bundle(tmp_path, tiny_bundle):
     missing = tmp_path / "no-bundle"
-    result = subprocess.run(
-        [image_command()[0]], env=host_environment(GENRNN_MODEL=str(missing)), capture_output=True, text=True
-    )
-    assert result.returncode != 0
-    assert f"no bundle at {missing}" in result.stderr
+    for model in (str(missing), f"{tiny_bundle}, {missing}"):  # alone, or a member of an ensemble
+        result = subprocess.run(
+            [image_command()[0]], env=host_environment(GENRNN_MODEL=model), capture_output=True, text=True
+        )
+        assert result.returncode != 0
+        assert f"no bundle at {missing} (genrnn.json missing)" in result.stderr
+    # An ensemble whose members are all there passes on to the server (here, to its help). Into a file:
+    # the script's ready watcher keeps a pipe open for as long as the server's process is unreaped.
+    ensemble = host_environment(GENRNN_MODEL=f"{tiny_bundle},{tiny_bundle}")
+    with (tmp_path / "help.txt").open("w") as output:
+        status = subprocess.run([image_command()[0], "serve", "--help"], env=ensemble, stdout=output, timeout=60)
+    assert status.returncode == 0 and "--ensemble-averaging" in (tmp_path / "help.txt").read_text()
 
 
 # -- Prometheus ----------------------------------------------------------------------------------
