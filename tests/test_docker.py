@@ -281,6 +281,12 @@ def test_entry_script_mirrors_every_serve_option():
     assert listed("SERVE_OPTIONS") == options
     assert listed("SERVE_SWITCHES") == switches
     assert {name.removeprefix("GENRNN_").lower().replace("_", "-") for name in image_environment()} <= options
+    # compose passes every setting on from the shell or docker/.env, but those its own lines fix
+    # (the bundle mounted at the image's GENRNN_MODEL, the address and the published port).
+    environment = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["genrnn"]["environment"]
+    passed = {name.removeprefix("GENRNN_").lower().replace("_", "-") for name in environment} - {"api-key"}
+    assert passed == (options | switches) - {"model", "ensemble-averaging", "host", "port"}
+    assert all(value == f"${{{name}:-}}" for name, value in environment.items())
 
 
 def test_entry_script_runs_other_commands_as_they_are():
