@@ -41,12 +41,15 @@ def timeline(run: Path) -> Timeline:
     latest = max(events, key=lambda path: path.stat().st_mtime)
     accumulator = EventAccumulator(str(latest), size_guidance={"scalars": 0})
     accumulator.Reload()
-    losses = accumulator.Scalars("train_loss")
-    validated = [event.step for event in accumulator.Scalars("dev_wer")]
+    logged = accumulator.Tags()["scalars"]
+    losses = accumulator.Scalars("train_loss") if "train_loss" in logged else []
+    validated = [event.step for event in accumulator.Scalars("dev_wer")] if "dev_wer" in logged else []
     plain, with_validation = [], []  # (steps, seconds) of each interval between two logged losses
     for a, b in zip(losses, losses[1:]):
         validates = any(a.step < step <= b.step for step in validated)
         (with_validation if validates else plain).append((b.step - a.step, b.wall_time - a.wall_time))
+    if not plain:  # losses are logged every 20 steps: a short run has no interval without a validation
+        raise SystemExit(f"{run}: too short to time: no two logged losses without a validation between them")
     per_step = statistics.median(seconds / steps for steps, seconds in plain)
     excess = [seconds - steps * per_step for steps, seconds in with_validation]
     return Timeline(

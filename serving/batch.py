@@ -231,7 +231,8 @@ def build_trainer(job: GenerateJob, writer: PartWriter) -> pl.Trainer:
             enable_model_summary=False,
             use_distributed_sampler=False,  # ItemBatches shards by rank itself
         )
-    except (MisconfigurationException, TypeError, ValueError) as error:
+    except (MisconfigurationException, TypeError, ValueError, ImportError) as error:
+        # ImportError: an accelerator whose package is missing (tpu without torch_xla)
         raise ConfigurationError(f"accelerator/devices/num_nodes: {error}") from None
 
 

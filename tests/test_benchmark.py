@@ -368,6 +368,17 @@ def test_the_standing_says_how_far_ahead_each_choice_is_word_by_word(tmp_path):
     ]
 
 
+def test_the_timeline_of_a_run_too_short_to_time_says_so(g2p_files, tmp_path):
+    run = tmp_path / "run"
+    train = ["train", "--config", str(ROOT / "training" / "configs" / "tiny.yaml"), "--train", str(g2p_files["train"])]
+    train += ["--valid", str(g2p_files["dev"]), "--output", str(run), "--accelerator", "cpu", "--max-steps", "21"]
+    subprocess.run([sys.executable, "-m", "genrnn.cli", *train], capture_output=True, check=True, timeout=300)
+    command = [sys.executable, str(ROOT / "bench" / "run_timeline.py"), str(run)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"{run}: too short to time: no two logged losses without a validation between them"
+
+
 def test_the_timeline_splits_a_runs_time_between_steps_and_validations(tiny_bundle):
     run = tiny_bundle.parent
     command = [sys.executable, str(ROOT / "bench" / "run_timeline.py"), str(run)]

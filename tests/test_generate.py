@@ -306,6 +306,20 @@ def test_an_output_path_that_cannot_be_written_is_one_line_of_error(tiny_bundle,
         assert error.startswith("genrnn generate: error:") and message in error and len(error.splitlines()) == 1
 
 
+def test_an_accelerator_whose_package_is_missing_is_one_line_of_error(tiny_bundle, words, tmp_path, capsys):
+    try:
+        import torch_xla  # noqa: F401
+
+        pytest.skip("torch_xla is installed here")
+    except ImportError:
+        pass
+    (tmp_path / "in.txt").write_text("\n".join(words[:4]) + "\n")
+    args = ["generate", "--model", str(tiny_bundle), "--input", str(tmp_path / "in.txt"), "--output"]
+    assert main([*args, str(tmp_path / "out.jsonl"), "--accelerator", "tpu"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("genrnn generate: error: accelerator/devices/num_nodes:") and len(error.splitlines()) == 1
+
+
 def test_seeded_sampling_does_not_depend_on_batch_size_or_order(tiny_bundle, words, tmp_path):
     sources = words[:12]
     (tmp_path / "in.tsv").write_text("".join(f"w{i}\t{s}\n" for i, s in enumerate(sources)))
