@@ -411,6 +411,10 @@ def decoding_for_mode(values: dict[str, Any]) -> DecodingConfig:
     types_of = _field_types(DecodingConfig)
     for key, value in values.items():
         if key in types_of:
+            # JSON has numbers: "0.5" is text, as HTTP's schema says (a YAML file may write 1e-3 so).
+            numeric = {int, float} & {types_of[key], *typing.get_args(types_of[key])}
+            kind = "an integer" if numeric == {int} else "a number"
+            _require(not (numeric and isinstance(value, str)), key, f"must be {kind}; got {value!r}")
             _convert(value, types_of[key], key)
     reads = fields_read(values.get("mode", DecodingConfig.mode))
     return from_dict(DecodingConfig, {key: value for key, value in values.items() if key in reads})

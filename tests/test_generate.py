@@ -157,13 +157,15 @@ def test_skip_bad_lines_records_each_error_in_its_place(tiny_bundle, words, tmp_
         json.dumps({"id": "j", "source": words[7], "mode": "sample", "num_return_sequences": 10**8}),
         # a field the mode does not read is ignored whatever its value, but its type is checked, as in HTTP
         json.dumps({"id": "k", "source": words[8], "top_k": "x"}),
+        json.dumps({"id": "l", "source": words[9], "mode": "sample", "temperature": "0.5"}),  # text, not a number
     ]
     # The byte-order mark some editors write is no part of the first source.
     (tmp_path / "in.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n")
     out = generate(tiny_bundle, tmp_path / "in.jsonl", tmp_path / "out.jsonl", skip_bad_lines=True)
-    assert [o["id"] for o in out] == ["a", 2, "c", "d", "e", "f", "g", "h", "i", "j", "k"]
-    assert [o.get("line") for o in out] == [None, 2, 3, 4, None, 7, 8, None, 10, 11, 12]
+    assert [o["id"] for o in out] == ["a", 2, "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"]
+    assert [o.get("line") for o in out] == [None, 2, 3, 4, None, 7, 8, None, 10, 11, 12, 13]
     assert out[10]["error"] == "top_k: must be an integer; got 'x'"
+    assert out[11]["error"] == "temperature: must be a number; got '0.5'"  # as HTTP refuses it
     assert out[8]["error"] == f"beam_size: at most {JOB_CAPS['beam_size']}; got {10**9}"
     assert out[9]["error"].startswith("num_return_sequences: at most")
     assert out[7]["candidates"]
