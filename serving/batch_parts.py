@@ -21,6 +21,7 @@ from genrnn.errors import GenrnnError
 from genrnn.files import write_atomically
 
 STAMP = "job.json"
+MERGED = "merged"  # written once the output holds every part
 
 
 def parts_directory(output: Path) -> Path:
@@ -60,8 +61,10 @@ class PartStore:
         write_atomically(path, json.dumps(stamp, indent=2) + "\n")  # several ranks may write it at once
 
     def merged(self) -> bool:
-        """Whether the output is in place and only the stamp is left: a kill cut the cleanup short."""
-        return self.output.is_file() and self.directory.is_dir() and not self._part_paths()
+        """Whether the output is in place and the parts merged into it: a kill cut the cleanup short."""
+        if not (self.output.is_file() and self.directory.is_dir()):
+            return False
+        return (self.directory / MERGED).exists() or not self._part_paths()
 
     def _part_paths(self) -> list[Path]:
         return sorted(self.directory.glob("part-*.jsonl"))
@@ -123,6 +126,9 @@ class PartStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, self.output)
+        # From here a rerun takes the output as whole, however much of the cleanup a kill cut
+        # short (it would otherwise decode again the items of the parts already removed).
+        (self.directory / MERGED).touch()
         # The stamp goes last, so that a kill in between never leaves parts without it.
         for path in self._part_paths():
             path.unlink()

@@ -308,6 +308,27 @@ def test_an_output_path_that_cannot_be_written_is_one_line_of_error(tiny_bundle,
         assert error.startswith("genrnn generate: error:") and message in error and len(error.splitlines()) == 1
 
 
+def test_a_kill_during_the_merges_cleanup_leaves_the_output_as_it_is(tmp_path, monkeypatch):
+    store = PartStore(tmp_path / "out.jsonl")
+    store.check_stamp({"job": 1})
+    for rank, indices in ((0, [0, 2]), (1, [1, 3])):
+        with store.open_part(rank) as part:
+            PartStore.write(part, [(i, {"i": i}) for i in indices])
+    unlink = Path.unlink
+
+    def killed_after_one(path: Path, *args, **kwargs) -> None:
+        unlink(path, *args, **kwargs)
+        raise KeyboardInterrupt  # the kill, once the first part is gone
+
+    monkeypatch.setattr(Path, "unlink", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        store.merge(4, {})
+    monkeypatch.undo()
+    assert [json.loads(line)["i"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    # A rerun takes the output as whole: it would otherwise decode the removed part's items again.
+    assert store.merged()
+
+
 def test_an_accelerator_whose_package_is_missing_is_one_line_of_error(tiny_bundle, words, tmp_path, capsys):
     try:
         import torch_xla  # noqa: F401
