@@ -11,8 +11,12 @@ Recorded in the inference workers: queue wait, batch size, tokens, time per toke
 """
 
 import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MODES = ("greedy", "sample", "beam")
@@ -66,8 +70,31 @@ def mode_label(body: bytes) -> str:
     return mode if mode in MODES else "unknown"
 
 
+class _WrittenFiles:
+    """prometheus_client's multiprocess collector over the value files that a process has begun to write.
+
+    A process creates its file empty and sizes it a moment later: the collector, reading
+    such a file, failed the whole scrape (a 500 from /metrics) now and then.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        files = [str(path) for path in directory.glob("*.db") if _size(path) >= _HEADER_BYTES]
+        return iter(MultiProcessCollector.merge(files, accumulate=True))
+
+
+_HEADER_BYTES = 8  # a value file's first field: how many of its bytes are in use
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # an operator's directory emptied meanwhile
+        return 0
+
+
 def render() -> tuple[bytes, str]:
     """Every process's metrics, added up, in the Prometheus text format; and its content type."""
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)
+    registry.register(_WrittenFiles())
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -191,6 +191,19 @@ def test_a_server_removes_the_metrics_directories_of_servers_that_are_gone(tmp_p
     assert Path(made.stdout.strip()).name.startswith("genrnn-metrics-")
 
 
+def test_metrics_render_while_a_process_creates_its_value_file(tmp_path):
+    # A process's file is created empty and sized a moment later; a scrape in between failed whole.
+    script = (
+        "from serving import metrics; metrics.REQUESTS.labels('greedy', '200').inc(3); "
+        "open(__import__('os').environ['PROMETHEUS_MULTIPROC_DIR'] + '/counter_999999.db', 'w').close(); "
+        "print(metrics.render()[0].decode())"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'genrnn_requests_total{mode="greedy",status="200"} 3.0' in result.stdout
+
+
 # -- a real server in a subprocess ---------------------------------------------------------------
 
 
