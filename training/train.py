@@ -112,10 +112,32 @@ def prepare_tokenizers(
     return source, target
 
 
-def _differences(wanted: object, found: object) -> str:
-    """The fields of two configs of one dataclass that differ, as ``name: found (this run: wanted)``."""
-    names = [f.name for f in dataclasses.fields(wanted) if getattr(wanted, f.name) != getattr(found, f.name)]
-    return ", ".join(f"{name}: {getattr(found, name)!r} (this run: {getattr(wanted, name)!r})" for name in names)
+def _differences(found: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """Where two settings differ, key by key, nested keys dotted: ``batches.max_tokens: 6000 (this run: 512)``.
+
+    A fingerprint is told as ``data: changed`` (or added, or dropped).
+    """
+
+    def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in values.items():
+            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return items
+
+    old, new = flat(found), flat(wanted)
+    keys = [*new, *(key for key in old if key not in new)]  # a teacher dropped is a difference too
+    shown = []
+    for key in (key for key in keys if old.get(key) != new.get(key)):
+        before, after = old.get(key), new.get(key)
+        if _is_digest(before) or _is_digest(after):
+            shown.append(f"{key}: {'added' if before is None else 'dropped' if after is None else 'changed'}")
+        else:
+            shown.append(f"{key}: {before!r} (this run: {after!r})")
+    return ", ".join(shown)
+
+
+def _is_digest(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 DROPOUTS = ("embedding_dropout", "layer_dropout", "output_dropout")  # model settings that shape no weight
@@ -145,7 +167,7 @@ def load_related_bundles(config: ExperimentConfig) -> dict[str, Bundle | Teacher
         if bundle.tokenizer_config != config.tokenizer:
             raise ConfigurationError(
                 f"training.{key}: {path} has other tokenizer settings than this run: "
-                + _differences(config.tokenizer, bundle.tokenizer_config)
+                + _differences(to_dict(bundle.tokenizer_config), to_dict(config.tokenizer))
             )
     if "init_from" in bundles:
         dropouts = {name: getattr(config.model, name) for name in DROPOUTS}
@@ -153,7 +175,7 @@ def load_related_bundles(config: ExperimentConfig) -> dict[str, Bundle | Teacher
         if found != config.model:
             raise ConfigurationError(
                 f"training.init_from: {named['init_from']} has other model settings than this run: "
-                + _differences(config.model, found)
+                + _differences(to_dict(found), to_dict(config.model))
             )
     if len({bundle.tokenizers_fingerprint for bundle in bundles.values()}) > 1:
         raise ConfigurationError(
@@ -268,7 +290,7 @@ def stamp_run(
         wanted = {key: value for key, value in stamp.items() if key in stored or key not in LATER_STAMP_KEYS}
         if stored != wanted:
             raise ConfigurationError(
-                f"{output} holds a run with other settings ({_stamp_differences(stored, wanted)}; data, model, "
+                f"{output} holds a run with other settings ({_differences(stored, wanted)}; data, model, "
                 "tokenizer, teacher, batching, seed, optimisation and validation must stay as the run began); use "
                 "another --output, --no-resume to start afresh there, or training.init_from=BUNDLE to go on from "
                 "its weights with new settings"
@@ -276,31 +298,6 @@ def stamp_run(
     output.mkdir(parents=True, exist_ok=True)
     # Written whole or not at all: a kill while writing would leave a run that cannot resume.
     write_atomically(path, json.dumps(stamp))
-
-
-def _stamp_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> str:
-    """Where two run stamps differ, key by key: ``batches.max_tokens: 6000 → 512``, ``data: changed``."""
-
-    def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        items: dict[str, Any] = {}
-        for key, value in values.items():
-            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return items
-
-    old, new = flat(recorded), flat(wanted)
-    keys = [*new, *(key for key in old if key not in new)]  # a teacher dropped is a difference too
-    shown = []
-    for key in (key for key in keys if old.get(key) != new.get(key)):
-        before, after = old.get(key), new.get(key)
-        if _is_digest(before) or _is_digest(after):
-            shown.append(f"{key}: {'added' if before is None else 'dropped' if after is None else 'changed'}")
-        else:
-            shown.append(f"{key}: {before!r} → {after!r}")
-    return ", ".join(shown)
-
-
-def _is_digest(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def progress_bar(accelerator: str) -> TQDMProgressBar:
