@@ -97,11 +97,23 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+@functools.cache
+def _choice_fields(cls: type) -> tuple[tuple[str, Any], ...]:
+    """A dataclass's enumerated fields (``Literal``) and their types, found once."""
+    return tuple((name, kind) for name, kind in _field_types(cls).items() if typing.get_origin(kind) is Literal)
+
+
+@functools.cache
+def _numeric_fields(cls: type) -> dict[str, str]:
+    """A dataclass's number fields, each with what it must be ("an integer", "a number"), found once."""
+    numeric = {name: {int, float} & {kind, *typing.get_args(kind)} for name, kind in _field_types(cls).items()}
+    return {name: "an integer" if kinds == {int} else "a number" for name, kinds in numeric.items() if kinds}
+
+
 def _require_choices(config: Any, prefix: str = "") -> None:
     """Check a config's enumerated fields (``Literal``): one built in Python skips ``from_dict``."""
-    for name, annotation in _field_types(type(config)).items():
-        if typing.get_origin(annotation) is Literal:
-            _convert(getattr(config, name), annotation, prefix + name)
+    for name, annotation in _choice_fields(type(config)):
+        _convert(getattr(config, name), annotation, prefix + name)
 
 
 def from_dict(cls: type[T], values: Any, prefix: str = "") -> T:
@@ -408,13 +420,11 @@ def decoding_for_mode(values: dict[str, Any]) -> DecodingConfig:
     Every field's type is checked, as HTTP's schema checks it; only those the mode reads are
     kept and checked for range.
     """
-    types_of = _field_types(DecodingConfig)
+    types_of, numeric = _field_types(DecodingConfig), _numeric_fields(DecodingConfig)
     for key, value in values.items():
         if key in types_of:
             # JSON has numbers: "0.5" is text, as HTTP's schema says (a YAML file may write 1e-3 so).
-            numeric = {int, float} & {types_of[key], *typing.get_args(types_of[key])}
-            kind = "an integer" if numeric == {int} else "a number"
-            _require(not (numeric and isinstance(value, str)), key, f"must be {kind}; got {value!r}")
+            _require(not (key in numeric and isinstance(value, str)), key, f"must be {numeric.get(key)}; got {value!r}")
             _convert(value, types_of[key], key)
     reads = fields_read(values.get("mode", DecodingConfig.mode))
     return from_dict(DecodingConfig, {key: value for key, value in values.items() if key in reads})
