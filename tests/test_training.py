@@ -504,6 +504,65 @@ def test_a_run_stopped_by_sigterm_saves_as_it_stops_and_resumes_to_an_unbroken_r
     assert final["lr_schedulers"] == fresh_final["lr_schedulers"]
 
 
+# Spends the whole time budget once training has taken `step` steps: Lightning's own timer stops the run.
+SPEND_THE_BUDGET_AT_STEP = """
+import sys
+from pytorch_lightning.callbacks import Timer
+from genrnn.cli import main
+step = int(sys.argv[1])
+check = Timer._check_time_remaining
+def spent_at_step(self, trainer):
+    if trainer.global_step >= step:
+        self._offset = self._duration
+    check(self, trainer)
+Timer._check_time_remaining = spent_at_step
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("budget", ["time", "steps", "more steps"])
+@pytest.mark.parametrize(
+    ("where", "val_check_interval"),
+    [
+        ("the third batch of the second epoch", "1.0"),
+        ("the batch of a mid-epoch validation", "0.5"),
+        ("the last batch of the first epoch", "1.0"),
+    ],
+)
+def test_a_run_stopped_by_its_budget_given_more_goes_on_as_an_unbroken_run(
+    g2p_files, tmp_path, unbroken_runs, where, val_check_interval, budget
+):
+    import torch
+
+    options, record, fresh_final = unbroken_runs(val_check_interval, 1)
+    per_epoch = record["steps"] // record["epochs"]
+    step = {
+        "the third batch of the second epoch": per_epoch + 3,
+        "the batch of a mid-epoch validation": per_epoch + int(per_epoch * 0.5),
+        "the last batch of the first epoch": per_epoch,
+    }[where]
+    driver = tmp_path / "spend_the_budget.py"
+    driver.write_text(SPEND_THE_BUDGET_AT_STEP)
+    args = tiny_train(g2p_files, tmp_path / "run", *options)
+    if budget == "time":
+        command = [sys.executable, str(driver), str(step), *args, "--max-time", "01:00:00:00"]
+        stopped = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert stopped.returncode == 0, stopped.stderr[-3000:]
+    else:
+        run_cli(*args, "--max-steps", str(step))
+    assert json.loads((tmp_path / "run" / "bundle" / "genrnn.json").read_text())["training"]["steps"] == step
+
+    # on to the epochs' end: without that budget, or with one as large as they take
+    run_cli(*args, *(["--max-steps", str(record["steps"])] if budget == "more steps" else []))
+    final = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (final["global_step"], final["epoch"]) == (fresh_final["global_step"], fresh_final["epoch"])
+    for name, tensor in fresh_final["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][name], tensor, msg=lambda m, name=name: f"{name}: {m}")
+    stepped = [c["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] for c in (final, fresh_final)]
+    assert stepped[0] == stepped[1]
+    assert final["lr_schedulers"] == fresh_final["lr_schedulers"]
+
+
 def test_no_resume_starts_without_the_old_checkpoints(g2p_files, tmp_path):
     run = tmp_path / "run"
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1"))

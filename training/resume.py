@@ -116,6 +116,8 @@ class ResumePoint(Checkpoint):
         checkpoint[RNG_KEY] = gather_from_every_rank(rng_states())
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Called before Lightning restores its loops from the same checkpoint.
+        resume_within_the_epoch(checkpoint, trainer.max_steps != -1)
         states = checkpoint.get(RNG_KEY)
         if states is None:  # a checkpoint from before the generators were saved
             return
@@ -253,6 +255,37 @@ def training_ends_after_this_epoch(trainer: pl.Trainer) -> bool:
         or _is_max_limit_reached(loop.epoch_progress.current.processed, loop.max_epochs)
         or (trainer.should_stop and loop._can_stop_early)
     )
+
+
+def resume_within_the_epoch(checkpoint: dict, step_budget: bool) -> None:
+    """Let a run resumed from a save at an epoch's end go on as an unbroken run would.
+
+    Lightning counts an epoch as processed before the hooks that save at its end, whatever
+    ended it. A run resumed from there started the next epoch: a run stopped by its time or
+    step budget, given more, skipped the rest of the epoch the budget had cut. A run with a
+    step budget (which Lightning resumes within the epoch), resumed from a whole epoch's
+    end, counted that epoch twice, so that its later epochs drew other orders than an
+    unbroken run's. Marked as saved within the epoch, after its last batch, both go on at
+    the next batch, as after any save within an epoch (the loader's place travels in the
+    checkpoint). The count of batches that stepped, which sets the loggers' step, is taken
+    back by the one that Lightning adds again on the way.
+    """
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = loops.get("epoch_progress"), loops.get("epoch_loop.batch_progress")
+    if epochs is None or batches is None:
+        return
+    total = epochs["total"]
+    if not (total["processed"] == total["started"] and total["completed"] == total["processed"] - 1):
+        return  # not saved at an epoch's end
+    cut_short = not batches["is_last_batch"]
+    if not (cut_short or step_budget):
+        return  # Lightning starts the next epoch, rightly
+    if cut_short:  # as saved as the last batch ended: Lightning completes that batch and skips its validation
+        for count in (batches["current"], batches["total"]):
+            count["completed"] -= 1
+    loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+    for count in (epochs["current"], epochs["total"]):
+        count["processed"] = count["completed"]
 
 
 def rng_states() -> dict:
