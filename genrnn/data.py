@@ -11,6 +11,7 @@ import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,11 +91,38 @@ def _parse_tsv_line(line: str, where: str) -> Example:
     return Example(source, targets)
 
 
+class NotJSON(ValueError):
+    """A line that is not one JSON value, or gives a key of one object twice; says which."""
+
+
+def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) < len(pairs):  # the parser would keep the last value, silently
+        keys = [key for key, _ in pairs]
+        repeated = next(key for i, key in enumerate(keys) if key in keys[:i])
+        raise NotJSON(f"key {repeated!r} is given twice")
+    return record
+
+
+def json_line(line: str) -> Any:
+    """The JSON value one line holds (a line of a JSONL file); :class:`NotJSON` where it holds none."""
+    try:
+        return json.loads(line, object_pairs_hook=_object_without_repeated_keys)
+    except json.JSONDecodeError as error:
+        raise NotJSON(f"not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise NotJSON("not valid JSON here (nested too deeply)") from None
+    except NotJSON:
+        raise
+    except ValueError as error:  # an integer of over 4,300 digits
+        raise NotJSON(f"not valid JSON here ({str(error).split(';')[0]})") from None
+
+
 def _parse_jsonl_line(line: str, where: str) -> Example:
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        record = json_line(line)
+    except NotJSON as error:
+        raise DataError(f"{where}: {error}") from None
     if not isinstance(record, dict) or "source" not in record or "target" not in record:
         raise DataError(f'{where}: expected an object with "source" and "target"')
     source, target = record["source"], record["target"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from genrnn.config import DecodingConfig, decoding_for_mode, fields_read, over_job_cap
-from genrnn.data import decode_line, is_blank, is_unicode_text, line_problem, numbered_lines
+from genrnn.data import NotJSON, decode_line, is_blank, is_unicode_text, json_line, line_problem, numbered_lines
 from genrnn.decoding import item_seed
 from genrnn.errors import ConfigurationError, DataError
 
@@ -74,11 +74,16 @@ def input_format(path: Path) -> str:
     return {".jsonl": "jsonl", ".tsv": "tsv"}.get(path.suffix.lower(), "text")
 
 
-def _parse_text(line: str, number: int) -> tuple[ItemId, str, dict[str, Any]]:
-    return number, line.strip(), {}
+# A parser's reading of one line: the id it gives (None: none, and its line number stands
+# for it), the source, and the line's own decoding settings.
+Parsed = tuple[ItemId | None, str, dict[str, Any]]
 
 
-def _parse_tsv(line: str, number: int) -> tuple[ItemId, str, dict[str, Any]]:
+def _parse_text(line: str) -> Parsed:
+    return None, line.strip(), {}
+
+
+def _parse_tsv(line: str) -> Parsed:
     fields = line.rstrip("\t ").split("\t")  # spreadsheets export trailing tabs
     if len(fields) != 2:
         raise _Malformed(f"expected 'id<TAB>source', found {len(fields)} tab-separated fields")
@@ -88,19 +93,15 @@ def _parse_tsv(line: str, number: int) -> tuple[ItemId, str, dict[str, Any]]:
     return item_id, source, {}
 
 
-def _parse_jsonl(line: str, number: int) -> tuple[ItemId, str, dict[str, Any]]:
+def _parse_jsonl(line: str) -> Parsed:
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise _Malformed(f"not valid JSON ({error.msg})") from None
-    except RecursionError:
-        raise _Malformed("not valid JSON here (nested too deeply)") from None
-    except ValueError as error:  # an integer of over 4,300 digits
-        raise _Malformed(f"not valid JSON here ({str(error).split(';')[0]})") from None
+        record = json_line(line)
+    except NotJSON as error:
+        raise _Malformed(str(error)) from None
     if not isinstance(record, dict):
         raise _Malformed('expected an object with "source"')
-    item_id = record.pop("id", number)
-    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+    item_id = record.pop("id", None)
+    if isinstance(item_id, bool) or not isinstance(item_id, (str, int, type(None))):
         raise _Malformed('"id" must be a string or an integer')
     if isinstance(item_id, str) and not is_unicode_text(item_id):
         raise _Malformed('"id" holds a lone surrogate (\\ud800-\\udfff), not text')
@@ -150,6 +151,7 @@ def read_items(
     parse = _PARSERS[input_format(path)]
     items: list[Item] = []
     bad: list[BadLine] = []
+    lines_of: dict[ItemId, int] = {}  # each id in the output, and the line that holds it
     for number, raw in numbered_lines(path):
         index = len(items) + len(bad)
         try:
@@ -159,7 +161,15 @@ def read_items(
                 raise _Malformed(problem)
             if not line.strip():
                 continue
-            item_id, source, overrides = parse(line, number)
+            given, source, overrides = parse(line)
+            item_id = number if given is None else given
+            if item_id in lines_of:  # the output could not tell them apart, nor could their seeds
+                if given is None:
+                    problem = f"it has no id, and its line number is line {lines_of[item_id]}'s id; give it one"
+                else:
+                    problem = f"id {json.dumps(item_id, ensure_ascii=False)} is line {lines_of[item_id]}'s too"
+                raise _Malformed(f"{problem} (ids must be unique)", item_id)
+            lines_of[item_id] = number
             if is_blank(source):  # zero-width spaces and the like: the tokenizer would read nothing
                 raise _Malformed("the source holds only unseen characters (such as zero-width spaces)", item_id)
             if len(source) > MAX_SOURCE_LENGTH:
@@ -170,7 +180,9 @@ def read_items(
             if not skip_bad_lines:
                 raise DataError(f"{path}:{number}: {message} (--skip-bad-lines records it and goes on)") from None
             item_id = getattr(error, "item_id", None)
-            bad.append(BadLine(index, number, number if item_id is None else item_id, message))
+            item_id = number if item_id is None else item_id
+            lines_of.setdefault(item_id, number)
+            bad.append(BadLine(index, number, item_id, message))
     if not items and not bad:
         raise DataError(f"{path}: no inputs")
     return items, bad

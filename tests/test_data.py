@@ -44,6 +44,10 @@ def test_tsv_and_jsonl_read_the_same_examples(tmp_path):
         ("bad.jsonl", '{"source": "cat", "target": "\\u00ad"}\n', 1, "only unseen characters"),  # a soft hyphen
         ("bad.jsonl", '{"source": "cat", "target": "K"}\n{"source": "dog"\n', 2, "not valid JSON"),
         ("bad.jsonl", '{"source": "cat"}\n', 1, '"source" and "target"'),
+        # the parser would keep the last, silently
+        ("bad.jsonl", '{"source": "cat", "target": "K", "target": "D"}\n', 1, "key 'target' is given twice"),
+        ("bad.jsonl", '{"source": "cat", "target": "K", "n": ' + "9" * 5000 + "}\n", 1, "4300 digits"),
+        ("bad.jsonl", '{"source": "cat", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n", 1, "nested too deeply"),
         ("bad.jsonl", '{"source": 3, "target": "K"}\n', 1, "must be strings"),
         ("bad.jsonl", '{"source": "cat", "target": "K"}\n{"source": "\\ud800", "target": "K"}\n', 2, "surrogate"),
         *(

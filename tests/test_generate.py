@@ -232,13 +232,15 @@ def test_lines_that_once_crashed_the_job_or_failed_their_batch_are_bad_lines(tmp
         "cat\rdog",  # a file with CR line ends would be one line
         json.dumps({"source": "\u200b\u200d"}),  # zero-width characters: decoded from nothing
         json.dumps({"source": "dog"}),
+        '{"source": "cat", "mode": "sample", "mode": "beam"}',  # the parser would keep the last, silently
     ]
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(lines) + "\n")
     items, bad = read_items(path, DecodingConfig(), skip_bad_lines=True)
 
     assert [(item.line, item.source) for item in items] == [(8, "dog")]
-    assert [b.line for b in bad] == [1, 2, 3, 4, 5, 6, 7]
+    assert [b.line for b in bad] == [1, 2, 3, 4, 5, 6, 7, 9]
+    assert bad[7].error == "key 'mode' is given twice"
     assert bad[6].error == "the source holds only unseen characters (such as zero-width spaces)"
     assert [b.error for b in bad[:2]] == [
         '"id" holds a lone surrogate (\\ud800-\\udfff), not text',
@@ -255,6 +257,33 @@ def test_lines_that_once_crashed_the_job_or_failed_their_batch_are_bad_lines(tmp
     (tmp_path / "in.txt").write_bytes("cat\ndog\n".encode("utf-16-le"))
     with pytest.raises(DataError, match="in.txt:1: a NUL character"):
         read_items(tmp_path / "in.txt", DecodingConfig())
+
+
+def test_ids_are_unique_so_that_outputs_and_seeds_tell_items_apart(tmp_path):
+    lines = [
+        json.dumps({"id": 4, "source": "cat"}),
+        json.dumps({"id": "a", "source": "dog"}),
+        json.dumps({"id": "a", "source": "cow"}),  # given twice
+        json.dumps({"source": "pig"}),  # no id: its line number, 4, which line 1 gave
+        json.dumps({"id": "4", "source": "hen"}),  # text, not the number 4
+        json.dumps({"id": 2, "source": "ram"}),  # line 2's number, which line 2 did not take as its id
+        json.dumps({"id": "b", "source": "yak", "mode": "nope"}),  # a bad line's id is taken too
+        json.dumps({"id": "b", "source": "elk"}),
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    items, bad = read_items(path, DecodingConfig(), skip_bad_lines=True)
+    assert [(item.line, item.id) for item in items] == [(1, 4), (2, "a"), (5, "4"), (6, 2)]
+    assert [(b.line, b.id, b.error) for b in bad if b.line != 7] == [
+        (3, "a", 'id "a" is line 2\'s too (ids must be unique)'),
+        (4, 4, "it has no id, and its line number is line 1's id; give it one (ids must be unique)"),
+        (8, "b", 'id "b" is line 7\'s too (ids must be unique)'),
+    ]
+    with pytest.raises(DataError, match=r"in.jsonl:3: id \"a\" is line 2's too"):
+        read_items(path, DecodingConfig())
+    (tmp_path / "in.tsv").write_text("x\tcat\ny\tdog\nx\tcow\n")
+    with pytest.raises(DataError, match=r"in.tsv:3: id \"x\" is line 1's too"):
+        read_items(tmp_path / "in.tsv", DecodingConfig())
 
 
 def test_a_greedy_jobs_sampling_options_reach_its_sampled_lines(tiny_bundle, words, tmp_path, capsys):
