@@ -33,6 +33,7 @@ from genrnn.config import (
     replace,
 )
 from genrnn.errors import ConfigurationError, GenrnnError, Terminated
+from genrnn.processes import die_with_the_launching_process
 
 if TYPE_CHECKING:  # torch is imported when a verb runs, not to parse its arguments
     import torch
@@ -385,6 +386,8 @@ def _after_stop(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Killed outright, the first process of a distributed run can stop no other: they go too.
+    die_with_the_launching_process()
     try:
         args.run(args)
     except (GenrnnError, ConfigurationError) as error:

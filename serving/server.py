@@ -24,7 +24,6 @@ queue manager close the copies they inherit, so that the port refuses connection
 soon as the HTTP processes stop accepting, rather than queueing them unanswered.
 """
 
-import ctypes
 import multiprocessing
 import os
 import shutil
@@ -49,13 +48,13 @@ from litserve.utils import WorkerSetupStatus
 
 from genrnn.bundle import load_bundle
 from genrnn.errors import ServerStopped
+from genrnn.processes import die_with
 from serving.config import ServeConfig, check_accelerator
 from serving.schemas import GenerateRequest
 
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_DIR_PREFIX = "genrnn-metrics-"  # then the server's process id: genrnn-metrics-1234-x8f2k1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-PR_SET_PDEATHSIG = 1  # prctl's option, from <linux/prctl.h>
 MONITOR_THREAD = "litserve-monitoring"  # LitServe's thread that watches the workers
 HTTP_MONITOR_THREAD = "genrnn-http-monitoring"  # the thread that watches the HTTP processes
 FAILED_DRAIN_SECONDS = 2.0  # how long requests in flight get once a worker has died
@@ -115,20 +114,6 @@ def signals_blocked(signums: Iterable[int]) -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def die_with(parent: int) -> None:
-    """Have the kernel SIGKILL this process when ``parent`` dies, however it dies (on Linux).
-
-    Else a server whose main process was killed outright (SIGKILL, the OOM killer) would
-    leave its HTTP processes holding the port and its workers the model's memory, and
-    they ignore SIGTERM (see :class:`WorkerSignals`).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the request took effect
-        os._exit(1)
 
 
 def close_server_socket(port: int) -> None:

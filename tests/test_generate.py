@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -9,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -510,6 +512,44 @@ def test_sigterm_stops_a_two_process_job_that_the_same_command_resumes(tiny_bund
     assert done.returncode == 0, done.stderr[-3000:]
     single = generate(tiny_bundle, source_file, tmp_path / "single.jsonl", batch_size=2)
     assert read_jsonl(output) == single  # the same batches, so the same output to the last bit
+
+
+def test_the_second_process_of_a_job_dies_with_the_first(tiny_bundle, words, tmp_path):
+    """Killed outright (SIGKILL, the OOM killer), the first process cannot stop the second: the kernel does."""
+    source_file = tmp_path / "in.txt"
+    source_file.write_text("\n".join(words * (4000 // len(words) + 1)) + "\n")  # far more than a few seconds' work
+    parts = [tmp_path / "out.jsonl.parts" / f"part-{rank}.jsonl" for rank in (0, 1)]
+    command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(source_file)]
+    command += ["--output", str(tmp_path / "out.jsonl"), "--accelerator", "cpu", "--devices", "2", "--batch-size", "2"]
+    command += ["--mode", "beam", "--beam-size", "8"]
+
+    def both_started() -> bool:
+        return all(part.is_file() and part.read_bytes().count(b"\n") >= 4 for part in parts)
+
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not both_started():
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended or stalled before both decoded"
+            time.sleep(0.05)
+        (second,) = Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()
+        job.kill()
+        job.wait()
+        deadline = time.monotonic() + 10
+        while alive(int(second)):
+            assert time.monotonic() < deadline, "the second process went on decoding"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet collected, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize("count", [60, 5])  # with 5, the second process has no batch at all
