@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from genrnn.config import (
     replace,
 )
 from genrnn.errors import ConfigurationError, GenrnnError, Terminated
+from genrnn.files import check_writable
 from genrnn.processes import die_with_the_launching_process
 
 if TYPE_CHECKING:  # torch is imported when a verb runs, not to parse its arguments
@@ -245,16 +245,6 @@ def torch_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigurationError(f"device: {name}: genrnn decodes on cpu, cuda or mps")
     return device
-
-
-def check_writable(path: Path) -> None:
-    """Refuse an output path that could not be written, before the work whose result it is to hold."""
-    if path.is_dir():
-        raise ConfigurationError(f"output: {path} is a directory; name the file to write")
-    if not path.parent.is_dir():
-        raise ConfigurationError(f"output: {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ConfigurationError(f"output: {path} cannot be written (permissions)")
 
 
 # -- generate ------------------------------------------------------------------------------------

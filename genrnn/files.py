@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from genrnn.errors import BundleError
+from genrnn.errors import BundleError, ConfigurationError
 
 
 def sha256(path: Path) -> str:
@@ -84,3 +84,14 @@ def verify_files(manifest_path: Path, manifest: dict[str, Any], required: set[st
     missing = required - set(files)
     if missing:
         raise BundleError(f"{manifest_path} lists no checksum for {', '.join(sorted(missing))}")
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output path that could not be written, before the work whose result it is to hold."""
+    if path.is_dir():
+        raise ConfigurationError(f"output: {path} is a directory; name the file to write")
+    if not path.parent.is_dir():
+        missing = "is not a directory" if path.parent.exists() else "does not exist"
+        raise ConfigurationError(f"output: {path.parent} {missing}")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigurationError(f"output: {path} cannot be written (permissions)")

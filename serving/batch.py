@@ -40,7 +40,7 @@ from genrnn.config import (
 )
 from genrnn.decoding import Generator
 from genrnn.errors import ConfigurationError, interruption_kept
-from genrnn.files import sha256
+from genrnn.files import check_writable, sha256
 from genrnn.quantization import quantize_int8
 from serving.batch_input import Item, items_fingerprint, read_items
 from serving.batch_parts import PartStore
@@ -258,8 +258,7 @@ def run_generate(job: GenerateJob) -> None:
     """Decode the input file into the output file, resuming from its part files if a run was cut short."""
     if job.batch_size < 1:
         raise ConfigurationError(f"batch_size: must be at least 1; got {job.batch_size}")
-    if job.output.is_dir():
-        raise ConfigurationError(f"output: {job.output} is a directory; name the JSONL file to write")
+    check_writable(job.output)
     if job.input.resolve() == job.output.resolve():
         raise ConfigurationError(f"output: {job.output} is the input file; name another")
     # The input and the model are read first, so that a finished job's rerun tells a mistyped one.

@@ -333,7 +333,11 @@ def test_parts_of_unknown_origin_are_never_adopted(tiny_bundle, words, tmp_path)
 def test_an_output_path_that_cannot_be_written_is_one_line_of_error(tiny_bundle, words, tmp_path, capsys):
     (tmp_path / "in.txt").write_text("\n".join(words[:4]) + "\n")
     args = ["generate", "--model", str(tiny_bundle), "--input", str(tmp_path / "in.txt"), "--accelerator", "cpu"]
-    for output, message in ((tmp_path / "in.txt" / "out.jsonl", "Not a directory"), (tmp_path, "is a directory")):
+    for output, message in (
+        (tmp_path / "in.txt" / "out.jsonl", "in.txt is not a directory"),
+        (tmp_path / "missing" / "out.jsonl", "missing does not exist"),  # as evaluate says, not made
+        (tmp_path, "is a directory"),
+    ):
         assert main([*args, "--output", str(output)]) == 1
         error = capsys.readouterr().err.strip()
         assert error.startswith("genrnn generate: error:") and message in error and len(error.splitlines()) == 1
