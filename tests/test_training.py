@@ -259,8 +259,18 @@ STOPS_EARLY += ("--set", "training.schedule=constant", "--set", "training.lr=0.0
 
 @pytest.mark.parametrize(
     "minutes,options",
-    [("10", ("--max-epochs", "3")), ("0", ("--max-epochs", "3")), ("10", STOPS_EARLY)],
-    ids=["every 10 minutes", "every epoch end", "every 10 minutes, stopping early"],
+    [
+        ("10", ("--max-epochs", "3")),
+        ("0", ("--max-epochs", "3")),
+        ("0", ("--max-epochs", "3", "--max-steps", "100000")),  # Lightning resumes step budgets otherwise
+        ("10", STOPS_EARLY),
+    ],
+    ids=[
+        "every 10 minutes",
+        "every epoch end",
+        "every epoch end, with a step budget",
+        "every 10 minutes, stopping early",
+    ],
 )
 def test_the_resume_point_is_written_when_due_and_when_training_ends(
     g2p_files, tmp_path, monkeypatch, minutes, options

@@ -117,7 +117,7 @@ class ResumePoint(Checkpoint):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # Called before Lightning restores its loops from the same checkpoint.
-        resume_within_the_epoch(checkpoint, trainer.max_steps != -1)
+        resume_within_the_epoch(checkpoint, trainer)
         states = checkpoint.get(RNG_KEY)
         if states is None:  # a checkpoint from before the generators were saved
             return
@@ -257,7 +257,7 @@ def training_ends_after_this_epoch(trainer: pl.Trainer) -> bool:
     )
 
 
-def resume_within_the_epoch(checkpoint: dict, step_budget: bool) -> None:
+def resume_within_the_epoch(checkpoint: dict, trainer: pl.Trainer) -> None:
     """Let a run resumed from a save at an epoch's end go on as an unbroken run would.
 
     Lightning counts an epoch as processed before the hooks that save at its end, whatever
@@ -268,7 +268,8 @@ def resume_within_the_epoch(checkpoint: dict, step_budget: bool) -> None:
     unbroken run's. Marked as saved within the epoch, after its last batch, both go on at
     the next batch, as after any save within an epoch (the loader's place travels in the
     checkpoint). The count of batches that stepped, which sets the loggers' step, is taken
-    back by the one that Lightning adds again on the way.
+    back by the one that Lightning adds again on the way. A whole epoch after which no
+    epoch is left stays as it is: the run is over, and its epoch's end must not run again.
     """
     loops = checkpoint.get("loops", {}).get("fit_loop", {})
     epochs, batches = loops.get("epoch_progress"), loops.get("epoch_loop.batch_progress")
@@ -278,8 +279,10 @@ def resume_within_the_epoch(checkpoint: dict, step_budget: bool) -> None:
     if not (total["processed"] == total["started"] and total["completed"] == total["processed"] - 1):
         return  # not saved at an epoch's end
     cut_short = not batches["is_last_batch"]
-    if not (cut_short or step_budget):
-        return  # Lightning starts the next epoch, rightly
+    step_budget = trainer.max_steps != -1
+    epochs_left = trainer.max_epochs in (None, -1) or total["processed"] < trainer.max_epochs
+    if not (cut_short or (step_budget and epochs_left)):
+        return  # Lightning starts the next epoch, or ends the run, rightly
     if cut_short:  # as saved as the last batch ended: Lightning completes that batch and skips its validation
         for count in (batches["current"], batches["total"]):
             count["completed"] -= 1
