@@ -77,6 +77,7 @@ class ResumePoint(Checkpoint):
         self._saved_at = time.monotonic()
         self._terminated = False  # SIGTERM came; the run stops at its next save
         self._interrupted = False  # Ctrl+C came
+        self._batches_that_stepped: int | None = None  # the loggers' step to put back after a resume
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning's own SIGTERM handler raises its stop flag at once, so the run stops at
@@ -117,7 +118,12 @@ class ResumePoint(Checkpoint):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # Called before Lightning restores its loops from the same checkpoint.
-        resume_within_the_epoch(checkpoint, trainer)
+        if resume_within_the_epoch(checkpoint, trainer) == "whole":
+            # Lightning goes through that epoch's end again, counting its last batch once more
+            # among those that stepped when it validates: put back as the epoch ends, below,
+            # or every later log would be a step late.
+            loops = checkpoint["loops"]["fit_loop"]
+            self._batches_that_stepped = loops["epoch_loop.state_dict"]["_batches_that_stepped"]
         states = checkpoint.get(RNG_KEY)
         if states is None:  # a checkpoint from before the generators were saved
             return
@@ -156,6 +162,9 @@ class ResumePoint(Checkpoint):
         self._raise_if_interrupted()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._batches_that_stepped is not None:  # a resume at a whole epoch's end: no batch ran since
+            trainer.fit_loop.epoch_loop._batches_that_stepped = self._batches_that_stepped
+            self._batches_that_stepped = None
         timed, terminated = self._decide(trainer, epoch_end=True)
         # Training's end is saved here, not in on_train_end: by then weight averaging has put
         # the averaged weights in place of the trained ones.
@@ -191,6 +200,13 @@ class StopsForGood(EarlyStopping):
         stopped = self.stopping_reason != EarlyStoppingReason.NOT_STOPPED
         if stopped or self.wait_count >= self.patience:  # the count alone, for checkpoints without a reason
             trainer.should_stop = True
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not the validation Lightning adds where a budget stops the run mid-epoch: the run,
+        # given more, goes on as an unbroken run would, which had not counted it.
+        if trainer.should_stop and not validates_by_schedule(trainer):
+            return
+        super().on_validation_end(trainer, pl_module)
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -243,6 +259,16 @@ def validates_after_this_batch(trainer: pl.Trainer) -> bool:
     return trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
 
 
+def validates_by_schedule(trainer: pl.Trainer) -> bool:
+    """Whether the run validates after the current training batch by its schedule, whatever stops it."""
+    stop = trainer.should_stop
+    trainer.should_stop = False  # which Lightning's test also validates on
+    try:
+        return validates_after_this_batch(trainer)
+    finally:
+        trainer.should_stop = stop
+
+
 def training_ends_after_this_epoch(trainer: pl.Trainer) -> bool:
     """Whether the run stops once the epoch ending now has: every way a run ends passes an epoch end.
 
@@ -257,7 +283,7 @@ def training_ends_after_this_epoch(trainer: pl.Trainer) -> bool:
     )
 
 
-def resume_within_the_epoch(checkpoint: dict, trainer: pl.Trainer) -> None:
+def resume_within_the_epoch(checkpoint: dict, trainer: pl.Trainer) -> str | None:
     """Let a run resumed from a save at an epoch's end go on as an unbroken run would.
 
     Lightning counts an epoch as processed before the hooks that save at its end, whatever
@@ -267,28 +293,34 @@ def resume_within_the_epoch(checkpoint: dict, trainer: pl.Trainer) -> None:
     end, counted that epoch twice, so that its later epochs drew other orders than an
     unbroken run's. Marked as saved within the epoch, after its last batch, both go on at
     the next batch, as after any save within an epoch (the loader's place travels in the
-    checkpoint). The count of batches that stepped, which sets the loggers' step, is taken
-    back by the one that Lightning adds again on the way. A whole epoch after which no
-    epoch is left stays as it is: the run is over, and its epoch's end must not run again.
+    checkpoint). A whole epoch after which no epoch is left stays as it is: the run is
+    over, and its epoch's end must not run again.
+
+    Returns how the epoch ended, ``"cut short"`` or ``"whole"``, where the checkpoint was
+    marked; ``None`` where it was left as it is.
     """
     loops = checkpoint.get("loops", {}).get("fit_loop", {})
     epochs, batches = loops.get("epoch_progress"), loops.get("epoch_loop.batch_progress")
     if epochs is None or batches is None:
-        return
+        return None
     total = epochs["total"]
     if not (total["processed"] == total["started"] and total["completed"] == total["processed"] - 1):
-        return  # not saved at an epoch's end
+        return None  # not saved at an epoch's end
     cut_short = not batches["is_last_batch"]
     step_budget = trainer.max_steps != -1
     epochs_left = trainer.max_epochs in (None, -1) or total["processed"] < trainer.max_epochs
     if not (cut_short or (step_budget and epochs_left)):
-        return  # Lightning starts the next epoch, or ends the run, rightly
-    if cut_short:  # as saved as the last batch ended: Lightning completes that batch and skips its validation
-        for count in (batches["current"], batches["total"]):
-            count["completed"] -= 1
-    loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+        return None  # Lightning starts the next epoch, or ends the run, rightly
     for count in (epochs["current"], epochs["total"]):
         count["processed"] = count["completed"]
+    if not cut_short:
+        return "whole"
+    # As saved as the last batch ended: Lightning completes that batch, skips its validation,
+    # and counts it once more among the batches that stepped (the loggers' step).
+    for count in (batches["current"], batches["total"]):
+        count["completed"] -= 1
+    loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+    return "cut short"
 
 
 def rng_states() -> dict:
