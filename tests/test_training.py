@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -564,7 +565,10 @@ def test_a_run_stopped_by_its_budget_given_more_goes_on_as_an_unbroken_run(
     assert json.loads((tmp_path / "run" / "bundle" / "genrnn.json").read_text())["training"]["steps"] == step
 
     # on to the epochs' end: without that budget, or with one as large as they take
-    run_cli(*args, *(["--max-steps", str(record["steps"])] if budget == "more steps" else []))
+    resumed = run_cli(*args, *(["--max-steps", str(record["steps"])] if budget == "more steps" else []))
+    if step % per_epoch:  # resumed within the second epoch: the bar says so, as it would have at its start
+        assert "Epoch 1: 100%" in resumed.stdout and f" {per_epoch}/{per_epoch} " in resumed.stdout
+        assert not re.search(r"Training: \|\s*\| [1-9][0-9]*/\?", resumed.stdout)  # batches of an unnamed epoch
     final = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert (final["global_step"], final["epoch"]) == (fresh_final["global_step"], fresh_final["epoch"])
     for name, tensor in fresh_final["state_dict"].items():

@@ -300,6 +300,19 @@ def stamp_run(
     write_atomically(path, json.dumps(stamp))
 
 
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, which names the epoch and its length also where a run resumes within one.
+
+    Lightning does not start again an epoch that it resumes within, and the bar, set up as
+    an epoch starts, read ``Training: 117/?`` until the next.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.fit_loop.restarted_mid_epoch:
+            self.on_train_epoch_start(trainer, pl_module)
+
+
 def progress_bar(accelerator: str) -> TQDMProgressBar:
     """The progress bar; on a GPU it refreshes with the logs, as each refresh waits for the device.
 
@@ -307,7 +320,7 @@ def progress_bar(accelerator: str) -> TQDMProgressBar:
     step wait for the GPU to finish it.
     """
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS if on_gpu else 1)
+    return EpochProgressBar(refresh_rate=LOG_EVERY_N_STEPS if on_gpu else 1)
 
 
 def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, BestCheckpoint]:
