@@ -129,10 +129,10 @@ def _settings(defaults: DecodingConfig, overrides: dict[str, Any], item_id: Item
     try:
         settings = decoding_for_mode({**dataclasses.asdict(defaults), **overrides})
     except ConfigurationError as error:
-        raise _Malformed(str(error), item_id) from None
+        raise _Malformed(str(error)) from None
     problem = over_job_cap(settings)
     if problem:
-        raise _Malformed(problem, item_id)
+        raise _Malformed(problem)
     if "seed" in fields_read(settings.mode) and "seed" not in overrides and defaults.seed is not None:
         settings = dataclasses.replace(settings, seed=item_seed(defaults.seed, item_id))
     return settings
@@ -154,6 +154,7 @@ def read_items(
     lines_of: dict[ItemId, int] = {}  # each id in the output, and the line that holds it
     for number, raw in numbered_lines(path):
         index = len(items) + len(bad)
+        given = None  # the id the line gives, once it is read
         try:
             line = decode_line(raw, number)
             problem = line_problem(line)
@@ -168,21 +169,24 @@ def read_items(
                     problem = f"it has no id, and its line number is line {lines_of[item_id]}'s id; give it one"
                 else:
                     problem = f"id {json.dumps(item_id, ensure_ascii=False)} is line {lines_of[item_id]}'s too"
-                raise _Malformed(f"{problem} (ids must be unique)", item_id)
-            lines_of[item_id] = number
+                raise _Malformed(f"{problem} (ids must be unique)")
             if is_blank(source):  # zero-width spaces and the like: the tokenizer would read nothing
-                raise _Malformed("the source holds only unseen characters (such as zero-width spaces)", item_id)
+                raise _Malformed("the source holds only unseen characters (such as zero-width spaces)")
             if len(source) > MAX_SOURCE_LENGTH:
-                raise _Malformed(f"the source has {len(source):,} characters; at most {MAX_SOURCE_LENGTH:,}", item_id)
+                raise _Malformed(f"the source has {len(source):,} characters; at most {MAX_SOURCE_LENGTH:,}")
             items.append(Item(index, number, item_id, source, _settings(defaults, overrides, item_id)))
+            lines_of[item_id] = number
         except (_Malformed, UnicodeDecodeError) as error:
             message = "not valid UTF-8" if isinstance(error, UnicodeDecodeError) else str(error)
             if not skip_bad_lines:
                 raise DataError(f"{path}:{number}: {message} (--skip-bad-lines records it and goes on)") from None
-            item_id = getattr(error, "item_id", None)
-            item_id = number if item_id is None else item_id
-            lines_of.setdefault(item_id, number)
-            bad.append(BadLine(index, number, item_id, message))
+            if given is None:  # the parser's error may name the id the line gives
+                given = getattr(error, "item_id", None)
+            # A bad line keeps an id it gives from later lines; its line number, standing in
+            # for one it does not give, takes no id from a line that gives it.
+            if given is not None:
+                lines_of.setdefault(given, number)
+            bad.append(BadLine(index, number, number if given is None else given, message))
     if not items and not bad:
         raise DataError(f"{path}: no inputs")
     return items, bad

@@ -283,6 +283,10 @@ def test_ids_are_unique_so_that_outputs_and_seeds_tell_items_apart(tmp_path):
     ]
     with pytest.raises(DataError, match=r"in.jsonl:3: id \"a\" is line 2's too"):
         read_items(path, DecodingConfig())
+    # A line too broken to give its id stands in under its number, which takes no id from a line that gives it.
+    path.write_text('{"id": 0, "source": "cat"}\n{"id": 1, "source": "dog"\n{"id": 2, "source": "cow"}\n')
+    items, bad = read_items(path, DecodingConfig(), skip_bad_lines=True)
+    assert [(item.line, item.id) for item in items] == [(1, 0), (3, 2)] and [(b.line, b.id) for b in bad] == [(2, 2)]
     (tmp_path / "in.tsv").write_text("x\tcat\ny\tdog\nx\tcow\n")
     with pytest.raises(DataError, match=r"in.tsv:3: id \"x\" is line 1's too"):
         read_items(tmp_path / "in.tsv", DecodingConfig())
@@ -546,6 +550,19 @@ def test_the_second_process_of_a_job_dies_with_the_first(tiny_bundle, words, tmp
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)
+
+
+def test_a_process_launched_beside_the_first_stops_if_that_one_is_already_gone(tiny_bundle, words, tmp_path):
+    (tmp_path / "in.txt").write_text("\n".join(words[:4]) + "\n")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(tmp_path / "in.txt")]
+    command += ["--output", str(tmp_path / "out.jsonl"), "--accelerator", "cpu", "--devices", "2"]
+    # as Lightning launches the second process of two, but after the first has died
+    environment = {**os.environ, "LOCAL_RANK": "1", "GENRNN_LAUNCHER_PID": str(gone.pid)}
+    environment |= {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}
+    late = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=60)
+    assert late.returncode == 1  # not waiting for a first process that will never come
 
 
 def alive(pid: int) -> bool:
