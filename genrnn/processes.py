@@ -8,6 +8,8 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1  # prctl's option, from <linux/prctl.h>
+# Set by the first process of a run to its process id, for the processes it launches.
+LAUNCHER_VARIABLE = "GENRNN_LAUNCHER_PID"
 
 
 def die_with(parent: int) -> None:
@@ -27,7 +29,14 @@ def die_with(parent: int) -> None:
 def die_with_the_launching_process() -> None:
     """In a process that a distributed launch started beside its first (local rank 1 and up), die with its launcher.
 
-    Lightning starts them as children of the first process; torchrun, of its agent.
+    Lightning starts them as children of the first process, which names itself in
+    :data:`LAUNCHER_VARIABLE` for them to check that it was still there when they asked;
+    torchrun starts them as children of its agent, which names nothing.
     """
-    if int(os.environ.get("LOCAL_RANK", "0") or "0") > 0:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or "0")
+    if local_rank == 0:
+        os.environ[LAUNCHER_VARIABLE] = str(os.getpid())  # the processes it launches inherit it
+    elif LAUNCHER_VARIABLE in os.environ:
+        die_with(int(os.environ[LAUNCHER_VARIABLE]))
+    else:
         die_with(os.getppid())
