@@ -258,7 +258,8 @@ def run_generate(job: GenerateJob) -> None:
     """Decode the input file into the output file, resuming from its part files if a run was cut short."""
     if job.batch_size < 1:
         raise ConfigurationError(f"batch_size: must be at least 1; got {job.batch_size}")
-    check_writable(job.output)
+    if job.output.is_dir():
+        raise ConfigurationError(f"output: {job.output} is a directory; name the JSONL file to write")
     if job.input.resolve() == job.output.resolve():
         raise ConfigurationError(f"output: {job.output} is the input file; name another")
     # The input and the model are read first, so that a finished job's rerun tells a mistyped one.
@@ -270,6 +271,7 @@ def run_generate(job: GenerateJob) -> None:
     if job.output.exists() and not store.directory.exists():
         print(f"genrnn generate: {job.output} exists: nothing to do (remove it to generate again)", file=sys.stderr)
         return
+    check_writable(job.output)  # not before: a finished job's output may be read-only
     for bad in bad_lines if is_rank_zero() else ():  # every rank reads the same lines
         print(f"genrnn generate: {job.input}:{bad.line}: {bad.error} (recorded, skipped)", file=sys.stderr)
     _quiet_lightning()
