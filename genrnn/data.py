@@ -98,9 +98,11 @@ class NotJSON(ValueError):
 def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     record = dict(pairs)
     if len(record) < len(pairs):  # the parser would keep the last value, silently
-        keys = [key for key, _ in pairs]
-        repeated = next(key for i, key in enumerate(keys) if key in keys[:i])
-        raise NotJSON(f"key {repeated!r} is given twice")
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise NotJSON(f"key {key!r} is given twice")
+            seen.add(key)
     return record
 
 
