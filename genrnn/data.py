@@ -332,7 +332,9 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
     batches whose ``size × longest`` stays within ``max_tokens`` (and whose size stays
     within ``max_items`` when set), and the batch order
     is shuffled. With several replicas every rank takes every ``num_replicas``-th
-    batch of the same sequence, and all ranks get the same number of batches.
+    batch of the same sequence. All ranks get the same number of batches, as training
+    steps need, the first ones repeated to make up; unless ``even`` is off, for an
+    evaluation that must count each item once: some ranks then get one batch fewer.
     """
 
     def __init__(
@@ -344,6 +346,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        even: bool = True,
     ) -> None:
         self.lengths = list(lengths)
         self.max_tokens = max_tokens
@@ -352,6 +355,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
+        self.even = even
         self.epoch = 0
         self._count: tuple[int, int] | None = None  # (epoch, batches), as sorting is not free
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches already served)
@@ -395,14 +399,38 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
             rng.shuffle(batches)
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _rank_batches(self) -> list[list[int]]:
+        """This rank's share of the pass: every ``num_replicas``-th batch."""
         batches = self._all_batches()
-        per_rank = math.ceil(len(batches) / self.num_replicas)
-        batches += (batches * self.num_replicas)[: per_rank * self.num_replicas - len(batches)]  # even out ranks
+        if self.even:  # the first batches again, so that the ranks step together
+            per_rank = math.ceil(len(batches) / self.num_replicas)
+            batches += (batches * self.num_replicas)[: per_rank * self.num_replicas - len(batches)]
+        else:
+            batches = at_least(self.num_replicas, batches)
+        return batches[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._rank_batches()
         start, self._resume_at = self.skipped_next_pass(), None
-        yield from batches[self.rank :: self.num_replicas][start:]
+        yield from batches[start:]
 
     def __len__(self) -> int:
         if self._count is None or self._count[0] != self.epoch:
-            self._count = (self.epoch, len(self._all_batches()))
-        return math.ceil(self._count[1] / self.num_replicas)
+            self._count = (self.epoch, len(self._rank_batches()))
+        return self._count[1]
+
+
+def at_least(count: int, batches: list[list[int]]) -> list[list[int]]:
+    """``batches`` with the largest split in halves until there are ``count``, where the items allow.
+
+    Lightning skips the evaluation of a rank without a batch, and the collectives of the
+    others then wait for it; past one item a batch, the first ones repeat.
+    """
+    batches = list(batches)
+    while 0 < len(batches) < count:
+        largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+        if len(batches[largest]) == 1:
+            return (batches * count)[:count]
+        half = len(batches[largest]) // 2
+        batches[largest : largest + 1] = [batches[largest][:half], batches[largest][half:]]
+    return batches

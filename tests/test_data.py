@@ -154,3 +154,23 @@ def test_ranks_share_the_batches_evenly_without_overlap():
     assert len(ranks[0]) == len(ranks[1])
     covered = {i for batches in ranks for b in batches for i in b}
     assert covered == set(range(301))
+
+
+@pytest.mark.parametrize(
+    "items,max_tokens,ranks",
+    [(301, 120, 2), (301, 120, 3), (5, 100, 4), (2, 100, 4)],  # more batches than ranks, fewer, fewer items
+)
+def test_uneven_ranks_evaluate_every_item_once_and_each_has_a_batch(items, max_tokens, ranks):
+    lengths = [random.Random(i).randint(1, 30) for i in range(items)]
+    samplers = [
+        TokenBudgetBatchSampler(lengths, max_tokens, shuffle=False, num_replicas=ranks, rank=r, even=False)
+        for r in range(ranks)
+    ]
+    shares = [list(sampler) for sampler in samplers]
+    assert all(len(share) == len(sampler) >= 1 for share, sampler in zip(shares, samplers))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    served = sorted(i for share in shares for batch in share for i in batch)
+    if items >= ranks:
+        assert served == list(range(items))
+    else:  # only then does an item come twice: a rank must not go without a batch
+        assert set(served) == set(range(items)) and len(served) == ranks

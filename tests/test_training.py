@@ -720,15 +720,41 @@ def test_step_values_are_logged_every_20_steps_and_at_the_last(g2p_files, tmp_pa
     assert len(rows) == 1 or rows[-1]["train_loss"] != rows[-2]["train_loss"]
 
 
+def dev_losses(bundle_path: Path, dev: Path, smoothing: float) -> tuple[float, float]:
+    """The bundle's loss (with label smoothing) and cross-entropy per target token on ``dev``, in one batch."""
+    import torch
+    import torch.nn.functional as F
+
+    from genrnn.data import collate, training_pairs
+
+    bundle = load_bundle(bundle_path)
+    pairs = PairDataset(training_pairs(read_examples(dev)), bundle.source_tokenizer, bundle.target_tokenizer)
+    batch = collate([pairs[i] for i in range(len(pairs))])
+    with torch.no_grad():
+        logits = bundle.model(batch.source, batch.source_lengths, batch.target_in).flatten(0, 1)
+    targets = batch.target_out.flatten()
+    loss, cross_entropy = (F.cross_entropy(logits, targets, ignore_index=0, label_smoothing=s) for s in (smoothing, 0))
+    return loss.item(), cross_entropy.item()
+
+
 def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_cli(*tiny_train(g2p_files, one, "--max-epochs", "1", "--devices", "1"))
-    run_cli(*tiny_train(g2p_files, two, "--max-epochs", "1", "--devices", "2", "--strategy", "ddp"))
+    # The dev set makes 5 batches: the ranks get 3 and 2. Its loss must count each pair once.
+    options = ("--max-epochs", "1", "--set", "training.label_smoothing=0.1", "--set", "data.max_tokens=650")
+    run_cli(*tiny_train(g2p_files, one, *options, "--devices", "1"))
+    run_cli(*tiny_train(g2p_files, two, *options, "--devices", "2", "--strategy", "ddp"))
     single = json.loads((one / "bundle" / "genrnn.json").read_text())["training"]
     double = json.loads((two / "bundle" / "genrnn.json").read_text())["training"]
     # Each of the two ranks takes every other batch: half the optimiser steps per epoch.
     assert double["steps"] == (single["steps"] + 1) // 2
     assert load_bundle(two / "bundle").model.num_parameters() == single["parameters"]
+    for run in (one, two):  # one validation, of the weights the bundle holds
+        with open(run / "logs" / "version_0" / "metrics.csv") as file:
+            logged = [row for row in csv.DictReader(file) if row["val_loss"]]
+        assert len(logged) == 1
+        expected = dev_losses(run / "bundle", g2p_files["dev"], smoothing=0.1)
+        assert float(logged[0]["val_loss"]) == pytest.approx(expected[0], rel=1e-5), run.name
+        assert float(logged[0]["val_nll"]) == pytest.approx(expected[1], rel=1e-5), run.name
 
 
 def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp_path):

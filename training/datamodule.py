@@ -117,6 +117,7 @@ class PairDataModule(pl.LightningDataModule):
             seed=self.seed,
             num_replicas=world_size,
             rank=rank,
+            even=shuffle,  # training steps on every rank together; the dev loss counts each pair once
         )
 
     def epoch_batches(self, world_size: int) -> int:

@@ -92,8 +92,22 @@ class Seq2SeqModule(pl.LightningModule):
         self.log("target_tokens", float(batch.target_tokens), reduce_fx="sum", batch_size=size)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        loss = self.reference_loss(self.model(batch.source, batch.source_lengths, batch.target_in), batch)
-        self.log("val_loss", loss, prog_bar=True, batch_size=batch.target_tokens, sync_dist=True)
+        """Add the batch's loss and cross-entropy, summed over its target tokens, to the dev sums."""
+        log_probs = self.model(batch.source, batch.source_lengths, batch.target_in).float().log_softmax(dim=-1)
+        loss = self.reference_loss(log_probs, batch)
+        cross_entropy = F.nll_loss(log_probs.flatten(0, 1), batch.target_out.flatten(), ignore_index=PAD_ID)
+        tokens = batch.target_tokens
+        self._dev_sums += torch.stack([loss * tokens, cross_entropy * tokens, loss.new_tensor(tokens)]).double()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the dev loss (``val_loss``, label smoothing included, as trained) and cross-entropy.
+
+        From every rank's sums: each pair counts once, whatever the number of processes.
+        """
+        loss, cross_entropy, tokens = self.trainer.strategy.reduce(self._dev_sums, reduce_op="sum")
+        # The values agree on every rank: sync_dist averages equal numbers, and keeps Lightning from warning.
+        self.log("val_loss", (loss / tokens).item(), prog_bar=True, sync_dist=True)
+        self.log("val_nll", (cross_entropy / tokens).item(), sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
         """Decode the dev examples and log WER, PER and sequence accuracy.
@@ -102,6 +116,7 @@ class Seq2SeqModule(pl.LightningModule):
         weight averaging has swapped the averaged weights in here, and has already
         swapped them out again at the end.
         """
+        self._dev_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, cross-entropy, tokens
         examples = self.trainer.datamodule.dev_examples
         if not examples or self.trainer.sanity_checking:
             return
@@ -115,10 +130,10 @@ class Seq2SeqModule(pl.LightningModule):
             seed=self.config.training.seed,  # every rank must score the same outputs
         )
         scores = evaluate(generator, examples, decoding)
-        # Every rank decodes the same examples, so the values agree without a reduction.
-        self.log("dev_wer", scores.wer, prog_bar=True)
-        self.log("dev_per", scores.per, prog_bar=True)
-        self.log("dev_sequence_accuracy", scores.sequence_accuracy)
+        # Every rank decodes the same examples, so the values agree (sync_dist: as above).
+        self.log("dev_wer", scores.wer, prog_bar=True, sync_dist=True)
+        self.log("dev_per", scores.per, prog_bar=True, sync_dist=True)
+        self.log("dev_sequence_accuracy", scores.sequence_accuracy, sync_dist=True)
 
     def on_train_epoch_start(self) -> None:
         sampler = self.trainer.train_dataloader.batch_sampler
