@@ -37,11 +37,14 @@ class Example:
 # White space and the characters that are never seen: controls, format marks (zero-width
 # spaces and joiners, byte-order marks, soft hyphens) and separators.
 _UNSEEN = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+# sentencepiece's own mark for a space, and the character that stands for bytes that were not
+# text, which it drops when it does not normalise.
+_READ_AS_NOTHING = frozenset("\u2581\ufffd")
 
 
 def is_blank(text: str) -> bool:
     """Whether ``text`` holds nothing to read: only white space and unseen characters, which tokenizers drop."""
-    return all(c.isspace() or unicodedata.category(c) in _UNSEEN for c in text)
+    return all(c.isspace() or c in _READ_AS_NOTHING or unicodedata.category(c) in _UNSEEN for c in text)
 
 
 def is_unicode_text(text: str) -> bool:

@@ -111,15 +111,17 @@ def filtered_distribution(
 
     Returns probabilities sorted in descending order ``(rows, vocab)`` (zero outside
     the kept set, renormalised) and the token id at each sorted position. Top-k
-    comes first; top-p then keeps the smallest prefix of what top-k left, renormalised,
-    whose mass reaches ``p`` (the order of Hugging Face's and TGI's samplers).
+    (with the tokens tied with the k-th) comes first; top-p then keeps the smallest
+    prefix of what top-k left, renormalised, whose mass reaches ``p`` (the order of
+    Hugging Face's and TGI's samplers).
     ``top_k == 0`` and ``top_p == 1`` switch the filters off.
     """
     scaled = logits / temperature[:, None]
     sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
     probs = sorted_logits.softmax(dim=-1)
-    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
-    probs = probs * ((top_k[:, None] == 0) | (rank < top_k[:, None]))
+    # Top-k keeps every token tied with the k-th, as Hugging Face's does: none goes for its id alone.
+    kth = sorted_logits.gather(1, (top_k.clamp(1, probs.shape[-1]) - 1)[:, None])
+    probs = probs * ((top_k[:, None] == 0) | (sorted_logits >= kth))
     probs = probs / probs.sum(dim=-1, keepdim=True)
     mass_before = probs.cumsum(dim=-1) - probs
     keep = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)

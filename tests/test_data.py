@@ -174,3 +174,13 @@ def test_uneven_ranks_evaluate_every_item_once_and_each_has_a_batch(items, max_t
         assert served == list(range(items))
     else:  # only then does an item come twice: a rank must not go without a batch
         assert set(served) == set(range(items)) and len(served) == ranks
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_a_character_is_blank_exactly_when_the_tokenizer_reads_nothing_of_it(normalize):
+    from genrnn.data import is_blank
+
+    tokenizer = train_tokenizer(["cat", "dog", "bird"] * 5, "char", 32, normalize=normalize)
+    characters = [chr(c) for c in range(0x30000) if not 0xD800 <= c < 0xE000]  # every plane in use; no surrogates
+    read_as_nothing = {c for c, ids in zip(characters, tokenizer.encode(characters)) if not ids}
+    assert not read_as_nothing - {c for c in characters if is_blank(c)}

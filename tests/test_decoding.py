@@ -255,10 +255,15 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
     torch.testing.assert_close(kept.sum(dim=1), torch.ones(5))
 
 
-def test_top_k_keeps_the_k_likeliest():
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
-    kept, order = filtered_distribution(logits, torch.ones(1), torch.tensor([2]), torch.ones(1))
+def test_top_k_keeps_the_k_likeliest_and_every_token_tied_with_the_last():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [0.0, 1.0, 1.0, 1.0]])
+    kept, order = filtered_distribution(logits, torch.ones(2), torch.tensor([2, 2]), torch.ones(2))
     assert order[0, :2].tolist() == [1, 3] and (kept[0] > 0).tolist() == [True, True, False, False]
+    # As Hugging Face's top-k: no tied token is kept or dropped for its id alone.
+    assert kept[1].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0]) and order[1, 3] == 0
+    # A k past the vocabulary keeps it all.
+    kept, _ = filtered_distribution(logits[:1], torch.ones(1), torch.tensor([10]), torch.ones(1))
+    assert (kept[0] > 0).all()
 
 
 def test_top_p_measures_what_top_k_left():

@@ -541,6 +541,7 @@ INVALID = [
     ({"inputs": ["cat", ""]}, 422, "inputs"),
     ({"inputs": ["cat", " \t"]}, 422, "inputs"),  # nothing the tokenizer reads
     ({"inputs": ["cat", "\u200b\ufeff"]}, 422, "inputs"),  # a zero-width space and a BOM: nothing either
+    ({"inputs": ["cat", "\u2581\ufffd"]}, 422, "inputs"),  # sentencepiece's space mark, a replacement character
     ({"inputs": []}, 422, "inputs"),
     ({"inputs": 5}, 422, "inputs"),
     ({"mode": "greedy"}, 422, "inputs"),
