@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 
-from serving.schemas import TOO_LARGE
+from serving.schemas import MAX_LISTED, TOO_LARGE
 
 
 async def reply_error(send: Send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
@@ -57,16 +57,17 @@ async def http_error_reply(request: Request, error: StarletteHTTPException) -> R
 
 
 async def validation_error_reply(request: Request, error: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field, or 413 when every problem is a size limit."""
-    problems = [_field_and_message(e) for e in error.errors()]
-    if not _is_json(request.headers.get("content-type", "")) and all(e["loc"] == ("body",) for e in error.errors()):
+    """422 naming each bad field (the first few), or 413 when every problem is a size limit."""
+    errors = error.errors()
+    status = 413 if all(e["type"] == TOO_LARGE for e in errors) else 422
+    problems, unlisted = [_field_and_message(e) for e in errors[:MAX_LISTED]], max(0, len(errors) - MAX_LISTED)
+    if not _is_json(request.headers.get("content-type", "")) and all(e["loc"] == ("body",) for e in errors):
         # FastAPI reads such a body as text, and "Input should be a valid dictionary" helps no one.
-        problems = [("body", "must be JSON sent with the header Content-Type: application/json")]
-    status = 413 if all(e["type"] == TOO_LARGE for e in error.errors()) else 422
+        problems, unlisted = [("body", "must be JSON sent with the header Content-Type: application/json")], 0
+    detail = "; ".join(f"{field}: {message}" for field, message in problems)
+    if unlisted:
+        detail += f"; and {unlisted:,} more"
     return JSONResponse(
-        {
-            "detail": "; ".join(f"{field}: {message}" for field, message in problems),
-            "errors": [{"field": field, "message": message} for field, message in problems],
-        },
+        {"detail": detail, "errors": [{"field": field, "message": message} for field, message in problems]},
         status_code=status,
     )

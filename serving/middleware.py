@@ -88,7 +88,7 @@ class ApiKeyMiddleware:
     def _authorized(self, scope: Scope) -> bool:
         headers = dict(scope["headers"])  # lower-case names, as ASGI guarantees
         presented = headers.get(b"x-api-key")
-        if presented is None:
+        if not presented:  # an empty header, as a proxy may add, is none
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             presented = token.strip() if scheme.lower() == b"bearer" else b""
         return hmac.compare_digest(_digest(presented), self.key_digest)

@@ -21,6 +21,9 @@ _DEFAULTS = DecodingConfig()
 
 # Error type of a value over a size limit: answered with 413 rather than 422.
 TOO_LARGE = "too_large"
+# Problems that a reply names one by one: a body with thousands of unknown keys would
+# otherwise cost seconds of the HTTP process and a reply of megabytes.
+MAX_LISTED = 10
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,24 @@ class GenerateRequest(BaseModel):
     length_penalty: float = _DEFAULTS.length_penalty
     length_penalty_form: Literal["gnmt", "average"] = _DEFAULTS.length_penalty_form
     max_new_tokens: int | None = None  # None: the engine's default, bounded by the server's cap
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_unknown_fields(cls, body: object) -> object:
+        """One error for many unknown keys, where each would otherwise have its own."""
+        if isinstance(body, dict):
+            unknown = [key for key in body if key not in cls.model_fields]
+            if len(unknown) > MAX_LISTED:
+                raise PydanticCustomError(
+                    "extra_forbidden",
+                    "{count} fields that no request has, such as {first}; a request's fields are {fields}",
+                    {
+                        "count": f"{len(unknown):,}",
+                        "first": ", ".join(map(repr, unknown[:3])),
+                        "fields": ", ".join(cls.model_fields),
+                    },
+                )
+        return body
 
     @field_validator("inputs", mode="before")
     @classmethod

@@ -537,6 +537,7 @@ INVALID = [
     ({"inputs": "cat", "max_new_tokens": 0}, 422, "max_new_tokens"),
     ({"inputs": "cat", "seed": 1.5}, 422, "seed"),
     ({"inputs": "cat", "temprature": 0.5}, 422, "temprature"),
+    ({"inputs": "cat", **{f"x{i}": 0 for i in range(11)}}, 422, "body"),  # many unknown keys: one error for all
     ({"inputs": ""}, 422, "inputs"),
     ({"inputs": ["cat", ""]}, 422, "inputs"),
     ({"inputs": ["cat", " \t"]}, 422, "inputs"),  # nothing the tokenizer reads
@@ -743,6 +744,15 @@ def test_metrics_from_every_process_add_up_to_the_requests_sent(keyed):
     assert after["genrnn_model_info", (("device", device), ("model", "tiny"), ("version", "0.1.0"))] == 1
 
 
+def test_a_reply_names_the_first_ten_problems_and_counts_the_rest(keyed):
+    body = {"inputs": "cat", "mode": "nucleus", "top_k": "5", **{f"x{i}": 0 for i in range(10)}}
+    response = keyed.generate(**body)
+
+    assert response.status_code == 422
+    assert [e["field"] for e in response.json()["errors"]] == ["mode", "top_k", *(f"x{i}" for i in range(8))]
+    assert response.json()["detail"].endswith("; and 2 more")
+
+
 # -- API key -------------------------------------------------------------------------------------
 
 
@@ -756,6 +766,7 @@ def test_the_api_key_is_required_on_v1_when_set(keyed):
     assert "API key" in httpx.post(url, json=body).json()["detail"]
     assert httpx.post(url, json=body, headers={"X-API-Key": KEY}).status_code == 200
     assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert httpx.post(url, json=body, headers={"X-API-Key": "", "Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
 def test_health_and_metrics_stay_open_with_an_api_key(keyed):
