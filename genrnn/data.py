@@ -98,13 +98,21 @@ class NotJSON(ValueError):
     """A line that is not one JSON value, or gives a key of one object twice; says which."""
 
 
+class RepeatedKey(NotJSON):
+    """An object that gives ``key`` twice."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"key {key!r} is given twice")
+        self.key = key
+
+
 def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     record = dict(pairs)
     if len(record) < len(pairs):  # the parser would keep the last value, silently
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise NotJSON(f"key {key!r} is given twice")
+                raise RepeatedKey(key)
             seen.add(key)
     return record
 

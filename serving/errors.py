@@ -19,9 +19,14 @@ from starlette.types import Send
 from serving.schemas import MAX_LISTED, TOO_LARGE
 
 
-async def reply_error(send: Send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
-    """Send an error reply from ASGI middleware."""
-    body = json.dumps({"detail": detail}).encode()
+async def reply_error(
+    send: Send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = (), field: str | None = None
+) -> None:
+    """Send an error reply from ASGI middleware; one about a ``field`` of the body lists it as validation does."""
+    reply: dict[str, Any] = {"detail": detail if field is None else f"{field}: {detail}"}
+    if field is not None:
+        reply["errors"] = [{"field": field, "message": detail}]
+    body = json.dumps(reply).encode()
     start_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
     await send({"type": "http.response.start", "status": status, "headers": start_headers})
     await send({"type": "http.response.body", "body": body})
@@ -38,7 +43,7 @@ def _field_and_message(error: dict[str, Any]) -> tuple[str, str]:
     return ".".join(location) or "body", error["msg"]
 
 
-def _is_json(content_type: str) -> bool:
+def is_json_type(content_type: str) -> bool:
     """Whether FastAPI parses a body of this content type as JSON: application/json or a ``+json`` type."""
     media = content_type.split(";")[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
@@ -61,7 +66,7 @@ async def validation_error_reply(request: Request, error: RequestValidationError
     errors = error.errors()
     status = 413 if all(e["type"] == TOO_LARGE for e in errors) else 422
     problems, unlisted = [_field_and_message(e) for e in errors[:MAX_LISTED]], max(0, len(errors) - MAX_LISTED)
-    if not _is_json(request.headers.get("content-type", "")) and all(e["loc"] == ("body",) for e in errors):
+    if not is_json_type(request.headers.get("content-type", "")) and all(e["loc"] == ("body",) for e in errors):
         # FastAPI reads such a body as text, and "Input should be a valid dictionary" helps no one.
         problems, unlisted = [("body", "must be JSON sent with the header Content-Type: application/json")], 0
     detail = "; ".join(f"{field}: {message}" for field, message in problems)

@@ -1,4 +1,4 @@
-"""ASGI middlewares of the HTTP processes: UTF-8 bodies, API key, admission (429), request metrics.
+"""ASGI middlewares of the HTTP processes: UTF-8 bodies, repeated keys, API key, admission (429), request metrics.
 
 Each is a plain ASGI wrapper, so it can answer before the body is parsed (a rejected
 request costs no parsing) and see the status code of every reply, errors included.
@@ -13,8 +13,9 @@ from multiprocessing.sharedctypes import Synchronized
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from genrnn.data import NotJSON, RepeatedKey, json_line
 from serving import metrics
-from serving.errors import reply_error
+from serving.errors import is_json_type, reply_error
 
 
 def _digest(key: bytes) -> bytes:
@@ -64,6 +65,32 @@ class Utf8BodyMiddleware(PathMiddleware):
 
         # FastAPI answers an HTTPException raised while it reads the body as it answers its own.
         await self.app(scope, receive_checked, send)
+
+
+class RepeatedKeyMiddleware(PathMiddleware):
+    """Answers 422 to a JSON body on ``path`` that gives a key twice, as a batch job refuses such a line.
+
+    The parser would keep the last value silently: ``{"mode": "beam", "mode": "greedy"}``
+    decoded greedily. Every other fault of the body is the app's to tell.
+    """
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await _whole_body(receive)
+        unread = iter(body)
+
+        async def receive_body() -> Message:
+            return next(unread, None) or await receive()
+
+        headers = dict(scope["headers"])
+        if body[-1]["type"] == "http.request" and is_json_type(headers.get(b"content-type", b"").decode("latin-1")):
+            try:
+                json_line(b"".join(m.get("body", b"") for m in body).decode("utf-8-sig"))
+            except RepeatedKey as error:
+                await reply_error(send, 422, "is given twice", field=error.key)
+                return
+            except (NotJSON, UnicodeDecodeError):
+                pass  # the app's validation, or the UTF-8 check, tells what is wrong
+        await self.app(scope, receive_body, send)
 
 
 class ApiKeyMiddleware:

@@ -333,7 +333,13 @@ def build_server(
     from serving import metrics
     from serving.api import GENERATE_PATH, GenerationAPI
     from serving.errors import http_error_reply, validation_error_reply
-    from serving.middleware import AdmissionMiddleware, ApiKeyMiddleware, RequestMetricsMiddleware, Utf8BodyMiddleware
+    from serving.middleware import (
+        AdmissionMiddleware,
+        ApiKeyMiddleware,
+        RepeatedKeyMiddleware,
+        RequestMetricsMiddleware,
+        Utf8BodyMiddleware,
+    )
 
     GenerateRequest.limits = config.limits
     api = GenerationAPI(
@@ -344,6 +350,7 @@ def build_server(
     # Listed innermost first: each middleware wraps the ones before it. Metrics sees every reply.
     middlewares: list = [
         (Utf8BodyMiddleware, {"path": GENERATE_PATH}),
+        (RepeatedKeyMiddleware, {"path": GENERATE_PATH}),  # reads the body that admission has whole
         (
             AdmissionMiddleware,
             {

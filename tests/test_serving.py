@@ -577,14 +577,17 @@ def test_fields_the_mode_does_not_read_are_ignored_whatever_their_values(keyed):
         (b'{"inputs": "cat", "mode": "sample", "temperature": Infinity}', "temperature"),
         (b'{"inputs": "cat", "mode": "beam", "length_penalty": NaN}', "length_penalty"),
         (b'{"inputs": ["cat", "\\ud800"]}', "inputs"),
+        (b'{"inputs": "cat", "mode": "beam", "num_return_sequences": 2, "mode": "greedy"}', "mode"),
     ],
 )
 def test_json_that_only_python_reads_gets_422(keyed, body, field):
-    # Python's parser takes Infinity, NaN and lone surrogates, which the engine cannot.
+    # Python's parser takes Infinity, NaN and lone surrogates, which the engine cannot,
+    # and keeps the last of a repeated key, silently.
     response = keyed.client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
 
     assert response.status_code == 422
     assert response.json()["errors"][0]["field"].split(".")[0] == field
+    assert response.json()["detail"].startswith(f"{field}: ")
 
 
 def test_a_body_sent_without_its_json_content_type_is_told_so(keyed):
