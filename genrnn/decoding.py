@@ -144,6 +144,12 @@ def length_penalty(length: torch.Tensor, alpha: torch.Tensor, average: torch.Ten
     return torch.where(average, length, ((5.0 + length) / 6.0) ** alpha)
 
 
+def _check_not_one_string(sources: Sequence[str]) -> None:
+    """A string is a sequence of strings too: each of its characters would be decoded as a source."""
+    if isinstance(sources, str):
+        raise TypeError(f"sources: a list of strings, and this is one string; decode it as [{sources[:20]!r}]")
+
+
 def _select_rows(state: State, index: torch.Tensor) -> State:
     return tuple(s.index_select(1, index) for s in state)
 
@@ -235,6 +241,7 @@ class Generator:
         self, sources: Sequence[str], settings: DecodingConfig | Sequence[DecodingConfig] = DecodingConfig()
     ) -> list[Generation]:
         """Decode every source with its settings (one for all, or one per source)."""
+        _check_not_one_string(sources)
         source_ids = self.source_tokenizer.encode(sources)
         hypotheses = self.generate_ids(source_ids, settings)
         texts = iter(self.target_tokenizer.decode([h.tokens for hyps in hypotheses for h in hyps]))
@@ -251,6 +258,7 @@ class Generator:
         A seed samples each source from a stream of its own, derived from the seed and the
         source's position, so that sources do not share one stream of random numbers.
         """
+        _check_not_one_string(sources)
         seed = settings.seed
         per_source = [settings] * len(sources)
         if seed is not None:

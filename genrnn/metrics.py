@@ -2,7 +2,8 @@
 
 A word is right when the output equals any of its references (WER, sequence
 accuracy); the token error rate (PER for phonemes) is the edit distance to the
-closest reference, summed over words, over the summed length of those references.
+closest reference, summed over words, over the summed length of those references. Of
+two references as close, the shorter counts: the higher rate, where the rules say nothing.
 For tasks whose outputs are sentences, corpus BLEU (4-grams, brevity penalty) and
 chrF (character 6-grams, β = 2) are reported as well.
 """

@@ -83,6 +83,12 @@ def greedy_reference(generator: Generator, source: str, max_new_tokens: int) -> 
     return out
 
 
+@pytest.mark.parametrize("method", ["generate", "generate_sorted"])
+def test_one_string_is_refused_rather_than_decoded_letter_by_letter(generator, method):
+    with pytest.raises(TypeError, match=r"decode it as \['cat'\]"):
+        getattr(generator, method)("cat", DecodingConfig())
+
+
 def test_greedy_equals_a_step_by_step_argmax(generator):
     results = generator.generate(WORDS, DecodingConfig(mode="greedy", max_new_tokens=12))
     for word, result in zip(WORDS, results):
