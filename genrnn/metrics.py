@@ -48,26 +48,52 @@ def is_right(hypothesis: str, references: Sequence[str]) -> bool:
     return any(tokens == r.split() for r in references)
 
 
-def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> Scores:
-    """WER, PER and sequence accuracy of 1-best outputs against every accepted reference."""
+@dataclass(frozen=True)
+class ErrorCounts:
+    """The sums that WER, PER and sequence accuracy are made of: shards of a test set add up."""
+
+    right: int  # outputs equal to one of their references
+    edits: int  # edit distances to the closest references
+    reference_tokens: int  # the lengths of those references
+    items: int
+
+    @property
+    def sequence_accuracy(self) -> float:
+        return self.right / self.items
+
+    @property
+    def wer(self) -> float:
+        return 1.0 - self.sequence_accuracy
+
+    @property
+    def per(self) -> float:
+        return self.edits / max(self.reference_tokens, 1)
+
+
+def error_counts(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> ErrorCounts:
+    """Right outputs and edits to the closest reference, of 1-best outputs against every accepted reference."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference sets")
-    if not hypotheses:
-        raise ValueError("nothing to score")
-    correct = errors = length = 0
+    right = edits = length = 0
     for hypothesis, refs in zip(hypotheses, references):
         tokens = hypothesis.split()
-        ref_tokens = [r.split() for r in refs]
-        correct += is_right(hypothesis, refs)
-        distance, closest = min((edit_distance(tokens, r), len(r)) for r in ref_tokens)
-        errors += distance
+        right += is_right(hypothesis, refs)
+        distance, closest = min((edit_distance(tokens, r.split()), len(r.split())) for r in refs)
+        edits += distance
         length += closest
-    accuracy = correct / len(hypotheses)
+    return ErrorCounts(right, edits, length, len(hypotheses))
+
+
+def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> Scores:
+    """WER, PER and sequence accuracy of 1-best outputs against every accepted reference, BLEU and chrF."""
+    if not hypotheses:
+        raise ValueError("nothing to score")
+    counts = error_counts(hypotheses, references)
     return Scores(
-        wer=1.0 - accuracy,
-        per=errors / max(length, 1),
-        sequence_accuracy=accuracy,
-        items=len(hypotheses),
+        wer=counts.wer,
+        per=counts.per,
+        sequence_accuracy=counts.sequence_accuracy,
+        items=counts.items,
         bleu=bleu(hypotheses, references),
         chrf=chrf(hypotheses, references),
     )

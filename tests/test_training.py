@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from genrnn.cli import main
 from genrnn.config import DataConfig, DecodingConfig, ExperimentConfig, TokenizerConfig, from_dict
 from genrnn.data import Example, PairDataset, TokenBudgetBatchSampler, read_examples
 from genrnn.decoding import Generator
-from genrnn.metrics import score
+from genrnn.evaluation import best_outputs
+from genrnn.metrics import ErrorCounts, error_counts, score
 from genrnn.tokenizer import train_tokenizers
 from tests.conftest import TINY_CONFIG, interruptible, signal_when
 from training.datamodule import PairDataModule, ResumableLoader, spread
@@ -737,12 +739,32 @@ def dev_losses(bundle_path: Path, dev: Path, smoothing: float) -> tuple[float, f
     return loss.item(), cross_entropy.item()
 
 
+def dev_counts(bundle_path: Path, dev: Path, ranks: int) -> ErrorCounts:
+    """The bundle's errors on the dev sources a run validates on, decoded in each rank's share, on one thread."""
+    import torch
+
+    bundle = load_bundle(bundle_path)
+    config = from_dict(ExperimentConfig, bundle.training["config"])
+    generator = Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer)
+    examples = spread(read_examples(dev), config.data.valid_limit)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the run's processes: sums of another order could flip a near tie
+    try:
+        shares = [examples[rank::ranks] for rank in range(ranks)]
+        outputs = [best_outputs(generator, [e.source for e in share], config.decoding) for share in shares]
+        counts = [astuple(error_counts(out, [e.targets for e in share])) for out, share in zip(outputs, shares)]
+    finally:
+        torch.set_num_threads(threads)
+    return ErrorCounts(*map(sum, zip(*counts)))
+
+
 def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # The dev set makes 5 batches: the ranks get 3 and 2. Its loss must count each pair once.
     options = ("--max-epochs", "1", "--set", "training.label_smoothing=0.1", "--set", "data.max_tokens=650")
     run_cli(*tiny_train(g2p_files, one, *options, "--devices", "1"))
-    run_cli(*tiny_train(g2p_files, two, *options, "--devices", "2", "--strategy", "ddp"))
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_cli(*tiny_train(g2p_files, two, *options, "--devices", "2", "--strategy", "ddp"), env=one_thread)
     single = json.loads((one / "bundle" / "genrnn.json").read_text())["training"]
     double = json.loads((two / "bundle" / "genrnn.json").read_text())["training"]
     # Each of the two ranks takes every other batch: half the optimiser steps per epoch.
@@ -755,6 +777,10 @@ def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):
         expected = dev_losses(run / "bundle", g2p_files["dev"], smoothing=0.1)
         assert float(logged[0]["val_loss"]) == pytest.approx(expected[0], rel=1e-5), run.name
         assert float(logged[0]["val_nll"]) == pytest.approx(expected[1], rel=1e-5), run.name
+    # Each process decoded half the dev sources: together, all of them once.
+    counts = dev_counts(two / "bundle", g2p_files["dev"], ranks=2)
+    assert float(logged[0]["dev_per"]) == pytest.approx(counts.per, rel=1e-6)
+    assert float(logged[0]["dev_wer"]) == pytest.approx(counts.wer, rel=1e-6)
 
 
 def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp_path):

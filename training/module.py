@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import astuple
 
 import pytorch_lightning as pl
 import torch
@@ -12,7 +13,8 @@ from pytorch_lightning.callbacks import Timer
 from genrnn.config import ExperimentConfig, from_dict, to_dict
 from genrnn.data import Batch
 from genrnn.decoding import Generator
-from genrnn.evaluation import evaluate
+from genrnn.evaluation import best_outputs
+from genrnn.metrics import ErrorCounts, error_counts
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import PAD_ID
 from training.distillation import Distillation
@@ -110,30 +112,37 @@ class Seq2SeqModule(pl.LightningModule):
         self.log("val_nll", (cross_entropy / tokens).item(), sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
-        """Decode the dev examples and log WER, PER and sequence accuracy.
+        """Decode the dev examples, each process its share, and log WER, PER and sequence accuracy.
 
         Done at the start of validation: callbacks' hooks run before the module's, so
         weight averaging has swapped the averaged weights in here, and has already
         swapped them out again at the end.
         """
         self._dev_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, cross-entropy, tokens
-        examples = self.trainer.datamodule.dev_examples
-        if not examples or self.trainer.sanity_checking:
+        trainer = self.trainer
+        examples = trainer.datamodule.dev_examples
+        if not examples or trainer.sanity_checking:
             return
-        datamodule = self.trainer.datamodule
+        datamodule = trainer.datamodule
         decoding = self.config.decoding
         generator = Generator(
             self.model,
             datamodule.source_tokenizer,
             datamodule.target_tokenizer,
             max_new_tokens_cap=decoding.max_new_tokens,
-            seed=self.config.training.seed,  # every rank must score the same outputs
+            seed=self.config.training.seed,
         )
-        scores = evaluate(generator, examples, decoding)
-        # Every rank decodes the same examples, so the values agree (sync_dist: as above).
-        self.log("dev_wer", scores.wer, prog_bar=True, sync_dist=True)
-        self.log("dev_per", scores.per, prog_bar=True, sync_dist=True)
-        self.log("dev_sequence_accuracy", scores.sequence_accuracy, sync_dist=True)
+        # Each rank decodes every world_size-th example; the counts add up to the whole set's.
+        # (A sampled decoding draws each example's stream by its place in the share: another
+        # number of processes samples other outputs.)
+        share = examples[trainer.global_rank :: trainer.world_size]
+        counts = error_counts(best_outputs(generator, [e.source for e in share], decoding), [e.targets for e in share])
+        summed = trainer.strategy.reduce(torch.tensor(astuple(counts), device=self.device), reduce_op="sum")
+        totals = ErrorCounts(*summed.tolist())
+        # The values agree on every rank (sync_dist: as for the loss).
+        self.log("dev_wer", totals.wer, prog_bar=True, sync_dist=True)
+        self.log("dev_per", totals.per, prog_bar=True, sync_dist=True)
+        self.log("dev_sequence_accuracy", totals.sequence_accuracy, sync_dist=True)
 
     def on_train_epoch_start(self) -> None:
         sampler = self.trainer.train_dataloader.batch_sampler
