@@ -144,10 +144,14 @@ def config_from_train_args(args: argparse.Namespace) -> ExperimentConfig:
     """The experiment config with the command line's overrides applied."""
     config = override(load_config(args.config), args.set)
     data, training = config.data, config.training
+    # New training data comes with its own dev set: --valid's, held out of it, or one --set names.
+    valid = args.valid
+    if valid is None and any(assignment.partition("=")[0].strip() == "data.valid" for assignment in args.set):
+        valid = data.valid
     if args.data:
-        data = replace(data, train=args.data, valid=args.valid)
+        data = replace(data, train=args.data, valid=valid)
     if args.train:
-        data = replace(data, train=args.train, valid=args.valid)
+        data = replace(data, train=args.train, valid=valid)
     elif args.valid:
         data = replace(data, valid=args.valid)
     if args.batch_size is not None:

@@ -179,3 +179,20 @@ def test_an_override_is_a_plain_string_where_yaml_would_cut_it_and_refused_where
 def test_unknown_keys_of_any_yaml_type_are_named():
     with pytest.raises(ConfigurationError, match="1: unknown key"):
         from_dict(ExperimentConfig, {1: "a", "foo": "b"})  # `1:` and `foo:` in one file
+
+
+@pytest.mark.parametrize(
+    "arguments,valid",
+    [
+        (["--train", "a.tsv", "--set", "data.valid=b.tsv"], "b.tsv"),
+        (["--data", "builtin:cmudict", "--set", "data.valid=b.tsv"], "b.tsv"),
+        (["--train", "a.tsv", "--valid", "c.tsv", "--set", "data.valid=b.tsv"], "c.tsv"),
+        (["--train", "a.tsv"], None),  # held out of a.tsv, whatever the config's file says
+        (["--set", "data.valid=b.tsv"], "b.tsv"),
+    ],
+)
+def test_a_dev_set_given_on_the_command_line_is_kept_whatever_the_training_data(arguments, valid):
+    from genrnn.cli import build_parser, config_from_train_args
+
+    args = build_parser().parse_args(["train", "--config", str(ROOT / "training/configs/tiny.yaml"), *arguments])
+    assert config_from_train_args(args).data.valid == valid
