@@ -37,8 +37,8 @@ class Example:
 # White space and the characters that are never seen: controls, format marks (zero-width
 # spaces and joiners, byte-order marks, soft hyphens) and separators.
 _UNSEEN = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
-# sentencepiece's own mark for a space, and the character that stands for bytes that were not
-# text, which it drops when it does not normalise.
+# sentencepiece's own mark for a space, which it reads as one, and the replacement character,
+# which stands for bytes that were not text: a normalising tokenizer drops it, another reads UNK.
 _READ_AS_NOTHING = frozenset("\u2581\ufffd")
 
 
@@ -98,21 +98,13 @@ class NotJSON(ValueError):
     """A line that is not one JSON value, or gives a key of one object twice; says which."""
 
 
-class RepeatedKey(NotJSON):
-    """An object that gives ``key`` twice."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(f"key {key!r} is given twice")
-        self.key = key
-
-
 def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     record = dict(pairs)
     if len(record) < len(pairs):  # the parser would keep the last value, silently
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise RepeatedKey(key)
+                raise NotJSON(f"key {key!r} is given twice")
             seen.add(key)
     return record
 

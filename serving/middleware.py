@@ -7,13 +7,14 @@ request costs no parsing) and see the status code of every reply, errors include
 import codecs
 import hashlib
 import hmac
+import json
 import time
 from multiprocessing.sharedctypes import Synchronized
 
 from fastapi import HTTPException
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from genrnn.data import NotJSON, RepeatedKey, json_line
 from serving import metrics
 from serving.errors import is_json_type, reply_error
 
@@ -81,16 +82,34 @@ class RepeatedKeyMiddleware(PathMiddleware):
         async def receive_body() -> Message:
             return next(unread, None) or await receive()
 
-        headers = dict(scope["headers"])
-        if body[-1]["type"] == "http.request" and is_json_type(headers.get(b"content-type", b"").decode("latin-1")):
-            try:
-                json_line(b"".join(m.get("body", b"") for m in body).decode("utf-8-sig"))
-            except RepeatedKey as error:
-                await reply_error(send, 422, "is given twice", field=error.key)
+        # The first Content-Type header, as FastAPI reads it, decides whether the body is JSON.
+        if body[-1]["type"] == "http.request" and is_json_type(Headers(scope=scope).get("content-type", "")):
+            key = repeated_field(b"".join(m.get("body", b"") for m in body))
+            if key is not None:
+                await reply_error(send, 422, "is given twice", field=key)
                 return
-            except (NotJSON, UnicodeDecodeError):
-                pass  # the app's validation, or the UTF-8 check, tells what is wrong
         await self.app(scope, receive_body, send)
+
+
+class _Fields(list):
+    """An object's (key, value) pairs as the JSON parser met them."""
+
+
+def repeated_field(body: bytes) -> str | None:
+    """The first key that a JSON object body gives twice; ``None`` for any other body.
+
+    Only the body's own keys: a nested object is an error of its field, which validation names.
+    """
+    try:
+        value = json.loads(body.decode("utf-8-sig"), object_pairs_hook=_Fields)
+    except (ValueError, RecursionError):  # not JSON (nor UTF-8): the app or the UTF-8 check tells it
+        return None
+    seen: set[str] = set()
+    for key, _ in value if isinstance(value, _Fields) else ():
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
 
 
 class ApiKeyMiddleware:
@@ -113,12 +132,12 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
     def _authorized(self, scope: Scope) -> bool:
-        headers = dict(scope["headers"])  # lower-case names, as ASGI guarantees
-        presented = headers.get(b"x-api-key")
+        headers = Headers(scope=scope)  # the first of a repeated header, as the app reads them
+        presented = headers.get("x-api-key", "")
         if not presented:  # an empty header, as a proxy may add, is none
-            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-            presented = token.strip() if scheme.lower() == b"bearer" else b""
-        return hmac.compare_digest(_digest(presented), self.key_digest)
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            presented = token.strip() if scheme.lower() == "bearer" else ""
+        return hmac.compare_digest(_digest(presented.encode("latin-1")), self.key_digest)
 
 
 async def _whole_body(receive: Receive) -> list[Message]:

@@ -578,6 +578,7 @@ def test_fields_the_mode_does_not_read_are_ignored_whatever_their_values(keyed):
         (b'{"inputs": "cat", "mode": "beam", "length_penalty": NaN}', "length_penalty"),
         (b'{"inputs": ["cat", "\\ud800"]}', "inputs"),
         (b'{"inputs": "cat", "mode": "beam", "num_return_sequences": 2, "mode": "greedy"}', "mode"),
+        (b'{"inputs": "cat", "x": {"a": 1, "a": 2}}', "x"),  # a repeat inside a field: the field is at fault
     ],
 )
 def test_json_that_only_python_reads_gets_422(keyed, body, field):
@@ -588,6 +589,19 @@ def test_json_that_only_python_reads_gets_422(keyed, body, field):
     assert response.status_code == 422
     assert response.json()["errors"][0]["field"].split(".")[0] == field
     assert response.json()["detail"].startswith(f"{field}: ")
+
+
+def test_a_repeated_key_is_refused_and_counted_as_unknown_whatever_a_second_content_type_says(keyed):
+    body = b'{"inputs": "cat", "mode": "beam", "num_return_sequences": 2, "mode": "greedy"}'
+    before = keyed.metrics()
+    # FastAPI reads the first Content-Type: JSON.
+    headers = [("content-type", "application/json"), ("content-type", "text/plain")]
+    response = keyed.client.post("/v1/generate", content=body, headers=headers)
+    after = keyed.metrics()
+
+    assert response.status_code == 422 and response.json()["detail"] == "mode: is given twice"
+    counted = ("genrnn_requests_total", (("mode", "unknown"), ("status", "422")))
+    assert after[counted] - before[counted] == 1
 
 
 def test_a_body_sent_without_its_json_content_type_is_told_so(keyed):
