@@ -783,6 +783,15 @@ def test_ddp_on_two_cpu_processes(g2p_files, tmp_path):
     assert float(logged[0]["dev_wer"]) == pytest.approx(counts.wer, rel=1e-6)
 
 
+def test_a_dev_set_smaller_than_the_processes_is_refused(g2p_files, tmp_path):
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("cat\tK AE1 T\n")
+    args = tiny_train(g2p_files, tmp_path / "run", "--max-epochs", "1", "--devices", "2", "--strategy", "ddp")
+    result = run_cli(*args, "--valid", str(dev), check=False)
+    assert result.returncode == 1
+    assert "the dev set has 1 pairs, fewer than the 2 training processes" in result.stderr
+
+
 def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp_path):
     run = tmp_path / "run"
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--devices", "1"))

@@ -12,7 +12,7 @@ from pytorch_lightning.callbacks import Timer
 
 from genrnn.config import ExperimentConfig, from_dict, to_dict
 from genrnn.data import Batch
-from genrnn.decoding import Generator
+from genrnn.decoding import Generator, wide_dtype
 from genrnn.evaluation import best_outputs
 from genrnn.metrics import ErrorCounts, error_counts
 from genrnn.model import Seq2Seq
@@ -99,7 +99,7 @@ class Seq2SeqModule(pl.LightningModule):
         loss = self.reference_loss(log_probs, batch)
         cross_entropy = F.nll_loss(log_probs.flatten(0, 1), batch.target_out.flatten(), ignore_index=PAD_ID)
         tokens = batch.target_tokens
-        self._dev_sums += torch.stack([loss * tokens, cross_entropy * tokens, loss.new_tensor(tokens)]).double()
+        self._dev_sums += torch.stack([loss * tokens, cross_entropy * tokens, loss.new_tensor(tokens)])
 
     def on_validation_epoch_end(self) -> None:
         """Log the dev loss (``val_loss``, label smoothing included, as trained) and cross-entropy.
@@ -118,7 +118,8 @@ class Seq2SeqModule(pl.LightningModule):
         weight averaging has swapped the averaged weights in here, and has already
         swapped them out again at the end.
         """
-        self._dev_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, cross-entropy, tokens
+        # loss, cross-entropy, tokens; in float64 where the device has it
+        self._dev_sums = torch.zeros(3, dtype=wide_dtype(self.device), device=self.device)
         trainer = self.trainer
         examples = trainer.datamodule.dev_examples
         if not examples or trainer.sanity_checking:

@@ -447,6 +447,12 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
             f"data.max_tokens: {over} training pairs need more than its {config.data.max_tokens} tokens (the longer "
             "side, with EOS); raise it, or leave them out with data.max_source_length / data.max_target_length"
         )
+    if 0 < len(datamodule.dev_set) < trainer.world_size:
+        # Each process validates on pairs of its own: with fewer, some would count twice.
+        raise ConfigurationError(
+            f"the dev set has {len(datamodule.dev_set)} pairs, fewer than the {trainer.world_size} training "
+            "processes; give a larger one (--valid)"
+        )
     interval = config.training.val_check_interval
     if interval > 1 and interval > (batches := datamodule.epoch_batches(trainer.world_size)):
         # Lightning would find it only once fit has started, with a traceback
