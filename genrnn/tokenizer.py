@@ -64,9 +64,12 @@ def train_tokenizer(texts: Iterable[str], model_type: str, vocab_size: int, norm
     letters, ligatures, modifier letters such as ʰ), as sentencepiece does by default. A
     model that writes targets must not: it could never write a reference as it stands.
     """
+    texts = list(texts)
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
+        # sentencepiece leaves out, without a word, every text over 4,192 bytes by default
+        max_sentence_length=max([4192, *(len(text.encode()) + 1 for text in texts)]),
         model_writer=buffer,
         model_type=model_type,
         vocab_size=vocab_size,

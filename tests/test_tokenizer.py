@@ -6,7 +6,7 @@ import pytest
 
 from genrnn.config import TokenizerConfig
 from genrnn.errors import ConfigurationError
-from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizers
+from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer, train_tokenizers
 
 WORDS = ["cat", "dog", "house", "mouse"] * 5
 PHONES = ["K AE1 T", "D AO1 G", "HH AW1 S", "M AW1 S"] * 5
@@ -71,3 +71,9 @@ def test_a_vocabulary_smaller_than_the_alphabet_is_a_settings_error():
 def test_vocab_size_is_an_upper_bound():
     source, _ = train_tokenizers(WORDS, PHONES, TokenizerConfig(source_type="unigram", source_vocab_size=5000))
     assert source.vocab_size < 5000
+
+
+def test_long_texts_are_learnt_from_too():
+    # sentencepiece's default would leave out every text over 4,192 bytes, and their pieces with them.
+    tokenizer = train_tokenizer(["abcdefgh" * 600] * 5 + ["xy"] * 5, "char", 32)
+    assert UNK_ID not in tokenizer.encode(["abcdefgh"])[0]
