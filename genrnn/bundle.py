@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 import genrnn
@@ -141,10 +141,17 @@ def load_bundle(
         raise BundleError(f"{directory / MANIFEST}: bad configuration: {error}") from None
     source_tokenizer = Tokenizer.load(directory / SOURCE_MODEL)
     target_tokenizer = Tokenizer.load(directory / TARGET_MODEL)
+    vocab_sizes = (source_tokenizer.vocab_size, target_tokenizer.vocab_size)
+    try:
+        with torch.device("meta"):  # shapes without memory: a manifest edited by hand may ask for terabytes
+            skeleton = Seq2Seq(model_config, *vocab_sizes)
+    except RuntimeError as error:  # sizes past what torch can count
+        raise BundleError(f"{directory / MANIFEST}: its model cannot be built: {error}") from None
+    _check_shapes(skeleton, directory)
     # The weights about to be loaded make the initial ones moot: drawing them must not move the
     # caller's generator, or a run would train otherwise for having loaded a teacher.
     with torch.random.fork_rng(devices=[]):
-        model = Seq2Seq(model_config, source_tokenizer.vocab_size, target_tokenizer.vocab_size)
+        model = Seq2Seq(model_config, *vocab_sizes)
     try:
         load_model(model, str(directory / WEIGHTS), strict=True)
     except (RuntimeError, KeyError) as error:
@@ -166,6 +173,23 @@ def load_bundle(
         training=manifest.get("training", {}),
         manifest=manifest,
     )
+
+
+def _check_shapes(model: Seq2Seq, directory: Path) -> None:
+    """Refuse weights whose tensors have other shapes than the model that the manifest describes."""
+    try:
+        with safe_open(directory / WEIGHTS, framework="pt") as weights:
+            stored = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except SafetensorError as error:
+        raise BundleError(f"{directory / WEIGHTS} is not a safetensors file: {error}") from None
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    differ = [
+        f"{n}: {list(stored[n])} stored, {list(expected[n])} described"
+        for n in expected
+        if stored.get(n, expected[n]) != expected[n]
+    ]
+    if differ:
+        raise BundleError(f"{directory / WEIGHTS} does not fit the model in {MANIFEST}: " + "; ".join(differ[:3]))
 
 
 def _load_ensemble(directories: list[str], device: str | torch.device, averaging: Averaging) -> Bundle:

@@ -158,7 +158,18 @@ def test_weights_that_do_not_fit_the_model_are_refused_in_one_line(bundle_dir, t
     copy = rewritten(bundle_dir[0], tmp_path, "genrnn.json", model={**manifest["model"], "attention": "luong"})
     with pytest.raises(BundleError, match="does not fit the model") as raised:
         load_bundle(copy)
-    assert "\n" not in str(raised.value) and "size mismatch" in str(raised.value)
+    assert "\n" not in str(raised.value) and " stored, " in str(raised.value)
+
+
+def test_a_manifest_that_describes_a_huge_model_is_refused_before_memory_is_taken(bundle_dir, tmp_path):
+    model = json.loads((bundle_dir[0] / "genrnn.json").read_text())["model"]
+    # Built, each weight matrix of the encoder would take 16 TB.
+    copy = rewritten(bundle_dir[0], tmp_path / "a", "genrnn.json", model={**model, "encoder_hidden": 10**6})
+    with pytest.raises(BundleError, match=r"does not fit the model in genrnn.json: .* stored, \[.*1000000\] described"):
+        load_bundle(copy)
+    copy = rewritten(bundle_dir[0], tmp_path / "b", "genrnn.json", model={**model, "encoder_hidden": 10**9})
+    with pytest.raises(BundleError, match="genrnn.json: its model cannot be built"):
+        load_bundle(copy)
 
 
 def test_a_bundle_directory_with_a_comma_in_its_name_loads_as_one_bundle(bundle_dir, tmp_path):
