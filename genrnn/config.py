@@ -236,6 +236,13 @@ class TokenizerConfig:
             _require(
                 8 <= getattr(self, name) <= MAX_VOCAB_SIZE, f"tokenizer.{name}", f"must be 8 to {MAX_VOCAB_SIZE:,}"
             )
+        source, target = (self.source_type, self.source_vocab_size), (self.target_type, self.target_vocab_size)
+        _require(  # one model, one type and size: the target's would be ignored without a word
+            not self.shared or target == source,
+            "tokenizer.shared",
+            "one model serves both sides, so target_type and target_vocab_size must equal source_type and "
+            f"source_vocab_size; got {target[0]}/{target[1]} for {source[0]}/{source[1]}",
+        )
 
 
 @dataclass(frozen=True)

@@ -95,13 +95,7 @@ def train_tokenizers(
 
     A shared model writes targets too, so it reads sources as they stand (no NFKC).
     """
-    if config.shared:
-        target, source = (config.target_type, config.target_vocab_size), (config.source_type, config.source_vocab_size)
-        if target != source:  # one model, one type and size: the target's would be ignored without a word
-            raise ConfigurationError(
-                f"tokenizer.shared: one model serves both sides, so target_type and target_vocab_size must equal "
-                f"source_type and source_vocab_size; got {target[0]}/{target[1]} for {source[0]}/{source[1]}"
-            )
+    if config.shared:  # its types and sizes agree: TokenizerConfig checks
         shared = _trained([*sources, *targets], config.source_type, config.source_vocab_size, "source", False)
         return shared, shared
     source = _trained(sources, config.source_type, config.source_vocab_size, "source", True)
