@@ -455,6 +455,11 @@ class ExperimentConfig:
             "name",
             f"must be a non-empty name without '/'; got {self.name!r}",
         )
+        _require(self.name.isprintable(), "name", f"must be printable (no control characters); got {self.name!r}")
+        # Dev decoding in training keeps to an evaluation's caps: past them, memory runs out at the first validation.
+        problem = over_job_cap(self.decoding)
+        if problem:
+            raise ConfigurationError(f"decoding.{problem}")
 
 
 def process_rank() -> int:

@@ -47,6 +47,10 @@ def test_shipped_configs_load(name):
         ({"tokenizer": {"source_type": "bytes"}}, "tokenizer.source_type"),
         ({"data": "x"}, "data: must be a mapping"),
         ({"colour": "blue"}, "colour: unknown key"),
+        ({"name": "a\x00b"}, "name: must be printable"),  # it names the run's directory
+        # what an evaluation refuses: dev decoding would run out of memory at the first validation
+        ({"decoding": {"mode": "beam", "beam_size": 100000}}, "decoding.beam_size: at most 64; got 100000"),
+        ({"decoding": {"max_new_tokens": 10**8}}, "decoding.max_new_tokens: at most 1024"),
     ],
 )
 def test_bad_values_name_their_key(values, message):
