@@ -63,9 +63,10 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
             yield number, raw.rstrip(b"\r\n")
 
 
-def decode_line(raw: bytes, number: int) -> str:
-    """A line as text: UTF-8, less the byte-order mark some editors write before the first."""
-    return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+def decode_line(raw: bytes) -> str:
+    """A line as text: UTF-8, less a byte-order mark at its start (editors write one before the
+    first line, and files joined by ``cat`` keep theirs)."""
+    return raw.decode("utf-8-sig")
 
 
 def line_problem(line: str) -> str | None:
@@ -157,7 +158,7 @@ def read_file(path: str | Path) -> list[Example]:
     examples = []
     for number, raw in numbered_lines(path):
         try:  # a line at a time, so that a bad byte names its line
-            line = decode_line(raw, number)
+            line = decode_line(raw)
         except UnicodeDecodeError as error:
             raise DataError(f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start})") from None
         problem = line_problem(line)

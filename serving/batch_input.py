@@ -156,7 +156,7 @@ def read_items(
         index = len(items) + len(bad)
         given = None  # the id the line gives, once it is read
         try:
-            line = decode_line(raw, number)
+            line = decode_line(raw)
             problem = line_problem(line)
             if problem:
                 raise _Malformed(problem)

@@ -32,6 +32,9 @@ def test_tsv_and_jsonl_read_the_same_examples(tmp_path):
     (tmp_path / "b.JSONL").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "a.jsonl").read_bytes())
     assert read_examples(tmp_path / "b.tsv") == expected
     assert read_examples(tmp_path / "b.JSONL") == expected
+    # two such files joined by cat: the second's mark is no part of its first source
+    (tmp_path / "c.tsv").write_bytes(b"\xef\xbb\xbfcat\tK AE1 T\n\xef\xbb\xbfread\tR EH1 D\tR IY1 D\n")
+    assert read_examples(tmp_path / "c.tsv") == expected
 
 
 @pytest.mark.parametrize(
