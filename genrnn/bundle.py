@@ -134,6 +134,9 @@ def load_bundle(
         return _load_ensemble(members, device, averaging)
     directory = Path(directory)
     manifest = read_bundle_manifest(directory)
+    for section in ("model", "tokenizer", "training"):  # a YAML file's empty section is none; a bundle's is no such
+        if not isinstance(manifest.get(section, {}), dict):
+            raise BundleError(f"{directory / MANIFEST}: {section} must be a mapping; got {manifest[section]!r:.40}")
     try:
         model_config = from_dict(ModelConfig, manifest["model"], prefix="model")
         tokenizer_config = from_dict(TokenizerConfig, manifest["tokenizer"], prefix="tokenizer")
@@ -142,6 +145,10 @@ def load_bundle(
     source_tokenizer = Tokenizer.load(directory / SOURCE_MODEL)
     target_tokenizer = Tokenizer.load(directory / TARGET_MODEL)
     vocab_sizes = (source_tokenizer.vocab_size, target_tokenizer.vocab_size)
+    stated = manifest.get("vocab_sizes", {})
+    for side, file, size in (("source", SOURCE_MODEL, vocab_sizes[0]), ("target", TARGET_MODEL, vocab_sizes[1])):
+        if isinstance(stated, dict) and stated.get(side, size) != size:  # the file at fault, before the weights
+            raise BundleError(f"{directory / file} has {size} pieces; {MANIFEST} says {stated[side]!r}")
     try:
         with torch.device("meta"):  # shapes without memory: a manifest edited by hand may ask for terabytes
             skeleton = Seq2Seq(model_config, *vocab_sizes)

@@ -142,6 +142,9 @@ def rewritten(directory, tmp_path, file: str, content: bytes | None = None, **ma
         ("model.safetensors", b"xx", {}, "model.safetensors is not a safetensors file"),
         ("genrnn.json", None, {"name": None}, "name must be a non-empty string; got None"),
         ("genrnn.json", None, {"name": 5}, "name must be a non-empty string; got 5"),
+        ("genrnn.json", None, {"tokenizer": None}, "tokenizer must be a mapping; got None"),
+        ("genrnn.json", None, {"training": [1, 2]}, r"training must be a mapping; got \[1, 2\]"),
+        ("genrnn.json", None, {"vocab_sizes": {"source": 5}}, "source.model has .* pieces; genrnn.json says 5"),
     ],
 )
 def test_a_damaged_file_whose_checksum_was_updated_is_refused_in_one_line(
