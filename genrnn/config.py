@@ -147,6 +147,9 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+MAX_LAYERS = 64  # per stack; a manifest edited by hand could otherwise ask for millions
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Encoder–decoder architecture."""
@@ -180,6 +183,8 @@ class ModelConfig:
         _require_choices(self, "model.")
         for name in ("embedding_dim", "encoder_hidden", "encoder_layers", "decoder_hidden", "decoder_layers"):
             _require(getattr(self, name) >= 1, f"model.{name}", "must be at least 1")
+        for name in ("encoder_layers", "decoder_layers"):  # far past any recurrent stack that trains
+            _require(getattr(self, name) <= MAX_LAYERS, f"model.{name}", f"must be at most {MAX_LAYERS}")
         for name in ("embedding_dropout", "layer_dropout", "output_dropout"):
             _require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "must be in [0, 1)")
         if self.bridge == "last":
@@ -236,8 +241,15 @@ class TokenizerConfig:
             _require(
                 8 <= getattr(self, name) <= MAX_VOCAB_SIZE, f"tokenizer.{name}", f"must be 8 to {MAX_VOCAB_SIZE:,}"
             )
+
+    def check_trainable(self) -> None:
+        """Refuse target settings that a shared model would ignore: it has one type and size.
+
+        Checked where tokenizers are to be trained, not in every config: bundles trained
+        before the check hold such settings, and load as they did.
+        """
         source, target = (self.source_type, self.source_vocab_size), (self.target_type, self.target_vocab_size)
-        _require(  # one model, one type and size: the target's would be ignored without a word
+        _require(
             not self.shared or target == source,
             "tokenizer.shared",
             "one model serves both sides, so target_type and target_vocab_size must equal source_type and "
@@ -457,7 +469,7 @@ class ExperimentConfig:
         )
         _require(self.name.isprintable(), "name", f"must be printable (no control characters); got {self.name!r}")
         # Dev decoding in training keeps to an evaluation's caps: past them, memory runs out at the first validation.
-        problem = over_job_cap(self.decoding)
+        problem = over_job_cap(decoding_for_mode(to_dict(self.decoding)))  # the fields its mode reads
         if problem:
             raise ConfigurationError(f"decoding.{problem}")
 

@@ -95,7 +95,8 @@ def train_tokenizers(
 
     A shared model writes targets too, so it reads sources as they stand (no NFKC).
     """
-    if config.shared:  # its types and sizes agree: TokenizerConfig checks
+    config.check_trainable()
+    if config.shared:
         shared = _trained([*sources, *targets], config.source_type, config.source_vocab_size, "source", False)
         return shared, shared
     source = _trained(sources, config.source_type, config.source_vocab_size, "source", True)

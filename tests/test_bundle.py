@@ -164,6 +164,12 @@ def test_weights_that_do_not_fit_the_model_are_refused_in_one_line(bundle_dir, t
     assert "\n" not in str(raised.value) and " stored, " in str(raised.value)
 
 
+def test_a_bundle_trained_before_shared_tokenizers_were_checked_still_loads(bundle_dir, tmp_path):
+    # Then a shared model took the source's type and size, and the manifest kept the target's.
+    tokenizer = {"shared": True, "source_type": "char", "target_type": "word"}
+    assert load_bundle(rewritten(bundle_dir[0], tmp_path, "genrnn.json", tokenizer=tokenizer)).tokenizer_config.shared
+
+
 def test_a_manifest_that_describes_a_huge_model_is_refused_before_memory_is_taken(bundle_dir, tmp_path):
     model = json.loads((bundle_dir[0] / "genrnn.json").read_text())["model"]
     # Built, each weight matrix of the encoder would take 16 TB.

@@ -32,6 +32,7 @@ def test_shipped_configs_load(name):
         ({"model": {"cell": "transformer"}}, "model.cell: must be one of lstm, gru, rnn"),
         ({"model": {"hidden": 3}}, "model.hidden: unknown key"),
         ({"model": {"encoder_layers": 0}}, "model.encoder_layers: must be at least 1"),
+        ({"model": {"decoder_layers": 10_000_000}}, "model.decoder_layers: must be at most 64"),
         ({"model": {"layer_dropout": 1.5}}, "model.layer_dropout"),
         ({"model": {"bidirectional": "yes"}}, "model.bidirectional: must be true or false"),
         ({"training": {"lr": "fast"}}, "training.lr: must be a number"),
@@ -56,6 +57,12 @@ def test_shipped_configs_load(name):
 def test_bad_values_name_their_key(values, message):
     with pytest.raises(ConfigurationError, match=message.replace(".", r"\.")):
         from_dict(ExperimentConfig, values)
+
+
+def test_the_decoding_caps_hold_for_the_fields_its_mode_reads():
+    # Greedy dev decoding reads no beam size, as an evaluation's --mode greedy reads none.
+    config = from_dict(ExperimentConfig, {"decoding": {"mode": "greedy", "beam_size": 100}})
+    assert config.decoding.beam_size == 100
 
 
 def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):

@@ -807,6 +807,8 @@ def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp
     [
         (["train", "--train", "/nonexistent.tsv"], "data file not found: /nonexistent.tsv"),
         (["train", "--config", "/nonexistent.yaml"], "config file not found"),
+        # before the data is read: the file's absence would be the error otherwise
+        (["train", "--train", "/nonexistent.tsv", "--set", "tokenizer.shared=true"], "tokenizer.shared: one model"),
         (["evaluate", "--model", "/nonexistent", "--data", "x.tsv"], "bundle directory not found"),
         (["evaluate", "--model", ".", "--data", "x.tsv"], "genrnn.json is missing"),
         # each of these once ended in a traceback, or after the whole decoding: the model is not read first

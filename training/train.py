@@ -412,6 +412,7 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     Returns the bundle's path (``None`` on ranks other than 0).
     """
     output = Path(output)
+    config.tokenizer.check_trainable()  # before the data is read and the run directory written
     pl.seed_everything(config.training.seed, workers=True, verbose=False)
     trainer, checkpoint = build_trainer(config, output)  # first: a device setting it refuses costs nothing
     train_examples, dev_examples = load_data(config)
