@@ -152,7 +152,7 @@ def load_bundle(
     try:
         with torch.device("meta"):  # shapes without memory: a manifest edited by hand may ask for terabytes
             skeleton = Seq2Seq(model_config, *vocab_sizes)
-    except RuntimeError as error:  # sizes past what torch can count
+    except (RuntimeError, TypeError, OverflowError) as error:  # sizes past what torch can count
         raise BundleError(f"{directory / MANIFEST}: its model cannot be built: {error}") from None
     _check_shapes(skeleton, directory)
     # The weights about to be loaded make the initial ones moot: drawing them must not move the

@@ -202,7 +202,7 @@ def _evaluate_parser(sub) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     from genrnn.bundle import load_bundle
-    from genrnn.data import BUILTIN_PREFIX, read_examples
+    from genrnn.data import BUILTIN_CMUDICT, read_examples
     from genrnn.decoding import Generator
     from genrnn.evaluation import evaluate
     from genrnn.quantization import quantize_int8
@@ -216,10 +216,9 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         raise ConfigurationError(f"batch_size: must be at least 1; got {args.batch_size}")
     if args.output:
         check_writable(Path(args.output))
-    if args.data.startswith(BUILTIN_PREFIX) and not args.data[len(BUILTIN_PREFIX) :].partition(":")[2]:
-        dataset = args.data.rstrip(":")
+    if args.data.rstrip(":") == BUILTIN_CMUDICT:
         raise ConfigurationError(
-            f"data: {dataset} alone is its training split; name the split to score, as {dataset}:test"
+            f"data: {BUILTIN_CMUDICT} alone is its training split; name the split to score, as {BUILTIN_CMUDICT}:test"
         )
     device = torch_device(args.device)
     bundle = load_bundle(args.model, device, ensemble_averaging(args))

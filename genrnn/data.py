@@ -19,6 +19,7 @@ from genrnn.errors import DataError
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 BUILTIN_PREFIX = "builtin:"
+BUILTIN_CMUDICT = BUILTIN_PREFIX + "cmudict"
 CMUDICT_SPLITS = ("train", "dev", "test")
 DEV_SHARE = 21  # without a dev set, about 1/21 of the training sources are held out
 
@@ -236,7 +237,7 @@ def builtin_split(spec: str | Path) -> str | None:
 
 def default_valid_spec(train_spec: str) -> str | None:
     """The dev set that goes with a built-in training set (none for files)."""
-    if train_spec.startswith(BUILTIN_PREFIX + "cmudict"):
+    if train_spec.startswith(BUILTIN_CMUDICT):
         return "builtin:cmudict:dev"
     return None
 

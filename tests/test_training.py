@@ -822,6 +822,7 @@ def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp
                 (["--mode", "beam", "--beam-size", "100000"], "beam_size: at most 64; got 100000"),
                 (["--output", "/nonexistent/scores.json"], "output: /nonexistent does not exist"),
                 (["--data", "builtin:cmudict"], "data: builtin:cmudict alone is its training split"),
+                (["--data", "builtin:cmudict:"], "data: builtin:cmudict alone is its training split"),
             ]
         ),
         *(
