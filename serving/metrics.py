@@ -10,6 +10,7 @@ Recorded in the HTTP processes: requests, request duration, requests in flight.
 Recorded in the inference workers: queue wait, batch size, tokens, time per token, model info.
 """
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +18,6 @@ from pathlib import Path
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-
-from genrnn.data import json_line
 
 MODES = ("greedy", "sample", "beam")
 
@@ -65,8 +64,8 @@ MODEL_INFO = Gauge(
 def mode_label(body: bytes) -> str:
     """The decoding mode a request body asks for ("unknown" when the body does not say it in a valid way)."""
     try:
-        mode = json_line(body.decode("utf-8-sig")).get("mode", "greedy")  # UTF-8, a BOM allowed: as the server reads
-    except (ValueError, AttributeError):  # NotJSON is one: a mode given twice is no valid way to say it
+        mode = json.loads(body.decode("utf-8-sig")).get("mode", "greedy")  # UTF-8, a BOM allowed: as the server reads
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: nesting past Python's limit
         return "unknown"
     return mode if mode in MODES else "unknown"
 

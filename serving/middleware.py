@@ -10,6 +10,7 @@ import hmac
 import json
 import time
 from multiprocessing.sharedctypes import Synchronized
+from typing import Any
 
 from fastapi import HTTPException
 from starlette.datastructures import Headers
@@ -91,21 +92,26 @@ class RepeatedKeyMiddleware(PathMiddleware):
         await self.app(scope, receive_body, send)
 
 
-class _Fields(list):
-    """An object's (key, value) pairs as the JSON parser met them."""
-
-
 def repeated_field(body: bytes) -> str | None:
     """The first key that a JSON object body gives twice; ``None`` for any other body.
 
     Only the body's own keys: a nested object is an error of its field, which validation names.
     """
+    last: dict[str, Any] = {}  # the pairs and the object of the object the parser closed last
+
+    def remember(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        last["pairs"], last["object"] = pairs, dict(pairs)
+        return last["object"]
+
     try:
-        value = json.loads(body.decode("utf-8-sig"), object_pairs_hook=_Fields)
+        value = json.loads(body.decode("utf-8-sig"), object_pairs_hook=remember)
     except (ValueError, RecursionError):  # not JSON (nor UTF-8): the app or the UTF-8 check tells it
         return None
+    # The body's own object closes last; a body that is an array or a string has none.
+    if not last or value is not last["object"] or len(value) == len(last["pairs"]):
+        return None
     seen: set[str] = set()
-    for key, _ in value if isinstance(value, _Fields) else ():
+    for key, _ in last["pairs"]:
         if key in seen:
             return key
         seen.add(key)
@@ -224,6 +230,8 @@ class RequestMetricsMiddleware(PathMiddleware):
             await self.app(scope, receive_and_keep, send_and_note)
         finally:
             metrics.INFLIGHT.dec()
-            mode = metrics.mode_label(bytes(body))
+            # A mode given twice is no valid way to say one (parsed again only for a 422).
+            repeated = status == 422 and repeated_field(bytes(body)) is not None
+            mode = "unknown" if repeated else metrics.mode_label(bytes(body))
             metrics.REQUESTS.labels(mode, str(status)).inc()
             metrics.REQUEST_DURATION.labels(mode).observe(time.perf_counter() - started)
