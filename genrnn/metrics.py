@@ -78,7 +78,7 @@ def error_counts(hypotheses: Sequence[str], references: Sequence[Sequence[str]])
     for hypothesis, refs in zip(hypotheses, references):
         tokens = hypothesis.split()
         right += is_right(hypothesis, refs)
-        distance, closest = min((edit_distance(tokens, r.split()), len(r.split())) for r in refs)
+        distance, closest = min((edit_distance(tokens, r), len(r)) for r in map(str.split, refs))
         edits += distance
         length += closest
     return ErrorCounts(right, edits, length, len(hypotheses))
