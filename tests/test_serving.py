@@ -784,6 +784,9 @@ def test_the_api_key_is_required_on_v1_when_set(keyed):
     assert httpx.post(url, json=body, headers={"X-API-Key": KEY}).status_code == 200
     assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert httpx.post(url, json=body, headers={"X-API-Key": "", "Authorization": f"Bearer {KEY}"}).status_code == 200
+    # Of a header given twice, the first counts, as the app reads headers.
+    assert httpx.post(url, json=body, headers=[("X-API-Key", KEY), ("X-API-Key", "wrong")]).status_code == 200
+    assert httpx.post(url, json=body, headers=[("X-API-Key", "wrong"), ("X-API-Key", KEY)]).status_code == 401
 
 
 def test_health_and_metrics_stay_open_with_an_api_key(keyed):
