@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
+from torch.overrides import TorchFunctionMode
 
 import genrnn
 from genrnn.config import DEFAULT_AVERAGING, Averaging, ModelConfig, TokenizerConfig, from_dict, to_dict
@@ -150,7 +151,7 @@ def load_bundle(
         if isinstance(stated, dict) and stated.get(side, size) != size:  # the file at fault, before the weights
             raise BundleError(f"{directory / file} has {size} pieces; {MANIFEST} says {stated[side]!r}")
     try:
-        with torch.device("meta"):  # shapes without memory: a manifest edited by hand may ask for terabytes
+        with torch.device("meta"), _WithoutNormalDraws():  # shapes without memory: an edited manifest may ask for TBs
             skeleton = Seq2Seq(model_config, *vocab_sizes)
     except (RuntimeError, TypeError, OverflowError) as error:  # sizes past what torch can count
         raise BundleError(f"{directory / MANIFEST}: its model cannot be built: {error}") from None
@@ -180,6 +181,17 @@ def load_bundle(
         training=manifest.get("training", {}),
         manifest=manifest,
     )
+
+
+class _WithoutNormalDraws(TorchFunctionMode):
+    """Skips ``normal_`` (embeddings' and orthogonal initialisation): values mean nothing on the meta
+    device, and drawing them there imports torch._dynamo, 1.7 s of every process that loads a bundle."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "normal_":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def _check_shapes(model: Seq2Seq, directory: Path) -> None:
