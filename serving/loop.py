@@ -2,9 +2,16 @@
 
 LitServe fills a batch with up to ``max_batch_size`` *requests*; a request here may
 carry a list of inputs, and the engine's cost grows with inputs. This loop fills a
-batch with up to ``max_batch_size`` *inputs*: a request that does not fit waits for
-the next batch (a request is never split), and one larger than the whole budget is
+batch with up to ``max_batch_size`` *inputs*: a request that does not fit starts a
+later batch (a request is never split), and one larger than the whole budget is
 decoded on its own. Everything else (decode, predict, encode, replies) is LitServe's.
+
+A request that does not fit is handed on, not kept: it goes to a queue that the
+workers of the endpoint share and read before the request queue, so that the next
+batch to start, in whichever worker, starts with it; and a wake-up goes on the
+request queue, so that an idle worker takes it at once instead of when the worker
+that could not fit it is done. The server shares that queue (see
+``serving.server.Server``); a loop it did not share keeps its own.
 
 It also differs in how it waits: it blocks until a first request arrives, then
 gathers more for at most ``batch_timeout``, instead of polling the queue every
@@ -12,7 +19,6 @@ millisecond while idle.
 """
 
 import time
-from collections import deque
 from queue import Empty, Queue
 from typing import Any
 
@@ -28,6 +34,9 @@ from serving import metrics
 # An idle worker wakes this often, so that LitServe's loop stays responsive.
 _IDLE_WAIT = 1.0
 
+# Put on the request queue after a request is handed on: whoever takes it looks at the handed-on queue.
+WAKE = "genrnn-handed-on"
+
 
 def timeout_error(waited: float, limit: float) -> HTTPException:
     """The 504 of a request that waited in the queue longer than the server's timeout."""
@@ -41,24 +50,40 @@ class InputBudgetLoop(BatchedLoop):
 
     def __init__(self) -> None:
         super().__init__()
-        self._held: deque = deque()  # a request that did not fit the previous batch
+        # Requests that did not fit a batch, oldest first: set by the server before its workers start.
+        self.handed_on: Queue | None = None
 
-    def _next(self, request_queue: Queue, deadline: float | None) -> Any:
-        """The held request, else the next queued one; ``None`` when none comes before the deadline."""
-        if self._held:
-            return self._held.popleft()
-        timeout = _IDLE_WAIT if deadline is None else max(0.0, deadline - time.monotonic())
+    def _handed_on(self) -> Queue:
+        if self.handed_on is None:  # not shared: this worker keeps its own
+            self.handed_on = Queue()
+        return self.handed_on
+
+    def _take_handed_on(self) -> Any:
+        """The oldest handed-on request, or ``None``."""
         try:
-            return request_queue.get(timeout=timeout)
+            return self._handed_on().get_nowait()
         except Empty:
             return None
+
+    def _next(self, request_queue: Queue, deadline: float | None, first: bool) -> Any:
+        """The next request: a handed-on one before a queued one; ``None`` when none comes before the deadline."""
+        item = self._take_handed_on() if first else None
+        while item is None:
+            timeout = _IDLE_WAIT if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = request_queue.get(timeout=timeout)
+            except Empty:
+                return None
+            if item == WAKE:
+                item = self._take_handed_on()  # None when another worker took it first
+        return item
 
     def get_batch_requests(self, lit_api: LitAPI, request_queue: Queue, transport: MessageTransport):
         """One batch ``[(response_queue_id, uid, request)]``; requests that waited too long get their 504 here."""
         batch, arrivals, inputs, deadline = [], [], 0, None
         timeout = lit_api.request_timeout
         while inputs < lit_api.max_batch_size:
-            item = self._next(request_queue, deadline)
+            item = self._next(request_queue, deadline, first=not batch)
             if item is None:
                 break
             if item == _SENTINEL_VALUE:
@@ -72,7 +97,9 @@ class InputBudgetLoop(BatchedLoop):
                 continue
             size = len(request.inputs)
             if batch and inputs + size > lit_api.max_batch_size:
-                self._held.append(item)
+                # The queue manager has the request before the wake-up goes out: whoever wakes finds it.
+                self._handed_on().put(item)
+                request_queue.put(WAKE)
                 break
             batch.append((response_queue_id, uid, request))
             arrivals.append(arrived)

@@ -237,6 +237,11 @@ class Server(ls.LitServer):
                 manager = super()._init_manager(num_api_servers)
             finally:
                 self.forks.port = None
+        from serving.loop import InputBudgetLoop  # imports the metrics: see build_server
+
+        for lit_api in self.litapi_connector:  # before the workers start: they get the loop with it
+            if isinstance(lit_api.loop, InputBudgetLoop):
+                lit_api.loop.handed_on = manager.Queue()
         if self.stop_signal is not None:
             self._shutdown_event.set()
         return manager

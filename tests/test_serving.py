@@ -75,6 +75,40 @@ def test_a_batch_is_filled_with_inputs_not_requests():
     assert _batches(api, _queued(3, 2, 1, 6, 1), transport) == [[3], [2, 1], [6], [1]]
 
 
+def test_a_request_that_does_not_fit_starts_the_next_batch_of_any_worker():
+    first, second = (GenerationAPI("unused", Limits(), max_batch_size=4, batch_timeout=0.01) for _ in range(2))
+    first.loop.handed_on = second.loop.handed_on = Queue()  # as the server shares it between its workers
+    for api in (first, second):
+        api.request_timeout = 30.0
+    queue, transport = _queued(3, 2, 1), MPQueueTransport(None, [Queue()])
+
+    def sizes(api: GenerationAPI) -> list[int]:
+        return [len(request.inputs) for _, _, request in api.loop.get_batch_requests(api, queue, transport)[0]]
+
+    batches = [sizes(first), sizes(second), sizes(first)]
+
+    # the 2 did not fit with the 3: the other worker's next batch starts with it, before the 1 queued after it
+    assert batches == [[3], [2, 1], []]
+
+
+def test_a_worker_idle_on_the_queue_wakes_for_a_request_handed_on(monkeypatch):
+    monkeypatch.setattr(loop, "_IDLE_WAIT", 600.0)  # without the wake-up, the worker would sleep through the test
+    api = GenerationAPI("unused", Limits(), max_batch_size=4, batch_timeout=0.01)
+    api.request_timeout = 30.0
+    queue, batches = Queue(), Queue()
+    waiting = threading.Thread(
+        target=lambda: batches.put(api.loop.get_batch_requests(api, queue, MPQueueTransport(None, [Queue()]))[0])
+    )
+    waiting.start()
+    time.sleep(0.2)  # the worker is blocked on the empty request queue by now
+    api.loop.handed_on.put(_queued(2).get())  # what another worker does with a request that did not fit its batch
+    queue.put(loop.WAKE)
+
+    ((_, uid, request),) = batches.get(timeout=60)
+    waiting.join()
+    assert (uid, len(request.inputs)) == ("uid0", 2)
+
+
 def test_a_request_that_waited_past_the_timeout_is_answered_504_without_decoding():
     api = GenerationAPI("unused", Limits(), max_batch_size=4, batch_timeout=0.01)
     api.request_timeout = 1.0
@@ -731,6 +765,19 @@ def test_64_concurrent_requests_of_mixed_modes_succeed_in_shared_batches(keyed):
     singles = after["genrnn_batch_size_bucket", (("le", "1.0"),)] - before["genrnn_batch_size_bucket", (("le", "1.0"),)]
     assert after["genrnn_batch_size_sum", ()] - before["genrnn_batch_size_sum", ()] == 64
     assert singles < batches  # some batches held several requests
+
+
+def test_requests_that_do_not_fit_a_batch_are_handed_between_the_two_workers_and_all_answered(keyed):
+    sizes = [8, 5, 7, 3, 6, 8] * 4  # no two 8s share a 16-input batch, and most neighbours do not fit together
+    bodies = [{"inputs": [f"r{i}w{j}" for j in range(size)]} for i, size in enumerate(sizes)]
+    before = keyed.metrics()
+    responses = asyncio.run(_many(keyed, bodies))
+    after = keyed.metrics()
+
+    assert [r.status_code for r in responses] == [200] * len(sizes)
+    assert [[o["input"] for o in r.json()["outputs"]] for r in responses] == [b["inputs"] for b in bodies]
+    assert after["genrnn_batch_size_sum", ()] - before["genrnn_batch_size_sum", ()] == sum(sizes)
+    assert after["genrnn_batch_size_count", ()] - before["genrnn_batch_size_count", ()] < len(sizes)  # some shared
 
 
 def test_metrics_from_every_process_add_up_to_the_requests_sent(keyed):
