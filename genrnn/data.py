@@ -330,6 +330,13 @@ def collate(items: Sequence[tuple[int, list[int], list[int]]]) -> Batch:
     )
 
 
+# How an epoch's shuffle is seeded: from the pair (seed, epoch). Runs stamped before it was
+# recorded seeded from the sum, which gave seed 7's fifth epoch the order of seed 11's first,
+# and keep that order when they resume.
+SHUFFLE_SEEDING = "seed,epoch"
+SUM_SHUFFLE_SEEDING = "seed+epoch"
+
+
 class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of similar length, each within a token budget, in shuffled order.
 
@@ -352,7 +359,10 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         even: bool = True,
+        seeding: str = SHUFFLE_SEEDING,
     ) -> None:
+        if seeding not in (SHUFFLE_SEEDING, SUM_SHUFFLE_SEEDING):
+            raise ValueError(f"seeding: {seeding!r} is not {SHUFFLE_SEEDING!r} or {SUM_SHUFFLE_SEEDING!r}")
         self.lengths = list(lengths)
         self.max_tokens = max_tokens
         self.max_items = max_items or len(self.lengths)
@@ -361,6 +371,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.even = even
+        self.seeding = seeding
         self.epoch = 0
         self._count: tuple[int, int] | None = None  # (epoch, batches), as sorting is not free
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches already served)
@@ -383,8 +394,13 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
             return 0
         return self._resume_at[1]
 
+    def _epoch_seed(self) -> int | str:
+        if self.seeding == SUM_SHUFFLE_SEEDING:
+            return self.seed + self.epoch
+        return f"{self.seed},{self.epoch}"  # a string seeds through its SHA-512: the same in every process
+
     def _all_batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
+        rng = random.Random(self._epoch_seed())
         order = list(range(len(self.lengths)))
         if self.shuffle:
             rng.shuffle(order)  # stable sort below keeps this as the tie-break

@@ -7,6 +7,8 @@ import random
 import pytest
 
 from genrnn.data import (
+    SHUFFLE_SEEDING,
+    SUM_SHUFFLE_SEEDING,
     Example,
     PairDataset,
     TokenBudgetBatchSampler,
@@ -144,6 +146,22 @@ def test_token_budget_batches_cover_everything_once_within_budget():
     assert sum(lengths) / padded > 0.9
     sampler.set_epoch(1)
     assert list(sampler) != batches  # a new order each epoch
+
+
+def test_every_seed_and_epoch_shuffle_in_an_order_of_their_own():
+    lengths = [random.Random(i).randint(1, 40) for i in range(500)]
+
+    def order(seed: int, epoch: int, seeding: str = SHUFFLE_SEEDING) -> list[list[int]]:
+        sampler = TokenBudgetBatchSampler(lengths, max_tokens=200, seed=seed, seeding=seeding)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    orders = [order(seed, epoch) for seed in (1, 7, 11, 13) for epoch in range(8)]
+    assert len({str(o) for o in orders}) == len(orders)  # seed 7's fifth epoch is not seed 11's first
+    # runs stamped before the seeding was recorded keep the order they began with
+    assert order(7, 4, SUM_SHUFFLE_SEEDING) == order(11, 0, SUM_SHUFFLE_SEEDING) != order(7, 4)
+    with pytest.raises(ValueError, match="seeding"):
+        TokenBudgetBatchSampler(lengths, max_tokens=200, seeding="seed")
 
 
 def test_batch_size_caps_the_number_of_pairs():

@@ -12,7 +12,7 @@ import torch
 from lightning_fabric.utilities.seed import pl_worker_init_function
 
 from genrnn.config import DataConfig
-from genrnn.data import Batch, Example, PairDataset, TokenBudgetBatchSampler, collate, training_pairs
+from genrnn.data import SHUFFLE_SEEDING, Batch, Example, PairDataset, TokenBudgetBatchSampler, collate, training_pairs
 from genrnn.tokenizer import Tokenizer
 
 
@@ -77,10 +77,12 @@ class PairDataModule(pl.LightningDataModule):
         target_tokenizer: Tokenizer,
         config: DataConfig,
         seed: int = 0,
+        seeding: str = SHUFFLE_SEEDING,
     ) -> None:
         super().__init__()
         self.config = config
         self.seed = seed
+        self.seeding = seeding  # of each epoch's shuffle (see genrnn.data.SHUFFLE_SEEDING)
         self.source_tokenizer = source_tokenizer
         self.target_tokenizer = target_tokenizer
         limits = (config.max_source_length, config.max_target_length)
@@ -115,6 +117,7 @@ class PairDataModule(pl.LightningDataModule):
             max_items=self.config.batch_size,
             shuffle=shuffle,
             seed=self.seed,
+            seeding=self.seeding,
             num_replicas=world_size,
             rank=rank,
             even=shuffle,  # training steps on every rank together; the dev loss counts each pair once

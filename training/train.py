@@ -28,6 +28,8 @@ from genrnn.bundle import Bundle, load_bundle, save_bundle
 from genrnn.config import ExperimentConfig, ModelConfig, from_dict, is_rank_zero, parse_devices, to_dict
 from genrnn.data import (
     DEV_SHARE,
+    SHUFFLE_SEEDING,
+    SUM_SHUFFLE_SEEDING,
     Example,
     builtin_split,
     default_valid_spec,
@@ -247,13 +249,15 @@ def stamp_run(
     related: dict[str, Bundle | TeacherTable],
     resuming: bool,
     dev_fingerprint: str,
-) -> None:
+) -> str:
     """Record what the run trains on; refuse to resume checkpoints of other data, model, tokenizers or teacher.
 
     The batches and the seed are recorded too: a resumed run skips the batches its checkpoint
     says were served, which are other batches under another token budget or seed. So is how
     the run is validated: its best score, early stopping and schedule compare scores on one
     dev set, decoded and measured one way.
+
+    Returns how the run seeds each epoch's shuffle: as it began.
     """
     stamp = {"data": data_fingerprint, "model": to_dict(config.model), "tokenizer": to_dict(config.tokenizer)}
     data = config.data
@@ -263,6 +267,7 @@ def stamp_run(
         "max_source_length": data.max_source_length,
         "max_target_length": data.max_target_length,
         "seed": config.training.seed,
+        "seeding": SHUFFLE_SEEDING,
     }
     stamp["optimization"] = {key: getattr(config.training, key) for key in OPTIMIZATION_KEYS}
     stamp["validation"] = {
@@ -287,6 +292,10 @@ def stamp_run(
                 f"{path} is damaged, so the run there cannot be checked before it resumes; "
                 "use another --output, or --no-resume to start afresh there"
             ) from None
+        if "seeding" not in stored.get("batches", {}):  # stamped before it was recorded: the run keeps the sum
+            stamp["batches"]["seeding"] = SUM_SHUFFLE_SEEDING
+            if "batches" in stored:
+                stored["batches"]["seeding"] = SUM_SHUFFLE_SEEDING
         wanted = {key: value for key, value in stamp.items() if key in stored or key not in LATER_STAMP_KEYS}
         if stored != wanted:
             raise ConfigurationError(
@@ -298,6 +307,7 @@ def stamp_run(
     output.mkdir(parents=True, exist_ok=True)
     # Written whole or not at all: a kill while writing would leave a run that cannot resume.
     write_atomically(path, json.dumps(stamp))
+    return stamp["batches"]["seeding"]
 
 
 class EpochProgressBar(TQDMProgressBar):
@@ -418,7 +428,9 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     train_examples, dev_examples = load_data(config)
     data_fingerprint = fingerprint(train_examples)
     related = load_related_bundles(config)
-    stamp_run(output, config, data_fingerprint, related, resuming=resume, dev_fingerprint=fingerprint(dev_examples))
+    seeding = stamp_run(
+        output, config, data_fingerprint, related, resuming=resume, dev_fingerprint=fingerprint(dev_examples)
+    )
     if not resume and is_rank_zero():
         # Afresh means without the old checkpoints (a later rerun would resume from them), and
         # without the old teacher's table (another run would learn from it).
@@ -435,7 +447,7 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
             train_examples, config, output / "tokenizer", data_fingerprint
         )
     datamodule = PairDataModule(
-        train_examples, dev_examples, source_tokenizer, target_tokenizer, config.data, config.training.seed
+        train_examples, dev_examples, source_tokenizer, target_tokenizer, config.data, config.training.seed, seeding
     )
     train_set = datamodule.train_set
     if not len(train_set):
