@@ -24,7 +24,7 @@ import genrnn
 from genrnn.config import DEFAULT_AVERAGING, Averaging, ModelConfig, TokenizerConfig, from_dict, to_dict
 from genrnn.ensemble import Ensemble
 from genrnn.errors import BundleError, ConfigurationError
-from genrnn.files import read_manifest, sha256, write_manifest
+from genrnn.files import read_manifest, sha256, with_usual_permissions, write_manifest
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, tokenizers_fingerprint
 
@@ -94,6 +94,7 @@ def save_bundle(
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST).unlink(missing_ok=True)
     save_model(model, str(directory / WEIGHTS))
+    with_usual_permissions(directory / WEIGHTS)
     source_tokenizer.save(directory / SOURCE_MODEL)
     target_tokenizer.save(directory / TARGET_MODEL)
     manifest = {

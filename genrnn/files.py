@@ -44,6 +44,17 @@ def write_atomically(path: Path, content: str | bytes) -> None:
         temporary.write_bytes(content.encode() if isinstance(content, str) else content)
 
 
+def with_usual_permissions(path: Path) -> None:
+    """Give ``path`` the permissions of a file created here by ``open`` (0644 under umask 022).
+
+    safetensors writes its files 0600, so that a server running as another user (a
+    container's) could not read the weights beside the rest of the bundle.
+    """
+    umask = os.umask(0)  # reading the umask means setting it: set back at once
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     """Write a manifest last, whole: the files it lists are complete once it exists."""
     write_atomically(path, json.dumps(manifest, indent=2) + "\n")

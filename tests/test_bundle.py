@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,16 +18,34 @@ from genrnn.model import Seq2Seq
 from genrnn.tokenizer import train_tokenizers
 
 
-@pytest.fixture()
-def bundle_dir(tmp_path):
+def write_bundle(directory: Path) -> Seq2Seq:
+    """A small bundle in ``directory``; its model."""
     torch.manual_seed(0)
     source, target = train_tokenizers(
         ["cat", "dog", "house"] * 4, ["K AE1 T", "D AO1 G", "HH AW1 S"] * 4, TokenizerConfig()
     )
     config = ModelConfig(embedding_dim=16, encoder_hidden=8, decoder_hidden=16, tie_embeddings=True)
     model = Seq2Seq(config, source.vocab_size, target.vocab_size).eval()
-    save_bundle(tmp_path / "b", model, source, target, TokenizerConfig(), "demo", {"steps": 7})
-    return tmp_path / "b", model
+    save_bundle(directory, model, source, target, TokenizerConfig(), "demo", {"steps": 7})
+    return model
+
+
+@pytest.fixture()
+def bundle_dir(tmp_path):
+    return tmp_path / "b", write_bundle(tmp_path / "b")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_file_of_a_bundle_is_as_readable_as_the_umask_allows(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        write_bundle(tmp_path / "b")
+    finally:
+        os.umask(previous)
+
+    # a container's server runs as its own user: it reads a mounted bundle as "others"
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "b").iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
 
 
 def test_round_trip_gives_identical_outputs(bundle_dir):

@@ -1093,6 +1093,9 @@ def test_a_saved_teacher_table_teaches_another_run_as_its_teacher_would(g2p_file
     taught = taught_by(g2p_files, tmp_path / "taught", tiny_bundle, *options)
     table = tmp_path / "taught" / "teacher-table"
     assert f"teacher's table written to {table}" in taught.stdout
+    # as readable as the files beside it (the tests' umask may be any): safetensors writes 0600
+    beside = (tmp_path / "taught" / "run.json").stat().st_mode & 0o777
+    assert {f.stat().st_mode & 0o777 for f in table.iterdir()} == {beside}
     again = taught_by(g2p_files, tmp_path / "again", table, *options)
     assert "teacher's distributions for" not in again.stdout  # no teacher ran
     assert not (tmp_path / "again" / "teacher-table").exists()  # nothing new to keep

@@ -38,7 +38,7 @@ from genrnn.bundle import SOURCE_MODEL, TARGET_MODEL
 from genrnn.config import DataConfig, TokenizerConfig, from_dict, to_dict
 from genrnn.data import Batch, PairDataset, TokenBudgetBatchSampler, collate
 from genrnn.errors import BundleError, ConfigurationError
-from genrnn.files import read_manifest, sha256, write_manifest
+from genrnn.files import read_manifest, sha256, with_usual_permissions, write_manifest
 from genrnn.tokenizer import Tokenizer, tokenizers_fingerprint
 
 TABLE_FORMAT_VERSION = 1
@@ -141,6 +141,7 @@ def save_table(
         "probs": distillation.probs,
     }
     save_file({name: t.cpu().contiguous() for name, t in tensors.items()}, str(directory / TABLE_WEIGHTS))
+    with_usual_permissions(directory / TABLE_WEIGHTS)
     source_tokenizer.save(directory / SOURCE_MODEL)
     target_tokenizer.save(directory / TARGET_MODEL)
     manifest = {
