@@ -335,6 +335,7 @@ def collate(items: Sequence[tuple[int, list[int], list[int]]]) -> Batch:
 # and keep that order when they resume.
 SHUFFLE_SEEDING = "seed,epoch"
 SUM_SHUFFLE_SEEDING = "seed+epoch"
+SHUFFLE_SEEDINGS = (SHUFFLE_SEEDING, SUM_SHUFFLE_SEEDING)
 
 
 class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -361,8 +362,8 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         even: bool = True,
         seeding: str = SHUFFLE_SEEDING,
     ) -> None:
-        if seeding not in (SHUFFLE_SEEDING, SUM_SHUFFLE_SEEDING):
-            raise ValueError(f"seeding: {seeding!r} is not {SHUFFLE_SEEDING!r} or {SUM_SHUFFLE_SEEDING!r}")
+        if seeding not in SHUFFLE_SEEDINGS:
+            raise ValueError(f"seeding: {seeding!r} is none of {SHUFFLE_SEEDINGS}")
         self.lengths = list(lengths)
         self.max_tokens = max_tokens
         self.max_items = max_items or len(self.lengths)

@@ -29,6 +29,7 @@ from genrnn.config import ExperimentConfig, ModelConfig, from_dict, is_rank_zero
 from genrnn.data import (
     DEV_SHARE,
     SHUFFLE_SEEDING,
+    SHUFFLE_SEEDINGS,
     SUM_SHUFFLE_SEEDING,
     Example,
     builtin_split,
@@ -287,15 +288,18 @@ def stamp_run(
             stored = json.loads(path.read_text())
             # Model settings added since the stamp was written take their defaults, which keep the old behaviour.
             stored["model"] = to_dict(from_dict(ModelConfig, stored["model"], "model"))
-        except (ValueError, KeyError, TypeError, ConfigurationError):
+            # The run keeps the shuffle's seeding it began with: the sum, if stamped before it was recorded.
+            seeding = stored.get("batches", {}).get("seeding", SUM_SHUFFLE_SEEDING)
+            if seeding not in SHUFFLE_SEEDINGS:
+                raise ValueError(seeding)
+        except (ValueError, KeyError, TypeError, AttributeError, ConfigurationError):
             raise ConfigurationError(
                 f"{path} is damaged, so the run there cannot be checked before it resumes; "
                 "use another --output, or --no-resume to start afresh there"
             ) from None
-        if "seeding" not in stored.get("batches", {}):  # stamped before it was recorded: the run keeps the sum
-            stamp["batches"]["seeding"] = SUM_SHUFFLE_SEEDING
-            if "batches" in stored:
-                stored["batches"]["seeding"] = SUM_SHUFFLE_SEEDING
+        stamp["batches"]["seeding"] = seeding
+        if "batches" in stored:
+            stored["batches"]["seeding"] = seeding
         wanted = {key: value for key, value in stamp.items() if key in stored or key not in LATER_STAMP_KEYS}
         if stored != wanted:
             raise ConfigurationError(
