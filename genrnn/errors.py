@@ -52,3 +52,26 @@ def interruption_kept(trainer: Any) -> Iterator[None]:
     finally:
         if handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handler)
+
+
+def first_sigterm_only() -> None:
+    """Have the SIGTERM handler in place run on the first SIGTERM alone; later ones are ignored.
+
+    Called inside a Lightning trainer's run, whose handler broadcasts from rank 0 to the
+    other ranks, and in rank 0 passes the signal on to the ranks it started. A SIGTERM to
+    every process (systemd, Slurm, ``kill -- -PGID``) reached those twice, and their second
+    broadcast, which rank 0 never matched, failed in the middle of a batch. Lightning puts
+    the handler it replaced back as the run ends.
+    """
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler):
+        return
+    called = False
+
+    def once(signum: int, frame: Any) -> None:
+        nonlocal called
+        if not called:
+            called = True
+            handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, once)

@@ -39,7 +39,7 @@ from genrnn.config import (
     parse_devices,
 )
 from genrnn.decoding import Generator
-from genrnn.errors import ConfigurationError, interruption_kept
+from genrnn.errors import ConfigurationError, first_sigterm_only, interruption_kept
 from genrnn.files import check_writable, sha256
 from genrnn.quantization import quantize_int8
 from serving.batch_input import Item, items_fingerprint, read_items
@@ -181,6 +181,7 @@ class PartWriter(BasePredictionWriter):
         self.progress: Progress | None = None
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        first_sigterm_only()
         self.part = self.store.open_part(trainer.global_rank)
         self.done = self.store.done()
         if trainer.is_global_zero:

@@ -515,6 +515,7 @@ def test_sigterm_stops_a_two_process_job_that_the_same_command_resumes(tiny_bund
 
     assert job.returncode == 143, stderr[-3000:]
     assert "terminated; rerun the same command" in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
     assert not output.exists()
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
