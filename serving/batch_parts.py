@@ -4,7 +4,7 @@ While a job runs, each rank appends its results to its own part file in
 ``OUTPUT.parts/``, one ``INDEX<TAB>JSON`` line per item, flushed to disk after each
 batch. A line counts only once it is whole (a kill can leave half a line: it is
 ignored and cut off). A rerun skips every index already in a part; at the end the
-parts are merged in input order into the output, written under a temporary name
+parts are merged in input order into the output, written in ``OUTPUT.parts/`` first
 and renamed, so the output appears complete or not at all.
 """
 
@@ -22,6 +22,7 @@ from genrnn.files import write_atomically
 
 STAMP = "job.json"
 MERGED = "merged"  # written once the output holds every part
+MERGING = "output.tmp"  # the output being merged, renamed into place once whole
 
 
 def parts_directory(output: Path) -> Path:
@@ -119,7 +120,8 @@ class PartStore:
         missing = [i for i in range(total) if i not in lines]
         if missing:
             raise GenrnnError(f"{len(missing)} items are missing from {self.directory}; rerun to finish them")
-        temporary = self.output.with_name(self.output.name + ".tmp")
+        # Among the job's own files, beside the output (the rename moves no data): never an input's name.
+        temporary = self.directory / MERGING
         with temporary.open("w", encoding="utf-8") as f:
             for index in range(total):
                 f.write(lines[index] + "\n")

@@ -347,6 +347,20 @@ def test_an_output_path_that_cannot_be_written_is_one_line_of_error(tiny_bundle,
         assert error.startswith("genrnn generate: error:") and message in error and len(error.splitlines()) == 1
 
 
+def test_no_file_beside_the_output_is_overwritten_not_even_an_input_named_like_a_temporary(
+    tiny_bundle, words, tmp_path
+):
+    source = tmp_path / "out.jsonl.tmp"
+    source.write_text("\n".join(words[:4]) + "\n")
+    before = source.read_bytes()
+
+    outputs = generate(tiny_bundle, source, tmp_path / "out.jsonl")
+
+    assert [o["input"] for o in outputs] == words[:4]
+    assert source.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.tmp"]
+
+
 def test_a_kill_during_the_merges_cleanup_leaves_the_output_as_it_is(tmp_path, monkeypatch):
     store = PartStore(tmp_path / "out.jsonl")
     store.check_stamp({"job": 1})
