@@ -120,8 +120,8 @@ def _parse_jsonl(line: str) -> Parsed:
 _PARSERS = {"text": _parse_text, "tsv": _parse_tsv, "jsonl": _parse_jsonl}
 
 
-def _settings(defaults: DecodingConfig, overrides: dict[str, Any], item_id: ItemId) -> DecodingConfig:
-    """The job's settings with a line's overrides, and the item's own seed where the job has one.
+def _line_settings(defaults: DecodingConfig, overrides: dict[str, Any]) -> DecodingConfig:
+    """The job's settings with a line's overrides: the fields the line's mode reads, checked.
 
     ``defaults`` holds every option of the job, also those its own mode does not read:
     a line in another mode reads them (a greedy job's ``--seed`` seeds its sampled lines).
@@ -133,8 +133,15 @@ def _settings(defaults: DecodingConfig, overrides: dict[str, Any], item_id: Item
     problem = over_job_cap(settings)
     if problem:
         raise _Malformed(problem)
+    return settings
+
+
+def _item_settings(
+    defaults: DecodingConfig, settings: DecodingConfig, overrides: dict[str, Any], item_id: ItemId
+) -> DecodingConfig:
+    """A line's settings with the item's own seed, where the job has one and the line sets none."""
     if "seed" in fields_read(settings.mode) and "seed" not in overrides and defaults.seed is not None:
-        settings = dataclasses.replace(settings, seed=item_seed(defaults.seed, item_id))
+        return dataclasses.replace(settings, seed=item_seed(defaults.seed, item_id))
     return settings
 
 
@@ -149,6 +156,10 @@ def read_items(
     if problem:
         raise ConfigurationError(problem)
     parse = _PARSERS[input_format(path)]
+    try:  # the settings of every line without overrides: made once, not for each of a million lines
+        plain = _line_settings(defaults, {})
+    except _Malformed as error:
+        raise ConfigurationError(str(error)) from None
     items: list[Item] = []
     bad: list[BadLine] = []
     lines_of: dict[ItemId, int] = {}  # each id in the output, and the line that holds it
@@ -174,7 +185,8 @@ def read_items(
                 raise _Malformed("the source holds only unseen characters (such as zero-width spaces)")
             if len(source) > MAX_SOURCE_LENGTH:
                 raise _Malformed(f"the source has {len(source):,} characters; at most {MAX_SOURCE_LENGTH:,}")
-            items.append(Item(index, number, item_id, source, _settings(defaults, overrides, item_id)))
+            settings = _line_settings(defaults, overrides) if overrides else plain
+            items.append(Item(index, number, item_id, source, _item_settings(defaults, settings, overrides, item_id)))
             lines_of[item_id] = number
         except (_Malformed, UnicodeDecodeError) as error:
             message = "not valid UTF-8" if isinstance(error, UnicodeDecodeError) else str(error)
@@ -198,6 +210,7 @@ def items_fingerprint(items: list[Item], bad_lines: list[BadLine]) -> str:
     Taken from the items as read, not from the file: a file changed while the job starts,
     or the same bytes read in another format, give other items.
     """
-    records = [[i.index, i.id, i.source, dataclasses.asdict(i.settings)] for i in items]
+    # vars: a flat dataclass's fields, as asdict gives them, without asdict's deep copy of each
+    records = [[i.index, i.id, i.source, vars(i.settings)] for i in items]
     records += [[b.index, b.id, b.line, b.error] for b in bad_lines]
     return hashlib.sha256(json.dumps(records, ensure_ascii=False).encode()).hexdigest()
