@@ -22,6 +22,8 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_CMUDICT = BUILTIN_PREFIX + "cmudict"
 CMUDICT_SPLITS = ("train", "dev", "test")
 DEV_SHARE = 21  # without a dev set, about 1/21 of the training sources are held out
+MAX_LINE_BYTES = 1 << 20  # of a line of a data or input file: far past any sequence an RNN reads
+OVERLONG_LINE = f"the line has more than {MAX_LINE_BYTES:,} bytes (1 MiB)"
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,24 @@ def is_unicode_text(text: str) -> bool:
     return True
 
 
-def numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """A file's lines as bytes, numbered from 1, without their ends (LF or CRLF), read as they come."""
+def numbered_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
+    """A file's lines as bytes, numbered from 1, without their ends (LF or CRLF), read as they come.
+
+    A line of more than :data:`MAX_LINE_BYTES` comes as ``None`` (:data:`OVERLONG_LINE`
+    says so), and is never whole in memory: a file that is one huge line (a JSON array) would otherwise
+    take gigabytes to refuse.
+    """
     with path.open("rb") as file:
-        for number, raw in enumerate(file, start=1):
-            yield number, raw.rstrip(b"\r\n")
+        number = 0
+        while raw := file.readline(MAX_LINE_BYTES + 2):  # + 2: room for a CRLF
+            number += 1
+            line = raw.rstrip(b"\r\n")
+            if len(line) > MAX_LINE_BYTES:
+                while raw and not raw.endswith(b"\n"):  # the rest of the line, a piece at a time
+                    raw = file.readline(1 << 20)
+                yield number, None
+                continue
+            yield number, line
 
 
 def decode_line(raw: bytes) -> str:
@@ -158,6 +173,8 @@ def read_file(path: str | Path) -> list[Example]:
     parse = _parse_jsonl_line if path.suffix.lower() == ".jsonl" else _parse_tsv_line
     examples = []
     for number, raw in numbered_lines(path):
+        if raw is None:
+            raise DataError(f"{path}:{number}: {OVERLONG_LINE}")
         try:  # a line at a time, so that a bad byte names its line
             line = decode_line(raw)
         except UnicodeDecodeError as error:

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from genrnn.config import DecodingConfig, decoding_for_mode, fields_read, over_job_cap
-from genrnn.data import NotJSON, decode_line, is_blank, is_unicode_text, json_line, line_problem, numbered_lines
+from genrnn.data import (
+    OVERLONG_LINE,
+    NotJSON,
+    decode_line,
+    is_blank,
+    is_unicode_text,
+    json_line,
+    line_problem,
+    numbered_lines,
+)
 from genrnn.decoding import item_seed
 from genrnn.errors import ConfigurationError, DataError
 
@@ -167,6 +176,8 @@ def read_items(
         index = len(items) + len(bad)
         given = None  # the id the line gives, once it is read
         try:
+            if raw is None:
+                raise _Malformed(OVERLONG_LINE)
             line = decode_line(raw)
             problem = line_problem(line)
             if problem:

@@ -67,6 +67,7 @@ def test_tsv_and_jsonl_read_the_same_examples(tmp_path):
         ("bad.tsv", "cat\tK AE1 T\ncaf\xe9\tK AE1 F\n", 2, "not UTF-8"),  # written as Latin-1 below
         ("bad.tsv", "cat\tK AE1 T\ndog\tD AO1 G\rread\tR EH1 D\r\n", 2, "carriage return"),  # CR-only ends
         ("bad.tsv", "cat\tK AE1 T\n\x00d\x00o\x00g\x00\t\x00D\x00\n", 2, "NUL"),  # UTF-16 text is valid UTF-8
+        ("bad.tsv", "cat\tK AE1 T\n" + "a" * (1 << 20) + "b\tK\n", 2, "more than 1,048,576 bytes"),
     ],
 )
 def test_a_malformed_line_names_its_file_and_line(tmp_path, name, content, line, message):

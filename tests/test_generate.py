@@ -19,6 +19,7 @@ import torch
 from genrnn.bundle import load_bundle
 from genrnn.cli import main
 from genrnn.config import JOB_CAPS, DecodingConfig, decoding_for_mode
+from genrnn.data import MAX_LINE_BYTES, OVERLONG_LINE
 from genrnn.decoding import Generator
 from genrnn.errors import ConfigurationError, DataError, GenrnnError
 from genrnn.files import sha256
@@ -259,6 +260,28 @@ def test_lines_that_once_crashed_the_job_or_failed_their_batch_are_bad_lines(tmp
     (tmp_path / "in.txt").write_bytes("cat\ndog\n".encode("utf-16-le"))
     with pytest.raises(DataError, match="in.txt:1: a NUL character"):
         read_items(tmp_path / "in.txt", DecodingConfig())
+
+
+def test_a_line_over_a_mebibyte_is_a_bad_line_never_read_whole(tmp_path):
+    import tracemalloc
+
+    exact = "a" * MAX_LINE_BYTES  # the most a line may hold, with its CRLF
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"cat\n" + b"[" * (32 * MAX_LINE_BYTES) + b"\ndog\n" + exact.encode() + b"\r\nowl")
+    tracemalloc.start()
+    try:
+        items, bad = read_items(path, DecodingConfig(), skip_bad_lines=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    # the line of exactly 1 MiB is read, and refused for its source's length
+    too_long = f"the source has {MAX_LINE_BYTES:,} characters; at most {MAX_SOURCE_LENGTH:,}"
+    assert [(b.line, b.error) for b in bad] == [(2, OVERLONG_LINE), (4, too_long)]
+    assert [(i.line, i.source) for i in items] == [(1, "cat"), (3, "dog"), (5, "owl")]
+    assert peak < 8 * MAX_LINE_BYTES  # the 32 MiB line was read a piece at a time
+    with pytest.raises(DataError, match="in.txt:2: the line has more than 1,048,576 bytes"):
+        read_items(path, DecodingConfig())
 
 
 def test_ids_are_unique_so_that_outputs_and_seeds_tell_items_apart(tmp_path):
