@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from genrnn.errors import ConfigurationError
+from genrnn.errors import ConfigurationError, shown
 
 T = TypeVar("T")
 
@@ -53,7 +53,7 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         choices = typing.get_args(annotation)
         if isinstance(value, int) and not isinstance(value, bool) and str(value) in choices:  # precision: 16
             value = str(value)
-        _require(value in choices, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+        _require(value in choices, key, f"must be one of {', '.join(map(str, choices))}; got {shown(value)}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -64,10 +64,10 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, prefix=key)
     if annotation is bool:
-        _require(isinstance(value, bool), key, f"must be true or false; got {value!r}")
+        _require(isinstance(value, bool), key, f"must be true or false; got {shown(value)}")
         return value
     if annotation is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer; got {value!r}")
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer; got {shown(value)}")
         return value
     if annotation is float:
         number = value
@@ -80,12 +80,12 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
             ok = isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
         except OverflowError:  # an int beyond any float
             ok = False
-        _require(ok, key, f"must be a number; got {value!r}")
+        _require(ok, key, f"must be a number; got {shown(value)}")
         return float(number)
     if annotation is str:
         if isinstance(value, int) and not isinstance(value, bool):  # devices: 2
             return str(value)
-        _require(isinstance(value, str), key, f"must be a string; got {value!r}")
+        _require(isinstance(value, str), key, f"must be a string; got {shown(value)}")
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")
 
@@ -443,7 +443,8 @@ def decoding_for_mode(values: dict[str, Any]) -> DecodingConfig:
     for key, value in values.items():
         if key in types_of:
             # JSON has numbers: "0.5" is text, as HTTP's schema says (a YAML file may write 1e-3 so).
-            _require(not (key in numeric and isinstance(value, str)), key, f"must be {numeric.get(key)}; got {value!r}")
+            is_text = key in numeric and isinstance(value, str)
+            _require(not is_text, key, f"must be {numeric.get(key)}; got {shown(value)}")
             _convert(value, types_of[key], key)
     reads = fields_read(values.get("mode", DecodingConfig.mode))
     return from_dict(DecodingConfig, {key: value for key, value in values.items() if key in reads})

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from genrnn.errors import DataError
+from genrnn.errors import DataError, shown
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 BUILTIN_PREFIX = "builtin:"
@@ -121,7 +121,7 @@ def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise NotJSON(f"key {key!r} is given twice")
+                raise NotJSON(f"key {shown(key)} is given twice")
             seen.add(key)
     return record
 

@@ -7,6 +7,12 @@ from contextlib import contextmanager
 from typing import Any
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for a message, cut after ``limit`` characters: a user's value may be a megabyte long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
 class GenrnnError(Exception):
     """Base class for errors reported to the user as one clear line."""
 

@@ -28,7 +28,7 @@ from genrnn.data import (
     numbered_lines,
 )
 from genrnn.decoding import item_seed
-from genrnn.errors import ConfigurationError, DataError
+from genrnn.errors import ConfigurationError, DataError, shown
 
 # The longest source a line may hold (characters), beside genrnn.config.JOB_CAPS: a batch is
 # padded to its longest source, and one of them must not make its batch fail.
@@ -122,7 +122,7 @@ def _parse_jsonl(line: str) -> Parsed:
     unknown = sorted(set(record) - SETTING_KEYS)
     if unknown:
         allowed = ", ".join(["id", "source", *sorted(SETTING_KEYS)])
-        raise _Malformed(f"unknown key {unknown[0]!r}; allowed keys: {allowed}", item_id)
+        raise _Malformed(f"unknown key {shown(unknown[0])}; allowed keys: {allowed}", item_id)
     return item_id, source.strip(), record
 
 

@@ -284,6 +284,19 @@ def test_a_line_over_a_mebibyte_is_a_bad_line_never_read_whole(tmp_path):
         read_items(path, DecodingConfig())
 
 
+def test_an_error_quotes_only_the_start_of_a_huge_value(tmp_path):
+    path = tmp_path / "in.jsonl"
+    lines = [{"source": "dog", "k" * 300_000: 1}, {"source": "cat", "mode": "q" * 200_000}, {"source": "cat", "a": 1}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    items, bad = read_items(path, DecodingConfig(), skip_bad_lines=True)
+
+    assert not items and all(len(b.error) < 300 for b in bad)  # what the job prints and records for each
+    assert bad[0].error.startswith("unknown key 'kkk") and "… (300,002 characters)" in bad[0].error
+    assert bad[1].error.startswith("mode: must be one of greedy, sample, beam; got 'qqq")
+    assert bad[2].error.startswith("unknown key 'a';")  # a short value is quoted whole
+
+
 def test_ids_are_unique_so_that_outputs_and_seeds_tell_items_apart(tmp_path):
     lines = [
         json.dumps({"id": 4, "source": "cat"}),
