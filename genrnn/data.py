@@ -63,8 +63,8 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
     """A file's lines as bytes, numbered from 1, without their ends (LF or CRLF), read as they come.
 
     A line of more than :data:`MAX_LINE_BYTES` comes as ``None`` (:data:`OVERLONG_LINE`
-    says so), and is never whole in memory: a file that is one huge line (a JSON array) would otherwise
-    take gigabytes to refuse.
+    says so), and is never whole in memory: a file that is one huge line (a JSON array)
+    would otherwise take gigabytes to refuse.
     """
     with path.open("rb") as file:
         number = 0
