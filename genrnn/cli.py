@@ -33,7 +33,7 @@ from genrnn.config import (
 )
 from genrnn.errors import ConfigurationError, GenrnnError, Terminated
 from genrnn.files import check_writable
-from genrnn.processes import die_with_the_launching_process
+from genrnn.processes import die_with_the_launching_process, started_by_the_first_process
 
 if TYPE_CHECKING:  # torch is imported when a verb runs, not to parse its arguments
     import torch
@@ -389,8 +389,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except (GenrnnError, ConfigurationError) as error:
-        if is_rank_zero():  # every process of a distributed launch meets the same error
-            print(f"genrnn {args.command}: error: {error}", file=sys.stderr)
+        # The first process tells the errors that every process of a distributed run meets. One it
+        # started meets an error alone before the trainer runs: the first had got past the same
+        # checks before starting it (an input file that grew in between, say).
+        rank = process_rank()
+        if rank == 0 or (started_by_the_first_process() and not error.in_trainer):
+            print(f"genrnn {args.command}: error{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # a path, a permission, a full disk: one process's own, so every rank tells its own
         rank = process_rank()

@@ -16,6 +16,10 @@ def shown(value: Any, limit: int = 60) -> str:
 class GenrnnError(Exception):
     """Base class for errors reported to the user as one clear line."""
 
+    # Set on one raised inside a trainer's run (see interruption_kept): every process of a
+    # distributed run meets such an error, so that the first one's word is enough.
+    in_trainer = False
+
 
 class ConfigurationError(GenrnnError):
     """A configuration value is missing, unknown or out of range; the message names the key."""
@@ -49,6 +53,9 @@ def interruption_kept(trainer: Any) -> Iterator[None]:
     handler = signal.getsignal(signal.SIGINT)
     try:
         yield
+    except GenrnnError as error:
+        error.in_trainer = True
+        raise
     except SystemExit as stop:
         if isinstance(stop.__context__, KeyboardInterrupt):
             raise KeyboardInterrupt from None

@@ -26,6 +26,11 @@ def die_with(parent: int) -> None:
         os._exit(1)
 
 
+def started_by_the_first_process() -> bool:
+    """Whether the first process of this distributed run started this one (Lightning's launch, not torchrun's)."""
+    return int(os.environ.get("LOCAL_RANK", "0") or "0") > 0 and LAUNCHER_VARIABLE in os.environ
+
+
 def die_with_the_launching_process() -> None:
     """In a process that a distributed launch started beside its first (local rank 1 and up), die with its launcher.
 

@@ -573,6 +573,30 @@ def test_sigterm_stops_a_two_process_job_that_the_same_command_resumes(tiny_bund
     assert read_jsonl(output) == single  # the same batches, so the same output to the last bit
 
 
+def test_an_error_the_second_process_meets_alone_is_told(tiny_bundle, words, tmp_path):
+    source_file = tmp_path / "in.txt"
+    source_file.write_text("\n".join(words[:40]) + "\n")
+    stamp = tmp_path / "out.jsonl.parts" / "job.json"  # written by the first process before it starts the second
+    command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(source_file)]
+    command += ["--output", str(tmp_path / "out.jsonl"), "--accelerator", "cpu", "--devices", "2"]
+
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not stamp.is_file():
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended or stalled before its stamp"
+            time.sleep(0.01)
+        with source_file.open("a") as f:  # the second process reads another input than the first
+            f.write("grown\n")
+        stderr = job.communicate(timeout=180)[1]
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+    assert job.returncode != 0
+    assert "genrnn generate: error (rank 1): " in stderr and "holds the parts of a different job" in stderr, stderr
+
+
 def test_the_second_process_of_a_job_dies_with_the_first(tiny_bundle, words, tmp_path):
     """Killed outright (SIGKILL, the OOM killer), the first process cannot stop the second: the kernel does."""
     source_file = tmp_path / "in.txt"

@@ -798,8 +798,9 @@ def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp
     more = tiny_train(g2p_files, run, "--max-epochs", "2", "--devices", "2", "--strategy", "ddp")
     result = run_cli(*more, check=False)
     assert result.returncode == 1
-    errors = [line for line in result.stderr.splitlines() if line.startswith("genrnn train: error:")]
-    assert len(errors) == 1 and "saved by 1 training processes and this run has 2" in errors[0]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("genrnn train: error")]
+    assert len(errors) == 1 and "saved by 1 training processes and this run has 2" in errors[0], errors
+    assert errors[0].startswith("genrnn train: error: ")  # the first process's word: every process met it
 
 
 @pytest.mark.parametrize(
