@@ -114,6 +114,8 @@ def _parse_jsonl(line: str) -> Parsed:
         raise _Malformed('"id" must be a string or an integer')
     if isinstance(item_id, str) and not is_unicode_text(item_id):
         raise _Malformed('"id" holds a lone surrogate (\\ud800-\\udfff), not text')
+    if isinstance(item_id, str) and not item_id.strip():  # as TSV refuses an empty id
+        raise _Malformed('"id" is empty')
     source = record.pop("source", None)
     if not isinstance(source, str) or not source.strip():
         raise _Malformed('"source" must be a non-empty string', item_id)

@@ -326,6 +326,13 @@ def test_ids_are_unique_so_that_outputs_and_seeds_tell_items_apart(tmp_path):
     (tmp_path / "in.tsv").write_text("x\tcat\ny\tdog\nx\tcow\n")
     with pytest.raises(DataError, match=r"in.tsv:3: id \"x\" is line 1's too"):
         read_items(tmp_path / "in.tsv", DecodingConfig())
+    # An empty id tells no item apart, in JSONL as in TSV.
+    path.write_text('{"id": "", "source": "cat"}\n{"id": " ", "source": "dog"}\n{"id": "a", "source": "cow"}\n')
+    items, bad = read_items(path, DecodingConfig(), skip_bad_lines=True)
+    assert [item.id for item in items] == ["a"] and [b.error for b in bad] == ['"id" is empty'] * 2
+    (tmp_path / "in.tsv").write_text(" \tcat\n")
+    with pytest.raises(DataError, match=r"in.tsv:1: empty id or source"):
+        read_items(tmp_path / "in.tsv", DecodingConfig())
 
 
 def test_a_greedy_jobs_sampling_options_reach_its_sampled_lines(tiny_bundle, words, tmp_path, capsys):
