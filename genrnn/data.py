@@ -68,15 +68,15 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
     """
     with path.open("rb") as file:
         number = 0
-        while raw := file.readline(MAX_LINE_BYTES + 2):  # + 2: room for a CRLF
+        while raw := file.readline(MAX_LINE_BYTES + 1):
             number += 1
-            line = raw.rstrip(b"\r\n")
-            if len(line) > MAX_LINE_BYTES:
-                while raw and not raw.endswith(b"\n"):  # the rest of the line, a piece at a time
-                    raw = file.readline(1 << 20)
-                yield number, None
-                continue
-            yield number, line
+            # Past the limit, a line within it holds nothing but its end: carriage returns, the LF.
+            overlong = bool(raw[MAX_LINE_BYTES:].rstrip(b"\r\n"))
+            piece = raw
+            while piece and not piece.endswith(b"\n"):  # the rest of a long line, a piece at a time
+                piece = file.readline(MAX_LINE_BYTES + 1)
+                overlong = overlong or bool(piece.rstrip(b"\r\n"))
+            yield number, None if overlong else raw[:MAX_LINE_BYTES].rstrip(b"\r\n")
 
 
 def decode_line(raw: bytes) -> str:

@@ -77,6 +77,21 @@ def test_a_malformed_line_names_its_file_and_line(tmp_path, name, content, line,
         read_examples(path)
 
 
+def test_lines_within_the_limit_are_read_as_a_plain_reader_reads_them(tmp_path, monkeypatch):
+    """Whatever carriage returns surround the limit: the numbers and contents are those of every line."""
+    import genrnn.data
+
+    rng, path = random.Random(0), tmp_path / "f"
+    for _ in range(5000):
+        limit = rng.randint(1, 6)  # 1 MiB, scaled down so that random lines cross it
+        monkeypatch.setattr(genrnn.data, "MAX_LINE_BYTES", limit)
+        path.write_bytes(bytes(rng.choice(b"ab\r\n\xef") for _ in range(rng.randint(0, 24))))
+        with path.open("rb") as f:
+            plain = [raw.rstrip(b"\r\n") for raw in f]
+        expected = [(n, line if len(line) <= limit else None) for n, line in enumerate(plain, start=1)]
+        assert list(genrnn.data.numbered_lines(path)) == expected, path.read_bytes()
+
+
 def test_lines_of_one_source_are_merged_for_scoring(tmp_path):
     (tmp_path / "a.tsv").write_text("read\tR EH1 D\ncat\tK AE1 T\nread\tR IY1 D\nread\tR EH1 D\n")
     assert read_examples(tmp_path / "a.tsv") == [
