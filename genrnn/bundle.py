@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 import genrnn
 from genrnn.config import DEFAULT_AVERAGING, Averaging, ModelConfig, TokenizerConfig, from_dict, to_dict
 from genrnn.ensemble import Ensemble
-from genrnn.errors import BundleError, ConfigurationError
+from genrnn.errors import BundleError, ConfigurationError, shown
 from genrnn.files import read_manifest, sha256, with_usual_permissions, write_manifest
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, tokenizers_fingerprint
@@ -138,7 +138,7 @@ def load_bundle(
     manifest = read_bundle_manifest(directory)
     for section in ("model", "tokenizer", "training"):  # a YAML file's empty section is none; a bundle's is no such
         if not isinstance(manifest.get(section, {}), dict):
-            raise BundleError(f"{directory / MANIFEST}: {section} must be a mapping; got {manifest[section]!r:.40}")
+            raise BundleError(f"{directory / MANIFEST}: {section} must be a mapping; got {shown(manifest[section])}")
     try:
         model_config = from_dict(ModelConfig, manifest["model"], prefix="model")
         tokenizer_config = from_dict(TokenizerConfig, manifest["tokenizer"], prefix="tokenizer")

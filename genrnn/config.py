@@ -466,9 +466,9 @@ class ExperimentConfig:
         _require(
             bool(self.name.strip()) and "/" not in self.name and self.name not in (".", ".."),
             "name",
-            f"must be a non-empty name without '/'; got {self.name!r}",
+            f"must be a non-empty name without '/'; got {shown(self.name)}",
         )
-        _require(self.name.isprintable(), "name", f"must be printable (no control characters); got {self.name!r}")
+        _require(self.name.isprintable(), "name", f"must be printable (no control characters); got {shown(self.name)}")
         # Dev decoding in training keeps to an evaluation's caps: past them, memory runs out at the first validation.
         problem = over_job_cap(decoding_for_mode(to_dict(self.decoding)))  # the fields its mode reads
         if problem:
