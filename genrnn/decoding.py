@@ -104,6 +104,18 @@ def item_seed(seed: int, item_id: int | str) -> int:
     return int.from_bytes(digest, "big") >> 1  # 63 bits: a non-negative int64
 
 
+def settings_per_source(settings: DecodingConfig, count: int) -> list[DecodingConfig]:
+    """The settings of ``count`` sources decoded together under ``settings``.
+
+    With a seed, each source samples from a stream of its own, derived from the seed and
+    its position: under one seed they would all draw the same numbers, and copies of a
+    source would come out alike.
+    """
+    if settings.seed is None:
+        return [settings] * count
+    return [replace(settings, seed=item_seed(settings.seed, i)) for i in range(count)]
+
+
 def filtered_distribution(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +252,11 @@ class Generator:
     def generate(
         self, sources: Sequence[str], settings: DecodingConfig | Sequence[DecodingConfig] = DecodingConfig()
     ) -> list[Generation]:
-        """Decode every source with its settings (one for all, or one per source)."""
+        """Decode every source with its settings (one for all, or one per source).
+
+        A row samples from its settings' seed as given: sources under one seed draw the same
+        numbers unless their settings come from :func:`settings_per_source`.
+        """
         _check_not_one_string(sources)
         source_ids = self.source_tokenizer.encode(sources)
         hypotheses = self.generate_ids(source_ids, settings)
@@ -255,14 +271,10 @@ class Generator:
     ) -> list[Generation]:
         """Decode many sources in batches of similar length; results in input order.
 
-        A seed samples each source from a stream of its own, derived from the seed and the
-        source's position, so that sources do not share one stream of random numbers.
+        A seed samples each source from a stream of its own (see :func:`settings_per_source`).
         """
         _check_not_one_string(sources)
-        seed = settings.seed
-        per_source = [settings] * len(sources)
-        if seed is not None:
-            per_source = [replace(settings, seed=item_seed(seed, i)) for i in range(len(sources))]
+        per_source = settings_per_source(settings, len(sources))
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         results: list[Generation | None] = [None] * len(sources)
         for start in range(0, len(order), batch_size):

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 import genrnn
 from genrnn.bundle import load_bundle
 from genrnn.config import DEFAULT_AVERAGING, Averaging
-from genrnn.decoding import Generation, Generator
+from genrnn.decoding import Generation, Generator, settings_per_source
 from serving import metrics
 from serving.loop import InputBudgetLoop
 from serving.schemas import GenerateReply, GenerateRequest, Limits, ReplyCandidate, ReplyOutput, Usage
@@ -109,7 +109,7 @@ class GenerationAPI(ls.LitAPI):
 
     def _generate(self, requests: list[GenerateRequest]) -> list[GenerateReply]:
         sources = [text for r in requests for text in r.inputs]
-        settings = [setting for r in requests for setting in [r.decoding()] * len(r.inputs)]
+        settings = [setting for r in requests for setting in settings_per_source(r.decoding(), len(r.inputs))]
         metrics.BATCH_SIZE.observe(len(sources))  # each engine call, the failed batch and its retries apart
         started = time.perf_counter()
         generations = self.generator.generate(sources, settings)

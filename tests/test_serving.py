@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from genrnn.bundle import load_bundle
 from genrnn.cli import main
 from genrnn.config import DecodingConfig
-from genrnn.decoding import Generator
+from genrnn.decoding import Generator, settings_per_source
 from genrnn.errors import ConfigurationError
 from serving import loop, metrics
 from serving.api import Failure, GenerationAPI
@@ -488,7 +488,7 @@ def test_each_mode_replies_in_the_design_shape_with_the_engine_output(keyed, eng
     assert set(reply) == {"model", "outputs", "usage"}
     assert reply["model"] == "tiny"
     assert [o["input"] for o in reply["outputs"]] == inputs
-    expected = engine.generate(inputs, DecodingConfig(max_new_tokens=20, **MODES[mode]))
+    expected = engine.generate(inputs, settings_per_source(DecodingConfig(max_new_tokens=20, **MODES[mode]), 3))
     for output, generation in zip(reply["outputs"], expected):
         assert output["candidates"] == [
             {
@@ -533,6 +533,16 @@ def test_a_seed_gives_the_same_sample_every_time(keyed):
     assert first.status_code == second.status_code == 200
     assert first.json() == second.json()
     assert len(first.json()["outputs"][0]["candidates"]) == 4
+
+
+def test_the_inputs_of_a_seeded_request_sample_from_streams_of_their_own(keyed):
+    # Under one shared stream, copies of a word would all come out alike.
+    body = {"inputs": ["pronunciation"] * 8, "mode": "sample", "temperature": 2.0, "seed": 5, "max_new_tokens": 20}
+    response = keyed.generate(**body)
+
+    assert response.status_code == 200, response.text
+    texts = [output["candidates"][0]["text"] for output in response.json()["outputs"]]
+    assert len(set(texts)) > 1, texts
 
 
 def test_a_single_string_input_gets_a_list_of_one_output(keyed):
