@@ -60,6 +60,24 @@ MODEL_INFO = Gauge(
     multiprocess_mode="livemax",
 )
 
+# The statuses /v1/generate answers with. Every series a request can touch is made at zero as
+# each process starts: Prometheus' rate() and increase() miss a counter's first increment, and
+# an alert its first 500, when the series appears with it.
+STATUSES = ("200", "400", "401", "413", "422", "429", "500", "504")
+
+
+def _zero_series() -> None:
+    for mode in (*MODES, "unknown"):
+        REQUEST_DURATION.labels(mode)
+        for status in STATUSES:
+            REQUESTS.labels(mode, status)
+    for mode in MODES:
+        for metric in (TIME_PER_OUTPUT_TOKEN, INPUT_TOKENS, OUTPUT_TOKENS):
+            metric.labels(mode)
+
+
+_zero_series()
+
 
 def mode_label(body: bytes) -> str:
     """The decoding mode a request body asks for ("unknown" when the body does not say it in a valid way)."""

@@ -64,30 +64,36 @@ class StoppedDuringStartup(Exception):
     """A signal asked the server to stop before it served: it stops as it would have after."""
 
 
-def fresh_metrics_directory() -> tuple[Path, bool]:
-    """An empty directory for multiprocess metrics, set in the environment; and whether it is ours to delete.
+@contextmanager
+def metrics_directory() -> Iterator[Path]:
+    """A new, empty directory for this server's multiprocess metrics, set in the environment meanwhile.
 
-    Values left by an earlier run would be added to this run's, so a directory the
-    operator chose is emptied of metric files, and otherwise a new one is made.
+    It is made inside the directory that ``PROMETHEUS_MULTIPROC_DIR`` names, where the
+    operator set one, or else in the temporary directory; never that directory itself,
+    where the files of an earlier run or of another server given the same one would be
+    added to this server's values (or deleted under it).
     """
     if "prometheus_client" in sys.modules:
         raise RuntimeError("prometheus_client was imported before its multiprocess directory was set")
     chosen = os.environ.get(METRICS_DIR_VARIABLE)
-    if chosen:
-        directory = Path(chosen)
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob("*.db"):
-            stale.unlink()
-        return directory, False
-    remove_stale_metrics_directories()
-    directory = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"))
+    parent = Path(chosen or tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_metrics_directories(parent)
+    directory = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-", dir=parent))
     os.environ[METRICS_DIR_VARIABLE] = str(directory)
-    return directory, True
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        if chosen:
+            os.environ[METRICS_DIR_VARIABLE] = chosen
+        else:
+            del os.environ[METRICS_DIR_VARIABLE]
 
 
-def remove_stale_metrics_directories() -> None:
+def remove_stale_metrics_directories(parent: Path) -> None:
     """Delete the metrics directories of servers whose process is gone: a SIGKILL leaves its own behind."""
-    for directory in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+    for directory in parent.glob(f"{METRICS_DIR_PREFIX}*-*"):
         owner = directory.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
         if not owner.isdigit():  # named before directories named their process: whose is unknown
             continue
@@ -409,25 +415,22 @@ def serve(config: ServeConfig) -> None:
         state = "set: /v1/* requires the key" if key else "not set: no key required"
         print(f"genrnn serve: {config.api_key_env} is {state}", file=sys.stderr)
 
-    directory, ours = fresh_metrics_directory()
     forks = ForkedChildrenDieWithServer()
     forks.register()
-    try:
+    with metrics_directory():
         server = build_server(config, metadata, key, forks)
         for signum in STOP_SIGNALS:
             signal.signal(signum, server.request_stop)
-        server.run(
-            host=config.host,
-            port=config.port,
-            num_api_servers=config.api_servers,
-            log_level=config.log_level,
-            generate_client_file=False,
-            access_log=config.access_log,
-        )
-    except StoppedDuringStartup:
-        pass
-    finally:
-        if ours:
-            shutil.rmtree(directory, ignore_errors=True)
+        try:
+            server.run(
+                host=config.host,
+                port=config.port,
+                num_api_servers=config.api_servers,
+                log_level=config.log_level,
+                generate_client_file=False,
+                access_log=config.access_log,
+            )
+        except StoppedDuringStartup:
+            pass
     if server.failure:
         raise ServerStopped(f"the server stopped: {server.failure}")

@@ -218,11 +218,19 @@ def test_a_server_removes_the_metrics_directories_of_servers_that_are_gone(tmp_p
     for directory in (stale, running, unknown):
         directory.mkdir()
         (directory / "counter_1.db").write_bytes(b"")
-    script = "from serving.server import fresh_metrics_directory; print(fresh_metrics_directory()[0])"
+    script = (
+        "import os; from serving.server import metrics_directory\n"
+        "with metrics_directory() as made: print(made, made.is_dir(), os.environ['PROMETHEUS_MULTIPROC_DIR'])\n"
+        "print(made.exists(), 'PROMETHEUS_MULTIPROC_DIR' in os.environ)"
+    )
     env = {**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, "TMPDIR": str(tmp_path)}
-    made = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert not stale.exists() and running.exists() and unknown.exists()
-    assert Path(made.stdout.strip()).name.startswith("genrnn-metrics-")
+    inside, after = result.stdout.splitlines()
+    made, made_is_dir, variable = inside.split()
+    assert Path(made).parent == tmp_path and Path(made).name.startswith("genrnn-metrics-")
+    assert made_is_dir == "True" and variable == made
+    assert after == "False False"  # removed, and the environment as it was
 
 
 def test_metrics_render_while_a_process_creates_its_value_file(tmp_path):
@@ -304,10 +312,15 @@ def http_processes(pid: int) -> list[int]:
 class Server:
     """A ``genrnn serve`` subprocess and an HTTP client for it."""
 
-    def __init__(self, bundle: Path, log: Path, *options: str, key: str | None = None) -> None:
+    def __init__(
+        self, bundle: Path, log: Path, *options: str, key: str | None = None, metrics_dir: Path | None = None
+    ) -> None:
         """Start the server (without waiting for it: several start at once)."""
         port = free_port()
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        self.metrics_dir = metrics_dir
+        if metrics_dir is not None:
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         if key:
             env[KEY_ENV] = key
         command = [sys.executable, "-m", "genrnn.cli", "serve", "--model", str(bundle), "--port", str(port), *options]
@@ -436,12 +449,18 @@ SERVERS = {
 def servers(tiny_bundle, other_bundle, tmp_path_factory) -> Iterator[dict[str, Server]]:
     """Every server of this file, started together so that their startups overlap."""
     logs = tmp_path_factory.mktemp("servers")
+    shared = tmp_path_factory.mktemp("metrics")  # an operator's metrics directory, given to two servers
     started = {
-        name: Server(tiny_bundle, logs / f"{name}.log", *options, key=key) for name, (options, key) in SERVERS.items()
+        name: Server(
+            tiny_bundle, logs / f"{name}.log", *options, key=key, metrics_dir=shared if name == "small" else None
+        )
+        for name, (options, key) in SERVERS.items()
     }
     # Two members whose distributions differ, their log-probabilities averaged.
     ensemble = f"{tiny_bundle},{other_bundle}"
-    started["ensemble"] = Server(ensemble, logs / "ensemble.log", "--ensemble-averaging", "log-probabilities")
+    started["ensemble"] = Server(
+        ensemble, logs / "ensemble.log", "--ensemble-averaging", "log-probabilities", metrics_dir=shared
+    )
     try:
         yield started
     finally:
@@ -816,6 +835,41 @@ def test_metrics_from_every_process_add_up_to_the_requests_sent(keyed):
     assert after["genrnn_inflight_requests", ()] == 0
     device = "cuda:0" if torch.cuda.is_available() else "cpu"  # the servers run on the default accelerator
     assert after["genrnn_model_info", (("device", device), ("model", "tiny"), ("version", "0.1.0"))] == 1
+
+
+def test_every_series_a_request_can_touch_is_on_metrics_from_the_start(small):
+    # The small server has no API key and decodes no beam request that fails: only a
+    # series made in advance is there. (A series that appears with its first increment
+    # hides that increment from Prometheus' rate() and increase().)
+    samples = small.metrics()
+
+    for mode in ("greedy", "sample", "beam", "unknown"):
+        for status in ("200", "400", "401", "413", "422", "429", "500", "504"):
+            assert ("genrnn_requests_total", (("mode", mode), ("status", status))) in samples
+        assert ("genrnn_request_duration_seconds_count", (("mode", mode),)) in samples
+    for mode in ("greedy", "sample", "beam"):
+        for name in ("genrnn_input_tokens_total", "genrnn_output_tokens_total"):
+            assert (name, (("mode", mode),)) in samples
+        assert ("genrnn_time_per_output_token_seconds_count", (("mode", mode),)) in samples
+    assert samples["genrnn_requests_total", (("mode", "beam"), ("status", "500"))] == 0
+
+
+def test_servers_given_one_metrics_directory_each_count_their_own(servers, small):
+    ensemble = servers["ensemble"].ready()
+    # Each server works in a directory of its own inside the one given to both.
+    assert ensemble.metrics_dir == small.metrics_dir
+    assert len(list(small.metrics_dir.glob("genrnn-metrics-*"))) == 2
+    before = {server: server.metrics() for server in (small, ensemble)}
+    for _ in range(2):
+        assert ensemble.generate(inputs=["cat"]).status_code == 200
+    after = {server: server.metrics() for server in (small, ensemble)}
+
+    ok = ("genrnn_requests_total", (("mode", "greedy"), ("status", "200")))
+    assert after[ensemble][ok] - before[ensemble][ok] == 2
+    assert after[small][ok] == before[small][ok]
+    models = {server: {dict(labels)["model"] for name, labels in after[server] if name == "genrnn_model_info"}
+              for server in (small, ensemble)}  # fmt: skip
+    assert models == {small: {"tiny"}, ensemble: {"tiny+other"}}
 
 
 def test_a_reply_names_the_first_ten_problems_and_counts_the_rest(keyed):
