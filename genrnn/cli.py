@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -359,7 +360,10 @@ def _run_serve(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genrnn", description="Sequence generation with encoder–decoder RNNs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Options are spelled out: a prefix (--por for --port) would slip past the Docker entry
+    # script's checks, and would mean another option once one with that prefix is added.
+    whole_names = partial(argparse.ArgumentParser, allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=whole_names)
     _train_parser(sub)
     _evaluate_parser(sub)
     _generate_parser(sub)

@@ -207,3 +207,21 @@ def test_a_dev_set_given_on_the_command_line_is_kept_whatever_the_training_data(
 
     args = build_parser().parse_args(["train", "--config", str(ROOT / "training/configs/tiny.yaml"), *arguments])
     assert config_from_train_args(args).data.valid == valid
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["train", "--conf", "x"],
+        ["evaluate", "--model", "m", "--data", "d", "--max-new", "9"],
+        ["generate", "--model", "m", "--input", "i", "--output", "o", "--max-new", "9"],
+        ["serve", "--model", "m", "--max-new", "9"],
+    ],
+)
+def test_options_must_be_spelled_out(arguments, capsys):
+    from genrnn.cli import build_parser
+
+    with pytest.raises(SystemExit) as usage:
+        build_parser().parse_args(arguments)  # the last option a prefix of one the command has
+    assert usage.value.code == 2
+    assert f"unrecognized arguments: {' '.join(arguments[-2:])}" in capsys.readouterr().err

@@ -304,6 +304,20 @@ def test_entry_script_runs_other_commands_as_they_are():
     assert usage.returncode == 0 and "serve" in usage.stdout
 
 
+def test_entry_script_passes_no_shortened_port_to_the_server(tmp_path, tiny_bundle):
+    # The script checks whole names: the server must refuse a prefix, which argparse would take.
+    # Into a file: the script's ready watcher keeps a pipe open while the server is unreaped.
+    with (tmp_path / "stderr.txt").open("w") as errors:
+        result = subprocess.run(
+            [image_command()[0], "serve", "--por", "8933"],
+            env=host_environment(GENRNN_MODEL=str(tiny_bundle)),
+            stderr=errors,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert "unrecognized arguments: --por 8933" in (tmp_path / "stderr.txt").read_text()
+
+
 @pytest.mark.parametrize("argument", [["--port", "8933"], ["--port=8933"], ["--host", "0.0.0.0"]])
 def test_entry_script_refuses_a_port_or_host_its_health_check_would_not_follow(argument):
     result = subprocess.run(
