@@ -1071,7 +1071,10 @@ def test_a_distilled_run_resumes_with_its_teacher_and_refuses_another(g2p_files,
     assert refused.returncode == 1 and "other settings (teacher: changed;" in refused.stderr
     untaught = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40"), check=False)
     assert untaught.returncode == 1
-    assert "other settings (tokenizers_from_bundle: dropped, teacher: dropped;" in untaught.stderr
+    assert "other settings (tokenizers_from_bundle: dropped, teacher: dropped, distill_weight:" in untaught.stderr
+    weight = ("--set", "training.distill_weight=1")
+    weighed = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *teacher, *weight), check=False)
+    assert weighed.returncode == 1 and "other settings (distill_weight: 0.5 (this run: 1.0);" in weighed.stderr
     resumed = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *teacher))
     assert "resuming from" in resumed.stdout
     facts = load_bundle(run / "bundle").training

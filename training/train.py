@@ -225,7 +225,7 @@ def build_module(
 
 
 # Recorded since after the first runs were stamped: a stamp without them resumes as before.
-LATER_STAMP_KEYS = ("batches", "optimization", "validation")
+LATER_STAMP_KEYS = ("batches", "optimization", "validation", "distill_weight")
 
 # The settings that the optimiser's and the schedule's saved state, and the loss, depend on.
 # The budget (max_steps, max_epochs, max_time) may change: a finished run may go on.
@@ -282,6 +282,7 @@ def stamp_run(
         stamp["tokenizers_from_bundle"] = next(iter(related.values())).tokenizers_fingerprint
     if "teacher" in related:
         stamp["teacher"] = related["teacher"].fingerprint
+        stamp["distill_weight"] = config.training.distill_weight  # the loss: read only with a teacher
     path = output / "run.json"
     if resuming and path.is_file() and last_checkpoint(output).is_file():
         try:
