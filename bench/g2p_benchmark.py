@@ -20,7 +20,9 @@ prints table rows for BENCHMARKS.md, dev's choice and the test figures it report
 several of them as one ensemble. ``--train FILE`` trains on another file instead of
 the split's train file (a distilled one, ``bench/g2p_distill.py``); it must hold the
 split's dev words as they are, so that the run holds out the same dev set, and no
-test word.
+test word. Nor may any model that a bundle's weights or teachers came from
+(``training.init_from``, ``training.teacher``) have trained on a test word: bundles
+record the data of theirs (``ancestry`` in their training facts).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,8 +56,11 @@ def train_model(args: argparse.Namespace, run: Path) -> tuple[Path, float]:
         training = replace(training, max_time=args.max_time)
     data = replace(config.data, train=str(args.train or Path(args.data_dir) / "g014b2b.train"), valid=None)
     config = replace(config, name=f"{config.name}-g014b2b", data=data, training=training)
-    from training.train import train  # here: scoring bundles alone needs no Lightning, and its import is slow
+    # here: scoring bundles alone needs no Lightning, and its import is slow
+    from training.train import load_related_bundles, related_ancestry, train
 
+    # The models it starts from or learns from must not have seen a test word either.
+    check_ancestry(related_ancestry(load_related_bundles(config)), Path(args.data_dir))
     started = time.monotonic()
     bundle = train(config, run)
     return bundle, time.monotonic() - started
@@ -85,12 +91,25 @@ def check_train_file(train_file: Path, data_dir: Path) -> None:
 
 
 def check_trained_on(bundle: Bundle, data_dir: Path) -> None:
-    """Fail unless each member of ``bundle`` trained on a file that :func:`check_train_file` passes.
-
-    A bundle records the file it trained on; one that is not here to read is named on stderr.
+    """Fail unless every member of ``bundle``, and every model its weights or teachers came from, trained on
+    a file that :func:`check_train_file` passes.
     """
-    members = [m["training"] for m in bundle.manifest.get("members", [])] or [bundle.training]
-    for data in sorted({str(t.get("data", "a file it does not name")) for t in members}):
+    check_ancestry(bundle.ancestry(), data_dir)
+
+
+def check_ancestry(ancestry: list[dict[str, Any]] | None, data_dir: Path) -> None:
+    """Fail unless each training file of ``ancestry`` passes :func:`check_train_file`.
+
+    A file that is not here to read, or an ancestry not recorded, is named on stderr.
+    """
+    if ancestry is None:
+        print(
+            "warning: a bundle started from or was taught by a model whose training data it does not record, "
+            "which cannot be checked",
+            file=sys.stderr,
+        )
+        return
+    for data in sorted({str(entry.get("data") or "a file it does not name") for entry in ancestry}):
         if data.startswith(BUILTIN_PREFIX):  # the whole dictionary: the test words among them
             raise SystemExit(f"a bundle trained on {data}, which holds the split's test words")
         if Path(data).is_file():

@@ -42,6 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.beam_size < 1:
         parser.error("--beam-size must be at least 1")
+    if Path(args.output).suffix.lower() == ".jsonl":  # the trainer reads a .jsonl file as JSON lines
+        parser.error("--output: the file is written as TSV; name it anything but *.jsonl")
 
     started = time.monotonic()
     bundle = load_bundle(args.model, args.device, args.ensemble_averaging)

@@ -53,6 +53,21 @@ class Bundle:
         """sha256 of the weights: it changes whenever the model does."""
         return self.manifest["files"][WEIGHTS]
 
+    def ancestry(self) -> list[dict[str, Any]] | None:
+        """The training data of the model (each member's) and of every model its weights or teachers came from.
+
+        ``None`` where a model started from or taught by others does not record theirs
+        (trained before bundles recorded it).
+        """
+        found = []
+        for facts in [m["training"] for m in self.manifest.get("members", [])] or [self.training]:
+            found.append({"data": facts.get("data"), "data_fingerprint": facts.get("data_fingerprint")})
+            inherited = facts.get("ancestry")
+            if inherited is None and facts.get("related_bundles"):
+                return None
+            found += inherited or []
+        return [entry for i, entry in enumerate(found) if entry not in found[:i]]
+
     @property
     def tokenizers_fingerprint(self) -> str:
         """Bundles that share it share their vocabularies."""

@@ -95,6 +95,11 @@ def test_a_distilled_train_file_holds_the_teachers_outputs_keeps_dev_and_trains_
     command = [*DISTILL, "--data-dir", str(split), "--model", teachers, "--output", str(distilled), "--beam-size", "1"]
     result = subprocess.run([*command, "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # written as TSV: never under a name the trainer would read as JSON lines
+    jsonl = [*command[:-4], "--output", str(tmp_path / "distilled.jsonl")]
+    refused = subprocess.run(jsonl, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert refused.returncode == 2 and "name it anything but *.jsonl" in refused.stderr
+    assert not (tmp_path / "distilled.jsonl").exists()
 
     train, dev = hold_out_dev(read_examples(split / "g014b2b.train"))
     taught, kept = hold_out_dev(read_examples(distilled))
@@ -153,6 +158,40 @@ def test_a_bundle_is_scored_or_teaches_only_if_it_trained_on_no_test_word(split,
         else:
             assert result.returncode != 0 and "test words" in result.stderr, result.stderr[-2000:]
             assert not (tmp_path / output).exists()
+
+
+def test_a_model_that_started_from_or_learned_from_one_that_saw_test_words_is_refused(split, tiny_bundle, tmp_path):
+    leaky = tmp_path / "leaky.train"
+    test_words = [e for e in read_examples(split / "g014b2b.ref") if hold_out_dev([e])[0]]  # no dev word
+    leaky.write_text((split / "g014b2b.train").read_text() + "".join(map(tsv_line, test_words)))
+    parent = shutil.copytree(tiny_bundle, tmp_path / "parent")
+    manifest = json.loads((parent / "genrnn.json").read_text())
+    manifest["training"]["data"] = str(leaky)  # what the bundle says it trained on: not checksummed
+    (parent / "genrnn.json").write_text(json.dumps(manifest))
+    # A run that would start from it, or learn from it, is refused before it trains.
+    for key in ("init_from", "teacher"):
+        command = [*BENCHMARK, "--data-dir", str(split), "--output", str(tmp_path / key), "--config", str(TINY_CONFIG)]
+        command += ["--set", f"training.{key}={parent}", "--set", "training.accelerator=cpu"]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert result.returncode != 0 and f"{leaky}: {len(test_words):,} of its words are test words" in result.stderr
+        assert not (tmp_path / key).exists()
+    # A bundle that did, as it records itself, is neither scored nor a teacher.
+    child = shutil.copytree(tiny_bundle, tmp_path / "child")
+    manifest = json.loads((child / "genrnn.json").read_text())
+    manifest["training"]["related_bundles"] = {"init_from": "0" * 64}
+    manifest["training"]["ancestry"] = [{"data": str(leaky), "data_fingerprint": "0" * 64}]
+    (child / "genrnn.json").write_text(json.dumps(manifest))
+    for script, output in ((BENCHMARK, "scored"), (DISTILL, "distilled.train")):
+        command = [*script, "--data-dir", str(split), "--model", str(child), "--output", str(tmp_path / output)]
+        result = subprocess.run([*command, "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert result.returncode != 0 and f"{leaky}: {len(test_words):,} of its words" in result.stderr
+        assert not (tmp_path / output).exists()
+    # One trained before bundles recorded their ancestry is named as unchecked.
+    del manifest["training"]["ancestry"]
+    (child / "genrnn.json").write_text(json.dumps(manifest))
+    command = [*BENCHMARK, "--data-dir", str(split), "--model", str(child), "--output", str(tmp_path / "old")]
+    result = subprocess.run([*command, "--device", "cpu", "--beam-size", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "whose training data it does not record" in result.stderr
 
 
 def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split, tmp_path):

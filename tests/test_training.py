@@ -1057,6 +1057,11 @@ def test_init_from_starts_the_model_at_the_bundles_weights(g2p_files, tiny_bundl
     run_cli(*tiny_train(g2p_files, run, *options))
     started, trained = load_bundle(tiny_bundle).model.state_dict(), load_bundle(run / "bundle").model.state_dict()
     assert all(torch.allclose(trained[name], weight, atol=1e-6) for name, weight in started.items())
+    # It records what the bundle it started from trained on, beside its own data.
+    facts = load_bundle(tiny_bundle).training
+    inherited = {"data": facts["data"], "data_fingerprint": facts["data_fingerprint"]}
+    assert load_bundle(run / "bundle").training["ancestry"] == [inherited]
+    assert load_bundle(run / "bundle").ancestry() == [inherited]  # its own data is that one too
 
 
 def test_a_distilled_run_resumes_with_its_teacher_and_refuses_another(g2p_files, tiny_bundle, tmp_path):
@@ -1104,6 +1109,10 @@ def test_a_saved_teacher_table_teaches_another_run_as_its_teacher_would(g2p_file
     again = taught_by(g2p_files, tmp_path / "again", table, *options)
     assert "teacher's distributions for" not in again.stdout  # no teacher ran
     assert not (tmp_path / "again" / "teacher-table").exists()  # nothing new to keep
+    # Taught by the table, it records what the table's teacher trained on, as the first run does.
+    ancestry = load_bundle(tiny_bundle).ancestry()
+    assert load_bundle(tmp_path / "again" / "bundle").training["ancestry"] == ancestry
+    assert load_bundle(tmp_path / "taught" / "bundle").training["ancestry"] == ancestry
 
     # The same tokenizers, the same distributions to learn: the same weights.
     tokenizers = load_bundle(tmp_path / "again" / "bundle").tokenizers_fingerprint

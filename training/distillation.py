@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from genrnn.bundle import SOURCE_MODEL, TARGET_MODEL
+from genrnn.bundle import SOURCE_MODEL, TARGET_MODEL, Bundle
 from genrnn.config import DataConfig, TokenizerConfig, from_dict, to_dict
 from genrnn.data import Batch, PairDataset, TokenBudgetBatchSampler, collate
 from genrnn.errors import BundleError, ConfigurationError
@@ -196,6 +196,10 @@ class TeacherTable:
     def tokenizers_fingerprint(self) -> str:
         return tokenizers_fingerprint(self.source_tokenizer, self.target_tokenizer)
 
+    def ancestry(self) -> list[dict[str, Any]] | None:
+        """The teachers' :meth:`genrnn.bundle.Bundle.ancestry`; ``None`` for a table made before tables recorded it."""
+        return self.manifest.get("ancestry")
+
     def check(self, data_fingerprint: str, data: DataConfig, dataset: PairDataset) -> None:
         """Refuse a run whose training pairs are not the ones the table was made for, position for position."""
         made_for = self.manifest
@@ -228,10 +232,11 @@ class TeacherTable:
         return distillation
 
 
-def table_facts(teacher_fingerprint: str, data_fingerprint: str, data: DataConfig, tokenizer: TokenizerConfig) -> dict:
+def table_facts(teacher: Bundle, data_fingerprint: str, data: DataConfig, tokenizer: TokenizerConfig) -> dict:
     """What a saved table records of how it was made: the teacher, the training pairs, the tokenizers' settings."""
     return {
-        "teacher": teacher_fingerprint,
+        "teacher": teacher.fingerprint,
+        "ancestry": teacher.ancestry(),
         "data": data_fingerprint,
         **{key: getattr(data, key) for key in TABLE_LIMITS},
         "tokenizer": to_dict(tokenizer),

@@ -188,6 +188,17 @@ def load_related_bundles(config: ExperimentConfig) -> dict[str, Bundle | Teacher
     return bundles
 
 
+def related_ancestry(related: dict[str, Bundle | TeacherTable]) -> list[dict[str, Any]] | None:
+    """The training data of the models that start or teach a run, and of theirs; ``None`` where one is unknown."""
+    found = []
+    for bundle in related.values():
+        ancestry = bundle.ancestry()
+        if ancestry is None:
+            return None
+        found += [entry for entry in ancestry if entry not in found]
+    return found
+
+
 def keep_table(
     directory: Path, distillation: Distillation, tokenizers: tuple[Tokenizer, Tokenizer], facts: dict
 ) -> None:
@@ -494,9 +505,10 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
             keep_table,
             teacher_table(output),
             tokenizers=(source_tokenizer, target_tokenizer),
-            facts=table_facts(teacher.fingerprint, data_fingerprint, config.data, config.tokenizer),
+            facts=table_facts(teacher, data_fingerprint, config.data, config.tokenizer),
         )
     weights_of = {key: bundle.fingerprint for key, bundle in related.items()}  # which init_from, which teacher
+    ancestry = related_ancestry(related)
     del related, lent, teacher  # the teacher lives on in the module until its table is made
     last = last_checkpoint(output)
     ckpt_path = str(last) if resume and last.is_file() else None
@@ -537,6 +549,7 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
         "device": str(trainer.strategy.root_device),
         "parameters": best.model.num_parameters(),
         "related_bundles": weights_of,
+        "ancestry": ancestry,  # what they trained on: a benchmark checks that no test word is among it
         "config": to_dict(config),
     }
     bundle = save_bundle(
