@@ -53,7 +53,7 @@ from serving.config import ServeConfig, check_accelerator
 from serving.schemas import GenerateRequest
 
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
-METRICS_DIR_PREFIX = "genrnn-metrics-"  # then the server's process id: genrnn-metrics-1234-x8f2k1
+METRICS_DIR_PREFIX = "genrnn-metrics-"  # then the server's process id and host: genrnn-metrics-1234-box-x8f2k1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 MONITOR_THREAD = "litserve-monitoring"  # LitServe's thread that watches the workers
 HTTP_MONITOR_THREAD = "genrnn-http-monitoring"  # the thread that watches the HTTP processes
@@ -79,7 +79,7 @@ def metrics_directory() -> Iterator[Path]:
     parent = Path(chosen or tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     remove_stale_metrics_directories(parent)
-    directory = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-", dir=parent))
+    directory = Path(tempfile.mkdtemp(prefix=_metrics_directory_prefix(os.getpid()), dir=parent))
     os.environ[METRICS_DIR_VARIABLE] = str(directory)
     try:
         yield directory
@@ -91,11 +91,27 @@ def metrics_directory() -> Iterator[Path]:
             del os.environ[METRICS_DIR_VARIABLE]
 
 
+def _metrics_directory_prefix(pid: int) -> str:
+    """The name of a server's metrics directory up to its random end: its process and its host.
+
+    The host, so that servers in containers that share a mounted directory tell their own
+    (process ids are a container's own).
+    """
+    return f"{METRICS_DIR_PREFIX}{pid}-{socket.gethostname()}-"
+
+
 def remove_stale_metrics_directories(parent: Path) -> None:
-    """Delete the metrics directories of servers whose process is gone: a SIGKILL leaves its own behind."""
+    """Delete the metrics directories of this host's servers whose process is gone: a SIGKILL leaves its own behind.
+
+    One named for this very process is stale too: a container's server that restarts
+    after a kill often gets the process id it had.
+    """
     for directory in parent.glob(f"{METRICS_DIR_PREFIX}*-*"):
         owner = directory.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
-        if not owner.isdigit():  # named before directories named their process: whose is unknown
+        if not owner.isdigit() or not directory.name.startswith(_metrics_directory_prefix(int(owner))):
+            continue  # another host's, or named before names held the process and host: whose is unknown
+        if int(owner) == os.getpid():
+            shutil.rmtree(directory, ignore_errors=True)
             continue
         try:
             os.kill(int(owner), 0)

@@ -211,25 +211,31 @@ def test_serve_refuses_an_accelerator_the_machine_lacks(accelerator, tmp_path, c
 
 
 def test_a_server_removes_the_metrics_directories_of_servers_that_are_gone(tmp_path):
+    host = socket.gethostname()
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f"genrnn-metrics-{gone.stdout.strip()}-abc"  # a server killed outright leaves its own
-    running = tmp_path / f"genrnn-metrics-{os.getpid()}-def"
+    stale = tmp_path / f"genrnn-metrics-{gone.stdout.strip()}-{host}-abc"  # a server killed outright leaves its own
+    running = tmp_path / f"genrnn-metrics-{os.getpid()}-{host}-def"
     unknown = tmp_path / "genrnn-metrics-xyz"  # named before names held the process id
-    for directory in (stale, running, unknown):
+    elsewhere = tmp_path / f"genrnn-metrics-{gone.stdout.strip()}-{host}x-ghi"  # a container's, say, sharing the folder
+    for directory in (stale, running, unknown, elsewhere):
         directory.mkdir()
         (directory / "counter_1.db").write_bytes(b"")
+    # A server killed outright whose successor got its process id (a container's restart) left one too.
     script = (
-        "import os; from serving.server import metrics_directory\n"
-        "with metrics_directory() as made: print(made, made.is_dir(), os.environ['PROMETHEUS_MULTIPROC_DIR'])\n"
+        "import os, socket; from serving.server import metrics_directory\n"
+        "mine = f'{os.environ[\"TMPDIR\"]}/genrnn-metrics-{os.getpid()}-{socket.gethostname()}-killed'\n"
+        "os.mkdir(mine)\n"
+        "with metrics_directory() as made:\n"
+        "    print(made, made.is_dir(), os.environ['PROMETHEUS_MULTIPROC_DIR'], os.path.exists(mine))\n"
         "print(made.exists(), 'PROMETHEUS_MULTIPROC_DIR' in os.environ)"
     )
     env = {**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, "TMPDIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    assert not stale.exists() and running.exists() and unknown.exists()
+    assert not stale.exists() and running.exists() and unknown.exists() and elsewhere.exists()
     inside, after = result.stdout.splitlines()
-    made, made_is_dir, variable = inside.split()
+    made, made_is_dir, variable, killed_is_there = inside.split()
     assert Path(made).parent == tmp_path and Path(made).name.startswith("genrnn-metrics-")
-    assert made_is_dir == "True" and variable == made
+    assert made_is_dir == "True" and variable == made and killed_is_there == "False"
     assert after == "False False"  # removed, and the environment as it was
 
 
@@ -844,7 +850,7 @@ def test_every_series_a_request_can_touch_is_on_metrics_from_the_start(small):
     samples = small.metrics()
 
     for mode in ("greedy", "sample", "beam", "unknown"):
-        for status in ("200", "400", "401", "413", "422", "429", "500", "504"):
+        for status in ("200", "400", "401", "405", "413", "422", "429", "500", "504"):
             assert ("genrnn_requests_total", (("mode", mode), ("status", status))) in samples
         assert ("genrnn_request_duration_seconds_count", (("mode", mode),)) in samples
     for mode in ("greedy", "sample", "beam"):
