@@ -40,7 +40,7 @@ import torch
 
 from genrnn.bundle import Bundle, load_bundle
 from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING, DecodingConfig, load_config, override, replace
-from genrnn.data import BUILTIN_PREFIX, Example, hold_out_dev, read_examples
+from genrnn.data import BUILTIN_PREFIX, Example, examples_fingerprint, hold_out_dev, read_examples
 from genrnn.decoding import Generator
 from genrnn.evaluation import best_outputs
 from genrnn.metrics import is_right, score
@@ -109,13 +109,24 @@ def check_ancestry(ancestry: list[dict[str, Any]] | None, data_dir: Path) -> Non
             file=sys.stderr,
         )
         return
-    for data in sorted({str(entry.get("data") or "a file it does not name") for entry in ancestry}):
+    for entry in sorted({json.dumps(entry, sort_keys=True) for entry in ancestry}):
+        data, digest = (json.loads(entry).get(key) for key in ("data", "data_fingerprint"))
+        data = str(data or "a file it does not name")
         if data.startswith(BUILTIN_PREFIX):  # the whole dictionary: the test words among them
             raise SystemExit(f"a bundle trained on {data}, which holds the split's test words")
-        if Path(data).is_file():
-            check_train_file(Path(data), data_dir)
-        else:
+        if not Path(data).is_file():
             print(f"warning: a bundle trained on {data}, which is not here to check", file=sys.stderr)
+        elif digest is not None and digest not in trained_on_fingerprints(Path(data)):
+            # A path as it was given when training: here it may name another file.
+            print(f"warning: a bundle trained on {data}, which holds other pairs here: not checked", file=sys.stderr)
+        else:
+            check_train_file(Path(data), data_dir)
+
+
+def trained_on_fingerprints(path: Path) -> set[str]:
+    """The data fingerprints a run trained on ``path`` records: the whole file, or the file less its dev share."""
+    examples = examples_of(path)
+    return {examples_fingerprint(examples), examples_fingerprint(hold_out_dev(examples)[0])}
 
 
 def training_seconds(bundle: Bundle) -> float:

@@ -99,6 +99,14 @@ def tsv_line(example: Example) -> str:
     return "\t".join((example.source, *example.targets)) + "\n"
 
 
+def examples_fingerprint(examples: Sequence[Example]) -> str:
+    """sha256 of the examples, to recognise the same training data on a rerun."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(tsv_line(example).encode())
+    return digest.hexdigest()
+
+
 def _parse_tsv_line(line: str, where: str) -> Example:
     fields = line.rstrip("\t ").split("\t")  # spreadsheets export trailing tabs
     if len(fields) < 2:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -34,10 +33,10 @@ from genrnn.data import (
     Example,
     builtin_split,
     default_valid_spec,
+    examples_fingerprint,
     hold_out_dev,
     read_examples,
     training_pairs,
-    tsv_line,
 )
 from genrnn.errors import BundleError, ConfigurationError, DataError, interruption_kept
 from genrnn.files import write_atomically
@@ -56,14 +55,6 @@ from training.paths import last_checkpoint, teacher_table
 from training.resume import BestCheckpoint, CheckpointBeside, ResumePoint, StopsForGood, check_resumable
 
 LOG_EVERY_N_STEPS = 20
-
-
-def fingerprint(examples: Sequence[Example]) -> str:
-    """sha256 of the examples, to recognise the same training data on a rerun."""
-    digest = hashlib.sha256()
-    for example in examples:
-        digest.update(tsv_line(example).encode())
-    return digest.hexdigest()
 
 
 def load_data(config: ExperimentConfig) -> tuple[list[Example], list[Example]]:
@@ -442,10 +433,10 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     pl.seed_everything(config.training.seed, workers=True, verbose=False)
     trainer, checkpoint = build_trainer(config, output)  # first: a device setting it refuses costs nothing
     train_examples, dev_examples = load_data(config)
-    data_fingerprint = fingerprint(train_examples)
+    data_fingerprint = examples_fingerprint(train_examples)
     related = load_related_bundles(config)
     seeding = stamp_run(
-        output, config, data_fingerprint, related, resuming=resume, dev_fingerprint=fingerprint(dev_examples)
+        output, config, data_fingerprint, related, resuming=resume, dev_fingerprint=examples_fingerprint(dev_examples)
     )
     if not resume and is_rank_zero():
         # Afresh means without the old checkpoints (a later rerun would resume from them), and
