@@ -50,6 +50,14 @@ def is_blank(text: str) -> bool:
     return all(c.isspace() or c in _READ_AS_NOTHING or unicodedata.category(c) in _UNSEEN for c in text)
 
 
+def read_length(text: str) -> int:
+    """The characters a tokenizer may read in ``text``: the more of the text and its NFKC form.
+
+    Caps count these, since NFKC turns one character into as many as 18 (U+FDFA).
+    """
+    return max(len(text), len(unicodedata.normalize("NFKC", text)))
+
+
 def is_unicode_text(text: str) -> bool:
     """Whether ``text`` can be written as UTF-8: JSON's escapes can make lone surrogates, which cannot."""
     try:

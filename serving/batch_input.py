@@ -26,6 +26,7 @@ from genrnn.data import (
     json_line,
     line_problem,
     numbered_lines,
+    read_length,
 )
 from genrnn.decoding import item_seed
 from genrnn.errors import ConfigurationError, DataError, shown
@@ -196,8 +197,10 @@ def read_items(
                 raise _Malformed(f"{problem} (ids must be unique)")
             if is_blank(source):  # zero-width spaces and the like: the tokenizer would read nothing
                 raise _Malformed("the source holds only unseen characters (such as zero-width spaces)")
-            if len(source) > MAX_SOURCE_LENGTH:
-                raise _Malformed(f"the source has {len(source):,} characters; at most {MAX_SOURCE_LENGTH:,}")
+            length = read_length(source)
+            if length > MAX_SOURCE_LENGTH:
+                forms = " in Unicode's compatibility forms (NFKC)" if length > len(source) else ""
+                raise _Malformed(f"the source has {length:,} characters{forms}; at most {MAX_SOURCE_LENGTH:,}")
             settings = _line_settings(defaults, overrides) if overrides else plain
             items.append(Item(index, number, item_id, source, _item_settings(defaults, settings, overrides, item_id)))
             lines_of[item_id] = number

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from genrnn.config import DecodingConfig, decoding_for_mode, fields_read
-from genrnn.data import is_blank, is_unicode_text
+from genrnn.data import is_blank, is_unicode_text, read_length
 from genrnn.errors import ConfigurationError
 
 _DEFAULTS = DecodingConfig()
@@ -110,11 +110,13 @@ class GenerateRequest(BaseModel):
                 raise PydanticCustomError(
                     "not_unicode", "input {index} holds a lone surrogate (\\ud800-\\udfff), not text", {"index": index}
                 )
-            if len(text) > cls.limits.max_input_length:
+            length = read_length(text)
+            if length > cls.limits.max_input_length:
+                forms = " in Unicode's compatibility forms (NFKC)" if length > len(text) else ""
                 raise PydanticCustomError(
                     TOO_LARGE,
-                    "input {index} has {length} characters; this server takes at most {cap}",
-                    {"index": index, "length": len(text), "cap": cls.limits.max_input_length},
+                    "input {index} has {length} characters" + forms + "; this server takes at most {cap}",
+                    {"index": index, "length": length, "cap": cls.limits.max_input_length},
                 )
         return items
 

@@ -262,6 +262,19 @@ def test_lines_that_once_crashed_the_job_or_failed_their_batch_are_bad_lines(tmp
         read_items(tmp_path / "in.txt", DecodingConfig())
 
 
+def test_a_source_is_measured_in_the_characters_the_tokenizer_reads(tmp_path):
+    # U+FDFA is one character, and 18 in the NFKC form that the tokenizer reads.
+    ligature, under = "\ufdfa", MAX_SOURCE_LENGTH // 18
+    path = tmp_path / "in.txt"
+    path.write_text(ligature * under + "\n" + ligature * (under + 1) + "\n")
+    items, bad = read_items(path, DecodingConfig(), skip_bad_lines=True)
+
+    assert [i.line for i in items] == [1]
+    length, cap = 18 * (under + 1), MAX_SOURCE_LENGTH
+    forms = "in Unicode's compatibility forms (NFKC)"
+    assert [(b.line, b.error) for b in bad] == [(2, f"the source has {length:,} characters {forms}; at most {cap:,}")]
+
+
 def test_a_line_over_a_mebibyte_is_a_bad_line_never_read_whole(tmp_path):
     import tracemalloc
 

@@ -629,6 +629,15 @@ def test_a_bad_field_gets_its_status_and_a_message_naming_it(keyed, body, status
     assert response.json()["errors"][0]["field"].split(".")[0] == field
 
 
+def test_an_input_is_measured_in_the_characters_the_tokenizer_reads(keyed):
+    # U+FDFA is one character, and 18 in the NFKC form that the tokenizer reads: two are 36.
+    assert keyed.generate(inputs="\ufdfa").status_code == 200
+    response = keyed.generate(inputs=["cat", "\ufdfa" * 2])
+
+    assert response.status_code == 413
+    assert "input 1 has 36 characters in Unicode's compatibility forms (NFKC)" in response.json()["detail"]
+
+
 def test_fields_the_mode_does_not_read_are_ignored_whatever_their_values(keyed):
     # out of range for sampling and beam search, and over this server's caps: greedy reads none of them
     unread = {"temperature": 0, "top_k": -1, "top_p": 7.0, "beam_size": 100, "num_return_sequences": 50}
