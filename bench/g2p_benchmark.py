@@ -109,9 +109,8 @@ def check_ancestry(ancestry: list[dict[str, Any]] | None, data_dir: Path) -> Non
             file=sys.stderr,
         )
         return
-    for entry in sorted({json.dumps(entry, sort_keys=True) for entry in ancestry}):
-        data, digest = (json.loads(entry).get(key) for key in ("data", "data_fingerprint"))
-        data = str(data or "a file it does not name")
+    for entry in ancestry:  # each once: bundles record it so
+        data, digest = str(entry.get("data") or "a file it does not name"), entry.get("data_fingerprint")
         if data.startswith(BUILTIN_PREFIX):  # the whole dictionary: the test words among them
             raise SystemExit(f"a bundle trained on {data}, which holds the split's test words")
         if not Path(data).is_file():
