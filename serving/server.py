@@ -26,6 +26,7 @@ soon as the HTTP processes stop accepting, rather than queueing them unanswered.
 
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -53,7 +54,7 @@ from serving.config import ServeConfig, check_accelerator
 from serving.schemas import GenerateRequest
 
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
-METRICS_DIR_PREFIX = "genrnn-metrics-"  # then the server's process id and host: genrnn-metrics-1234-box-x8f2k1
+METRICS_DIR_PREFIX = "genrnn-metrics-"  # then process id, random, pid namespace, host: see _new_metrics_directory
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 MONITOR_THREAD = "litserve-monitoring"  # LitServe's thread that watches the workers
 HTTP_MONITOR_THREAD = "genrnn-http-monitoring"  # the thread that watches the HTTP processes
@@ -79,7 +80,7 @@ def metrics_directory() -> Iterator[Path]:
     parent = Path(chosen or tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     remove_stale_metrics_directories(parent)
-    directory = Path(tempfile.mkdtemp(prefix=_metrics_directory_prefix(os.getpid()), dir=parent))
+    directory = _new_metrics_directory(parent)
     os.environ[METRICS_DIR_VARIABLE] = str(directory)
     try:
         yield directory
@@ -91,25 +92,37 @@ def metrics_directory() -> Iterator[Path]:
             del os.environ[METRICS_DIR_VARIABLE]
 
 
-def _metrics_directory_prefix(pid: int) -> str:
-    """The name of a server's metrics directory up to its random end: its process and its host.
+def _process_space() -> str:
+    """Where this process's id means this process: its host and its pid namespace (a container's own)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc: not Linux
+        namespace = 0
+    return f"{namespace}-{socket.gethostname()}"
 
-    The host, so that servers in containers that share a mounted directory tell their own
-    (process ids are a container's own).
-    """
-    return f"{METRICS_DIR_PREFIX}{pid}-{socket.gethostname()}-"
+
+def _new_metrics_directory(parent: Path) -> Path:
+    """``genrnn-metrics-PID-RANDOM-NAMESPACE-HOST``, made empty and private to this user."""
+    while True:
+        directory = parent / f"{METRICS_DIR_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{_process_space()}"
+        try:
+            directory.mkdir(mode=0o700)
+            return directory
+        except FileExistsError:
+            continue
 
 
 def remove_stale_metrics_directories(parent: Path) -> None:
-    """Delete the metrics directories of this host's servers whose process is gone: a SIGKILL leaves its own behind.
+    """Delete the metrics directories of servers whose process is gone: a SIGKILL leaves its own behind.
 
-    One named for this very process is stale too: a container's server that restarts
-    after a kill often gets the process id it had.
+    Only those of processes in this one's host and pid namespace: the ids of others (other
+    containers' that share the directory) say nothing here. One named for this very process
+    is stale too: a container's server that restarts after a kill often gets its old id.
     """
-    for directory in parent.glob(f"{METRICS_DIR_PREFIX}*-*"):
-        owner = directory.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
-        if not owner.isdigit() or not directory.name.startswith(_metrics_directory_prefix(int(owner))):
-            continue  # another host's, or named before names held the process and host: whose is unknown
+    for directory in parent.glob(f"{METRICS_DIR_PREFIX}*"):
+        owner, _, space = directory.name.removeprefix(METRICS_DIR_PREFIX).partition("-")
+        if not owner.isdigit() or space.partition("-")[2] != _process_space():
+            continue  # another host's or namespace's, or named before names held them: whose is unknown
         if int(owner) == os.getpid():
             shutil.rmtree(directory, ignore_errors=True)
             continue

@@ -211,19 +211,24 @@ def test_serve_refuses_an_accelerator_the_machine_lacks(accelerator, tmp_path, c
 
 
 def test_a_server_removes_the_metrics_directories_of_servers_that_are_gone(tmp_path):
-    host = socket.gethostname()
+    from serving.server import _process_space
+
+    space, host = _process_space(), socket.gethostname()
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f"genrnn-metrics-{gone.stdout.strip()}-{host}-abc"  # a server killed outright leaves its own
-    running = tmp_path / f"genrnn-metrics-{os.getpid()}-{host}-def"
+    dead = gone.stdout.strip()
+    stale = tmp_path / f"genrnn-metrics-{dead}-0a1b2c3d-{space}"  # a server killed outright leaves its own
+    running = tmp_path / f"genrnn-metrics-{os.getpid()}-0a1b2c3d-{space}"
     unknown = tmp_path / "genrnn-metrics-xyz"  # named before names held the process id
-    elsewhere = tmp_path / f"genrnn-metrics-{gone.stdout.strip()}-{host}x-ghi"  # a container's, say, sharing the folder
-    for directory in (stale, running, unknown, elsewhere):
+    # Other containers' (say) in the same directory: their process ids mean nothing here.
+    other_host = tmp_path / f"genrnn-metrics-{dead}-0a1b2c3d-{space}-b"  # a host whose name begins with ours
+    other_namespace = tmp_path / f"genrnn-metrics-{dead}-0a1b2c3d-1-{host}"
+    for directory in (stale, running, unknown, other_host, other_namespace):
         directory.mkdir()
         (directory / "counter_1.db").write_bytes(b"")
     # A server killed outright whose successor got its process id (a container's restart) left one too.
     script = (
-        "import os, socket; from serving.server import metrics_directory\n"
-        "mine = f'{os.environ[\"TMPDIR\"]}/genrnn-metrics-{os.getpid()}-{socket.gethostname()}-killed'\n"
+        "import os; from serving.server import _process_space, metrics_directory\n"
+        "mine = f'{os.environ[\"TMPDIR\"]}/genrnn-metrics-{os.getpid()}-00000000-{_process_space()}'\n"
         "os.mkdir(mine)\n"
         "with metrics_directory() as made:\n"
         "    print(made, made.is_dir(), os.environ['PROMETHEUS_MULTIPROC_DIR'], os.path.exists(mine))\n"
@@ -231,7 +236,8 @@ def test_a_server_removes_the_metrics_directories_of_servers_that_are_gone(tmp_p
     )
     env = {**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, "TMPDIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    assert not stale.exists() and running.exists() and unknown.exists() and elsewhere.exists()
+    assert not stale.exists() and running.exists() and unknown.exists()
+    assert other_host.exists() and other_namespace.exists()
     inside, after = result.stdout.splitlines()
     made, made_is_dir, variable, killed_is_there = inside.split()
     assert Path(made).parent == tmp_path and Path(made).name.startswith("genrnn-metrics-")
