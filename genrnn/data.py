@@ -50,11 +50,15 @@ def is_blank(text: str) -> bool:
     return all(c.isspace() or c in _READ_AS_NOTHING or unicodedata.category(c) in _UNSEEN for c in text)
 
 
-def read_length(text: str) -> int:
-    """The characters a tokenizer may read in ``text``: the more of the text and its NFKC form.
+def read_length(text: str, cap: int) -> int:
+    """The characters a tokenizer may read in ``text``, for a cap on them: the more of the text and its NFKC form.
 
-    Caps count these, since NFKC turns one character into as many as 18 (U+FDFA).
+    Caps count these, since NFKC turns one character into as many as 18 (U+FDFA). A text
+    already over the cap is not normalised: for a megabyte of such characters that took
+    half a second, to refuse it.
     """
+    if len(text) > cap:
+        return len(text)
     return max(len(text), len(unicodedata.normalize("NFKC", text)))
 
 

@@ -197,7 +197,7 @@ def read_items(
                 raise _Malformed(f"{problem} (ids must be unique)")
             if is_blank(source):  # zero-width spaces and the like: the tokenizer would read nothing
                 raise _Malformed("the source holds only unseen characters (such as zero-width spaces)")
-            length = read_length(source)
+            length = read_length(source, MAX_SOURCE_LENGTH)
             if length > MAX_SOURCE_LENGTH:
                 forms = " in Unicode's compatibility forms (NFKC)" if length > len(source) else ""
                 raise _Malformed(f"the source has {length:,} characters{forms}; at most {MAX_SOURCE_LENGTH:,}")

@@ -110,7 +110,7 @@ class GenerateRequest(BaseModel):
                 raise PydanticCustomError(
                     "not_unicode", "input {index} holds a lone surrogate (\\ud800-\\udfff), not text", {"index": index}
                 )
-            length = read_length(text)
+            length = read_length(text, cls.limits.max_input_length)
             if length > cls.limits.max_input_length:
                 forms = " in Unicode's compatibility forms (NFKC)" if length > len(text) else ""
                 raise PydanticCustomError(

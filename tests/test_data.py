@@ -16,6 +16,7 @@ from genrnn.data import (
     collate,
     pad,
     read_examples,
+    read_length,
 )
 from genrnn.errors import DataError
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
@@ -221,3 +222,11 @@ def test_a_character_is_blank_exactly_when_the_tokenizer_reads_nothing_of_it(nor
     characters = [chr(c) for c in range(0x30000) if not 0xD800 <= c < 0xE000]  # every plane in use; no surrogates
     read_as_nothing = {c for c, ids in zip(characters, tokenizer.encode(characters)) if not ids}
     assert not read_as_nothing - {c for c in characters if is_blank(c)}
+
+
+def test_a_length_counts_the_characters_nfkc_makes_up_to_a_cap():
+    ligature = "\ufdfa"  # one character, and 18 in NFKC
+    assert read_length(ligature * 2, cap=100) == 36
+    assert read_length("e\u0301", cap=100) == 2  # NFKC composes the two into one: the text's own count
+    # A text over the cap already is not normalised (half a second for a megabyte of these): its own count.
+    assert read_length(ligature * 101, cap=100) == 101
