@@ -1065,6 +1065,8 @@ def test_init_from_starts_the_model_at_the_bundles_weights(g2p_files, tiny_bundl
 
 
 def test_a_distilled_run_resumes_with_its_teacher_and_refuses_another(g2p_files, tiny_bundle, tmp_path):
+    import torch
+
     run = tmp_path / "run"
     teacher = ("--set", f"training.teacher={tiny_bundle}")
     first = run_cli(*tiny_train(g2p_files, run, "--max-steps", "20", *teacher))  # values are logged every 20
@@ -1082,6 +1084,14 @@ def test_a_distilled_run_resumes_with_its_teacher_and_refuses_another(g2p_files,
     assert weighed.returncode == 1 and "other settings (distill_weight: 0.5 (this run: 1.0);" in weighed.stderr
     resumed = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *teacher))
     assert "resuming from" in resumed.stdout
+    # The teacher does not run again: the run reads the table it kept.
+    assert "teacher's distributions for" not in resumed.stdout
+    assert f"teacher's distributions read from {run / 'teacher-table'}, which this run kept" in resumed.stdout
+    unbroken = tmp_path / "unbroken"  # taught by the teacher for all 40 steps: the same weights
+    run_cli(*tiny_train(g2p_files, unbroken, "--max-steps", "40", *teacher))
+    first, second = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=False) for r in (run, unbroken))
+    for name, tensor in first["state_dict"].items():
+        torch.testing.assert_close(second["state_dict"][name], tensor, msg=lambda m, name=name: f"{name}: {m}")
     facts = load_bundle(run / "bundle").training
     assert facts["steps"] == 40 and facts["related_bundles"] == {"teacher": load_bundle(tiny_bundle).fingerprint}
     logs = sorted((run / "logs").glob("version_*/metrics.csv"))  # one a run

@@ -190,22 +190,30 @@ def related_ancestry(related: dict[str, Bundle | TeacherTable]) -> list[dict[str
     return found
 
 
+def kept_table(directory: Path, facts: dict) -> TeacherTable | None:
+    """The table in ``directory`` if it was made as ``facts`` say (teacher, data, settings) and is whole."""
+    if not is_teacher_table(directory):
+        return None
+    try:
+        manifest = json.loads((directory / TABLE_MANIFEST).read_text())
+        if not isinstance(manifest, dict) or {key: manifest.get(key) for key in facts} != json.loads(json.dumps(facts)):
+            return None
+        return TeacherTable.load(directory)
+    except (ValueError, OSError, BundleError):
+        return None
+
+
 def keep_table(
     directory: Path, distillation: Distillation, tokenizers: tuple[Tokenizer, Tokenizer], facts: dict
 ) -> None:
-    """Write the table a teacher has just made, once: a resumed run makes the same table again.
+    """Write the table a teacher has just made, unless it is there already.
 
     A table of another teacher or data is replaced: a run killed before its first checkpoint
     may be run again with another teacher, which it resumes nothing of.
     """
-    if is_teacher_table(directory):
-        try:
-            manifest = json.loads((directory / TABLE_MANIFEST).read_text())
-        except (ValueError, OSError):
-            manifest = {}
-        if isinstance(manifest, dict) and {key: manifest.get(key) for key in facts} == json.loads(json.dumps(facts)):
-            return
-        shutil.rmtree(directory)
+    if kept_table(directory, facts) is not None:
+        return
+    shutil.rmtree(directory, ignore_errors=True)
     save_table(directory, distillation, *tokenizers, facts)
     size = sum(f.stat().st_size for f in directory.iterdir()) / 2**20
     print(f"teacher's table written to {directory} ({size:.0f} MiB): training.teacher={directory} teaches another run")
@@ -488,15 +496,19 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
             "(tokenizer.source_vocab_size / target_vocab_size), which the model reads and writes as UNK"
         )
     teacher = related.get("teacher")
+    facts = table_facts(teacher, data_fingerprint, config.data, config.tokenizer) if isinstance(teacher, Bundle) else {}
+    kept = kept_table(teacher_table(output), facts) if facts else None
+    if kept is not None:  # this run's own, made before it was stopped: it teaches as its teachers did
+        related = {**related, "teacher": kept}
+        if is_rank_zero():
+            print(f"teacher's distributions read from {kept.directory}, which this run kept: its teachers do not run")
+    teacher = related.get("teacher")
     if isinstance(teacher, TeacherTable):
         teacher.check(data_fingerprint, config.data, datamodule.train_set)
     module = build_module(config, related, (source_tokenizer.vocab_size, target_tokenizer.vocab_size))
     if isinstance(teacher, Bundle):  # the table its teacher makes is kept for other runs; a loaded one is kept
         module.distillation.on_made = partial(
-            keep_table,
-            teacher_table(output),
-            tokenizers=(source_tokenizer, target_tokenizer),
-            facts=table_facts(teacher, data_fingerprint, config.data, config.tokenizer),
+            keep_table, teacher_table(output), tokenizers=(source_tokenizer, target_tokenizer), facts=facts
         )
     weights_of = {key: bundle.fingerprint for key, bundle in related.items()}  # which init_from, which teacher
     ancestry = related_ancestry(related)
