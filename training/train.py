@@ -499,10 +499,9 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     facts = table_facts(teacher, data_fingerprint, config.data, config.tokenizer) if isinstance(teacher, Bundle) else {}
     kept = kept_table(teacher_table(output), facts) if facts else None
     if kept is not None:  # this run's own, made before it was stopped: it teaches as its teachers did
-        related = {**related, "teacher": kept}
+        related["teacher"] = teacher = kept
         if is_rank_zero():
             print(f"teacher's distributions read from {kept.directory}, which this run kept: its teachers do not run")
-    teacher = related.get("teacher")
     if isinstance(teacher, TeacherTable):
         teacher.check(data_fingerprint, config.data, datamodule.train_set)
     module = build_module(config, related, (source_tokenizer.vocab_size, target_tokenizer.vocab_size))
