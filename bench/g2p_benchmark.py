@@ -21,8 +21,9 @@ several of them as one ensemble. ``--train FILE`` trains on another file instead
 the split's train file (a distilled one, ``bench/g2p_distill.py``); it must hold the
 split's dev words as they are, so that the run holds out the same dev set, and no
 test word. Nor may any model that a bundle's weights or teachers came from
-(``training.init_from``, ``training.teacher``) have trained on a test word: bundles
-record the data of theirs (``ancestry`` in their training facts).
+(``training.init_from``, ``training.teacher``) have trained on a test word, or on the
+dev words that chose its checkpoint: bundles record the data of theirs (``ancestry`` in
+their training facts), and each file must be here, as it was, to be checked.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import argparse
 import functools
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -91,41 +91,38 @@ def check_train_file(train_file: Path, data_dir: Path) -> None:
 
 
 def check_trained_on(bundle: Bundle, data_dir: Path) -> None:
-    """Fail unless every member of ``bundle``, and every model its weights or teachers came from, trained on
-    a file that :func:`check_train_file` passes.
+    """Fail unless every member of ``bundle``, and every model its weights or teachers came from, trained as
+    :func:`check_ancestry` asks.
     """
     check_ancestry(bundle.ancestry(), data_dir)
 
 
 def check_ancestry(ancestry: list[dict[str, Any]] | None, data_dir: Path) -> None:
-    """Fail unless each training file of ``ancestry`` passes :func:`check_train_file`.
-
-    A file that is not here to read, or an ancestry not recorded, is named on stderr.
+    """Fail unless each training file of ``ancestry`` is here, passes :func:`check_train_file`, and was
+    trained on as the benchmark trains: less its dev share, which chose the checkpoint.
     """
     if ancestry is None:
-        print(
-            "warning: a bundle started from or was taught by a model whose training data it does not record, "
-            "which cannot be checked",
-            file=sys.stderr,
+        raise SystemExit(
+            "a bundle started from or was taught by a model whose training data it does not record "
+            "(trained before bundles recorded it): it cannot be checked for test words"
         )
-        return
     for entry in ancestry:  # each once: bundles record it so
         data, digest = str(entry.get("data") or "a file it does not name"), entry.get("data_fingerprint")
         if data.startswith(BUILTIN_PREFIX):  # the whole dictionary: the test words among them
             raise SystemExit(f"a bundle trained on {data}, which holds the split's test words")
         if not Path(data).is_file():
-            print(f"warning: a bundle trained on {data}, which is not here to check", file=sys.stderr)
-        elif digest is not None and digest not in trained_on_fingerprints(Path(data)):
+            raise SystemExit(f"a bundle trained on {data}, which is not here to check (run from where it trained)")
+        examples = examples_of(Path(data))
+        less_dev = examples_fingerprint(hold_out_dev(examples)[0])
+        if digest not in {less_dev, examples_fingerprint(examples)}:
             # A path as it was given when training: here it may name another file.
-            print(f"warning: a bundle trained on {data}, which holds other pairs here: not checked", file=sys.stderr)
-        else:
-            check_train_file(Path(data), data_dir)
-
-
-def trained_on_fingerprints(path: Path) -> set[str]:
-    """The data fingerprints a run trained on ``path`` records: the whole file, or the file less its dev share."""
-    examples = examples_of(path)
-    return {examples_fingerprint(examples), examples_fingerprint(hold_out_dev(examples)[0])}
+            raise SystemExit(f"a bundle trained on {data}, which holds other pairs here: it cannot be checked")
+        check_train_file(Path(data), data_dir)
+        if digest != less_dev:
+            raise SystemExit(
+                f"a bundle trained on all of {data}, its dev words too (a run given its own validation "
+                "file): its dev figures, and the checkpoint they chose, are not the benchmark's"
+            )
 
 
 def training_seconds(bundle: Bundle) -> float:

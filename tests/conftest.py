@@ -95,34 +95,43 @@ def g2p_files(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(g2p_files, tmp_path_factory) -> Path:
-    """A tiny G2P bundle trained for real (a few seconds on a CPU)."""
-    from training.train import train
+def train_tiny(train: Path, valid: Path | None, directory: Path) -> Path:
+    """A tiny G2P bundle trained for real (a few seconds on a CPU); without ``valid``, dev is held out of ``train``."""
+    from training.train import train as run
 
     config = load_config(TINY_CONFIG)
     config = replace(
         config,
-        data=replace(config.data, train=str(g2p_files["train"]), valid=str(g2p_files["dev"])),
+        data=replace(config.data, train=str(train), valid=str(valid) if valid else None),
         training=replace(config.training, max_epochs=8, accelerator="cpu"),
     )
-    bundle = train(config, tmp_path_factory.mktemp("tiny-run"))
+    bundle = run(config, directory)
     assert bundle is not None
     return bundle
 
 
-@pytest.fixture(scope="session")
-def other_bundle(tiny_bundle, tmp_path_factory) -> Path:
-    """The tiny bundle with noise on its weights: a second member whose distribution differs."""
+def noisy_copy(bundle_dir: Path, directory: Path) -> Path:
+    """The bundle with noise on its weights, saved in ``directory``: a second member whose distribution differs."""
     import torch
 
     from genrnn.bundle import load_bundle, save_bundle
 
-    bundle = load_bundle(tiny_bundle)
+    bundle = load_bundle(bundle_dir)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in bundle.model.parameters():
             parameter.add_(0.3 * parameter.std() * torch.randn(parameter.shape, generator=generator))
-    directory = tmp_path_factory.mktemp("other") / "bundle"
     tokenizers = (bundle.source_tokenizer, bundle.target_tokenizer)
     return save_bundle(directory, bundle.model, *tokenizers, bundle.tokenizer_config, "other", bundle.training)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(g2p_files, tmp_path_factory) -> Path:
+    """A tiny G2P bundle trained for real, selected on the dev file."""
+    return train_tiny(g2p_files["train"], g2p_files["dev"], tmp_path_factory.mktemp("tiny-run"))
+
+
+@pytest.fixture(scope="session")
+def other_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny bundle with noise on its weights."""
+    return noisy_copy(tiny_bundle, tmp_path_factory.mktemp("other") / "bundle")
