@@ -266,7 +266,7 @@ def main() -> None:
     parser.add_argument("--student-time", help="training budget of each student, DD:HH:MM:SS (default: --max-time)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
     parser.add_argument("--train", help="train every variant and student on this file (its dev lines kept)")
-    parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument("--beam-size", default="4,8", help="beam sizes each run tries on dev, comma-separated")
     parser.add_argument(
         "--ensemble-averaging",
         default=DEFAULT_AVERAGING,
@@ -285,6 +285,12 @@ def main() -> None:
         parser.error(f"unknown names {unknown}; variants: {', '.join(VARIANTS)}; students: {', '.join(STUDENTS)}")
     if args.keep_teacher_table and args.teacher_table:
         parser.error("--keep-teacher-table keeps the variants' table; with --teacher-table none is made")
+    try:
+        from g2p_benchmark import beam_sizes  # this script's neighbour; here, as it imports torch
+
+        beam_sizes(args.beam_size)
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--beam-size: {error}")
     averagings = args.ensemble_averaging.split(",")
     if set(averagings) - set(AVERAGINGS):
         parser.error(f"--ensemble-averaging: each must be one of {', '.join(AVERAGINGS)}")

@@ -45,11 +45,15 @@ def run_benchmark(split: Path, output: Path, *args: str) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((output / "results.json").read_text())
-    # dev chooses the decoding, greedy on a tie; its table row is in bold, the other is not
-    wer = {mode: scores["dev"]["wer"] for mode, scores in results["scores"].items()}
-    assert results["dev_choice"] == ("greedy" if wer["greedy"] <= wer["beam2"] else "beam2")
-    other = ({"greedy", "beam2"} - {results["dev_choice"]}).pop()
-    assert f"| **{results['dev_choice']}** |" in result.stdout and f"| {other} |" in result.stdout
+    # dev chooses the beam size, then the decoding, the cheaper on a tie (greedy, a smaller beam):
+    # only those two decode the test words; dev's choice's table row is in bold, no other is
+    wer = {mode: scores["dev"]["wer"] for mode, scores in {**results["scores"], **results["dev_only"]}.items()}
+    beams = sorted((mode for mode in wer if mode != "greedy"), key=lambda mode: int(mode.removeprefix("beam")))
+    assert list(results["scores"]) == ["greedy", min(beams, key=wer.get)]
+    assert results["dev_choice"] == min(results["scores"], key=wer.get)
+    assert all("test" not in scores for scores in results["dev_only"].values())
+    assert f"| **{results['dev_choice']}** |" in result.stdout
+    assert all(f"| {mode} |" in result.stdout for mode in wer if mode != results["dev_choice"])
     return results
 
 
@@ -91,6 +95,16 @@ def test_trains_with_overrides_and_scores_the_test_words(split, tmp_path):
     pair = run_benchmark(split, tmp_path / "pair", "--model", f"{bundle},{bundle}", "--beam-size", "2")
     assert again["scores"] == results["scores"]
     assert pair["scores"]["greedy"] == results["scores"]["greedy"]
+    # several beam sizes each decode dev; the test words only at dev's choice among them
+    sizes = run_benchmark(split, tmp_path / "sizes", "--model", str(bundle), "--beam-size", "3,1,2")
+    dev = {mode: scores["dev"] for mode, scores in {**sizes["scores"], **sizes["dev_only"]}.items()}
+    assert sorted(dev) == ["beam1", "beam2", "beam3", "greedy"] and dev["beam2"] == again["scores"]["beam2"]["dev"]
+    kept = json.loads((tmp_path / "sizes" / "outputs.json").read_text())["outputs"]
+    assert {mode for mode, by_split in kept.items() if "test" in by_split} == set(sizes["scores"])
+    refused = subprocess.run(
+        [*BENCHMARK, "--data-dir", str(split), "--beam-size", "2,0"], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "a beam size is at least 1" in refused.stderr
     assert pair["parameters"] == 2 * results["parameters"]
     assert (again["averaging"], pair["averaging"]) == (None, "probabilities")
 
