@@ -43,7 +43,8 @@ class PathMiddleware:
 
 
 class Utf8BodyMiddleware(PathMiddleware):
-    """Answers 400 to a body on ``path`` that is not UTF-8 text, as JSON between systems must be.
+    """Answers 400 to a body on ``path`` that is not UTF-8 text, as JSON between systems must be,
+    and 415 to one sent compressed (``Content-Encoding``), which it would be taken for.
 
     FastAPI would guess UTF-16 or UTF-32 from the bytes and read them. Such text without
     a byte-order mark is valid UTF-8 too, but holds NUL bytes, which JSON text never does.
@@ -51,6 +52,10 @@ class Utf8BodyMiddleware(PathMiddleware):
     """
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        encoding = Headers(scope=scope).get("content-encoding", "").strip()
+        if encoding.lower() not in ("", "identity"):
+            await reply_error(send, 415, f"the body is sent with Content-Encoding {encoding!r}: send it uncompressed")
+            return
         decoder = codecs.getincrementaldecoder("utf-8")()  # a character may straddle two chunks
 
         async def receive_checked() -> Message:
@@ -139,7 +144,7 @@ class ApiKeyMiddleware:
 
     def _authorized(self, scope: Scope) -> bool:
         headers = Headers(scope=scope)  # the first of a repeated header, as the app reads them
-        presented = headers.get("x-api-key", "")
+        presented = headers.get("x-api-key", "").strip()  # white space around a header value is not part of it
         if not presented:  # an empty header, as a proxy may add, is none
             scheme, _, token = headers.get("authorization", "").partition(" ")
             presented = token.strip() if scheme.lower() == "bearer" else ""
@@ -203,6 +208,23 @@ class AdmissionMiddleware(PathMiddleware):
         finally:
             with self.admitted.get_lock():
                 self.admitted.value -= 1
+
+
+class HealthMiddleware(PathMiddleware):
+    """Gives LitServe's plain-text 503 of ``path`` (a worker is still loading the model) as a JSON error."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refused = False
+
+        async def send_json_error(message: Message) -> None:
+            nonlocal refused
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                refused = True
+                await reply_error(send, 503, "not ready: an inference worker is still loading the model")
+            elif not refused:
+                await send(message)
+
+        await self.app(scope, receive, send_json_error)
 
 
 class RequestMetricsMiddleware(PathMiddleware):

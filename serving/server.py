@@ -47,8 +47,9 @@ from fastapi.responses import Response
 from litserve.callbacks import Callback
 from litserve.utils import WorkerSetupStatus
 
+from genrnn import __version__
 from genrnn.bundle import load_bundle
-from genrnn.errors import ServerStopped
+from genrnn.errors import ConfigurationError, ServerStopped
 from genrnn.processes import die_with
 from serving.config import ServeConfig, check_accelerator
 from serving.schemas import GenerateRequest
@@ -135,10 +136,23 @@ def remove_stale_metrics_directories(parent: Path) -> None:
 
 
 def api_key(config: ServeConfig) -> str | None:
-    """The API key, when the configured environment variable holds one."""
+    """The API key, when the configured environment variable holds one.
+
+    Without the white space around it, which no header value can carry (RFC 9110).
+    """
     if config.api_key_env is None:
         return None
-    return os.environ.get(config.api_key_env) or None
+    return os.environ.get(config.api_key_env, "").strip() or None
+
+
+def check_address_free(host: str, port: int) -> None:
+    """Fail now where another process listens on the address: LitServe would find it only after loading the model."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise ConfigurationError(f"--port: cannot listen on {host}:{port}: {error.strerror}") from None
 
 
 @contextmanager
@@ -241,7 +255,11 @@ class Server(ls.LitServer):
 
     def run(self, *args: Any, port: int = 8000, **kwargs: Any) -> None:
         self.port = port
-        super().run(*args, port=port, **kwargs)
+        try:
+            super().run(*args, port=port, **kwargs)
+        except (EOFError, ConnectionError):  # the main thread's wait on the queue manager, which died
+            if self.failure is None:
+                raise
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """The handler of SIGTERM and SIGINT: start the shutdown, or have startup give up."""
@@ -345,6 +363,10 @@ class Server(ls.LitServer):
             self._shutdown_event.set()
             return
         self.stopping = True
+        if not manager._process.is_alive():  # killed: the OOM killer, say
+            # The requests in flight can never be answered: their replies would pass through it.
+            self.failure = self.failure or "LitServe's queue manager died"
+            self.drain_seconds = FAILED_DRAIN_SECONDS
         # The monitors poll the queue manager and the processes every monitor_internal seconds:
         # had they gone, a poll would die with a traceback, start a second shutdown, or call it a failure.
         for thread in threading.enumerate():
@@ -376,6 +398,7 @@ def build_server(
     from serving.middleware import (
         AdmissionMiddleware,
         ApiKeyMiddleware,
+        HealthMiddleware,
         RepeatedKeyMiddleware,
         RequestMetricsMiddleware,
         Utf8BodyMiddleware,
@@ -389,6 +412,7 @@ def build_server(
 
     # Listed innermost first: each middleware wraps the ones before it. Metrics sees every reply.
     middlewares: list = [
+        (HealthMiddleware, {"path": "/health"}),
         (Utf8BodyMiddleware, {"path": GENERATE_PATH}),
         (RepeatedKeyMiddleware, {"path": GENERATE_PATH}),  # reads the body that admission has whole
         (
@@ -422,6 +446,7 @@ def build_server(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    server.app.title, server.app.version = "genrnn", __version__  # of /docs and /openapi.json
     server.monitor_internal = 0.5  # seconds between the monitor's polls: also how long shutdown waits for it
     server.app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     server.app.add_exception_handler(RequestValidationError, validation_error_reply)
@@ -435,6 +460,7 @@ def serve(config: ServeConfig) -> None:
     Raises :class:`ServerStopped` when the server stopped on its own: a worker died.
     """
     check_accelerator(config.accelerator)
+    check_address_free(config.host, config.port)
     # A bad bundle fails here, with one line, before any process starts.
     bundle = load_bundle(config.model, averaging=config.ensemble_averaging)
     metadata = {**bundle.info(), "limits": {**asdict(config.limits), "max_body_bytes": config.max_body_bytes}}
@@ -460,6 +486,6 @@ def serve(config: ServeConfig) -> None:
                 access_log=config.access_log,
             )
         except StoppedDuringStartup:
-            pass
+            print("genrnn serve: stopped during startup, as asked", file=sys.stderr)
     if server.failure:
         raise ServerStopped(f"the server stopped: {server.failure}")

@@ -9,6 +9,7 @@ are made deterministic by pausing the inference worker (SIGSTOP) while requests 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ import pytest
 import torch
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.transport.process_transport import MPQueueTransport
+from litserve.utils import WorkerSetupStatus
 from prometheus_client.parser import text_string_to_metric_families
 
 from genrnn.bundle import load_bundle
@@ -39,6 +41,7 @@ from serving import loop, metrics
 from serving.api import Failure, GenerationAPI
 from serving.config import ServeConfig
 from serving.schemas import GenerateRequest, Limits
+from serving.server import ForkedChildrenDieWithServer, api_key, build_server
 
 KEY = "s3cret-key"
 KEY_ENV = "GENRNN_TEST_API_KEY"
@@ -192,6 +195,15 @@ def test_serve_refuses_bad_options_and_bundles_with_one_line(tmp_path, capsys):
         "genrnn serve: error: --port: must be in 1024..65535; got 80",
         f"genrnn serve: error: bundle directory not found: {tmp_path / 'missing'}",
     ]
+    # An address another process listens on is told before the model loads, naming the address.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(tmp_path), "--port", str(port)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"genrnn serve: error: --port: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
     with pytest.raises(ConfigurationError, match="--ensemble-averaging: must be one of probabilities, log-prob"):
         ServeConfig(model=str(tmp_path), ensemble_averaging="geometric")
     with pytest.raises(SystemExit) as usage:
@@ -306,19 +318,26 @@ def inference_workers(pid: int) -> list[int]:
     return workers
 
 
+def started(process: int) -> int:
+    """When ``process`` started, in clock ticks since boot."""
+    return int(Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def forked(pid: int) -> list[int]:
+    """The children that the server's main process forked (not spawned): the queue manager and the HTTP processes."""
+    command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return [child for child in children(pid) if Path(f"/proc/{child}/cmdline").read_bytes() == command]
+
+
 def http_processes(pid: int) -> list[int]:
     """The server's HTTP processes: forked, as the queue manager is, but started after the workers."""
-
-    def started(process: int) -> int:
-        return int(Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()[19])
-
     workers = inference_workers(pid)
-    command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    return [
-        child
-        for child in children(pid)
-        if Path(f"/proc/{child}/cmdline").read_bytes() == command and started(child) >= max(map(started, workers))
-    ]
+    return [child for child in forked(pid) if started(child) >= max(map(started, workers))]
+
+
+def queue_manager(pid: int) -> int:
+    """LitServe's queue manager: the first process the server forks, seconds before the HTTP processes."""
+    return min(forked(pid), key=started)
 
 
 class Server:
@@ -453,6 +472,7 @@ SERVERS = {
     **{f"{stop} to the {whom}": (("--api-servers", "2"), None) for stop, whom in STOPS},
     "SIGKILL": (("--api-servers", "2"), None),
     "worker dies": ((), None),
+    "queue manager dies": ((), None),
     "HTTP process dies": (("--api-servers", "2"), None),
 }
 
@@ -581,6 +601,21 @@ def test_a_single_string_input_gets_a_list_of_one_output(keyed):
 
     assert response.status_code == 200
     assert [o["input"] for o in response.json()["outputs"]] == ["cat"]
+
+
+def test_health_before_the_workers_are_ready_is_a_json_503(tiny_bundle):
+    # The server as built, and a worker that has not loaded the model yet, as LitServe records it.
+    server = build_server(ServeConfig(model=str(tiny_bundle)), {}, None, ForkedChildrenDieWithServer())
+    server.workers_setup_status = {0: WorkerSetupStatus.STARTING}
+
+    async def health() -> httpx.Response:
+        transport = httpx.ASGITransport(app=server.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
+            return await client.get("/health")
+
+    response = asyncio.run(health())
+    assert response.status_code == 503 and response.headers["content-type"] == "application/json"
+    assert response.json() == {"detail": "not ready: an inference worker is still loading the model"}
 
 
 def test_health_and_info_describe_the_loaded_bundle(keyed):
@@ -724,6 +759,22 @@ def test_a_body_that_is_not_utf8_gets_400_and_counts_as_unknown(keyed, body):
     assert after[counted] - before[counted] == 1
 
 
+def test_a_compressed_body_gets_415_and_is_counted(keyed):
+    before = keyed.metrics()
+    body = b'{"inputs": "cat"}'
+    for encoding, sent in (("gzip", gzip.compress(body)), ("br", body)):  # a label is taken at its word
+        headers = {"content-type": "application/json", "content-encoding": encoding}
+        response = keyed.client.post("/v1/generate", content=sent, headers=headers)
+        assert response.status_code == 415
+        assert response.json()["detail"] == f"the body is sent with Content-Encoding '{encoding}': send it uncompressed"
+    headers = {"content-type": "application/json", "content-encoding": "identity"}
+    assert keyed.client.post("/v1/generate", content=body, headers=headers).status_code == 200
+    after = keyed.metrics()
+    for mode, status in (("unknown", "415"), ("greedy", "415")):  # a gzip body's mode cannot be read
+        counted = ("genrnn_requests_total", (("mode", mode), ("status", status)))
+        assert after[counted] - before[counted] == 1
+
+
 def test_a_body_nested_past_the_parsers_depth_gets_400_and_is_counted(keyed):
     before = keyed.metrics()
     body = b'{"inputs": ' + b"[" * 1500 + b"]" * 1500 + b"}"
@@ -865,7 +916,7 @@ def test_every_series_a_request_can_touch_is_on_metrics_from_the_start(small):
     samples = small.metrics()
 
     for mode in ("greedy", "sample", "beam", "unknown"):
-        for status in ("200", "400", "401", "405", "413", "422", "429", "500", "504"):
+        for status in ("200", "400", "401", "405", "413", "415", "422", "429", "500", "504"):
             assert ("genrnn_requests_total", (("mode", mode), ("status", status))) in samples
         assert ("genrnn_request_duration_seconds_count", (("mode", mode),)) in samples
     for mode in ("greedy", "sample", "beam"):
@@ -916,9 +967,26 @@ def test_the_api_key_is_required_on_v1_when_set(keyed):
     assert httpx.post(url, json=body, headers={"X-API-Key": KEY}).status_code == 200
     assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert httpx.post(url, json=body, headers={"X-API-Key": "", "Authorization": f"Bearer {KEY}"}).status_code == 200
+    # White space around a header value is not part of it (RFC 9110), whichever header carries the key.
+    padded = f"POST /v1/generate HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY} \t\r\nContent-Type: application/json\r\n"
+    assert raw_status(keyed.url, padded + 'Content-Length: 17\r\nConnection: close\r\n\r\n{"inputs": "cat"}') == 200
     # Of a header given twice, the first counts, as the app reads headers.
     assert httpx.post(url, json=body, headers=[("X-API-Key", KEY), ("X-API-Key", "wrong")]).status_code == 200
     assert httpx.post(url, json=body, headers=[("X-API-Key", "wrong"), ("X-API-Key", KEY)]).status_code == 401
+
+
+def test_an_api_key_set_with_white_space_around_it_is_the_key_without(monkeypatch, tmp_path):
+    monkeypatch.setenv(KEY_ENV, f" {KEY}\n")
+    assert api_key(ServeConfig(model=str(tmp_path), api_key_env=KEY_ENV)) == KEY
+    monkeypatch.setenv(KEY_ENV, " \t")  # white space alone is no key, rather than the empty one
+    assert api_key(ServeConfig(model=str(tmp_path), api_key_env=KEY_ENV)) is None
+
+
+def raw_status(url: str, request: str) -> int:
+    """The status of the reply to ``request``, sent as the raw bytes given (no client tidies them)."""
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30) as connection:
+        connection.sendall(request.encode())
+        return int(connection.recv(64).split()[1])
 
 
 def test_health_and_metrics_stay_open_with_an_api_key(keyed):
@@ -1001,29 +1069,48 @@ def test_a_signal_to_every_process_while_the_workers_start_ends_the_startup(tiny
         server.stop()
     log = server.log.read_text()
     assert status == 0 and "Traceback" not in log, log[-3000:]  # as a server asked to stop after startup
+    assert "genrnn serve: stopped during startup, as asked" in log
     assert "Started server process" not in log  # it stopped in the startup: no HTTP process was started
     # The main process's exit does not wait for the last of its children to be reaped.
     wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
+
+
+def reply_or_error(server: Server) -> httpx.Response | httpx.TransportError:
+    """The server's reply to a request, or the error of a connection it closed unanswered."""
+    try:
+        return server.generate(inputs=["cat"])
+    except httpx.TransportError as error:
+        return error
 
 
 def test_a_worker_that_dies_stops_the_server_as_a_failure(servers):
     server = servers["worker dies"].ready()
     processes = children(server.process.pid)
     (worker,) = inference_workers(server.process.pid)
-
-    def reply_or_error() -> httpx.Response | httpx.TransportError:
-        try:
-            return server.generate(inputs=["cat"])
-        except httpx.TransportError as error:
-            return error
-
     os.kill(worker, signal.SIGSTOP)
-    held = in_background(reply_or_error)  # a request the worker will never answer
+    held = in_background(reply_or_error, server=server)  # a request the worker will never answer
     server.wait_for_inflight(1)
     os.kill(worker, signal.SIGKILL)
     assert server.process.wait(timeout=20) == 1  # soon, and a failure: a supervisor restarts it
     log = server.log.read_text()
     assert "genrnn serve: error: the server stopped: an inference worker died" in log and "Traceback" not in log, log
+    wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
+    assert isinstance(held.get(timeout=30), httpx.TransportError)  # its connection closed: the client knows
+
+
+def test_a_queue_manager_that_dies_stops_the_server_as_a_failure(servers):
+    server = servers["queue manager dies"].ready()
+    processes = children(server.process.pid)
+    manager = queue_manager(server.process.pid)
+    assert manager not in http_processes(server.process.pid)
+    (worker,) = inference_workers(server.process.pid)
+    os.kill(worker, signal.SIGSTOP)
+    held = in_background(reply_or_error, server=server)  # a request the worker will never answer
+    server.wait_for_inflight(1)
+    os.kill(manager, signal.SIGKILL)  # the OOM killer, say: every request and reply passes through it
+    assert server.process.wait(timeout=20) == 1  # soon, and a failure: a supervisor restarts it
+    log = server.log.read_text()
+    assert log.rstrip().endswith("genrnn serve: error: the server stopped: LitServe's queue manager died"), log
     wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
     assert isinstance(held.get(timeout=30), httpx.TransportError)  # its connection closed: the client knows
 
