@@ -135,6 +135,20 @@ def read_bundle_manifest(directory: str | Path) -> dict[str, Any]:
     return read_manifest(directory / MANIFEST, "genrnn bundle", FORMAT_VERSION, {WEIGHTS, SOURCE_MODEL, TARGET_MODEL})
 
 
+def ensemble_members(model: str | Path) -> list[str]:
+    """The bundle directories that ``model`` names: several joined by commas, or one.
+
+    A directory whose own name holds a comma is the one bundle it is; empty names
+    between commas (``a,``) are none.
+    """
+    if "," not in str(model) or Path(model).is_dir():
+        return [str(model)]
+    members = [d.strip() for d in str(model).split(",") if d.strip()]
+    if not members:
+        raise BundleError(f"no bundle named in {str(model)!r}")
+    return members
+
+
 def load_bundle(
     directory: str | Path, device: str | torch.device = "cpu", averaging: Averaging = DEFAULT_AVERAGING
 ) -> Bundle:
@@ -144,12 +158,10 @@ def load_bundle(
     distributions are averaged as ``averaging`` says; they must share their tokenizers. A
     directory whose own name holds a comma loads as the one bundle it is.
     """
-    if "," in str(directory) and not Path(directory).is_dir():
-        members = [d.strip() for d in str(directory).split(",") if d.strip()]
-        if not members:
-            raise BundleError(f"no bundle named in {str(directory)!r}")
+    members = ensemble_members(directory)
+    if len(members) > 1:
         return _load_ensemble(members, device, averaging)
-    directory = Path(directory)
+    directory = Path(members[0])
     manifest = read_bundle_manifest(directory)
     for section in ("model", "tokenizer", "training"):  # a YAML file's empty section is none; a bundle's is no such
         if not isinstance(manifest.get(section, {}), dict):

@@ -91,7 +91,9 @@ def ensemble_averaging(args: argparse.Namespace) -> Averaging:
     averaging = getattr(args, "ensemble_averaging", None)  # serve's options are absent when not given
     if averaging is None:
         return DEFAULT_AVERAGING
-    if len([d for d in args.model.split(",") if d]) < 2:
+    from genrnn.bundle import ensemble_members  # here: it imports torch, which --help need not wait for
+
+    if len(ensemble_members(args.model)) < 2:
         raise ConfigurationError("--ensemble-averaging: applies to an ensemble, several bundles joined by commas")
     return averaging
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -11,9 +12,10 @@ import pytest
 import torch
 
 from genrnn.bundle import load_bundle, save_bundle
+from genrnn.cli import ensemble_averaging
 from genrnn.config import DecodingConfig, ModelConfig, TokenizerConfig
 from genrnn.decoding import Generator
-from genrnn.errors import BundleError
+from genrnn.errors import BundleError, ConfigurationError
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import train_tokenizers
 
@@ -208,3 +210,9 @@ def test_a_bundle_directory_with_a_comma_in_its_name_loads_as_one_bundle(bundle_
     assert load_bundle(copy).fingerprint == load_bundle(directory).fingerprint
     pair = load_bundle(f"{directory}, {directory}")  # members may be spaced out after their commas
     assert len(pair.manifest["members"]) == 2
+    assert load_bundle(f"{directory},").fingerprint == load_bundle(directory).fingerprint  # one named: itself
+    # the command line counts members as loading does: the comma's directory is one bundle, not an ensemble
+    for model in (str(copy), f"{directory},"):
+        args = argparse.Namespace(model=model, ensemble_averaging="log-probabilities")
+        with pytest.raises(ConfigurationError, match="--ensemble-averaging: applies to an ensemble"):
+            ensemble_averaging(args)
