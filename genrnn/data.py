@@ -189,6 +189,8 @@ def read_file(path: str | Path) -> list[Example]:
     """
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise DataError(f"data: {path} is a directory; name a TSV or JSONL file")
         raise DataError(f"data file not found: {path}")
     parse = _parse_jsonl_line if path.suffix.lower() == ".jsonl" else _parse_tsv_line
     examples = []

@@ -807,6 +807,7 @@ def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp
     "args,message",
     [
         (["train", "--train", "/nonexistent.tsv"], "data file not found: /nonexistent.tsv"),
+        (["train", "--train", "."], "data: . is a directory; name a TSV or JSONL file"),
         (["train", "--config", "/nonexistent.yaml"], "config file not found"),
         # before the data is read: the file's absence would be the error otherwise
         (["train", "--train", "/nonexistent.tsv", "--set", "tokenizer.shared=true"], "tokenizer.shared: one model"),
