@@ -74,6 +74,8 @@ class InputBudgetLoop(BatchedLoop):
                 item = request_queue.get(timeout=timeout)
             except Empty:
                 return None
+            except (EOFError, OSError):  # the queue manager died: the main process reports it and stops
+                raise _StopLoopError() from None
             if item == WAKE:
                 item = self._take_handed_on()  # None when another worker took it first
         return item

@@ -257,9 +257,17 @@ class Server(ls.LitServer):
         self.port = port
         try:
             super().run(*args, port=port, **kwargs)
-        except (EOFError, ConnectionError):  # the main thread's wait on the queue manager, which died
+        except (EOFError, OSError):  # the main thread's wait on the queue manager, which died
             if self.failure is None:
                 raise
+
+    def manager_died(self) -> bool:
+        """Whether LitServe's queue manager is gone: a call to it fails. (Its process may not be reaped yet.)"""
+        try:
+            self._shutdown_event.is_set()
+        except (EOFError, OSError):  # a broken pipe, a refused connection, a socket file gone
+            return True
+        return False
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """The handler of SIGTERM and SIGINT: start the shutdown, or have startup give up."""
@@ -363,9 +371,10 @@ class Server(ls.LitServer):
             self._shutdown_event.set()
             return
         self.stopping = True
-        if not manager._process.is_alive():  # killed: the OOM killer, say
-            # The requests in flight can never be answered: their replies would pass through it.
-            self.failure = self.failure or "LitServe's queue manager died"
+        if self.manager_died():  # killed: the OOM killer, say
+            # Whatever else failed then failed with it. The requests in flight can never be
+            # answered: their replies would pass through it.
+            self.failure = "LitServe's queue manager died"
             self.drain_seconds = FAILED_DRAIN_SECONDS
         # The monitors poll the queue manager and the processes every monitor_internal seconds:
         # had they gone, a poll would die with a traceback, start a second shutdown, or call it a failure.
