@@ -176,11 +176,11 @@ def test_a_bundle_is_scored_or_teaches_only_if_it_trained_on_no_test_word_and_he
     manifest = json.loads((bundle / "genrnn.json").read_text())
     data = {"leaky.train": str(leaky), "g014b2b.train": str(split / trained_on)}.get(trained_on, trained_on)
     manifest["training"]["data"] = data  # what the bundle says it trained on: not checksummed
-    if trained_on != "elsewhere.train":  # and the pairs it trained on: the leaky file's less its dev share, or all
-        examples = read_examples(data)
-        manifest["training"]["data_fingerprint"] = examples_fingerprint(
-            hold_out_dev(examples)[0] if trained_on == "leaky.train" else examples
-        )
+    # and the pairs it trained on: the leaky file's less its dev share (elsewhere too), or all of the file
+    examples = read_examples(leaky if trained_on in ("elsewhere.train", "builtin:cmudict") else data)
+    manifest["training"]["data_fingerprint"] = examples_fingerprint(
+        examples if trained_on == "g014b2b.train" else hold_out_dev(examples)[0]
+    )
     (bundle / "genrnn.json").write_text(json.dumps(manifest))
     for script, output in ((BENCHMARK, "scored"), (DISTILL, "distilled.train")):
         command = [*script, "--data-dir", str(split), "--model", f"{clean},{bundle}", "--beam-size", "1"]
@@ -190,6 +190,16 @@ def test_a_bundle_is_scored_or_teaches_only_if_it_trained_on_no_test_word_and_he
         )  # fmt: skip
         assert result.returncode != 0 and REFUSALS[trained_on] in result.stderr, result.stderr[-2000:]
         assert not (tmp_path / output).exists()
+
+
+def test_a_bundle_trained_on_the_splits_train_file_is_scored_whatever_path_it_recorded(split, teachers, tmp_path):
+    bundle = shutil.copytree(teachers.split(",")[0], tmp_path / "bundle")
+    manifest = json.loads((bundle / "genrnn.json").read_text())
+    manifest["training"]["data"] = "elsewhere/g014b2b.train"  # relative to where it trained: not here
+    (bundle / "genrnn.json").write_text(json.dumps(manifest))
+    command = [*BENCHMARK, "--data-dir", str(split), "--model", str(bundle), "--output", str(tmp_path / "scored")]
+    result = subprocess.run([*command, "--beam-size", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_a_model_that_started_from_or_learned_from_one_that_saw_test_words_is_refused(split, teachers, tmp_path):
