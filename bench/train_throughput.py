@@ -1,13 +1,15 @@
 """Training throughput of the default G2P model: bucketed + packed batches against a naive baseline.
 
     python bench/train_throughput.py [--config training/configs/g2p.yaml] [--pairs 20000] [--steps 40]
-        [--no-feeding] [--bahdanau [--rounds N]] [--device cuda]
+        [--rounds 3] [--no-feeding] [--bahdanau] [--device cuda]
 
-Both variants train the same model (forward, backward, Adam step) on the same
-pairs of the built-in CMUdict task, with the same number of pairs per batch on
-average. genrnn: token-budget batches of similar length, encoder over packed
-sequences. Baseline: batches in random order with a fixed size, encoder over the
-padded tensor. Reported: target tokens per second (real, non-padding) and the
+Both variants train the same model (forward, backward, Adam step, from the same
+initial weights) on the same pairs of the built-in CMUdict task, in as many batches:
+genrnn's first ``--steps`` (+ 3 of warm-up) token-budget batches of pairs of similar
+length, the encoder over packed sequences; the baseline, those batches' pairs shuffled
+and cut into batches of equal size, the encoder over the padded tensor. They take
+turns, ``--rounds`` times, so that a load that comes and goes falls on both, and the
+medians are reported. Reported: target tokens per second (real, non-padding) and the
 padding fraction of the batches.
 
 With ``--no-feeding``, the model with Luong attention also trains on the bucketed
@@ -15,14 +17,15 @@ batches twice: with input feeding, which steps the decoder one position at a tim
 (the baseline), and without, which runs the decoder over the whole target at once.
 With ``--bahdanau``, the model with Bahdanau attention trains on them too, its
 attention queried by the top decoder layer (the baseline) and by the bottom one, which
-alone then steps one position at a time; with ``--rounds N`` they take N turns each
-and the medians are reported.
+alone then steps one position at a time; they take turns as the first two do.
 ``--device cuda`` trains on a GPU, timed after synchronising.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import platform
 import random
 import statistics
@@ -79,6 +82,33 @@ def measure(model: Seq2Seq, batches, step, device: torch.device, warmup: int = 3
     return tokens / seconds, sum(padding) / len(padding)
 
 
+def load_average() -> float:
+    """The system's one-minute load average (NaN where the system does not say)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def same_pairs_shuffled(dataset: PairDataset, bucketed: list[list[int]], seed: int = 1) -> list:
+    """The pairs of the ``bucketed`` batches in random order, cut into as many batches of (nearly) equal size."""
+    pairs = [i for batch in bucketed for i in batch]
+    random.Random(seed).shuffle(pairs)
+    count = len(bucketed)
+    bounds = [round(k * len(pairs) / count) for k in range(count + 1)]
+    return [collate([dataset[i] for i in pairs[start:end]]) for start, end in zip(bounds, bounds[1:])]
+
+
+def take_turns(variants: dict[str, tuple], rounds: int, device: torch.device) -> dict[str, tuple[list[float], float]]:
+    """Each variant's rates over ``rounds`` turns and its padding fraction; ``variants``: name → (model, batches, step).
+
+    Every turn trains a fresh copy of the variant's model, so that each starts from the same weights.
+    """
+    measured = {name: ([], 0.0) for name in variants}
+    for _ in range(rounds):
+        for name, (model, batches, step) in variants.items():
+            rate, padding = measure(copy.deepcopy(model), batches, step, device)
+            measured[name] = (measured[name][0] + [rate], padding)
+    return measured
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="training/configs/g2p.yaml")
@@ -86,7 +116,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="measured steps per variant")
     parser.add_argument("--no-feeding", action="store_true", help="also time Luong attention without input feeding")
     parser.add_argument("--bahdanau", action="store_true", help="also time Bahdanau attention")
-    parser.add_argument("--rounds", type=int, default=1, help="turns each Bahdanau variant takes (median reported)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each variant takes (medians reported)")
     parser.add_argument("--device", default="cpu", help="torch device to train on, e.g. cpu or cuda")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -99,59 +129,64 @@ def main() -> None:
     dataset = PairDataset(pairs, source_tok, target_tok)
 
     sampler = TokenBudgetBatchSampler([dataset.cost(i) for i in range(len(dataset))], config.data.max_tokens, seed=0)
-    bucketed = [collate([dataset[i] for i in b]) for b in list(sampler)[: args.steps + 3]]
-    mean_size = round(sum(b.source.shape[0] for b in bucketed) / len(bucketed))
-    order = list(range(len(dataset)))
-    random.Random(1).shuffle(order)
-    naive = [
-        collate([dataset[i] for i in order[k : k + mean_size]])
-        for k in range(0, mean_size * (args.steps + 3), mean_size)
-    ]
+    indices = list(sampler)[: args.steps + 3]
+    bucketed = [collate([dataset[i] for i in batch]) for batch in indices]
+    naive = same_pairs_shuffled(dataset, indices)
+    mean_size = round(sum(len(batch) for batch in indices) / len(indices))
 
-    torch.manual_seed(0)
-    model = Seq2Seq(config.model, source_tok.vocab_size, target_tok.vocab_size)
-    rows = [
-        ("baseline: random batches, padded encoder", *measure(model, naive, padded_step, device)),
-        ("genrnn: length buckets, packed encoder", *measure(model, bucketed, packed_step, device)),
+    def model_with(**changes) -> Seq2Seq:
+        torch.manual_seed(0)
+        return Seq2Seq(replace(config.model, **changes), source_tok.vocab_size, target_tok.vocab_size)
+
+    model = model_with()
+    comparisons = [
+        {
+            "baseline: random batches, padded encoder": (model, naive, padded_step),
+            "genrnn: length buckets, packed encoder": (model, bucketed, packed_step),
+        }
     ]
     if args.no_feeding:
-        for feeding in (True, False):
-            torch.manual_seed(0)
-            luong = replace(config.model, attention="luong", input_feeding=feeding)
-            attentive = Seq2Seq(luong, source_tok.vocab_size, target_tok.vocab_size)
-            label = "baseline: Luong attention, input feeding" if feeding else "Luong attention, no input feeding"
-            rows.append((label, *measure(attentive, bucketed, packed_step, device)))
+        comparisons.append(
+            {
+                "baseline: Luong attention, input feeding": (model_with(attention="luong"), bucketed, packed_step),
+                "Luong attention, no input feeding": (
+                    model_with(attention="luong", input_feeding=False),
+                    bucketed,
+                    packed_step,
+                ),
+            }
+        )
     if args.bahdanau:
-        # The two take turns, round after round, so that a load that comes and goes falls on both.
-        queries = {}
-        for query in ("top", "bottom"):
-            torch.manual_seed(0)
-            bahdanau = replace(config.model, attention="bahdanau", attention_query=query)
-            queries[query] = Seq2Seq(bahdanau, source_tok.vocab_size, target_tok.vocab_size)
-        rates = {query: [] for query in queries}
-        for _ in range(args.rounds):
-            for query, attentive in queries.items():
-                rate, padding = measure(attentive, bucketed, packed_step, device)
-                rates[query].append(rate)
-        for query, measured in rates.items():
-            label = f"Bahdanau attention, {query} layer queries" + (" (baseline)" if query == "top" else "")
-            rows.append((label, statistics.median(measured), padding))
-        ratios = [bottom / top for top, bottom in zip(rates["top"], rates["bottom"])]
+        comparisons.append(
+            {
+                f"Bahdanau attention, {query} layer queries" + (" (baseline)" if query == "top" else ""): (
+                    model_with(attention="bahdanau", attention_query=query),
+                    bucketed,
+                    packed_step,
+                )
+                for query in ("top", "bottom")
+            }
+        )
+    started_load = load_average()
+    results = [take_turns(variants, args.rounds, device) for variants in comparisons]
     print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
+        f"{torch.get_num_threads()} torch threads, "
         f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}, "
-        f"torch {torch.__version__}; model {model.num_parameters():,} parameters; "
-        f"{mean_size} pairs per batch on average, {args.steps} steps each"
+        f"torch {torch.__version__}, load average {started_load:.1f} at the start and {load_average():.1f} at the end; "
+        f"model {model.num_parameters():,} parameters; "
+        f"{mean_size} pairs per batch on average, {args.steps} steps each, median of {args.rounds} rounds"
     )
-    print("| variant | target tokens/s | padding fraction |\n| --- | ---: | ---: |")
-    for name, rate, padding in rows:
-        print(f"| {name} | {rate:,.0f} | {padding:.1%} |")
-    print(f"speed-up: {rows[1][1] / rows[0][1]:.2f}×")
-    if args.no_feeding:
-        print(f"without input feeding: {rows[3][1] / rows[2][1]:.2f}×")
-    if args.bahdanau:
+    print("| variant | target tokens/s | each round | padding fraction |\n| --- | ---: | --- | ---: |")
+    for measured in results:
+        for name, (rates, padding) in measured.items():
+            each = " · ".join(f"{rate:,.0f}" for rate in rates)
+            print(f"| {name} | {statistics.median(rates):,.0f} | {each} | {padding:.1%} |")
+    for measured in results:
+        (baseline, (base, _)), (variant, (other, _)) = measured.items()
+        ratios = [b / a for a, b in zip(base, other)]
         each = ", ".join(f"{ratio:.2f}" for ratio in ratios)
-        print(f"bottom layer queries: {statistics.median(ratios):.2f}× (median of {args.rounds} rounds: {each})")
+        print(f"{variant} against {baseline}: {statistics.median(ratios):.2f}× (each round: {each})")
 
 
 if __name__ == "__main__":
