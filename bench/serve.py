@@ -9,8 +9,11 @@ through: the server with ``--max-batch-size`` (default 64); the same server with
 batches of the same size. Both servers run side by side, and at each concurrency
 level the three are measured in turn, ``--rounds`` times, ``--duration`` seconds
 each in all: on a shared machine whose load drifts, each level's ratios compare
-numbers taken seconds apart. Reported: requests/s, output tokens/s, latency
-p50/p95/p99, and the mean batch size read from ``/metrics``. The clients share the
+numbers taken seconds apart. A server's turn is measured in its steady state: from
+the moment every client has had its first reply (before it, the queue is still
+filling) for the turn's seconds, counting the requests answered in that window.
+Reported: requests/s, output tokens/s, latency p50/p95/p99 (nearest rank), and the
+mean batch size read from ``/metrics`` over the window. The clients share the
 machine with the server; on a small machine they take CPU from it too.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import signal
@@ -61,7 +65,7 @@ class Result:
         if not self.latencies:
             return None
         ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
     def row(self) -> str:
         def ms(value: float | None) -> str:
@@ -157,46 +161,73 @@ class Connection:
         self.writer.close()
 
 
-async def load(url: str, words: list[str], clients: int, seconds: float) -> tuple[int, int, list[float], int]:
-    """Closed-loop clients for ``seconds``: requests done, output tokens, latencies, errors."""
-    latencies: list[float] = []
-    tokens = errors = 0
-    stop = time.perf_counter() + seconds
+@dataclass
+class Window:
+    """What closed-loop clients got in the measured window."""
+
+    seconds: float = 0.0
+    output_tokens: int = 0
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    batch_inputs: float = 0.0
+    batches: float = 0.0
+
+
+async def load(server: Server, words: list[str], clients: int, seconds: float) -> Window:
+    """Closed-loop clients, measured for ``seconds`` from when every one of them has had a reply.
+
+    Until then the queue is still filling: an early request waits behind fewer than a
+    steady state puts before it. The window counts the requests answered in it.
+    """
+    window = Window()
+    replied: set[int] = set()
+    opened = asyncio.Event()
+    bounds: list[float] = []  # the window's start and end, once open
+    totals: list[tuple[float, float]] = []  # genrnn_batch_size's sum and count at the start and at the end
 
     async def one_client(index: int) -> None:
-        nonlocal tokens, errors
-        connection = await Connection.open(url)
+        connection = await Connection.open(server.url)
         i = index
-        while time.perf_counter() < stop:
+        while not bounds or time.perf_counter() < bounds[1]:
             started = time.perf_counter()
             status, reply = await connection.post("/v1/generate", {"inputs": words[i % len(words)]})
-            if status != 200:
-                errors += 1
-                continue
-            latencies.append(time.perf_counter() - started)
-            tokens += reply["usage"]["output_tokens"]
+            finished = time.perf_counter()
             i += clients
+            if bounds and bounds[0] <= finished <= bounds[1]:
+                if status == 200:
+                    window.latencies.append(finished - started)
+                    window.output_tokens += reply["usage"]["output_tokens"]
+                else:
+                    window.errors += 1
+            replied.add(index)
+            if len(replied) == clients and not opened.is_set():
+                opened.set()
         connection.close()
 
-    await asyncio.gather(*(one_client(i) for i in range(clients)))
-    return len(latencies), tokens, latencies, errors
+    async def watch() -> None:
+        await opened.wait()
+        totals.append(await asyncio.to_thread(server.batch_totals))
+        bounds.extend([time.perf_counter(), time.perf_counter() + seconds])
+        await asyncio.sleep(seconds)
+        totals.append(await asyncio.to_thread(server.batch_totals))
+
+    await asyncio.gather(watch(), *(one_client(i) for i in range(clients)))
+    window.seconds = seconds
+    (inputs_before, batches_before), (inputs_after, batches_after) = totals
+    window.batch_inputs, window.batches = inputs_after - inputs_before, batches_after - batches_before
+    return window
 
 
-def measure_server(server: Server, row: Result, words: list[str], seconds: float, warm_up: bool) -> None:
-    """Add ``seconds`` of load from ``row.clients`` clients to ``row``."""
-    if warm_up:  # connections, first batches
-        asyncio.run(load(server.url, words, row.clients, 1.0))
-    batch_inputs, batches = server.batch_totals()
-    started = time.perf_counter()
-    requests, tokens, latencies, errors = asyncio.run(load(server.url, words, row.clients, seconds))
-    row.seconds += time.perf_counter() - started
-    batch_inputs_after, batches_after = server.batch_totals()
-    row.requests += requests
-    row.output_tokens += tokens
-    row.latencies += latencies
-    row.errors += errors
-    row.batch_inputs += batch_inputs_after - batch_inputs
-    row.batches += batches_after - batches
+def measure_server(server: Server, row: Result, words: list[str], seconds: float) -> None:
+    """Add ``seconds`` of steady load from ``row.clients`` clients to ``row``."""
+    window = asyncio.run(load(server, words, row.clients, seconds))
+    row.seconds += window.seconds
+    row.requests += len(window.latencies)
+    row.output_tokens += window.output_tokens
+    row.latencies += window.latencies
+    row.errors += window.errors
+    row.batch_inputs += window.batch_inputs
+    row.batches += window.batches
 
 
 class Offline:
@@ -275,10 +306,10 @@ def main() -> None:
                 Result(batched_setup, clients),
                 Result("server, --max-batch-size 1", clients),
             ]
-            for round_ in range(args.rounds):
+            for _ in range(args.rounds):
                 offline.measure(level[0], seconds)
-                measure_server(batched, level[1], words, seconds, warm_up=round_ == 0)
-                measure_server(unbatched, level[2], words, seconds, warm_up=round_ == 0)
+                measure_server(batched, level[1], words, seconds)
+                measure_server(unbatched, level[2], words, seconds)
             rows += level
             print("\n".join(r.row() for r in level), flush=True)
             print(
