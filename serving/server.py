@@ -16,8 +16,9 @@ the SIGTERM this process sends them, since uvicorn exits at once, dropping the
 requests in flight, on a SIGINT that follows another signal, and a loaded machine
 can deliver a Ctrl+C to them after this process's SIGTERM.
 A signal during startup ends the startup. Should this process die without a word
-(SIGKILL), the kernel kills the others with it (on Linux). An inference worker or an
-HTTP process that dies stops the server with status 1, so that a supervisor restarts it.
+(SIGKILL), the kernel kills the others with it (on Linux). An inference worker, an
+HTTP process or the queue manager that dies stops the server with status 1, so that a
+supervisor restarts it.
 
 Only the HTTP processes hold the listening socket (on Linux): this process and the
 queue manager close the copies they inherit, so that the port refuses connections as
