@@ -161,25 +161,13 @@ class Connection:
         self.writer.close()
 
 
-@dataclass
-class Window:
-    """What closed-loop clients got in the measured window."""
-
-    seconds: float = 0.0
-    output_tokens: int = 0
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    batch_inputs: float = 0.0
-    batches: float = 0.0
-
-
-async def load(server: Server, words: list[str], clients: int, seconds: float) -> Window:
-    """Closed-loop clients, measured for ``seconds`` from when every one of them has had a reply.
+async def load(server: Server, row: Result, words: list[str], seconds: float) -> None:
+    """Add to ``row`` ``seconds`` of closed-loop clients, measured from when every one of them has had a reply.
 
     Until then the queue is still filling: an early request waits behind fewer than a
     steady state puts before it. The window counts the requests answered in it.
     """
-    window = Window()
+    clients = row.clients
     replied: set[int] = set()
     opened = asyncio.Event()
     bounds: list[float] = []  # the window's start and end, once open
@@ -195,12 +183,13 @@ async def load(server: Server, words: list[str], clients: int, seconds: float) -
             i += clients
             if bounds and bounds[0] <= finished <= bounds[1]:
                 if status == 200:
-                    window.latencies.append(finished - started)
-                    window.output_tokens += reply["usage"]["output_tokens"]
+                    row.requests += 1
+                    row.latencies.append(finished - started)
+                    row.output_tokens += reply["usage"]["output_tokens"]
                 else:
-                    window.errors += 1
+                    row.errors += 1
             replied.add(index)
-            if len(replied) == clients and not opened.is_set():
+            if len(replied) == clients:
                 opened.set()
         connection.close()
 
@@ -212,22 +201,10 @@ async def load(server: Server, words: list[str], clients: int, seconds: float) -
         totals.append(await asyncio.to_thread(server.batch_totals))
 
     await asyncio.gather(watch(), *(one_client(i) for i in range(clients)))
-    window.seconds = seconds
     (inputs_before, batches_before), (inputs_after, batches_after) = totals
-    window.batch_inputs, window.batches = inputs_after - inputs_before, batches_after - batches_before
-    return window
-
-
-def measure_server(server: Server, row: Result, words: list[str], seconds: float) -> None:
-    """Add ``seconds`` of steady load from ``row.clients`` clients to ``row``."""
-    window = asyncio.run(load(server, words, row.clients, seconds))
-    row.seconds += window.seconds
-    row.requests += len(window.latencies)
-    row.output_tokens += window.output_tokens
-    row.latencies += window.latencies
-    row.errors += window.errors
-    row.batch_inputs += window.batch_inputs
-    row.batches += window.batches
+    row.seconds += seconds
+    row.batch_inputs += inputs_after - inputs_before
+    row.batches += batches_after - batches_before
 
 
 class Offline:
@@ -308,8 +285,8 @@ def main() -> None:
             ]
             for _ in range(args.rounds):
                 offline.measure(level[0], seconds)
-                measure_server(batched, level[1], words, seconds)
-                measure_server(unbatched, level[2], words, seconds)
+                asyncio.run(load(batched, level[1], words, seconds))
+                asyncio.run(load(unbatched, level[2], words, seconds))
             rows += level
             print("\n".join(r.row() for r in level), flush=True)
             print(
