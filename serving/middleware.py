@@ -53,7 +53,8 @@ class Utf8BodyMiddleware(PathMiddleware):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         encoding = Headers(scope=scope).get("content-encoding", "").strip()
-        if encoding.lower() not in ("", "identity"):
+        codings = {coding.strip().lower() for coding in encoding.split(",")} - {"", "identity"}
+        if codings and scope["method"] == "POST":  # another method gets its 405 from the app
             await reply_error(send, 415, f"the body is sent with Content-Encoding {encoding!r}: send it uncompressed")
             return
         decoder = codecs.getincrementaldecoder("utf-8")()  # a character may straddle two chunks

@@ -767,8 +767,10 @@ def test_a_compressed_body_gets_415_and_is_counted(keyed):
         response = keyed.client.post("/v1/generate", content=sent, headers=headers)
         assert response.status_code == 415
         assert response.json()["detail"] == f"the body is sent with Content-Encoding '{encoding}': send it uncompressed"
-    headers = {"content-type": "application/json", "content-encoding": "identity"}
-    assert keyed.client.post("/v1/generate", content=body, headers=headers).status_code == 200
+    for encoding in ("identity", "Identity, identity"):
+        headers = {"content-type": "application/json", "content-encoding": encoding}
+        assert keyed.client.post("/v1/generate", content=body, headers=headers).status_code == 200
+    assert keyed.client.get("/v1/generate", headers={"content-encoding": "gzip"}).status_code == 405
     after = keyed.metrics()
     for mode, status in (("unknown", "415"), ("greedy", "415")):  # a gzip body's mode cannot be read
         counted = ("genrnn_requests_total", (("mode", mode), ("status", status)))
