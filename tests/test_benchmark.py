@@ -483,6 +483,8 @@ def test_the_timeline_splits_a_runs_time_between_steps_and_validations(tiny_bund
     assert steps == logged[-1]
     assert validations == sum(logged[0] < v <= logged[-1] for v in validated) > 0
     assert 0 < seconds <= load_bundle(tiny_bundle).training["seconds_this_run"]
+    # An estimate, from the intervals' excess over the median step: a tiny model's validations
+    # take about as long as the noise of a busy machine, and their sum can come out below zero.
     validation_seconds = float(row[5].split()[0])
-    assert 0 < validation_seconds < seconds  # the share is of the unrounded seconds
+    assert abs(validation_seconds) < seconds  # the share is of the unrounded seconds
     assert abs(int(row[6].rstrip("%")) / 100 - validation_seconds / seconds) < 0.015
