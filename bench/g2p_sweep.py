@@ -84,6 +84,9 @@ VARIANTS: dict[str, list[str]] = {
     "bahdanau-deep-cosine-seed13": [*BAHDANAU_DEEP, *COSINE, "training.seed=13"],
     # the weights' moving average, never measured on this split: the twin of the round of four's seed11
     "bahdanau-deep-cosine-ema-seed11": [*BAHDANAU_DEEP, *COSINE, "training.ema_decay=0.999", "training.seed=11"],
+    # six independent draws at once, for a larger ensemble (with seed 7, 11 and 13 and the unseeded one)
+    "bahdanau-deep-cosine-seed17": [*BAHDANAU_DEEP, *COSINE, "training.seed=17"],
+    "bahdanau-deep-cosine-seed19": [*BAHDANAU_DEEP, *COSINE, "training.seed=19"],
     "bahdanau-wide-cosine": [*BAHDANAU_WIDE, *COSINE],
     # the bottom decoder layer queries the attention: only it steps a token at a time in training
     "bahdanau-deep-bottom-cosine": [*BAHDANAU_DEEP, "model.attention_query=bottom", *COSINE],
