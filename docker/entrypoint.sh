@@ -16,7 +16,7 @@ set -eu
 # The variables that mirror `genrnn serve`'s options, one to one (tests/test_docker.py
 # checks these lists against `genrnn serve --help`). Unset ones keep the server's defaults.
 SERVE_OPTIONS="MODEL ENSEMBLE_AVERAGING HOST PORT ACCELERATOR DEVICES WORKERS_PER_DEVICE API_SERVERS MAX_BATCH_SIZE BATCH_TIMEOUT
-    MAX_QUEUE TIMEOUT MAX_BODY_BYTES API_KEY_ENV MAX_INPUTS MAX_INPUT_LENGTH MAX_NEW_TOKENS MAX_BEAM_SIZE
+    MAX_QUEUE TIMEOUT DEADLINE MAX_BODY_BYTES API_KEY_ENV MAX_INPUTS MAX_INPUT_LENGTH MAX_NEW_TOKENS MAX_BEAM_SIZE
     MAX_RETURN_SEQUENCES LOG_LEVEL"
 # Options without a value: on when the variable is 1, true or yes (GENRNN_ACCESS_LOG=1).
 SERVE_SWITCHES="ACCESS_LOG"

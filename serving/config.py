@@ -38,6 +38,7 @@ class ServeConfig:
     batch_timeout: float = 0.005  # seconds a batch waits to fill once its first request is in
     max_queue: int = 256  # requests admitted and unanswered; beyond it, 429
     timeout: float = 30.0  # seconds a request may wait for a worker; beyond it, 504
+    deadline: float = 300.0  # seconds a request may take in all; beyond it, 504, and /health calls a worker stuck
     max_body_bytes: int = 1 << 20  # beyond it, 413
     api_key_env: str | None = None  # name of the environment variable that holds the API key
     log_level: str = "info"
@@ -65,6 +66,7 @@ class ServeConfig:
         _require(self.api_servers is None or self.api_servers >= 1, "--api-servers", "must be at least 1")
         _require(self.batch_timeout >= 0, "--batch-timeout", "must be 0 or more")
         _require(self.timeout > self.batch_timeout, "--timeout", "must be longer than --batch-timeout")
+        _require(self.deadline > self.timeout, "--deadline", "must be longer than --timeout")
         _require(self.log_level in LOG_LEVELS, "--log-level", f"must be one of {', '.join(LOG_LEVELS)}")
         for limit in fields(self.limits):
             _require(getattr(self.limits, limit.name) >= 1, _option(limit.name), "must be at least 1")

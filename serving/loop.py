@@ -15,7 +15,8 @@ that could not fit it is done. The server shares that queue (see
 
 It also differs in how it waits: it blocks until a first request arrives, then
 gathers more for at most ``batch_timeout``, instead of polling the queue every
-millisecond while idle.
+millisecond while idle; and it marks each of its turns in the server's
+:class:`serving.liveness.WorkerBeats`, so that a worker that stops moving is seen.
 """
 
 import time
@@ -30,6 +31,7 @@ from litserve.transport.base import MessageTransport
 from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
 
 from serving import metrics
+from serving.liveness import WorkerBeats
 
 # An idle worker wakes this often, so that LitServe's loop stays responsive.
 _IDLE_WAIT = 1.0
@@ -52,6 +54,7 @@ class InputBudgetLoop(BatchedLoop):
         super().__init__()
         # Requests that did not fit a batch, oldest first: set by the server before its workers start.
         self.handed_on: Queue | None = None
+        self.beats = WorkerBeats()  # the server's, allocated before its workers start
 
     def _handed_on(self) -> Queue:
         if self.handed_on is None:  # not shared: this worker keeps its own
@@ -82,6 +85,7 @@ class InputBudgetLoop(BatchedLoop):
 
     def get_batch_requests(self, lit_api: LitAPI, request_queue: Queue, transport: MessageTransport):
         """One batch ``[(response_queue_id, uid, request)]``; requests that waited too long get their 504 here."""
+        self.beats.turned(self.worker_id or 0)  # once a batch, and once a second while idle (see _next)
         batch, arrivals, inputs, deadline = [], [], 0, None
         timeout = lit_api.request_timeout
         while inputs < lit_api.max_batch_size:

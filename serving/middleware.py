@@ -1,4 +1,5 @@
-"""ASGI middlewares of the HTTP processes: UTF-8 bodies, repeated keys, API key, admission (429), request metrics.
+"""ASGI middlewares of the HTTP processes: UTF-8 bodies, repeated keys, API key, admission (429), request metrics,
+health.
 
 Each is a plain ASGI wrapper, so it can answer before the body is parsed (a rejected
 request costs no parsing) and see the status code of every reply, errors included.
@@ -18,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import metrics
 from serving.errors import is_json_type, reply_error
+from serving.liveness import WorkerBeats
 
 
 def _digest(key: bytes) -> bytes:
@@ -212,9 +214,20 @@ class AdmissionMiddleware(PathMiddleware):
 
 
 class HealthMiddleware(PathMiddleware):
-    """Gives LitServe's plain-text 503 of ``path`` (a worker is still loading the model) as a JSON error."""
+    """Answers 503 on ``path`` while a worker is stuck (:mod:`serving.liveness`), and gives LitServe's
+    plain-text 503 (a worker is still loading the model) as a JSON error.
+    """
+
+    def __init__(self, app: ASGIApp, path: str, beats: WorkerBeats, deadline: float) -> None:
+        super().__init__(app, path)
+        self.beats = beats
+        self.deadline = deadline
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stuck = self.beats.stuck(self.deadline)
+        if stuck is not None:
+            await reply_error(send, 503, f"not ready: {stuck}")
+            return
         refused = False
 
         async def send_json_error(message: Message) -> None:

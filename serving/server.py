@@ -43,9 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import litserve as ls
+from fastapi import Depends
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from litserve.callbacks import Callback
+from litserve.callbacks.base import EventTypes
 from litserve.utils import WorkerSetupStatus
 
 from genrnn import __version__
@@ -53,6 +55,7 @@ from genrnn.bundle import load_bundle
 from genrnn.errors import ConfigurationError, ServerStopped
 from genrnn.processes import die_with
 from serving.config import ServeConfig, check_accelerator
+from serving.deadline import DeadlineRequestHandler
 from serving.schemas import GenerateRequest
 
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -244,7 +247,8 @@ class Server(ls.LitServer):
     during startup ends the startup instead of being lost in it.
     """
 
-    def __init__(self, *args: Any, forks: ForkedChildrenDieWithServer, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, forks: ForkedChildrenDieWithServer, deadline: float, **kwargs: Any) -> None:
+        self.deadline = deadline  # seconds a request may take in all: read as LitServer's init adds the routes
         super().__init__(*args, **kwargs)
         self.forks = forks
         self.port = 8000  # LitServer.run's default; run() sets it
@@ -334,7 +338,25 @@ class Server(ls.LitServer):
                 return
             time.sleep(self.monitor_internal)
 
+    def _register_api_endpoints(self, lit_api: ls.LitAPI, request_type: Any, response_type: Any) -> None:
+        """LitServe's route for the API, with a deadline on each request (:mod:`serving.deadline`)."""
+        if lit_api.stream or lit_api.spec:
+            super()._register_api_endpoints(lit_api, request_type, response_type)
+            return
+        self._callback_runner.trigger_event(EventTypes.ON_SERVER_START.value, litserver=self)
+        handler = DeadlineRequestHandler(lit_api, self)
+
+        async def endpoint_handler(request: request_type) -> response_type:  # FastAPI reads the annotations
+            return await handler.handle_request(request, request_type)
+
+        auth = Depends(self.setup_auth(lit_api))
+        self.app.add_api_route(lit_api.api_path, endpoint_handler, methods=["POST"], dependencies=[auth])
+
     def launch_inference_worker(self, lit_api: ls.LitAPI) -> list:
+        from serving.loop import InputBudgetLoop
+
+        if isinstance(lit_api.loop, InputBudgetLoop):  # before the workers spawn and the HTTP processes fork
+            lit_api.loop.beats.allocate(len(self._inference_workers_config_for_api(lit_api.api_path)))
         # Spawning starts multiprocessing's resource tracker once, and that start unblocks both
         # signals in this thread: it must be running before they are blocked.
         resource_tracker.ensure_running()
@@ -422,7 +444,7 @@ def build_server(
 
     # Listed innermost first: each middleware wraps the ones before it. Metrics sees every reply.
     middlewares: list = [
-        (HealthMiddleware, {"path": "/health"}),
+        (HealthMiddleware, {"path": "/health", "beats": api.loop.beats, "deadline": config.deadline}),
         (Utf8BodyMiddleware, {"path": GENERATE_PATH}),
         (RepeatedKeyMiddleware, {"path": GENERATE_PATH}),  # reads the body that admission has whole
         (
@@ -450,6 +472,7 @@ def build_server(
         model_metadata=metadata,
         callbacks=[WorkerSignals()],
         forks=forks,
+        deadline=config.deadline,
     )
 
     async def metrics_endpoint() -> Response:

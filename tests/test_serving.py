@@ -189,10 +189,12 @@ def test_a_request_that_fails_in_the_engine_fails_alone(tiny_bundle):
 
 def test_serve_refuses_bad_options_and_bundles_with_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path), "--port", "80"]) == 1
+    assert main(["serve", "--model", str(tmp_path), "--timeout", "60", "--deadline", "60"]) == 1
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 1
     errors = capsys.readouterr().err.splitlines()
     assert errors == [
         "genrnn serve: error: --port: must be in 1024..65535; got 80",
+        "genrnn serve: error: --deadline: must be longer than --timeout",
         f"genrnn serve: error: bundle directory not found: {tmp_path / 'missing'}",
     ]
     # An address another process listens on is told before the model loads, naming the address.
@@ -466,8 +468,8 @@ KEYED_OPTIONS = (
 SERVERS = {
     # Two workers (and two HTTP processes), API key required, small caps.
     "keyed": (KEYED_OPTIONS, KEY),
-    # One worker, no API key: a queue of 3 requests and a 2-second timeout.
-    "small": (("--max-queue", "3", "--timeout", "2"), None),
+    # One worker, no API key: a queue of 3 requests, a 2-second timeout and a 4-second deadline.
+    "small": (("--max-queue", "3", "--timeout", "2", "--deadline", "4"), None),
     # One per shutdown test; two HTTP processes, which must both stop accepting at once.
     **{f"{stop} to the {whom}": (("--api-servers", "2"), None) for stop, whom in STOPS},
     "SIGKILL": (("--api-servers", "2"), None),
@@ -1025,6 +1027,22 @@ def test_a_request_that_waits_past_the_timeout_gets_504(small):
 
     assert [r.status_code for r in late] == [504, 504]
     assert "timeout" in late[0].json()["detail"]
+    assert small.generate(inputs="cat").status_code == 200
+
+
+def test_a_stuck_worker_fails_health_and_its_requests_get_504_at_the_deadline(small):
+    before = small.metrics()["genrnn_requests_total", (("mode", "greedy"), ("status", "504"))]
+    with small.paused_worker():
+        reply = small.generate(inputs="cat")  # answered by the HTTP process while the worker is stopped
+        health = small.client.get("/health")
+
+    assert reply.status_code == 504
+    assert "deadline of 4 s" in reply.json()["detail"]
+    assert health.status_code == 503
+    assert "inference worker 0 has not moved" in health.json()["detail"]
+    assert small.metrics()["genrnn_requests_total", (("mode", "greedy"), ("status", "504"))] == before + 1
+    # The worker goes on: it answers the forgotten request (a 504 past --timeout, dropped), then this one.
+    wait_until(lambda: small.client.get("/health").status_code == 200, "the worker to move again")
     assert small.generate(inputs="cat").status_code == 200
 
 

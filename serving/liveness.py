@@ -1,0 +1,39 @@
+"""Whether each inference worker is moving: its loop marks the time of every turn in memory the HTTP processes share.
+
+An idle worker's loop turns at least once a second (it wakes to stay responsive), and a
+busy one turns between batches; one that has not turned for longer than the server's
+deadline is stuck: a batch that does not end (a wedged GPU), or a process stopped.
+"""
+
+import time
+from multiprocessing import RawArray
+from typing import Any
+
+
+class WorkerBeats:
+    """The time (``time.monotonic``) of each worker's last turn; 0 until its loop first turns."""
+
+    def __init__(self) -> None:
+        self._turns: Any = None  # a shared array, one slot per worker: see allocate
+
+    def allocate(self, workers: int) -> None:
+        """Make the shared memory: before the workers are spawned and the HTTP processes forked, which get it then."""
+        self._turns = RawArray("d", workers)
+
+    def turned(self, worker: int) -> None:
+        """Mark a turn of ``worker``'s loop (a worker of a server that allocated no memory marks nothing)."""
+        if self._turns is not None:
+            self._turns[worker] = time.monotonic()  # monotonic clocks agree across processes on one machine
+
+    def stuck(self, deadline: float) -> str | None:
+        """Why a worker is stuck, or ``None`` when every worker that has started turned within ``deadline`` seconds."""
+        if self._turns is None:
+            return None
+        now = time.monotonic()
+        for worker, turned in enumerate(self._turns):
+            if turned and now - turned > deadline:
+                return (
+                    f"inference worker {worker} has not moved for {now - turned:.0f} s, longer than the "
+                    f"server's deadline of {deadline:g} s: a batch that does not end, or a stopped process"
+                )
+        return None
