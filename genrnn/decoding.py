@@ -17,7 +17,7 @@ import hashlib
 import json
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
@@ -244,6 +244,8 @@ class Generator:
         self.max_new_tokens_cap = max_new_tokens_cap
         self.compact = compact
         self._rng = random.Random(seed)  # seeds for requests that bring none
+        # Called after every decoder step: a server's liveness check (serving.liveness) sees progress.
+        self.on_step: Callable[[], None] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -322,6 +324,8 @@ class Generator:
         logits = logits[:, 0].float()
         logits[:, PAD_ID] = float("-inf")
         logits[:, BOS_ID] = float("-inf")
+        if self.on_step is not None:
+            self.on_step()
         return logits, logits.log_softmax(dim=-1), state
 
     # -- greedy and sampled decoding ----------------------------------------------------------------

@@ -13,6 +13,7 @@ annotation of ``decode_request`` at run time to have FastAPI validate the body.
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import litserve as ls
 import torch
@@ -82,6 +83,8 @@ class GenerationAPI(ls.LitAPI):
             bundle.target_tokenizer,
             max_new_tokens_cap=self.limits.max_new_tokens,
         )
+        if isinstance(self.loop, InputBudgetLoop):  # each decoder step shows the worker is moving
+            self.generator.on_step = partial(self.loop.beats.turned, self.loop.worker_id or 0)
         metrics.MODEL_INFO.labels(bundle.name, genrnn.__version__, str(device)).set(1)
 
     def decode_request(self, request: GenerateRequest) -> GenerateRequest:

@@ -1,8 +1,9 @@
 """Whether each inference worker is moving: its loop marks the time of every turn in memory the HTTP processes share.
 
-An idle worker's loop turns at least once a second (it wakes to stay responsive), and a
-busy one turns between batches; one that has not turned for longer than the server's
-deadline is stuck: a batch that does not end (a wedged GPU), or a process stopped.
+An idle worker's loop turns at least once a second (it wakes to stay responsive), a busy
+one turns between batches, and its engine marks each decoder step of a batch; a worker
+that has not moved for longer than the server's deadline is stuck: a batch that makes no
+progress (a wedged GPU), or a process stopped. A batch that is long but stepping is not.
 """
 
 import time
@@ -11,7 +12,7 @@ from typing import Any
 
 
 class WorkerBeats:
-    """The time (``time.monotonic``) of each worker's last turn; 0 until its loop first turns."""
+    """The time (``time.monotonic``) of each worker's last turn or step; 0 until its loop first turns."""
 
     def __init__(self) -> None:
         self._turns: Any = None  # a shared array, one slot per worker: see allocate
@@ -21,7 +22,7 @@ class WorkerBeats:
         self._turns = RawArray("d", workers)
 
     def turned(self, worker: int) -> None:
-        """Mark a turn of ``worker``'s loop (a worker of a server that allocated no memory marks nothing)."""
+        """Mark a turn of ``worker``'s loop, or a step of its engine (with no memory allocated, nothing)."""
         if self._turns is not None:
             self._turns[worker] = time.monotonic()  # monotonic clocks agree across processes on one machine
 
@@ -34,6 +35,6 @@ class WorkerBeats:
             if turned and now - turned > deadline:
                 return (
                     f"inference worker {worker} has not moved for {now - turned:.0f} s, longer than the "
-                    f"server's deadline of {deadline:g} s: a batch that does not end, or a stopped process"
+                    f"server's deadline of {deadline:g} s: a batch that makes no progress, or a stopped process"
                 )
         return None

@@ -16,7 +16,8 @@ that could not fit it is done. The server shares that queue (see
 It also differs in how it waits: it blocks until a first request arrives, then
 gathers more for at most ``batch_timeout``, instead of polling the queue every
 millisecond while idle; and it marks each of its turns in the server's
-:class:`serving.liveness.WorkerBeats`, so that a worker that stops moving is seen.
+:class:`serving.liveness.WorkerBeats` (as the engine marks its decoder steps), so that a
+worker that stops moving is seen.
 """
 
 import time
@@ -113,6 +114,7 @@ class InputBudgetLoop(BatchedLoop):
             if deadline is None:
                 deadline = time.monotonic() + lit_api.batch_timeout
         started = time.monotonic()
+        self.beats.turned(self.worker_id or 0)  # the wait for the batch is over; the engine's steps go on
         for arrived in arrivals:  # queued until the batch starts: the wait for it to fill counts too
             metrics.QUEUE_WAIT.observe(started - arrived)
         return batch, []

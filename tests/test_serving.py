@@ -187,6 +187,18 @@ def test_a_request_that_fails_in_the_engine_fails_alone(tiny_bundle):
     assert [o.input for o in outputs[0].outputs] == ["cat", "dog"]
 
 
+def test_the_engine_s_steps_show_that_a_worker_is_moving(tiny_bundle):
+    api = GenerationAPI(str(tiny_bundle), Limits(), max_batch_size=8, batch_timeout=0.0)
+    api.loop.beats.allocate(1)
+    api.setup("cpu")
+    assert api.loop.beats.stuck(deadline=0.0) is None  # a worker that has not started yet is not stuck
+
+    api.predict([GenerateRequest(inputs=["cat", "dog"], mode="beam", beam_size=2)])  # no loop turns here
+    assert api.loop.beats.stuck(deadline=60.0) is None
+    time.sleep(0.2)
+    assert "inference worker 0 has not moved" in api.loop.beats.stuck(deadline=0.1)
+
+
 def test_serve_refuses_bad_options_and_bundles_with_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path), "--port", "80"]) == 1
     assert main(["serve", "--model", str(tmp_path), "--timeout", "60", "--deadline", "60"]) == 1
