@@ -24,17 +24,16 @@ import asyncio
 import json
 import math
 import os
-import platform
 import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import torch
+from machine import machine  # the script's own directory is on the path
 from prometheus_client.parser import text_string_to_metric_families
 
 from genrnn.bundle import load_bundle
@@ -230,21 +229,6 @@ class Offline:
             row.batch_inputs += len(chunk)
             row.batches += 1
         row.seconds += time.perf_counter() - started
-
-
-def machine() -> str:
-    """One line about where the numbers come from."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        cpu = names[0] if names else cpu
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
-        f"{cpu}, {os.cpu_count()} logical cores, {device}; "
-        f"Python {platform.python_version()}, torch {torch.__version__}; load average {load_average:.1f} at start"
-    )
 
 
 def main() -> None:

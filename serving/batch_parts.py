@@ -11,9 +11,13 @@ and renamed, so the output appears complete or not at all.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
+from array import array
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,6 +27,25 @@ from genrnn.files import write_atomically
 STAMP = "job.json"
 MERGED = "merged"  # written once the output holds every part
 MERGING = "output.tmp"  # the output being merged, renamed into place once whole
+
+
+@dataclass(frozen=True)
+class _LineStarts:
+    """For each index of a job's items, the part holding its line and where the line starts (-1: none)."""
+
+    part: array
+    offset: array
+
+
+@contextmanager
+def _mapped(path: Path) -> Iterator[mmap.mmap | bytes]:
+    """The file's bytes, mapped read-only (an empty file cannot be mapped, and has none)."""
+    with path.open("rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            yield mapped
 
 
 def parts_directory(output: Path) -> Path:
@@ -104,6 +127,20 @@ class PartStore:
                 os.truncate(path, whole)
         return path.open("a", encoding="utf-8")
 
+    def _line_starts(self, paths: list[Path], total: int, extra: dict[int, Any]) -> _LineStarts:
+        """Where each index's line starts in the parts; every index not in ``extra`` must be there."""
+        where = _LineStarts(part=array("I", [0]) * total, offset=array("q", [-1]) * total)
+        for number, path in enumerate(paths):
+            start = 0
+            for index, _, end in self._whole_lines(path):
+                if 0 <= index < total and where.offset[index] < 0:  # a rerun may have written an index twice
+                    where.part[index], where.offset[index] = number, start
+                start = end
+        missing = sum(1 for index in range(total) if where.offset[index] < 0 and index not in extra)
+        if missing:
+            raise GenrnnError(f"{missing} items are missing from {self.directory}; rerun to finish them")
+        return where
+
     @staticmethod
     def write(part: TextIO, results: list[tuple[int, dict[str, Any]]]) -> None:
         """Append results and push them to disk, so that a kill loses at most the batch in flight."""
@@ -112,21 +149,26 @@ class PartStore:
         os.fsync(part.fileno())
 
     def merge(self, total: int, extra: dict[int, dict[str, Any]]) -> None:
-        """Write the output in input order from the parts and ``extra`` records, then remove the parts."""
-        lines = {index: json.dumps(record, ensure_ascii=False) for index, record in extra.items()}
-        for path in self._part_paths():
-            for index, text, _ in self._whole_lines(path):
-                lines.setdefault(index, text)  # a rerun after a lost line may have written an index twice
-        missing = [i for i in range(total) if i not in lines]
-        if missing:
-            raise GenrnnError(f"{len(missing)} items are missing from {self.directory}; rerun to finish them")
+        """Write the output in input order from the parts and ``extra`` records, then remove the parts.
+
+        The records are not held in memory: a first pass notes where each index's line
+        starts, and the output is copied from the parts (mapped, so the OS pages them).
+        """
+        paths = self._part_paths()
+        where = self._line_starts(paths, total, extra)
         # Among the job's own files, beside the output (the rename moves no data): never an input's name.
         temporary = self.directory / MERGING
-        with temporary.open("w", encoding="utf-8") as f:
+        with ExitStack() as stack, temporary.open("wb") as out:
+            parts = [stack.enter_context(_mapped(path)) for path in paths]
             for index in range(total):
-                f.write(lines[index] + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+                if index in extra:
+                    out.write(json.dumps(extra[index], ensure_ascii=False).encode("utf-8") + b"\n")
+                    continue
+                part = parts[where.part[index]]
+                start = part.find(b"\t", where.offset[index]) + 1  # the line is INDEX<TAB>JSON
+                out.write(part[start : part.find(b"\n", start) + 1])
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(temporary, self.output)
         # From here a rerun takes the output as whole, however much of the cleanup a kill cut
         # short (it would otherwise decode again the items of the parts already removed).

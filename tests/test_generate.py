@@ -417,6 +417,27 @@ def test_no_file_beside_the_output_is_overwritten_not_even_an_input_named_like_a
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.tmp"]
 
 
+def test_the_merge_writes_input_order_from_whole_lines_first_copy_first(tmp_path):
+    store = PartStore(tmp_path / "out.jsonl")
+    store.check_stamp({"job": 1})
+    with store.open_part(0) as part:  # written out of order, with non-ASCII text and an index twice
+        PartStore.write(part, [(3, {"i": 3, "t": "é\tx"}), (0, {"i": 0}), (3, {"i": "3 again"})])
+    with store.open_part(1) as part:
+        PartStore.write(part, [(2, {"i": 2}), (9, {"i": "not an item of this job"})])
+        part.write('4\t{"i": 4')  # half-written by a kill: not there
+    store.open_part(2).close()  # a rank with nothing to do: an empty part
+
+    with pytest.raises(GenrnnError, match="1 items are missing"):
+        store.merge(5, {1: {"i": "bad line"}})
+    store.merge(5, {1: {"i": "bad line"}, 4: {"i": "bad too"}})
+
+    lines = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"i": 0}, {"i": "bad line"}, {"i": 2}, {"i": 3, "t": "é\tx"}, {"i": "bad too"},
+    ]  # fmt: skip
+    assert not store.directory.exists()
+
+
 def test_a_kill_during_the_merges_cleanup_leaves_the_output_as_it_is(tmp_path, monkeypatch):
     store = PartStore(tmp_path / "out.jsonl")
     store.check_stamp({"job": 1})
