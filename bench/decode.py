@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import random
 import sys
 import time
@@ -35,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from machine import machine  # the script's own directory is on the path
 
 from genrnn import decoding
 from genrnn.bundle import load_bundle
@@ -227,26 +226,12 @@ def long_outputs_table(model: Seq2Seq, source: Tokenizer, target: Tokenizer, wor
     return table(header, rows)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+def machine_and_timing() -> str:
+    """The machine line, and how the steps were timed."""
     if _device.type == "cuda":
-        return (
-            f"{torch.cuda.get_device_name(_device)}, torch {torch.__version__}, {cpu}, {os.cpu_count()} logical cores, "
-            f"timed by the wall clock after synchronising, load average {load:.1f} at the start"
-        )
+        return f"{machine()}; timed by the wall clock after synchronising"
     timing = "CPU time of the process" if torch.get_num_threads() == 1 else "wall clock"
-    return (
-        f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-        f"timed by the {timing}, load average {load:.1f} at the start"
-    )
+    return f"{machine()}; {torch.get_num_threads()} thread(s), timed by the {timing}"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -330,7 +315,7 @@ def main() -> None:
     dev = read_examples("builtin:cmudict:dev")
     words = [e.source for e in dev]
     random.Random(0).shuffle(words)
-    host = machine()
+    host = machine_and_timing()
     wall_started, cpu_started = time.perf_counter(), time.process_time()
     print(host)
     print(f"model: {model_note}, {model.num_parameters():,} parameters")

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import random
 import statistics
 import time
@@ -35,6 +33,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from machine import load_average, machine  # the script's own directory is on the path
 
 from genrnn.config import load_config
 from genrnn.data import PairDataset, TokenBudgetBatchSampler, collate, read_examples, training_pairs
@@ -84,11 +83,6 @@ def measure(model: Seq2Seq, batches, step, device: torch.device, warmup: int = W
             tokens += batch.target_tokens
             padding.append(batch.padding_fraction)
     return tokens / seconds, sum(padding) / len(padding)
-
-
-def load_average() -> float:
-    """The system's one-minute load average (NaN where the system does not say)."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def same_pairs_shuffled(dataset: PairDataset, bucketed: list[list[int]], seed: int = 1) -> list:
@@ -174,13 +168,11 @@ def main() -> None:
                 for query in ("top", "bottom")
             }
         )
-    started_load = load_average()
+    host = machine()  # with the load average at the start
     results = [take_turns(variants, args.rounds, device) for variants in comparisons]
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
-        f"{torch.get_num_threads()} torch threads, "
-        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}, "
-        f"torch {torch.__version__}, load average {started_load:.1f} at the start and {load_average():.1f} at the end; "
+        f"machine: {host} and {load_average():.1f} at the end; {torch.get_num_threads()} torch threads, "
+        f"device {device.type}; "
         f"model {model.num_parameters():,} parameters; "
         f"{mean_size} pairs per batch on average, {args.steps} steps each, median of {args.rounds} rounds"
     )
