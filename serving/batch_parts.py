@@ -15,8 +15,8 @@ import mmap
 import os
 import shutil
 from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -37,15 +37,51 @@ class _LineStarts:
     offset: array
 
 
-@contextmanager
-def _mapped(path: Path) -> Iterator[mmap.mmap | bytes]:
-    """The file's bytes, mapped read-only (an empty file cannot be mapped, and has none)."""
-    with path.open("rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            yield b""
-            return
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            yield mapped
+class _MappedParts:
+    """The part files, mapped read-only on demand; at most ``OPEN_MAPS`` at once, so that a job of many
+    ranks stays within the open-file limit.
+    """
+
+    OPEN_MAPS = 64
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.maps: OrderedDict[int, mmap.mmap] = OrderedDict()  # least recently used first
+
+    def __enter__(self) -> _MappedParts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for mapped in self.maps.values():
+            mapped.close()
+
+    def line(self, number: int, offset: int, index: int) -> bytes:
+        """The JSON of the ``INDEX<TAB>JSON`` line at ``offset`` of part ``number``, with its newline."""
+        part = self._map(number)
+        tab = part.find(b"\t", offset)
+        end = part.find(b"\n", tab)
+        prefix = part[offset:tab]
+        if tab < 0 or end < 0 or (prefix != str(index).encode() and _as_index(prefix) != index):
+            raise GenrnnError(f"{self.paths[number]} changed while the job merged it; rerun to merge again")
+        return part[tab + 1 : end + 1]
+
+    def _map(self, number: int) -> mmap.mmap:
+        if number in self.maps:
+            self.maps.move_to_end(number)
+            return self.maps[number]
+        if len(self.maps) >= self.OPEN_MAPS:
+            self.maps.popitem(last=False)[1].close()
+        with self.paths[number].open("rb") as f:  # the map keeps a descriptor of its own
+            self.maps[number] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self.maps[number]
+
+
+def _as_index(text: bytes) -> int | None:
+    """The index a part line starts with, as the first pass read it; ``None`` for none."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def parts_directory(output: Path) -> Path:
@@ -152,21 +188,20 @@ class PartStore:
         """Write the output in input order from the parts and ``extra`` records, then remove the parts.
 
         The records are not held in memory: a first pass notes where each index's line
-        starts, and the output is copied from the parts (mapped, so the OS pages them).
+        starts, and the output is copied from the parts (mapped, so the OS pages them). A
+        part found changed since is refused (a part cut short under the map kills the
+        process with SIGBUS: nothing but another program changes the parts meanwhile).
         """
         paths = self._part_paths()
         where = self._line_starts(paths, total, extra)
         # Among the job's own files, beside the output (the rename moves no data): never an input's name.
         temporary = self.directory / MERGING
-        with ExitStack() as stack, temporary.open("wb") as out:
-            parts = [stack.enter_context(_mapped(path)) for path in paths]
+        with _MappedParts(paths) as parts, temporary.open("wb") as out:
             for index in range(total):
                 if index in extra:
                     out.write(json.dumps(extra[index], ensure_ascii=False).encode("utf-8") + b"\n")
-                    continue
-                part = parts[where.part[index]]
-                start = part.find(b"\t", where.offset[index]) + 1  # the line is INDEX<TAB>JSON
-                out.write(part[start : part.find(b"\n", start) + 1])
+                else:
+                    out.write(parts.line(where.part[index], where.offset[index], index))
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, self.output)

@@ -25,7 +25,7 @@ from genrnn.errors import ConfigurationError, DataError, GenrnnError
 from genrnn.files import sha256
 from serving.batch import GenerateJob, owned_batches, run_generate
 from serving.batch_input import MAX_SOURCE_LENGTH, items_fingerprint, read_items
-from serving.batch_parts import PartStore
+from serving.batch_parts import PartStore, _MappedParts
 from tests.conftest import interruptible, signal_when
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
@@ -417,7 +417,8 @@ def test_no_file_beside_the_output_is_overwritten_not_even_an_input_named_like_a
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.tmp"]
 
 
-def test_the_merge_writes_input_order_from_whole_lines_first_copy_first(tmp_path):
+def test_the_merge_writes_input_order_from_whole_lines_first_copy_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(_MappedParts, "OPEN_MAPS", 1)  # the parts take turns in one map, as many ranks' would
     store = PartStore(tmp_path / "out.jsonl")
     store.check_stamp({"job": 1})
     with store.open_part(0) as part:  # written out of order, with non-ASCII text and an index twice
@@ -436,6 +437,24 @@ def test_the_merge_writes_input_order_from_whole_lines_first_copy_first(tmp_path
         {"i": 0}, {"i": "bad line"}, {"i": 2}, {"i": 3, "t": "é\tx"}, {"i": "bad too"},
     ]  # fmt: skip
     assert not store.directory.exists()
+
+
+def test_a_part_that_changes_while_the_job_merges_it_is_refused(tmp_path, monkeypatch):
+    store = PartStore(tmp_path / "out.jsonl")
+    store.check_stamp({"job": 1})
+    with store.open_part(0) as part:
+        PartStore.write(part, [(0, {"i": 0}), (1, {"i": 1})])
+    line_starts = PartStore._line_starts
+
+    def then_rewritten(self, paths, *args):
+        where = line_starts(self, paths, *args)
+        paths[0].write_text('1\t{"i": 1}\n0\t{"i": 0}\n')  # another program's doing
+        return where
+
+    monkeypatch.setattr(PartStore, "_line_starts", then_rewritten)
+    with pytest.raises(GenrnnError, match="changed while the job merged it; rerun"):
+        store.merge(2, {})
+    assert not store.output.exists() and (store.directory / "part-0.jsonl").exists()
 
 
 def test_a_kill_during_the_merges_cleanup_leaves_the_output_as_it_is(tmp_path, monkeypatch):
