@@ -226,6 +226,24 @@ def long_outputs_table(model: Seq2Seq, source: Tokenizer, target: Tokenizer, wor
     return table(header, rows)
 
 
+def flop_rate_line(
+    engine: Generator, model: Seq2Seq, words: Sequence[str], batch: int, seconds: float, on_cpu: bool
+) -> str:
+    """Greedy at ``batch``, in FLOP/s, against torch.mm measured now (the machine may be shared)."""
+    greedy = timed(engine, MODES["greedy"], words, batch, seconds)
+    flops = greedy_flops(
+        model.config, model.target_vocab_size, greedy.source_tokens, greedy.sequences, greedy.decoder_row_steps
+    )
+    achieved = flops / greedy.seconds / 1e9
+    n = 2048 if on_cpu else 8192
+    mm = mm_gflops(n)
+    return (
+        f"Greedy at batch {batch}: {achieved:,.1f} GFLOP/s ({flops / greedy.sequences / 1e6:.1f} MFLOP a sequence); "
+        f"torch.mm {n}×{n} float32: {mm:,.1f} GFLOP/s; ratio {achieved / mm:.1%}"
+        + (" (target: 50%)." if on_cpu else ".")
+    )
+
+
 def machine_and_timing() -> str:
     """The machine line, and how the steps were timed."""
     if _device.type == "cuda":
@@ -338,21 +356,10 @@ def main() -> None:
         print(" | ".join(rows[-1]), flush=True)
     speed_table = table(header, rows)
 
-    # Greedy at the largest batch, in FLOP/s, against torch.mm measured now (the machine may be shared).
-    largest = max(args.batch_sizes)
-    greedy = timed(engine, MODES["greedy"], words, largest, args.seconds)
-    flops = greedy_flops(
-        model.config, model.target_vocab_size, greedy.source_tokens, greedy.sequences, greedy.decoder_row_steps
-    )
-    achieved = flops / greedy.seconds / 1e9
-    n = 2048 if on_cpu else 8192
-    mm = mm_gflops(n)
-    flop_line = (
-        f"Greedy at batch {largest}: {achieved:,.1f} GFLOP/s ({flops / greedy.sequences / 1e6:.1f} MFLOP a sequence); "
-        f"torch.mm {n}×{n} float32: {mm:,.1f} GFLOP/s; ratio {achieved / mm:.1%}"
-        + (" (target: 50%)." if on_cpu else ".")
-    )
     print(speed_table)
+    flop_line = "(FLOP/s not measured: the count covers one model without attention)"
+    if isinstance(model, Seq2Seq) and model.config.attention == "none":
+        flop_line = flop_rate_line(engine, model, words, max(args.batch_sizes), args.seconds, on_cpu)
     print(flop_line)
 
     long_table = "(not measured: an ensemble has no single output layer to silence EOS in)"
