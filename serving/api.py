@@ -13,7 +13,6 @@ annotation of ``decode_request`` at run time to have FastAPI validate the body.
 import logging
 import time
 from dataclasses import dataclass
-from functools import partial
 
 import litserve as ls
 import torch
@@ -84,7 +83,7 @@ class GenerationAPI(ls.LitAPI):
             max_new_tokens_cap=self.limits.max_new_tokens,
         )
         if isinstance(self.loop, InputBudgetLoop):  # each decoder step shows the worker is moving
-            self.generator.on_step = partial(self.loop.beats.turned, self.loop.worker_id or 0)
+            self.generator.on_step = self.loop.moved
         metrics.MODEL_INFO.labels(bundle.name, genrnn.__version__, str(device)).set(1)
 
     def decode_request(self, request: GenerateRequest) -> GenerateRequest:

@@ -57,6 +57,10 @@ class InputBudgetLoop(BatchedLoop):
         self.handed_on: Queue | None = None
         self.beats = WorkerBeats()  # the server's, allocated before its workers start
 
+    def moved(self) -> None:
+        """Mark that this worker is moving: a turn of its loop, or a decoder step of its batch."""
+        self.beats.turned(self.worker_id or 0)  # LitServe's id is None outside a worker
+
     def _handed_on(self) -> Queue:
         if self.handed_on is None:  # not shared: this worker keeps its own
             self.handed_on = Queue()
@@ -86,7 +90,7 @@ class InputBudgetLoop(BatchedLoop):
 
     def get_batch_requests(self, lit_api: LitAPI, request_queue: Queue, transport: MessageTransport):
         """One batch ``[(response_queue_id, uid, request)]``; requests that waited too long get their 504 here."""
-        self.beats.turned(self.worker_id or 0)  # once a batch, and once a second while idle (see _next)
+        self.moved()  # once a batch, and once a second while idle (see _next)
         batch, arrivals, inputs, deadline = [], [], 0, None
         timeout = lit_api.request_timeout
         while inputs < lit_api.max_batch_size:
@@ -114,7 +118,7 @@ class InputBudgetLoop(BatchedLoop):
             if deadline is None:
                 deadline = time.monotonic() + lit_api.batch_timeout
         started = time.monotonic()
-        self.beats.turned(self.worker_id or 0)  # the wait for the batch is over; the engine's steps go on
+        self.moved()  # the wait for the batch is over; the engine's steps go on
         for arrived in arrivals:  # queued until the batch starts: the wait for it to fill counts too
             metrics.QUEUE_WAIT.observe(started - arrived)
         return batch, []
