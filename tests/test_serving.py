@@ -1139,6 +1139,9 @@ def test_a_queue_manager_that_dies_stops_the_server_as_a_failure(servers):
     os.kill(worker, signal.SIGSTOP)
     held = in_background(reply_or_error, server=server)  # a request the worker will never answer
     server.wait_for_inflight(1)
+    # In flight counts a request from its arrival; it reaches the queue a moment later. Killed before
+    # that, the manager would fail the request's submission: a 500, not the held request this is about.
+    time.sleep(1.0)
     os.kill(manager, signal.SIGKILL)  # the OOM killer, say: every request and reply passes through it
     assert server.process.wait(timeout=20) == 1  # soon, and a failure: a supervisor restarts it
     log = server.log.read_text()
