@@ -38,6 +38,25 @@ def anonymous_mib() -> float:
     raise SystemExit("this benchmark reads /proc/self/status (Linux)")
 
 
+class AnonymousGrowth:
+    """The most this process's anonymous memory grows (MiB) while the ``with`` block runs, sampled every 5 ms."""
+
+    def __enter__(self) -> AnonymousGrowth:
+        self.start, self.peak, self.done = anonymous_mib(), 0.0, threading.Event()
+        self.sampler = threading.Thread(target=self._sample)
+        self.sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.sampler.join()
+
+    def _sample(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, anonymous_mib() - self.start)
+            time.sleep(0.005)
+
+
 def record(index: int) -> dict:
     """A G2P greedy job's record: about 160 bytes of JSON."""
     tokens = [5, 9, 12, 33, 7, 8, 2]
@@ -68,24 +87,14 @@ def measure(variant: int, items: int, directory: Path) -> None:
         for index in order:
             part.write(f"{index}\t{json.dumps(record(index))}\n")
     del order
-    start, peak, done = anonymous_mib(), [0.0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], anonymous_mib() - start)
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    began = time.perf_counter()
-    if variant == 0:
-        reference_merge(store, items)
-    else:
-        store.merge(items, {})
-    seconds = time.perf_counter() - began
-    done.set()
-    sampler.join()
-    print(f"{seconds} {peak[0]} {store.output.stat().st_size / 2**20}")
+    with AnonymousGrowth() as growth:
+        began = time.perf_counter()
+        if variant == 0:
+            reference_merge(store, items)
+        else:
+            store.merge(items, {})
+        seconds = time.perf_counter() - began
+    print(f"{seconds} {growth.peak} {store.output.stat().st_size / 2**20}")
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import math
+import mmap
 import random
 import unicodedata
 from collections.abc import Iterator, Sequence
@@ -78,17 +79,36 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
     says so), and is never whole in memory: a file that is one huge line (a JSON array)
     would otherwise take gigabytes to refuse.
     """
+    for number, _, raw in placed_lines(path):
+        yield number, raw
+
+
+def placed_lines(path: Path) -> Iterator[tuple[int, int, bytes | None]]:
+    """:func:`numbered_lines` with the byte offset where each line starts: ``(number, offset, line)``."""
     with path.open("rb") as file:
-        number = 0
+        number = offset = 0
         while raw := file.readline(MAX_LINE_BYTES + 1):
             number += 1
+            start, offset = offset, offset + len(raw)
             # Past the limit, a line within it holds nothing but its end: carriage returns, the LF.
             overlong = bool(raw[MAX_LINE_BYTES:].rstrip(b"\r\n"))
             piece = raw
             while piece and not piece.endswith(b"\n"):  # the rest of a long line, a piece at a time
                 piece = file.readline(MAX_LINE_BYTES + 1)
+                offset += len(piece)
                 overlong = overlong or bool(piece.rstrip(b"\r\n"))
-            yield number, None if overlong else raw[:MAX_LINE_BYTES].rstrip(b"\r\n")
+            yield number, start, None if overlong else _without_end(raw)
+
+
+def line_at(data: bytes | mmap.mmap, offset: int) -> bytes:
+    """The line that starts at ``offset`` of a file's bytes (mapped), as :func:`placed_lines` gives a line
+    within the limit."""
+    end = data.find(b"\n", offset, offset + MAX_LINE_BYTES + 1)
+    return _without_end(data[offset : end + 1 if end >= 0 else offset + MAX_LINE_BYTES + 1])
+
+
+def _without_end(raw: bytes) -> bytes:
+    return raw[:MAX_LINE_BYTES].rstrip(b"\r\n")
 
 
 def decode_line(raw: bytes) -> str:

@@ -26,7 +26,7 @@ import torch
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from genrnn.bundle import load_bundle
 from genrnn.config import (
@@ -42,7 +42,7 @@ from genrnn.decoding import Generator
 from genrnn.errors import ConfigurationError, first_sigterm_only, interruption_kept
 from genrnn.files import check_writable, sha256
 from genrnn.quantization import quantize_int8
-from serving.batch_input import Item, items_fingerprint, read_items
+from serving.batch_input import Item, ItemTable, scan_items
 from serving.batch_parts import PartStore
 
 
@@ -63,11 +63,12 @@ class GenerateJob:
     ensemble_averaging: Averaging = DEFAULT_AVERAGING
 
 
-def owned_batches(items: list[Item], batch_size: int, rank: int, world_size: int) -> list[list[Item]]:
-    """The rank's share of the length-sorted batches of all items."""
-    ordered = sorted(items, key=lambda item: (len(item.source), item.index))
-    batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
-    return batches[rank::world_size]
+def owned_batches(table: ItemTable, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """The rank's share of the batches of all items sorted by length: each batch the items' positions in ``table``."""
+    # A stable sort of the input-ordered items: by length, then by place in the input.
+    ordered = torch.argsort(torch.frombuffer(table.length, dtype=torch.int32), stable=True) if len(table) else []
+    starts = range(rank * batch_size, len(table), world_size * batch_size)
+    return [ordered[start : start + batch_size].tolist() for start in starts]
 
 
 class Progress:
@@ -150,23 +151,36 @@ def _as_is(batch: list[Item]) -> list[Item]:
     return batch
 
 
+class _TableBatches(Dataset):
+    """Batches of items, each read from the input file when it is decoded."""
+
+    def __init__(self, table: ItemTable, batches: list[list[int]]) -> None:
+        self.table, self.batches = table, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, number: int) -> list[Item]:
+        return self.table.items(self.batches[number])
+
+
 class ItemBatches(pl.LightningDataModule):
     """The rank's pending batches: its own share, less the batches the part files already hold whole."""
 
-    def __init__(self, items: list[Item], store: PartStore, batch_size: int) -> None:
+    def __init__(self, table: ItemTable, store: PartStore, batch_size: int) -> None:
         super().__init__()
-        self.items, self.store, self.batch_size = items, store, batch_size
+        self.table, self.store, self.batch_size = table, store, batch_size
         # A rank can have nothing to do: fewer batches than devices, or a resume whose share is done.
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def predict_dataloader(self) -> DataLoader:
-        done = self.store.done()
-        mine = owned_batches(self.items, self.batch_size, self.trainer.global_rank, self.trainer.world_size)
+        done, index = self.store.done(self.table.total), self.table.index
+        mine = owned_batches(self.table, self.batch_size, self.trainer.global_rank, self.trainer.world_size)
         # A batch that a kill cut short is decoded whole again, not re-cut with the next: the last
         # bits of a log-probability depend on what shares its batch, and a resumed job must write
         # what an unbroken one would. PartWriter keeps only the items not written before.
-        pending = [batch for batch in mine if any(item.index not in done for item in batch)]
-        return DataLoader(pending, batch_size=None, collate_fn=_as_is)
+        pending = [batch for batch in mine if not all(done[index[position]] for position in batch)]
+        return DataLoader(_TableBatches(self.table, pending), batch_size=None, collate_fn=_as_is)
 
 
 class PartWriter(BasePredictionWriter):
@@ -177,15 +191,15 @@ class PartWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.store, self.total, self.recorded = store, total, recorded
         self.part = None
-        self.done: set[int] = set()
+        self.done = bytearray()  # done[index]: the item was in a part when the run started
         self.progress: Progress | None = None
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         first_sigterm_only()
         self.part = self.store.open_part(trainer.global_rank)
-        self.done = self.store.done()
+        self.done = self.store.done(self.total)
         if trainer.is_global_zero:
-            self.progress = Progress(self.total, self.recorded + len(self.done), trainer.world_size)
+            self.progress = Progress(self.total, self.recorded + self.done.count(1), trainer.world_size)
 
     def write_on_batch_end(
         self,
@@ -197,7 +211,7 @@ class PartWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        new = [(index, record) for index, record in prediction if index not in self.done]
+        new = [(index, record) for index, record in prediction if not self.done[index]]
         self.store.write(self.part, new)
         if self.progress:
             self.progress.advance(len(new))
@@ -245,7 +259,7 @@ def _earlier_stamp(job: GenerateJob, fingerprint: str, model_fingerprint: str) -
     parts are not this job's.
     """
     settings = decoding_for_mode(asdict(job.settings))
-    if items_fingerprint(*read_items(job.input, settings, job.skip_bad_lines)) != fingerprint:
+    if scan_items(job.input, settings, job.skip_bad_lines).fingerprint != fingerprint:
         return None
     return {
         "input_sha256": sha256(job.input),
@@ -264,7 +278,8 @@ def run_generate(job: GenerateJob) -> None:
     if job.input.resolve() == job.output.resolve():
         raise ConfigurationError(f"output: {job.output} is the input file; name another")
     # The input and the model are read first, so that a finished job's rerun tells a mistyped one.
-    items, bad_lines = read_items(job.input, job.settings, job.skip_bad_lines)
+    table = scan_items(job.input, job.settings, job.skip_bad_lines)
+    bad_lines = table.bad_lines
     bundle = load_bundle(job.model, averaging=job.ensemble_averaging)
     store = PartStore(job.output)
     if store.merged():  # a kill during the last cleanup: the output is whole
@@ -276,26 +291,24 @@ def run_generate(job: GenerateJob) -> None:
     for bad in bad_lines if is_rank_zero() else ():  # every rank reads the same lines
         print(f"genrnn generate: {job.input}:{bad.line}: {bad.error} (recorded, skipped)", file=sys.stderr)
     _quiet_lightning()
-    total = len(items) + len(bad_lines)
-    trainer = build_trainer(job, PartWriter(store, total, recorded=len(bad_lines)))
+    trainer = build_trainer(job, PartWriter(store, table.total, recorded=len(bad_lines)))
     model = bundle.model
     if job.quantize == "int8":
         if not isinstance(trainer.accelerator, CPUAccelerator):
             raise ConfigurationError("quantize: int8 decoding runs on the CPU; add --accelerator cpu")
         model = quantize_int8(model)
-    fingerprint = items_fingerprint(items, bad_lines)
     store.check_stamp(
-        {"items_sha256": fingerprint, "model_sha256": bundle.fingerprint, "quantize": job.quantize},
-        earlier=partial(_earlier_stamp, job, fingerprint, bundle.fingerprint),
+        {"items_sha256": table.fingerprint, "model_sha256": bundle.fingerprint, "quantize": job.quantize},
+        earlier=partial(_earlier_stamp, job, table.fingerprint, bundle.fingerprint),
     )
 
     generator = Generator(
         model, bundle.source_tokenizer, bundle.target_tokenizer, max_new_tokens_cap=JOB_CAPS["max_new_tokens"]
     )
     with interruption_kept(trainer):
-        module, batches = GenerationModule(generator, job.input), ItemBatches(items, store, job.batch_size)
+        module, batches = GenerationModule(generator, job.input), ItemBatches(table, store, job.batch_size)
         trainer.predict(module, datamodule=batches, return_predictions=False)
     trainer.strategy.barrier("merge")  # every rank's part is complete before rank 0 reads them
     if trainer.is_global_zero:
-        store.merge(total, {bad.index: bad.output() for bad in bad_lines})
-        print(f"genrnn generate: {total} items written to {job.output}", file=sys.stderr)
+        store.merge(table.total, {bad.index: bad.output() for bad in bad_lines})
+        print(f"genrnn generate: {table.total} items written to {job.output}", file=sys.stderr)

@@ -12,6 +12,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
+import zlib
+from array import array
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +28,9 @@ from genrnn.data import (
     is_blank,
     is_unicode_text,
     json_line,
+    line_at,
     line_problem,
-    numbered_lines,
+    placed_lines,
     read_length,
 )
 from genrnn.decoding import item_seed
@@ -157,53 +162,181 @@ def _item_settings(
     return settings
 
 
-def read_items(
-    path: str | Path, defaults: DecodingConfig, skip_bad_lines: bool = False
-) -> tuple[list[Item], list[BadLine]]:
-    """Items of an input file, and its bad lines (only with ``skip_bad_lines``; else the first one raises)."""
+class _Ids:
+    """The ids the items so far have taken, and the line that took each.
+
+    A line without an id takes its number, marked in a byte a line; only the ids that
+    lines give are kept as themselves.
+    """
+
+    def __init__(self) -> None:
+        self.numbers = bytearray()  # numbers[n]: line n, giving no id, took n
+        self.given: dict[ItemId, int] = {}
+
+    def holder(self, item_id: ItemId) -> int | None:
+        """The line that took ``item_id``, if one did."""
+        line = self.given.get(item_id)
+        if line is None and isinstance(item_id, int) and 0 < item_id < len(self.numbers) and self.numbers[item_id]:
+            return item_id
+        return line
+
+    def take(self, item_id: ItemId, number: int, given: bool) -> None:
+        if given:
+            self.given.setdefault(item_id, number)
+        else:
+            self.numbers.extend(bytes(number + 1 - len(self.numbers)))
+            self.numbers[number] = 1
+
+
+class _Fingerprint:
+    """sha256 of the JSON list of a job's records, fed a record at a time: the digest of ``json.dumps`` of the
+    whole list, which an earlier version of genrnn stamped jobs with, without the list in memory."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256(b"[")
+        self.separator = b""
+
+    def add(self, record: list[Any]) -> None:
+        self.hash.update(self.separator + json.dumps(record, ensure_ascii=False).encode())
+        self.separator = b", "
+
+    def hexdigest(self) -> str:
+        whole = self.hash.copy()
+        whole.update(b"]")
+        return whole.hexdigest()
+
+
+def _item_record(item: Item) -> list[Any]:
+    # vars: a flat dataclass's fields, as asdict gives them, without asdict's deep copy of each
+    return [item.index, item.id, item.source, vars(item.settings)]
+
+
+def _bad_line_record(bad: BadLine) -> list[Any]:
+    return [bad.index, bad.id, bad.line, bad.error]
+
+
+@dataclass(frozen=True)
+class _LineReader:
+    """Reads one line of an input file into an item's parts, checking all but the uniqueness of its id."""
+
+    parse: Callable[[str], Parsed]
+    defaults: DecodingConfig
+    plain: DecodingConfig  # the settings of every line without overrides: made once, not for each of a million
+
+    @classmethod
+    def of(cls, path: Path, defaults: DecodingConfig) -> _LineReader:
+        problem = over_job_cap(defaults)
+        if problem:
+            raise ConfigurationError(problem)
+        try:
+            plain = _line_settings(defaults, {})
+        except _Malformed as error:
+            raise ConfigurationError(str(error)) from None
+        return cls(_PARSERS[input_format(path)], defaults, plain)
+
+    def fields(self, raw: bytes | None) -> Parsed | None:
+        """The id the line gives, its source and its overrides; ``None`` for a blank line."""
+        if raw is None:
+            raise _Malformed(OVERLONG_LINE)
+        line = decode_line(raw)
+        problem = line_problem(line)
+        if problem:
+            raise _Malformed(problem)
+        return self.parse(line) if line.strip() else None
+
+    def item(self, index: int, number: int, item_id: ItemId, source: str, overrides: dict[str, Any]) -> Item:
+        """The item of a parsed line whose id is its own."""
+        if is_blank(source):  # zero-width spaces and the like: the tokenizer would read nothing
+            raise _Malformed("the source holds only unseen characters (such as zero-width spaces)")
+        length = read_length(source, MAX_SOURCE_LENGTH)
+        if length > MAX_SOURCE_LENGTH:
+            forms = " in Unicode's compatibility forms (NFKC)" if length > len(source) else ""
+            raise _Malformed(f"the source has {length:,} characters{forms}; at most {MAX_SOURCE_LENGTH:,}")
+        return self._assembled(index, number, item_id, source, overrides)
+
+    def item_again(self, index: int, number: int, raw: bytes) -> Item:
+        """The item of a line that :meth:`item` took before, its bytes the same: without the checks it passed."""
+        given, source, overrides = self.parse(decode_line(raw))
+        return self._assembled(index, number, number if given is None else given, source, overrides)
+
+    def _assembled(self, index: int, number: int, item_id: ItemId, source: str, overrides: dict[str, Any]) -> Item:
+        settings = _line_settings(self.defaults, overrides) if overrides else self.plain
+        return Item(index, number, item_id, source, _item_settings(self.defaults, settings, overrides, item_id))
+
+
+@dataclass(frozen=True)
+class ItemTable:
+    """The items of an input file in a few bytes each: where each one's line is, and its source's length.
+
+    A job of millions of lines holds this rather than the items, and reads a batch's
+    items from the file again when it decodes them (:meth:`items`).
+    """
+
+    path: Path
+    reader: _LineReader
+    bad_lines: list[BadLine]
+    fingerprint: str  # sha256 of what the job decodes and records: every item with its settings, every bad line
+    # For each item, in input order:
+    index: array  # its place in the output
+    line: array  # its line's number
+    offset: array  # where its line starts in the file
+    crc: array  # its line's bytes' CRC-32, to see the file changed since
+    length: array  # its source's length in characters: batches are cut by it
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def total(self) -> int:
+        """The items and the bad lines: the places in the output."""
+        return len(self.index) + len(self.bad_lines)
+
+    def items(self, positions: Iterable[int] | None = None) -> list[Item]:
+        """The items at ``positions`` (all of them by default), read again from the file."""
+        positions = range(len(self)) if positions is None else positions
+        changed = DataError(f"{self.path} changed while the job read it; rerun the job")
+        items = []
+        with self.path.open("rb") as file:
+            try:
+                data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:  # an empty file
+                raise changed from None
+        with data:
+            for position in positions:
+                raw = line_at(data, self.offset[position])
+                if zlib.crc32(raw) != self.crc[position]:
+                    raise changed
+                items.append(self.reader.item_again(self.index[position], self.line[position], raw))
+        return items
+
+
+def scan_items(path: str | Path, defaults: DecodingConfig, skip_bad_lines: bool = False) -> ItemTable:
+    """Read an input file's items into a table, and its bad lines (only with ``skip_bad_lines``; else the
+    first one raises)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"input file not found: {path}")
-    problem = over_job_cap(defaults)
-    if problem:
-        raise ConfigurationError(problem)
-    parse = _PARSERS[input_format(path)]
-    try:  # the settings of every line without overrides: made once, not for each of a million lines
-        plain = _line_settings(defaults, {})
-    except _Malformed as error:
-        raise ConfigurationError(str(error)) from None
-    items: list[Item] = []
-    bad: list[BadLine] = []
-    lines_of: dict[ItemId, int] = {}  # each id in the output, and the line that holds it
-    for number, raw in numbered_lines(path):
-        index = len(items) + len(bad)
+    reader = _LineReader.of(path, defaults)
+    fingerprint, ids, bad = _Fingerprint(), _Ids(), []
+    indices, lines, offsets, crcs, lengths = array("q"), array("q"), array("q"), array("I"), array("i")
+    for number, offset, raw in placed_lines(path):
+        index = len(indices) + len(bad)
         given = None  # the id the line gives, once it is read
         try:
-            if raw is None:
-                raise _Malformed(OVERLONG_LINE)
-            line = decode_line(raw)
-            problem = line_problem(line)
-            if problem:
-                raise _Malformed(problem)
-            if not line.strip():
+            fields = reader.fields(raw)
+            if fields is None:
                 continue
-            given, source, overrides = parse(line)
+            given, source, overrides = fields
             item_id = number if given is None else given
-            if item_id in lines_of:  # the output could not tell them apart, nor could their seeds
+            holder = ids.holder(item_id)
+            if holder is not None:  # the output could not tell them apart, nor could their seeds
                 if given is None:
-                    problem = f"it has no id, and its line number is line {lines_of[item_id]}'s id; give it one"
+                    problem = f"it has no id, and its line number is line {holder}'s id; give it one"
                 else:
-                    problem = f"id {json.dumps(item_id, ensure_ascii=False)} is line {lines_of[item_id]}'s too"
+                    problem = f"id {json.dumps(item_id, ensure_ascii=False)} is line {holder}'s too"
                 raise _Malformed(f"{problem} (ids must be unique)")
-            if is_blank(source):  # zero-width spaces and the like: the tokenizer would read nothing
-                raise _Malformed("the source holds only unseen characters (such as zero-width spaces)")
-            length = read_length(source, MAX_SOURCE_LENGTH)
-            if length > MAX_SOURCE_LENGTH:
-                forms = " in Unicode's compatibility forms (NFKC)" if length > len(source) else ""
-                raise _Malformed(f"the source has {length:,} characters{forms}; at most {MAX_SOURCE_LENGTH:,}")
-            settings = _line_settings(defaults, overrides) if overrides else plain
-            items.append(Item(index, number, item_id, source, _item_settings(defaults, settings, overrides, item_id)))
-            lines_of[item_id] = number
+            item = reader.item(index, number, item_id, source, overrides)
+            ids.take(item_id, number, given is not None)
         except (_Malformed, UnicodeDecodeError) as error:
             message = "not valid UTF-8" if isinstance(error, UnicodeDecodeError) else str(error)
             if not skip_bad_lines:
@@ -213,20 +346,25 @@ def read_items(
             # A bad line keeps an id it gives from later lines; its line number, standing in
             # for one it does not give, takes no id from a line that gives it.
             if given is not None:
-                lines_of.setdefault(given, number)
+                ids.take(given, number, given=True)
             bad.append(BadLine(index, number, number if given is None else given, message))
-    if not items and not bad:
+            continue
+        fingerprint.add(_item_record(item))
+        indices.append(index)
+        lines.append(number)
+        offsets.append(offset)
+        crcs.append(zlib.crc32(raw))
+        lengths.append(len(item.source))
+    if not indices and not bad:
         raise DataError(f"{path}: no inputs")
-    return items, bad
+    for line in bad:  # the bad lines' records come after every item's
+        fingerprint.add(_bad_line_record(line))
+    return ItemTable(path, reader, bad, fingerprint.hexdigest(), indices, lines, offsets, crcs, lengths)
 
 
-def items_fingerprint(items: list[Item], bad_lines: list[BadLine]) -> str:
-    """sha256 of what a job decodes and records: every item with its settings, and every bad line.
-
-    Taken from the items as read, not from the file: a file changed while the job starts,
-    or the same bytes read in another format, give other items.
-    """
-    # vars: a flat dataclass's fields, as asdict gives them, without asdict's deep copy of each
-    records = [[i.index, i.id, i.source, vars(i.settings)] for i in items]
-    records += [[b.index, b.id, b.line, b.error] for b in bad_lines]
-    return hashlib.sha256(json.dumps(records, ensure_ascii=False).encode()).hexdigest()
+def read_items(
+    path: str | Path, defaults: DecodingConfig, skip_bad_lines: bool = False
+) -> tuple[list[Item], list[BadLine]]:
+    """Items of an input file, all in memory, and its bad lines: :func:`scan_items` for a small file."""
+    table = scan_items(path, defaults, skip_bad_lines)
+    return table.items(), table.bad_lines

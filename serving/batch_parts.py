@@ -145,11 +145,15 @@ class PartStore:
                     return
                 offset += len(raw)
 
-    def done(self) -> set[int]:
-        """Indices of the items already in a part."""
-        if not self.directory.is_dir():
-            return set()
-        return {index for path in self._part_paths() for index, _, _ in self._whole_lines(path)}
+    def done(self, total: int) -> bytearray:
+        """For each of the job's ``total`` indices, whether its item is already in a part (a byte each)."""
+        done = bytearray(total)
+        if self.directory.is_dir():
+            for path in self._part_paths():
+                for index, _, _ in self._whole_lines(path):
+                    if 0 <= index < total:
+                        done[index] = 1
+        return done
 
     def open_part(self, rank: int) -> TextIO:
         """The rank's part, opened for appending after cutting off a half-written last line."""

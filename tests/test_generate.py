@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from genrnn.decoding import Generator
 from genrnn.errors import ConfigurationError, DataError, GenrnnError
 from genrnn.files import sha256
 from serving.batch import GenerateJob, owned_batches, run_generate
-from serving.batch_input import MAX_SOURCE_LENGTH, items_fingerprint, read_items
+from serving.batch_input import MAX_SOURCE_LENGTH, ItemTable, read_items, scan_items
 from serving.batch_parts import PartStore, _MappedParts
 from tests.conftest import interruptible, signal_when
 
@@ -253,7 +255,7 @@ def test_lines_that_once_crashed_the_job_or_failed_their_batch_are_bad_lines(tmp
     assert bad[3].error == "not valid JSON here (nested too deeply)"
     assert bad[4].error == f"the source has {MAX_SOURCE_LENGTH + 1:,} characters; at most {MAX_SOURCE_LENGTH:,}"
     assert bad[5].error.startswith("a carriage return inside the line")
-    assert items_fingerprint(items, bad)
+    assert scan_items(path, DecodingConfig(), skip_bad_lines=True).fingerprint  # the bad lines' records are JSON
     with pytest.raises(DataError, match='in.jsonl:1: "id" holds a lone surrogate'):
         read_items(path, DecodingConfig())
     # UTF-16 text without a byte-order mark is valid UTF-8, a NUL beside each character
@@ -369,13 +371,13 @@ def test_the_job_is_known_by_the_items_it_read_not_by_the_files_bytes(tmp_path):
     """The same bytes read as plain text and as TSV are two jobs: a resume must not mix them."""
     for name in ("in.txt", "in.tsv"):
         (tmp_path / name).write_text("w1\tcat\nw2\tdog\n")
-    text, tsv = (read_items(tmp_path / name, DecodingConfig()) for name in ("in.txt", "in.tsv"))
-    assert [item.source for item in text[0]] == ["w1\tcat", "w2\tdog"]
-    assert items_fingerprint(*text) != items_fingerprint(*tsv)
+    text, tsv = (scan_items(tmp_path / name, DecodingConfig()) for name in ("in.txt", "in.tsv"))
+    assert [item.source for item in text.items()] == ["w1\tcat", "w2\tdog"]
+    assert text.fingerprint != tsv.fingerprint
     (tmp_path / "again.txt").write_text("w1\tcat\r\nw2\tdog")  # the same items, other line ends
-    assert items_fingerprint(*read_items(tmp_path / "again.txt", DecodingConfig())) == items_fingerprint(*text)
+    assert scan_items(tmp_path / "again.txt", DecodingConfig()).fingerprint == text.fingerprint
     (tmp_path / "again.tsv").write_text("w1\tcat\t\nw2\tdog\t\t\n")  # spreadsheets end rows with tabs
-    assert items_fingerprint(*read_items(tmp_path / "again.tsv", DecodingConfig())) == items_fingerprint(*tsv)
+    assert scan_items(tmp_path / "again.tsv", DecodingConfig()).fingerprint == tsv.fingerprint
 
 
 def test_parts_of_unknown_origin_are_never_adopted(tiny_bundle, words, tmp_path):
@@ -513,13 +515,71 @@ def test_seeded_sampling_does_not_depend_on_batch_size_or_order(tiny_bundle, wor
     assert len({item.settings.seed for item in items}) == len(items)
 
 
+def test_the_jobs_stamp_is_the_digest_that_jobs_were_stamped_with_before_the_table(tmp_path):
+    """A job started by a version that held its items stamped them so; its parts must still be taken over."""
+    lines = [
+        json.dumps({"id": "é", "source": "café", "mode": "sample", "temperature": 0.5}),
+        "not json",
+        json.dumps({"source": "dog", "mode": "beam", "beam_size": 3}),
+        json.dumps({"source": "owl"}),
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    sampled = DecodingConfig(seed=3)
+    items, bad = read_items(path, sampled, skip_bad_lines=True)
+    records = [[i.index, i.id, i.source, dataclasses.asdict(i.settings)] for i in items]
+    records += [[b.index, b.id, b.line, b.error] for b in bad]
+    digest = hashlib.sha256(json.dumps(records, ensure_ascii=False).encode()).hexdigest()
+    assert len(items) == 3 and items[0].settings.seed not in (None, 3)
+    assert scan_items(path, sampled, skip_bad_lines=True).fingerprint == digest
+
+
+def _peak_bytes_scanning(path: Path) -> tuple[ItemTable, int]:
+    tracemalloc.start()
+    try:
+        table = scan_items(path, DecodingConfig())
+        return table, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_table_holds_a_few_bytes_an_item_and_reads_items_again_as_they_were(tmp_path):
+    words = [f"w{i}\u00e9" for i in range(50_000)]
+    (tmp_path / "in.txt").write_text("".join(w + "\n" for w in words))
+    (tmp_path / "in.tsv").write_text(
+        "\ufeff" + "".join(f"id{i}\t{w}\r\n" if i % 2 else f"\nid{i}\t{w}\n" for i, w in enumerate(words))
+    )
+    # Holding the items took about 300 bytes each, and the stamp's digest 500 more at its peak.
+    text, peak = _peak_bytes_scanning(tmp_path / "in.txt")
+    assert peak < 64 * len(words)
+    tsv, peak = _peak_bytes_scanning(tmp_path / "in.tsv")
+    assert peak < 200 * len(words)  # the ids a TSV gives are kept, to tell them apart
+    picked = [0, 1, 25_001, 49_999]
+    assert [(i.line, i.source) for i in text.items(picked)] == [(n + 1, words[n]) for n in picked]
+    assert [(i.index, i.line, i.id, i.source) for i in tsv.items(picked)] == [
+        (n, n + (n + 1) // 2 + 2 - n % 2, f"id{n}", words[n])
+        for n in picked  # a blank line before each even one
+    ]
+
+
+def test_an_input_changed_under_a_running_job_is_refused_not_misread(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_text("cat\ndog\ncow\n")
+    table = scan_items(path, DecodingConfig())
+    path.write_text("cat\nemu\ncow\n")  # the same length, another word
+    assert [item.source for item in table.items([0, 2])] == ["cat", "cow"]
+    with pytest.raises(DataError, match="in.txt changed while the job read it; rerun the job"):
+        table.items([1])
+
+
 def test_batches_are_cut_by_length_and_shared_out_among_ranks(words, tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(words[:50]) + "\n")
-    items, _ = read_items(tmp_path / "in.txt", DecodingConfig())
-    shares = [owned_batches(items, 8, rank, 3) for rank in range(3)]
-    assert sorted(item.index for share in shares for batch in share for item in batch) == list(range(50))
-    lengths = [len(item.source) for batch in owned_batches(items, 8, 0, 1) for item in batch]
-    assert lengths == sorted(lengths)
+    table = scan_items(tmp_path / "in.txt", DecodingConfig())
+    shares = [owned_batches(table, 8, rank, 3) for rank in range(3)]
+    assert sorted(position for share in shares for batch in share for position in batch) == list(range(50))
+    assert sorted(len(batch) for share in shares for batch in share) == [2] + [8] * 6
+    ordered = [item for batch in owned_batches(table, 8, 0, 1) for item in table.items(batch)]
+    assert [(len(item.source), item.index) for item in ordered] == sorted((len(w), i) for i, w in enumerate(words[:50]))
 
 
 def test_a_killed_job_resumes_with_nothing_lost_or_written_twice(tiny_bundle, words, tmp_path, capsys, monkeypatch):
