@@ -330,6 +330,11 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, help="requests in the server at once; beyond it, 429 (default 256)")
     p.add_argument("--timeout", type=float, help="seconds a request may wait for a worker; beyond it, 504 (default 30)")
     p.add_argument("--deadline", type=float, help="seconds a request may take in all; beyond it, 504 (default 300)")
+    p.add_argument(
+        "--exit-when-stuck",
+        type=float,
+        help="seconds a worker may stay still before the server exits with status 1 (default 900; 0: never)",
+    )
     p.add_argument("--max-body-bytes", type=int, help="largest request body; beyond it, 413 (default 1048576)")
     p.add_argument("--api-key-env", help="environment variable holding an API key; when set, /v1/* requires it")
     p.add_argument("--max-inputs", type=int, help="most inputs in one request (default 256)")

@@ -39,6 +39,7 @@ class ServeConfig:
     max_queue: int = 256  # requests admitted and unanswered; beyond it, 429
     timeout: float = 30.0  # seconds a request may wait for a worker; beyond it, 504
     deadline: float = 300.0  # seconds a request may take in all; beyond it, 504, and /health calls a worker stuck
+    exit_when_stuck: float = 900.0  # seconds a worker may stay still before the server stops as a failure (0: never)
     max_body_bytes: int = 1 << 20  # beyond it, 413
     api_key_env: str | None = None  # name of the environment variable that holds the API key
     log_level: str = "info"
@@ -67,6 +68,11 @@ class ServeConfig:
         _require(self.batch_timeout >= 0, "--batch-timeout", "must be 0 or more")
         _require(self.timeout > self.batch_timeout, "--timeout", "must be longer than --batch-timeout")
         _require(self.deadline > self.timeout, "--deadline", "must be longer than --timeout")
+        _require(
+            self.exit_when_stuck == 0 or self.exit_when_stuck > self.deadline,
+            "--exit-when-stuck",
+            "must be 0 (never) or longer than --deadline",
+        )
         _require(self.log_level in LOG_LEVELS, "--log-level", f"must be one of {', '.join(LOG_LEVELS)}")
         for limit in fields(self.limits):
             _require(getattr(self.limits, limit.name) >= 1, _option(limit.name), "must be at least 1")

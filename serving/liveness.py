@@ -26,15 +26,23 @@ class WorkerBeats:
         if self._turns is not None:
             self._turns[worker] = time.monotonic()  # monotonic clocks agree across processes on one machine
 
-    def stuck(self, deadline: float) -> str | None:
-        """Why a worker is stuck, or ``None`` when every worker that has started turned within ``deadline`` seconds."""
+    def still(self, limit: float) -> tuple[int, float] | None:
+        """A worker that has started and not moved for longer than ``limit`` seconds, and for how long; or ``None``."""
         if self._turns is None:
             return None
         now = time.monotonic()
         for worker, turned in enumerate(self._turns):
-            if turned and now - turned > deadline:
-                return (
-                    f"inference worker {worker} has not moved for {now - turned:.0f} s, longer than the "
-                    f"server's deadline of {deadline:g} s: a batch that makes no progress, or a stopped process"
-                )
+            if turned and now - turned > limit:
+                return worker, now - turned
         return None
+
+    def stuck(self, deadline: float) -> str | None:
+        """Why a worker is stuck, or ``None`` when every worker that has started moved within ``deadline`` seconds."""
+        found = self.still(deadline)
+        if found is None:
+            return None
+        worker, seconds = found
+        return (
+            f"inference worker {worker} has not moved for {seconds:.0f} s, longer than the "
+            f"server's deadline of {deadline:g} s: a batch that makes no progress, or a stopped process"
+        )

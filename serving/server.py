@@ -56,6 +56,7 @@ from genrnn.errors import ConfigurationError, ServerStopped
 from genrnn.processes import die_with
 from serving.config import ServeConfig, check_accelerator
 from serving.deadline import DeadlineRequestHandler
+from serving.liveness import WorkerBeats
 from serving.schemas import GenerateRequest
 
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -247,10 +248,19 @@ class Server(ls.LitServer):
     during startup ends the startup instead of being lost in it.
     """
 
-    def __init__(self, *args: Any, forks: ForkedChildrenDieWithServer, deadline: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        forks: ForkedChildrenDieWithServer,
+        deadline: float,
+        beats: WorkerBeats,
+        exit_when_stuck: float,
+        **kwargs: Any,
+    ) -> None:
         self.deadline = deadline  # seconds a request may take in all: read as LitServer's init adds the routes
         super().__init__(*args, **kwargs)
         self.forks = forks
+        self.beats, self.exit_when_stuck = beats, exit_when_stuck
         self.port = 8000  # LitServer.run's default; run() sets it
         self.main_process = os.getpid()
         self.stop_signal: int | None = None  # the signal that asked this server to stop
@@ -319,21 +329,35 @@ class Server(ls.LitServer):
             processes = super()._start_server(*args, **kwargs)
         close_server_socket(self.port)  # the HTTP processes hold theirs
         monitor = threading.Thread(
-            target=self._watch_http_processes, args=(list(processes.values()),), name=HTTP_MONITOR_THREAD, daemon=True
+            target=self._watch, args=(list(processes.values()),), name=HTTP_MONITOR_THREAD, daemon=True
         )
         monitor.start()
         return processes
 
-    def _watch_http_processes(self, processes: list[multiprocessing.Process]) -> None:
-        """Stop the server as a failure when an HTTP process dies: LitServe watches only the workers.
+    def _watch(self, processes: list[multiprocessing.Process]) -> None:
+        """Stop the server as a failure when an HTTP process dies or a worker is stuck for good.
 
-        The admission slots of the requests it held would never come back (429 for good),
-        and with its only HTTP process gone the server would go on living and serving nothing.
+        LitServe watches only whether the workers live. The admission slots of the requests
+        a dead HTTP process held would never come back (429 for good), and with its only
+        HTTP process gone the server would go on living and serving nothing. A worker
+        still for ``exit_when_stuck`` seconds (a wedged GPU) is not coming back either:
+        the server exits with status 1, so that a supervisor starts it again.
         """
         while not self.stopping:
             dead = [p for p in processes if not p.is_alive()]
-            if dead and not self.stopping:
+            stuck = self.beats.still(self.exit_when_stuck) if self.exit_when_stuck else None
+            if self.stopping:  # asked to stop meanwhile: an HTTP process that exits now was told to
+                return
+            if dead:
                 self.failure = f"an HTTP process died (exit status {dead[0].exitcode})"
+            elif stuck:
+                worker, seconds = stuck
+                self.failure = (
+                    f"inference worker {worker} had not moved for {seconds:.0f} s (--exit-when-stuck "
+                    f"{self.exit_when_stuck:g} s): a batch that makes no progress, or a stopped process"
+                )
+                self.drain_seconds = FAILED_DRAIN_SECONDS  # the requests it holds will never be answered
+            if self.failure is not None:
                 self._shutdown_event.set()
                 return
             time.sleep(self.monitor_internal)
@@ -473,6 +497,8 @@ def build_server(
         callbacks=[WorkerSignals()],
         forks=forks,
         deadline=config.deadline,
+        beats=api.loop.beats,
+        exit_when_stuck=config.exit_when_stuck,
     )
 
     async def metrics_endpoint() -> Response:

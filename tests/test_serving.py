@@ -202,11 +202,13 @@ def test_the_engine_s_steps_show_that_a_worker_is_moving(tiny_bundle):
 def test_serve_refuses_bad_options_and_bundles_with_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path), "--port", "80"]) == 1
     assert main(["serve", "--model", str(tmp_path), "--timeout", "60", "--deadline", "60"]) == 1
+    assert main(["serve", "--model", str(tmp_path), "--deadline", "60", "--exit-when-stuck", "60"]) == 1
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 1
     errors = capsys.readouterr().err.splitlines()
     assert errors == [
         "genrnn serve: error: --port: must be in 1024..65535; got 80",
         "genrnn serve: error: --deadline: must be longer than --timeout",
+        "genrnn serve: error: --exit-when-stuck: must be 0 (never) or longer than --deadline",
         f"genrnn serve: error: bundle directory not found: {tmp_path / 'missing'}",
     ]
     # An address another process listens on is told before the model loads, naming the address.
@@ -486,6 +488,7 @@ SERVERS = {
     **{f"{stop} to the {whom}": (("--api-servers", "2"), None) for stop, whom in STOPS},
     "SIGKILL": (("--api-servers", "2"), None),
     "worker dies": ((), None),
+    "worker stuck": (("--timeout", "1", "--deadline", "2", "--exit-when-stuck", "3"), None),
     "queue manager dies": ((), None),
     "HTTP process dies": (("--api-servers", "2"), None),
 }
@@ -1128,6 +1131,23 @@ def test_a_worker_that_dies_stops_the_server_as_a_failure(servers):
     assert "genrnn serve: error: the server stopped: an inference worker died" in log and "Traceback" not in log, log
     wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
     assert isinstance(held.get(timeout=30), httpx.TransportError)  # its connection closed: the client knows
+
+
+def test_a_worker_stuck_for_good_stops_the_server_as_a_failure(servers):
+    server = servers["worker stuck"].ready()
+    processes = children(server.process.pid)
+    time.sleep(3.5)
+    assert server.generate(inputs=["cat"]).status_code == 200  # an idle worker, turning, is not still
+    (worker,) = inference_workers(server.process.pid)
+    os.kill(worker, signal.SIGSTOP)  # a wedged GPU, say: alive, and never moving again
+    held = in_background(reply_or_error, server=server)
+    assert server.process.wait(timeout=30) == 1  # a failure: a supervisor, or Docker's restart policy, starts it again
+    log = server.log.read_text()
+    assert "genrnn serve: error: the server stopped: inference worker 0 had not moved for" in log, log
+    assert "(--exit-when-stuck 3 s)" in log and "Traceback" not in log, log
+    wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
+    reply = held.get(timeout=30)  # its 504 at the deadline, or its connection closed at the exit
+    assert isinstance(reply, httpx.TransportError) or reply.status_code == 504
 
 
 def test_a_queue_manager_that_dies_stops_the_server_as_a_failure(servers):
