@@ -181,8 +181,10 @@ class _Ids:
         return line
 
     def take(self, item_id: ItemId, number: int, given: bool) -> None:
+        """Mark ``item_id`` as line ``number``'s, unless a line took it before (a bad line may give a taken id)."""
         if given:
-            self.given.setdefault(item_id, number)
+            if self.holder(item_id) is None:
+                self.given[item_id] = number
         else:
             self.numbers.extend(bytes(number + 1 - len(self.numbers)))
             self.numbers[number] = 1
@@ -294,7 +296,10 @@ class ItemTable:
     def items(self, positions: Iterable[int] | None = None) -> list[Item]:
         """The items at ``positions`` (all of them by default), read again from the file."""
         positions = range(len(self)) if positions is None else positions
-        changed = DataError(f"{self.path} changed while the job read it; rerun the job")
+        changed = DataError(
+            f"{self.path} changed while the job read it: put it back as it was to go on, "
+            "or remove the output's .parts directory to start afresh"
+        )
         items = []
         with self.path.open("rb") as file:
             try:

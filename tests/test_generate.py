@@ -334,6 +334,10 @@ def test_ids_are_unique_so_that_outputs_and_seeds_tell_items_apart(tmp_path):
     ]
     with pytest.raises(DataError, match=r"in.jsonl:3: id \"a\" is line 2's too"):
         read_items(path, DecodingConfig())
+    # A repeated id stays the first line's, though a bad line gives it again: line 1's number here.
+    path.write_text('{"source": "cat"}\n{"id": 1, "source": "dog"}\n{"id": 1, "source": "cow"}\n')
+    items, bad = read_items(path, DecodingConfig(), skip_bad_lines=True)
+    assert [b.error for b in bad] == ["id 1 is line 1's too (ids must be unique)"] * 2
     # A line too broken to give its id stands in under its number, which takes no id from a line that gives it.
     path.write_text('{"id": 0, "source": "cat"}\n{"id": 1, "source": "dog"\n{"id": 2, "source": "cow"}\n')
     items, bad = read_items(path, DecodingConfig(), skip_bad_lines=True)
@@ -568,7 +572,7 @@ def test_an_input_changed_under_a_running_job_is_refused_not_misread(tmp_path):
     table = scan_items(path, DecodingConfig())
     path.write_text("cat\nemu\ncow\n")  # the same length, another word
     assert [item.source for item in table.items([0, 2])] == ["cat", "cow"]
-    with pytest.raises(DataError, match="in.txt changed while the job read it; rerun the job"):
+    with pytest.raises(DataError, match="in.txt changed while the job read it: put it back as it was to go on"):
         table.items([1])
 
 
