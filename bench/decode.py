@@ -381,7 +381,7 @@ def main() -> None:
         kernels = (
             "The last row is greedy decoding with oneDNN's LSTM kernel at every batch size; the engine\n"
             f"uses PyTorch's own kernel below {decoding.ONEDNN_MIN_ROWS} rows a step "
-            "(`ONEDNN_MIN_ROWS` in `genrnn/decoding.py`)."
+            "(`ONEDNN_MIN_ROWS` in `genrnn/model.py`)."
             if on_cpu
             else "Recurrent layers run on cuDNN; float32 weights and arithmetic."
         )

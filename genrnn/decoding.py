@@ -25,15 +25,11 @@ import torch
 
 from genrnn.config import DecodingConfig
 from genrnn.data import pad
-from genrnn.model import Seq2Seq, State
+from genrnn.model import ONEDNN_MIN_ROWS, Seq2Seq, State
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 _MASK32 = 0xFFFFFFFF
 MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy decoding
-# oneDNN's CPU LSTM re-packs the weights on every call: it pays off from a few hundred rows
-# a step, and is several times slower than PyTorch's own kernel for a handful (measured in
-# BENCHMARKS.md's "Decoding speed"). GPUs ignore the switch.
-ONEDNN_MIN_ROWS = 256
 
 
 @dataclass

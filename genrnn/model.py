@@ -21,6 +21,10 @@ from genrnn.tokenizer import PAD_ID
 State = tuple[torch.Tensor, ...]
 
 _CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+# oneDNN's CPU LSTM re-packs the weights on every call: it pays off from a few hundred rows
+# a step, and is several times slower than PyTorch's own kernel for a handful (measured in
+# BENCHMARKS.md's "Decoding speed"). GPUs ignore it.
+ONEDNN_MIN_ROWS = 256
 
 
 def state_size(cell: str) -> int:
@@ -218,6 +222,8 @@ class Encoded:
 class Seq2Seq(nn.Module):
     """Encoder–decoder whose encoder's final state initialises the decoder."""
 
+    encode_by_length = True  # see _encode_by_length; off, the encoder always reads packed sequences
+
     def __init__(self, config: ModelConfig, source_vocab_size: int, target_vocab_size: int) -> None:
         super().__init__()
         self.config = config
@@ -268,9 +274,12 @@ class Seq2Seq(nn.Module):
     def encode(self, source: torch.Tensor, source_lengths: torch.Tensor) -> Encoded:
         """Encode padded ``source`` (batch, src_len) of the given lengths (on any device)."""
         embedded = self.embedding_dropout(self.source_embedding(source))
-        packed = pack_padded_sequence(embedded, source_lengths.cpu(), batch_first=True, enforce_sorted=False)
-        output, final = self.encoder(packed)
-        memory, _ = pad_packed_sequence(output, batch_first=True, total_length=source.shape[1])
+        if self._encodes_by_length(embedded):
+            memory, final = self._encode_by_length(embedded, source_lengths)
+        else:
+            packed = pack_padded_sequence(embedded, source_lengths.cpu(), batch_first=True, enforce_sorted=False)
+            output, final = self.encoder(packed)
+            memory, _ = pad_packed_sequence(output, batch_first=True, total_length=source.shape[1])
         mask = source != PAD_ID
         state = self.bridge(final)
         if self.config.attention != "none":
@@ -279,6 +288,37 @@ class Seq2Seq(nn.Module):
             memory_t = memory.transpose(0, 1).contiguous()  # batch on dimension 1, like the rest of the state
             state = (*state, feed, memory_t, self.attention.keys(memory_t), mask.t().contiguous())
         return Encoded(memory=memory, mask=mask, state=state)
+
+    def _encodes_by_length(self, embedded: torch.Tensor) -> bool:
+        """Whether to encode the rows of each length together: decoding many rows on a CPU with oneDNN."""
+        return (
+            self.encode_by_length
+            and not torch.is_grad_enabled()
+            and embedded.device.type == "cpu"
+            and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled
+            and embedded.shape[0] >= ONEDNN_MIN_ROWS
+        )
+
+    def _encode_by_length(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """The encoder's output and final state, each length's rows run together without packing.
+
+        oneDNN's LSTM takes no packed sequence, so a packed batch runs on PyTorch's own
+        kernel, a step at a time over a shrinking batch; a dozen unpacked groups run on
+        oneDNN's, about twice as fast over a thousand G2P words (BENCHMARKS.md, "Encoding").
+        """
+        rows, steps = embedded.shape[:2]
+        lengths = lengths.to(embedded.device)
+        memory = embedded.new_zeros(rows, steps, self.config.encoder_output_size)
+        final: list[torch.Tensor] = []
+        for length in lengths.unique().tolist():
+            group = (lengths == length).nonzero().squeeze(1)
+            output, state = self.encoder(embedded[group, :length])
+            memory[group, :length] = output
+            final = final or [s.new_zeros(s.shape[0], rows, s.shape[2]) for s in state]
+            for whole, part in zip(final, state):
+                whole[:, group] = part
+        return memory, tuple(final)
 
     def decode(self, target_in: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Logits ``(batch, steps, vocab)`` for decoder inputs ``(batch, steps)``, and the new state."""

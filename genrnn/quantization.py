@@ -25,4 +25,7 @@ def quantize_int8(model: Seq2Seq) -> Seq2Seq:
     with warnings.catch_warnings():
         # torch.ao.quantization warns that it moves to torchao, whose quantize_ has no recurrent layers.
         warnings.simplefilter("ignore")
-        return quantize_dynamic(copy.deepcopy(model).eval(), {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
+        quantized = quantize_dynamic(copy.deepcopy(model).eval(), {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
+    # The int8 recurrent layers have no oneDNN kernel: encoding by length would only add calls (BENCHMARKS.md).
+    quantized.encode_by_length = False
+    return quantized

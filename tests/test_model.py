@@ -9,7 +9,7 @@ import torch
 
 from genrnn.config import ModelConfig, from_dict
 from genrnn.errors import ConfigurationError
-from genrnn.model import Seq2Seq
+from genrnn.model import ONEDNN_MIN_ROWS, Seq2Seq
 from genrnn.tokenizer import PAD_ID
 
 SRC_VOCAB, TGT_VOCAB = 11, 13
@@ -100,6 +100,36 @@ def test_padding_does_not_change_the_encoding():
         torch.testing.assert_close(a[:, 0], b[:, 1])
     assert padded.mask.tolist()[1] == [True, True, False, False, False]
     assert torch.all(padded.memory[1, 2:] == 0)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch build")
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(bidirectional=True, encoder_layers=2, decoder_layers=2, attention="bahdanau"),
+        dict(cell="gru", encoder_layers=3, residual=True, attention="luong"),
+    ],
+    ids=["lstm-bidirectional", "gru-residual"],
+)
+def test_many_rows_decoded_on_a_cpu_are_encoded_by_length_as_packed_ones_would_be(overrides):
+    model = Seq2Seq(small(**overrides), SRC_VOCAB, TGT_VOCAB).eval()
+    source, lengths = batch([1 + (i * 7) % 9 for i in range(ONEDNN_MIN_ROWS)])  # nine lengths, every one padded
+    calls = []
+    model.encoder.register_forward_hook(lambda module, args, output: calls.append(type(args[0]).__name__))
+    with torch.inference_mode():
+        by_length = model.encode(source, lengths)
+        model.encode_by_length = False
+        packed = model.encode(source, lengths)
+        fewer = model.encode(source[:-1], lengths[:-1])
+    model.encode_by_length = True
+    training = model.encode(source, lengths)  # with gradients: packed, as cuDNN and training read them
+
+    assert calls == ["Tensor"] * 9 + ["PackedSequence"] * 3  # a call a length, then packed sequences
+    for a, b in zip([by_length.memory, *by_length.state], [packed.memory, *packed.state]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(by_length.mask, packed.mask) and torch.all(by_length.memory[0, 1:] == 0)
+    torch.testing.assert_close(training.memory.detach(), packed.memory, rtol=1e-5, atol=1e-6)
+    assert fewer.memory.shape[0] == ONEDNN_MIN_ROWS - 1
 
 
 def test_decoder_is_causal_so_padding_after_a_target_changes_nothing():

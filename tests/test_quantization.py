@@ -25,6 +25,7 @@ def test_int8_replaces_recurrent_and_linear_layers_of_a_copy(tiny_bundle):
     assert isinstance(quantized.decoder.layers[0], dynamic.LSTM)
     assert isinstance(quantized.output, dynamic.Linear)
     assert torch.equal(quantized.target_embedding.weight, model.target_embedding.weight)  # embeddings stay float
+    assert model.encode_by_length and not quantized.encode_by_length  # no oneDNN kernel for int8 layers to gain
 
 
 def test_int8_log_probabilities_stay_close_to_float(tiny_bundle, g2p_files):
