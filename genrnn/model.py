@@ -295,6 +295,7 @@ class Seq2Seq(nn.Module):
             self.encode_by_length
             and not torch.is_grad_enabled()
             and embedded.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")  # oneDNN's LSTM would give bf16 where packing gives float32
             and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled
             and embedded.shape[0] >= ONEDNN_MIN_ROWS

@@ -121,15 +121,18 @@ def test_many_rows_decoded_on_a_cpu_are_encoded_by_length_as_packed_ones_would_b
         model.encode_by_length = False
         packed = model.encode(source, lengths)
         fewer = model.encode(source[:-1], lengths[:-1])
-    model.encode_by_length = True
+        model.encode_by_length = True
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # training's bf16 validation: packed, as it was
+            autocast = model.encode(source, lengths)
     training = model.encode(source, lengths)  # with gradients: packed, as cuDNN and training read them
 
-    assert calls == ["Tensor"] * 9 + ["PackedSequence"] * 3  # a call a length, then packed sequences
+    assert calls == ["Tensor"] * 9 + ["PackedSequence"] * 4  # a call a length, then packed sequences
     for a, b in zip([by_length.memory, *by_length.state], [packed.memory, *packed.state]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert torch.equal(by_length.mask, packed.mask) and torch.all(by_length.memory[0, 1:] == 0)
     torch.testing.assert_close(training.memory.detach(), packed.memory, rtol=1e-5, atol=1e-6)
     assert fewer.memory.shape[0] == ONEDNN_MIN_ROWS - 1
+    torch.testing.assert_close(autocast.memory.float(), packed.memory, rtol=0.05, atol=0.05)
 
 
 def test_decoder_is_causal_so_padding_after_a_target_changes_nothing():
