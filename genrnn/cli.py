@@ -333,7 +333,7 @@ def _serve_parser(sub) -> None:
     p.add_argument(
         "--exit-when-stuck",
         type=float,
-        help="seconds a worker may stay still before the server exits with status 1 (default 900; 0: never)",
+        help="seconds a worker may stay still before the server exits with status 1 (default: 3 deadlines; 0: never)",
     )
     p.add_argument("--max-body-bytes", type=int, help="largest request body; beyond it, 413 (default 1048576)")
     p.add_argument("--api-key-env", help="environment variable holding an API key; when set, /v1/* requires it")

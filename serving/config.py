@@ -39,7 +39,8 @@ class ServeConfig:
     max_queue: int = 256  # requests admitted and unanswered; beyond it, 429
     timeout: float = 30.0  # seconds a request may wait for a worker; beyond it, 504
     deadline: float = 300.0  # seconds a request may take in all; beyond it, 504, and /health calls a worker stuck
-    exit_when_stuck: float = 900.0  # seconds a worker may stay still before the server stops as a failure (0: never)
+    # seconds a worker may stay still before the server stops as a failure (0: never; None: three deadlines)
+    exit_when_stuck: float | None = None
     max_body_bytes: int = 1 << 20  # beyond it, 413
     api_key_env: str | None = None  # name of the environment variable that holds the API key
     log_level: str = "info"
@@ -68,6 +69,8 @@ class ServeConfig:
         _require(self.batch_timeout >= 0, "--batch-timeout", "must be 0 or more")
         _require(self.timeout > self.batch_timeout, "--timeout", "must be longer than --batch-timeout")
         _require(self.deadline > self.timeout, "--deadline", "must be longer than --timeout")
+        if self.exit_when_stuck is None:
+            object.__setattr__(self, "exit_when_stuck", 3 * self.deadline)
         _require(
             self.exit_when_stuck == 0 or self.exit_when_stuck > self.deadline,
             "--exit-when-stuck",

@@ -203,6 +203,7 @@ def test_serve_refuses_bad_options_and_bundles_with_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path), "--port", "80"]) == 1
     assert main(["serve", "--model", str(tmp_path), "--timeout", "60", "--deadline", "60"]) == 1
     assert main(["serve", "--model", str(tmp_path), "--deadline", "60", "--exit-when-stuck", "60"]) == 1
+    assert ServeConfig("bundle", deadline=1000).exit_when_stuck == 3000  # a long deadline alone stays valid
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 1
     errors = capsys.readouterr().err.splitlines()
     assert errors == [
