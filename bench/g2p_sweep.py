@@ -17,7 +17,10 @@ averages log-probabilities is named with ``-log-probabilities``); with
 ``--keep-teacher-table``, the variants' table is made meanwhile, in
 ``OUTPUT/teacher-table-run/teacher-table``, for the students of a later sweep.
 With ``--train FILE`` (a distilled train file, ``bench/g2p_distill.py``) every
-variant and student trains on it instead of the split's train file.
+variant and student trains on it instead of the split's train file. With ``--go-on
+TIME``, last, the variant best on dev goes on from its weights for that long at
+``--go-on-lr`` (run ``VARIANT-on``): a rerun of a finished sweep with it trains that
+alone.
 ``summary.json`` gathers every result and ``summary.md`` holds the table rows;
 rerunning resumes unfinished runs and skips finished ones.
 """
@@ -197,6 +200,31 @@ def forget_if_taught_by_others(run: Path, teachers: str) -> None:
         shutil.rmtree(run)
 
 
+def chosen_decoding(results: dict) -> str:
+    """The decoding that dev chose for a run."""
+    chosen = results.get("dev_choice")
+    if chosen is None:  # results from before the key: chosen as the benchmark chooses
+        from g2p_benchmark import dev_choice  # this script's neighbour; here, as it imports torch
+
+        chosen = dev_choice(results["scores"])
+    return chosen
+
+
+def dev_wer(run: Path) -> float:
+    """The dev WER of a finished run, decoded as dev chose."""
+    results = json.loads((run / "results.json").read_text())
+    return results["scores"][chosen_decoding(results)]["dev"]["wer"]
+
+
+def go_on_job(args: argparse.Namespace, trained: list[str], output: Path) -> dict[str, list[str]]:
+    """The variant best on dev, going on from its weights at ``--go-on-lr`` for ``--go-on``: its run's command."""
+    best = min(trained, key=lambda name: dev_wer(output / name))
+    sets = [*args.set, *VARIANTS[best], f"training.init_from={output / best / 'bundle'}"]
+    sets.append(f"training.lr={args.go_on_lr}")
+    print(f"{best} is best on dev ({dev_wer(output / best):.2%}): it goes on", flush=True)
+    return {f"{best}-on": training_command(args, output / f"{best}-on", args.go_on, sets)}
+
+
 def write_summary(output: Path, names: list[str]) -> None:
     """summary.json and summary.md: the named runs' results, those that have finished."""
     summary, rows = {}, []
@@ -206,11 +234,7 @@ def write_summary(output: Path, names: list[str]) -> None:
             continue
         results = summary[name] = json.loads(path.read_text())
         steps = results["training"].get("steps", "")
-        chosen = results.get("dev_choice")
-        if chosen is None:  # results from before the key: chosen as the benchmark chooses
-            from g2p_benchmark import dev_choice  # this script's neighbour; here, as it imports torch
-
-            chosen = dev_choice(results["scores"])
+        chosen = chosen_decoding(results)
         for mode, scores in results["scores"].items():
             mark = "**" if mode == chosen else ""  # dev's choice, and what it reports
             rows.append(
@@ -277,6 +301,8 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, help="CPU threads per process (default: cores / variants)")
     parser.add_argument("--teacher-table", help="a kept teacher table that teaches the students instead")
+    parser.add_argument("--go-on", metavar="DD:HH:MM:SS", help="then the variant best on dev goes on for this long")
+    parser.add_argument("--go-on-lr", type=float, default=0.0005, help="its learning rate (default 0.0005)")
     parser.add_argument(
         "--keep-teacher-table", action="store_true", help=f"make the variants' table in OUTPUT/{TABLE}/teacher-table"
     )
@@ -334,8 +360,10 @@ def main() -> None:
                 )
     table = {TABLE: table_job(args, trained, output)} if args.keep_teacher_table and trained else {}
     run_all({**ensembles, **table}, output, threads)
+    going_on = go_on_job(args, trained, output) if args.go_on and trained else {}
+    run_all(going_on, output, args.threads or os.cpu_count() or 1)  # alone on the machine
 
-    write_summary(output, [*names, *students, *ensembles])  # ensembles of this run's variants only
+    write_summary(output, [*names, *students, *ensembles, *going_on])  # ensembles of this run's variants only
     print((output / "summary.md").read_text())
 
 

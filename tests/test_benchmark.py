@@ -290,6 +290,16 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     assert averaged["ensemble-all-log-probabilities"]["averaging"] == "log-probabilities"
     assert averaged["ensemble-all-log-probabilities"]["config"] == summary["ensemble-all"]["config"]
 
+    # asked to go on, a rerun trains only the variant best on dev, from its weights at a lower rate
+    on = subprocess.run([*command, "--go-on", "00:00:10:00", "--go-on-lr", "0.0007"], capture_output=True, text=True)
+    assert on.returncode == 0, on.stderr[-3000:]
+    best = min(("base", "luong"), key=lambda n: summary[n]["scores"][summary[n]["dev_choice"]]["dev"]["wer"])
+    assert [line.split(":")[0] for line in on.stdout.splitlines() if line.startswith("start")] == [f"start {best}-on"]
+    went_on = json.loads((output / "summary.json").read_text())[f"{best}-on"]["training"]["config"]
+    assert went_on["model"] == summary[best]["training"]["config"]["model"]
+    assert (went_on["training"]["init_from"], went_on["training"]["lr"]) == (str(output / best / "bundle"), 0.0007)
+    shutil.rmtree(output / f"{best}-on")
+
     # a narrower rerun sums up its own variants, without an ensemble of other members
     command[command.index("base,luong")] = "base"
     narrower = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
