@@ -8,7 +8,10 @@ batch size: sequences/s and output tokens/s of :meth:`Generator.generate` (token
 decoding and detokenizing) on CMUdict dev words in a fixed random order. The baseline,
 in the same run: greedy and sampled decoding at each batch size without compaction
 (finished rows go on stepping until the batch's last ends); batch 1 is decoding one
-sequence at a time, where compaction changes nothing. Beam search always compacts. Greedy
+sequence at a time, where compaction changes nothing. Beam search always compacts. On a
+CPU, two more greedy rows: oneDNN's LSTM at every batch size, and the encoder on packed
+sequences at every batch size (the engine encodes each length's rows together from 256
+rows on). Greedy
 decoding at the largest batch is also counted in floating-point operations (the
 matrix multiplies of the encoder, bridge, decoder steps actually taken and output
 projection) and set against the rate of one large ``torch.mm`` measured in the same
@@ -28,7 +31,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,7 @@ SECTION = "## Decoding speed"
 GPU_SECTION = "## Decoding speed on a GPU"
 NOTES = "### Notes"
 ONEDNN_ALWAYS = "greedy, oneDNN LSTM at every batch size"
+ENCODER_PACKED = "greedy, encoder on packed sequences (baseline)"
 NO_COMPACTION = "no compaction (baseline)"
 MODES = {
     "greedy": DecodingConfig(mode="greedy", max_new_tokens=48),
@@ -177,6 +181,19 @@ def onednn_from(rows: int) -> Iterator[None]:
         yield
     finally:
         decoding.ONEDNN_MIN_ROWS = saved
+
+
+@contextmanager
+def encoder_packed(model: torch.nn.Module) -> Iterator[None]:
+    """Encode every batch as packed sequences, as before the encoder ran each length's rows together."""
+    models = [m for m in model.modules() if isinstance(m, Seq2Seq)]  # an ensemble's members too
+    for m in models:
+        m.encode_by_length = False
+    try:
+        yield
+    finally:
+        for m in models:
+            m.encode_by_length = True
 
 
 def timed(generator: Generator, settings: DecodingConfig, words: Sequence[str], batch: int, seconds: float) -> Speed:
@@ -345,12 +362,13 @@ def main() -> None:
 
     header = ["mode", *[f"batch {b}" for b in args.batch_sizes]]
     rows = []
-    labels = [*args.modes, *([ONEDNN_ALWAYS] if on_cpu else [])]
+    labels = [*args.modes, *([ONEDNN_ALWAYS, ENCODER_PACKED] if on_cpu else [])]
     labels += [f"{mode}, {NO_COMPACTION}" for mode in args.modes if mode != "beam"]  # beam search always compacts
     for label in labels:
         mode = label.split(",")[0]
         generator, seconds = (uncompacted, args.naive_seconds) if NO_COMPACTION in label else (engine, args.seconds)
-        with onednn_from(0 if label == ONEDNN_ALWAYS else decoding.ONEDNN_MIN_ROWS):
+        packed = encoder_packed(model) if label == ENCODER_PACKED else nullcontext()
+        with onednn_from(0 if label == ONEDNN_ALWAYS else decoding.ONEDNN_MIN_ROWS), packed:
             speeds = [timed(generator, MODES[mode], words, batch, seconds) for batch in args.batch_sizes]
         rows.append([label, *[f"{s.sequences_per_s:,.0f} / {s.tokens_per_s:,.0f}" for s in speeds]])
         print(" | ".join(rows[-1]), flush=True)
@@ -379,9 +397,11 @@ def main() -> None:
     if args.write:
         command = "python bench/decode.py " + " ".join(sys.argv[1:])
         kernels = (
-            "The last row is greedy decoding with oneDNN's LSTM kernel at every batch size; the engine\n"
+            "The oneDNN row is greedy decoding with oneDNN's LSTM kernel at every batch size; the engine\n"
             f"uses PyTorch's own kernel below {decoding.ONEDNN_MIN_ROWS} rows a step "
-            "(`ONEDNN_MIN_ROWS` in `genrnn/model.py`)."
+            "(`ONEDNN_MIN_ROWS` in `genrnn/model.py`). The packed row is greedy decoding with the encoder\n"
+            "reading packed sequences at every batch size, where the engine runs each length's rows together\n"
+            f"from {decoding.ONEDNN_MIN_ROWS} rows on (`Seq2Seq.encode_by_length`)."
             if on_cpu
             else "Recurrent layers run on cuDNN; float32 weights and arithmetic."
         )
