@@ -3,10 +3,12 @@
     python bench/input_memory.py [--items 1000000,3000000]
 
 Writes an input of N one-word lines (plain text, and TSV with an id on each line), then, in
-another process, reads it as a job does (every line checked, the job's stamp digested) once with
-``scan_items``, which keeps a few bytes an item and reads each batch's items again from
-the file when it is decoded, and once with the reference: every ``Item`` held, and the
-stamp's digest taken of the whole list of records (genrnn's reading before the table).
+another process, reads it as a job does (every line checked, the job's stamp digested,
+the items sorted by length into batches of 256) once with ``scan_items`` and
+``owned_batches``, which keep a few bytes an item and read each batch's items again from
+the file when it is decoded, and once with the reference: every ``Item`` held, the
+stamp's digest taken of the whole list of records, the batches lists of items (genrnn's
+reading before the table).
 Each runs in a process of its own; the table gives the growth of the process's anonymous
 memory while it reads (sampled every 5 ms), the reading's wall-clock time, and for the
 table the time to read back a batch of 256 items (the cost each batch pays later).
@@ -47,9 +49,9 @@ def write_input(path: Path, items: int, tsv: bool) -> None:
             file.write(f"w{i}\t{word}\n" if tsv else word + "\n")
 
 
-def reference_read(path: Path) -> int:
-    """Every item in a list, every id in a dict, and the stamp's digest of the whole list of records: a job's
-    reading of its input before the table (the lines checked by the same code)."""
+def reference_read(path: Path) -> list[list[Item]]:
+    """Every item in a list, every id in a dict, the stamp's digest of the whole list of records, and the
+    batches: a job's reading of its input before the table (the lines checked by the same code)."""
     reader = _LineReader.of(path, DecodingConfig())
     items: list[Item] = []
     lines_of: dict[ItemId, int] = {}
@@ -65,22 +67,27 @@ def reference_read(path: Path) -> int:
         lines_of[item_id] = number
     records = [[i.index, i.id, i.source, vars(i.settings)] for i in items]
     hashlib.sha256(json.dumps(records, ensure_ascii=False).encode()).hexdigest()
-    return len(items)
+    del records
+    ordered = sorted(items, key=lambda item: (len(item.source), item.index))
+    return [ordered[start : start + BATCH] for start in range(0, len(ordered), BATCH)]
 
 
 def measure(variant: int, path: Path) -> None:
     """In this process: read the input, print ``seconds peak_mib ms_per_batch``."""
     with AnonymousGrowth() as growth:
         began = time.perf_counter()
-        table = scan_items(path, DecodingConfig()) if variant else reference_read(path)
+        if variant:
+            table = scan_items(path, DecodingConfig())
+            batches = owned_batches(table, BATCH, 0, 1)
+        else:
+            batches = reference_read(path)
         seconds = time.perf_counter() - began
     per_batch = float("nan")
     if variant:  # the first 400 batches by length, as a job decodes them
-        batches = owned_batches(table, BATCH, 0, 1)[:400]
         began = time.perf_counter()
-        for batch in batches:
-            table.items(batch)
-        per_batch = (time.perf_counter() - began) / len(batches) * 1000
+        for batch in batches[:400]:
+            table.items(batch.tolist())
+        per_batch = (time.perf_counter() - began) / min(400, len(batches)) * 1000
     print(f"{seconds} {growth.peak} {per_batch}")
 
 

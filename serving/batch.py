@@ -63,12 +63,15 @@ class GenerateJob:
     ensemble_averaging: Averaging = DEFAULT_AVERAGING
 
 
-def owned_batches(table: ItemTable, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
-    """The rank's share of the batches of all items sorted by length: each batch the items' positions in ``table``."""
+def owned_batches(table: ItemTable, batch_size: int, rank: int, world_size: int) -> list[torch.Tensor]:
+    """The rank's share of the batches of all items sorted by length: each batch the items' positions in ``table``
+    (views of one tensor, 8 bytes an item)."""
+    if not len(table):
+        return []
     # A stable sort of the input-ordered items: by length, then by place in the input.
-    ordered = torch.argsort(torch.frombuffer(table.length, dtype=torch.int32), stable=True) if len(table) else []
+    ordered = torch.argsort(torch.frombuffer(table.length, dtype=torch.int32), stable=True)
     starts = range(rank * batch_size, len(table), world_size * batch_size)
-    return [ordered[start : start + batch_size].tolist() for start in starts]
+    return [ordered[start : start + batch_size] for start in starts]
 
 
 class Progress:
@@ -154,14 +157,14 @@ def _as_is(batch: list[Item]) -> list[Item]:
 class _TableBatches(Dataset):
     """Batches of items, each read from the input file when it is decoded."""
 
-    def __init__(self, table: ItemTable, batches: list[list[int]]) -> None:
+    def __init__(self, table: ItemTable, batches: list[torch.Tensor]) -> None:
         self.table, self.batches = table, batches
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, number: int) -> list[Item]:
-        return self.table.items(self.batches[number])
+        return self.table.items(self.batches[number].tolist())
 
 
 class ItemBatches(pl.LightningDataModule):
@@ -179,7 +182,7 @@ class ItemBatches(pl.LightningDataModule):
         # A batch that a kill cut short is decoded whole again, not re-cut with the next: the last
         # bits of a log-probability depend on what shares its batch, and a resumed job must write
         # what an unbroken one would. PartWriter keeps only the items not written before.
-        pending = [batch for batch in mine if not all(done[index[position]] for position in batch)]
+        pending = [batch for batch in mine if not all(done[index[position]] for position in batch.tolist())]
         return DataLoader(_TableBatches(self.table, pending), batch_size=None, collate_fn=_as_is)
 
 
