@@ -5,6 +5,10 @@ in the output. A JSONL line may carry its own decoding settings, which override 
 job's. With a job-level seed every item gets its own random stream, derived from
 the seed and the item's id, so sampled output does not depend on batch size, sort
 order or the number of devices.
+
+A job reads its file twice: once whole, to check every line and note where each item
+is (:func:`scan_items`), and then a batch's lines at a time, as it decodes them
+(:meth:`ItemTable.items`), so that it never holds the items of a large file at once.
 """
 
 from __future__ import annotations
