@@ -306,7 +306,7 @@ class Seq2Seq(nn.Module):
 
         oneDNN's LSTM takes no packed sequence, so a packed batch runs on PyTorch's own
         kernel, a step at a time over a shrinking batch; a dozen unpacked groups run on
-        oneDNN's, about twice as fast over a thousand G2P words (BENCHMARKS.md, "Encoding").
+        oneDNN's, about twice as fast over a thousand G2P words (BENCHMARKS.md, "Encoding by length").
         """
         rows, steps = embedded.shape[:2]
         lengths = lengths.to(embedded.device)
