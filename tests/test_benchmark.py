@@ -497,4 +497,5 @@ def test_the_timeline_splits_a_runs_time_between_steps_and_validations(tiny_bund
     # take about as long as the noise of a busy machine, and their sum can come out below zero.
     validation_seconds = float(row[5].split()[0])
     assert abs(validation_seconds) < seconds  # the share is of the unrounded seconds
-    assert abs(int(row[6].rstrip("%")) / 100 - validation_seconds / seconds) < 0.015
+    # The share is printed to 1 %, and both seconds to 0.1 s: over a few seconds the latter moves the ratio too.
+    assert abs(int(row[6].rstrip("%")) / 100 - validation_seconds / seconds) < 0.006 + 0.1 / seconds
