@@ -16,6 +16,8 @@ import shutil
 import sys
 import time
 import warnings
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -63,15 +65,34 @@ class GenerateJob:
     ensemble_averaging: Averaging = DEFAULT_AVERAGING
 
 
-def owned_batches(table: ItemTable, batch_size: int, rank: int, world_size: int) -> list[torch.Tensor]:
-    """The rank's share of the batches of all items sorted by length: each batch the items' positions in ``table``
-    (views of one tensor, 8 bytes an item)."""
-    if not len(table):
-        return []
+class OwnedBatches:
+    """A rank's batches: slices of every item's position in the table, sorted by length, then by place in the
+    input (8 bytes an item, held by each rank), and each batch's start; a batch's positions are listed when asked."""
+
+    def __init__(self, ordered: torch.Tensor, starts: Sequence[int], size: int) -> None:
+        self.ordered, self.starts, self.size = ordered, starts, size
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, number: int) -> list[int]:
+        start = self.starts[number]
+        return self.ordered[start : start + self.size].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self[number] for number in range(len(self)))
+
+    def pending(self, done: bytearray, index: array) -> OwnedBatches:
+        """The batches that hold an item not done (``done[index[position]]`` is 0)."""
+        kept = (start for number, start in enumerate(self.starts) if not all(done[index[p]] for p in self[number]))
+        return OwnedBatches(self.ordered, array("q", kept), self.size)
+
+
+def owned_batches(table: ItemTable, batch_size: int, rank: int, world_size: int) -> OwnedBatches:
+    """The rank's share of the batches of all items sorted by length: each batch the items' positions in ``table``."""
     # A stable sort of the input-ordered items: by length, then by place in the input.
-    ordered = torch.argsort(torch.frombuffer(table.length, dtype=torch.int32), stable=True)
-    starts = range(rank * batch_size, len(table), world_size * batch_size)
-    return [ordered[start : start + batch_size] for start in starts]
+    ordered = torch.argsort(torch.frombuffer(table.length, dtype=torch.int32), stable=True) if len(table) else None
+    return OwnedBatches(ordered, range(rank * batch_size, len(table), world_size * batch_size), batch_size)
 
 
 class Progress:
@@ -157,14 +178,14 @@ def _as_is(batch: list[Item]) -> list[Item]:
 class _TableBatches(Dataset):
     """Batches of items, each read from the input file when it is decoded."""
 
-    def __init__(self, table: ItemTable, batches: list[torch.Tensor]) -> None:
+    def __init__(self, table: ItemTable, batches: OwnedBatches) -> None:
         self.table, self.batches = table, batches
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, number: int) -> list[Item]:
-        return self.table.items(self.batches[number].tolist())
+        return self.table.items(self.batches[number])
 
 
 class ItemBatches(pl.LightningDataModule):
@@ -177,12 +198,11 @@ class ItemBatches(pl.LightningDataModule):
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def predict_dataloader(self) -> DataLoader:
-        done, index = self.store.done(self.table.total), self.table.index
         mine = owned_batches(self.table, self.batch_size, self.trainer.global_rank, self.trainer.world_size)
         # A batch that a kill cut short is decoded whole again, not re-cut with the next: the last
         # bits of a log-probability depend on what shares its batch, and a resumed job must write
         # what an unbroken one would. PartWriter keeps only the items not written before.
-        pending = [batch for batch in mine if not all(done[index[position]] for position in batch.tolist())]
+        pending = mine.pending(self.store.done(self.table.total), self.table.index)
         return DataLoader(_TableBatches(self.table, pending), batch_size=None, collate_fn=_as_is)
 
 

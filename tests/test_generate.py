@@ -580,9 +580,9 @@ def test_batches_are_cut_by_length_and_shared_out_among_ranks(words, tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(words[:50]) + "\n")
     table = scan_items(tmp_path / "in.txt", DecodingConfig())
     shares = [owned_batches(table, 8, rank, 3) for rank in range(3)]
-    assert sorted(position for share in shares for batch in share for position in batch.tolist()) == list(range(50))
+    assert sorted(position for share in shares for batch in share for position in batch) == list(range(50))
     assert sorted(len(batch) for share in shares for batch in share) == [2] + [8] * 6
-    ordered = [item for batch in owned_batches(table, 8, 0, 1) for item in table.items(batch.tolist())]
+    ordered = [item for batch in owned_batches(table, 8, 0, 1) for item in table.items(batch)]
     assert [(len(item.source), item.index) for item in ordered] == sorted((len(w), i) for i, w in enumerate(words[:50]))
 
 
