@@ -35,6 +35,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from genrnn.config import AVERAGINGS, DEFAULT_AVERAGING
 
@@ -193,10 +194,13 @@ def forget_if_scored_otherwise(results: Path, bundles: str, averaging: str) -> N
         results.unlink()
 
 
-def forget_if_taught_by_others(run: Path, teachers: str) -> None:
-    """Drop a finished student taught by other bundles than ``teachers``, so that it is trained again."""
+def forget_if_trained_otherwise(run: Path, **asked: Any) -> None:
+    """Drop a finished run whose training settings differ from those ``asked``, so that it is trained again."""
     results = run / "results.json"
-    if results.is_file() and json.loads(results.read_text())["training"]["config"]["training"]["teacher"] != teachers:
+    if not results.is_file():
+        return
+    trained = json.loads(results.read_text())["training"]["config"]["training"]
+    if any(trained[key] != value for key, value in asked.items()):
         shutil.rmtree(run)
 
 
@@ -219,10 +223,12 @@ def dev_wer(run: Path) -> float:
 def go_on_job(args: argparse.Namespace, trained: list[str], output: Path) -> dict[str, list[str]]:
     """The variant best on dev, going on from its weights at ``--go-on-lr`` for ``--go-on``: its run's command."""
     best = min(trained, key=lambda name: dev_wer(output / name))
-    sets = [*args.set, *VARIANTS[best], f"training.init_from={output / best / 'bundle'}"]
-    sets.append(f"training.lr={args.go_on_lr}")
+    start = str(output / best / "bundle")
+    sets = [*args.set, *VARIANTS[best], f"training.init_from={start}", f"training.lr={args.go_on_lr}"]
     print(f"{best} is best on dev ({dev_wer(output / best):.2%}): it goes on", flush=True)
-    return {f"{best}-on": training_command(args, output / f"{best}-on", args.go_on, sets)}
+    run = output / f"{best}-on"
+    forget_if_trained_otherwise(run, init_from=start, lr=args.go_on_lr, max_time=args.go_on)
+    return {run.name: training_command(args, run, args.go_on, sets)}
 
 
 def write_summary(output: Path, names: list[str]) -> None:
@@ -278,7 +284,7 @@ def student_jobs(args: argparse.Namespace, names: list[str], trained: list[str],
                 print(f"skip {name}: {missing}", flush=True)
                 continue
             sets.append(f"training.init_from={output / student.variant / 'bundle'}")
-        forget_if_taught_by_others(output / name, teachers)
+        forget_if_trained_otherwise(output / name, teacher=teachers)
         jobs[name] = training_command(args, output / name, args.student_time or args.max_time, sets)
     return jobs
 

@@ -298,6 +298,12 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     went_on = json.loads((output / "summary.json").read_text())[f"{best}-on"]["training"]["config"]
     assert went_on["model"] == summary[best]["training"]["config"]["model"]
     assert (went_on["training"]["init_from"], went_on["training"]["lr"]) == (str(output / best / "bundle"), 0.0007)
+    again = subprocess.run([*command, "--go-on", "00:00:10:00", "--go-on-lr", "0.0007"], capture_output=True, text=True)
+    assert again.returncode == 0 and "start" not in again.stdout  # done as asked: kept
+    other = subprocess.run([*command, "--go-on", "00:00:10:00", "--go-on-lr", "0.0003"], capture_output=True, text=True)
+    assert other.returncode == 0 and f"start {best}-on" in other.stdout  # asked otherwise: trained again
+    went_on = json.loads((output / "summary.json").read_text())[f"{best}-on"]["training"]["config"]
+    assert went_on["training"]["lr"] == 0.0003
     shutil.rmtree(output / f"{best}-on")
 
     # a narrower rerun sums up its own variants, without an ensemble of other members
