@@ -33,28 +33,37 @@ class Timeline:
         return self.validation_seconds / self.seconds
 
 
-def timeline(run: Path) -> Timeline:
-    """Read the run's latest TensorBoard events (``RUN/tensorboard/version_*/events*``): a resumed run's last part."""
-    events = list(run.glob("tensorboard/version_*/events.out.tfevents.*"))
-    if not events:
-        raise SystemExit(f"{run}: no TensorBoard events under {run / 'tensorboard'}")
-    latest = max(events, key=lambda path: path.stat().st_mtime)
-    accumulator = EventAccumulator(str(latest), size_guidance={"scalars": 0})
+def _part(events: Path) -> tuple[list, list[int]]:
+    """One part's logged losses (``ScalarEvent``s: step, wall time) and the steps it validated at."""
+    accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
     accumulator.Reload()
     logged = accumulator.Tags()["scalars"]
     losses = accumulator.Scalars("train_loss") if "train_loss" in logged else []
     validated = [event.step for event in accumulator.Scalars("dev_wer")] if "dev_wer" in logged else []
+    return losses, validated
+
+
+def timeline(run: Path) -> Timeline:
+    """Read the run's TensorBoard events (``RUN/tensorboard/version_*/events*``): each part of a resumed run.
+
+    Intervals are taken within a part only: the time between a kill and the resume is no one's.
+    """
+    paths = list(run.glob("tensorboard/version_*/events.out.tfevents.*"))
+    if not paths:
+        raise SystemExit(f"{run}: no TensorBoard events under {run / 'tensorboard'}")
+    parts = sorted((p for p in map(_part, paths) if p[0]), key=lambda part: part[0][0].wall_time)
     plain, with_validation = [], []  # (steps, seconds) of each interval between two logged losses
-    for a, b in zip(losses, losses[1:]):
-        validates = any(a.step < step <= b.step for step in validated)
-        (with_validation if validates else plain).append((b.step - a.step, b.wall_time - a.wall_time))
+    for losses, validated in parts:
+        for a, b in zip(losses, losses[1:]):
+            validates = any(a.step < step <= b.step for step in validated)
+            (with_validation if validates else plain).append((b.step - a.step, b.wall_time - a.wall_time))
     if not plain:  # losses are logged every 20 steps: a short run has no interval without a validation
         raise SystemExit(f"{run}: too short to time: no two logged losses without a validation between them")
     per_step = statistics.median(seconds / steps for steps, seconds in plain)
     excess = [seconds - steps * per_step for steps, seconds in with_validation]
     return Timeline(
-        steps=losses[-1].step,
-        seconds=losses[-1].wall_time - losses[0].wall_time,
+        steps=parts[-1][0][-1].step,
+        seconds=sum(losses[-1].wall_time - losses[0].wall_time for losses, _ in parts),
         seconds_per_step=per_step,
         validations=len(excess),
         validation_seconds=sum(excess),

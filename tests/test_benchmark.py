@@ -483,6 +483,30 @@ def test_the_timeline_of_a_run_too_short_to_time_says_so(g2p_files, tmp_path):
     assert result.stderr.strip() == f"{run}: too short to time: no two logged losses without a validation between them"
 
 
+def test_the_timeline_of_a_resumed_run_counts_every_part(g2p_files, tmp_path):
+    run = tmp_path / "run"
+    train = ["train", "--config", str(ROOT / "training" / "configs" / "tiny.yaml"), "--train", str(g2p_files["train"])]
+    train += ["--valid", str(g2p_files["dev"]), "--output", str(run), "--accelerator", "cpu"]
+    train += ["--set", "training.val_check_interval=30"]
+    for steps in ("70", "140"):  # the second run goes on from the first's last checkpoint
+        subprocess.run([sys.executable, "-m", "genrnn.cli", *train, "--max-steps", steps], check=True, timeout=300)
+    command = [sys.executable, str(ROOT / "bench" / "run_timeline.py"), str(run)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = result.stdout.splitlines()[-1].strip("| ").split(" | ")
+
+    parts = sorted((run / "logs").glob("version_*/metrics.csv"))
+    assert len(parts) == 2
+    validations, last = 0, 0
+    for part in parts:  # within each part, the validations between its first and last logged loss
+        rows = list(csv.DictReader(part.open()))
+        logged = [int(r["step"]) for r in rows if r["train_loss"]]
+        validations += sum(logged[0] < int(r["step"]) <= logged[-1] for r in rows if r["dev_wer"])
+        last = logged[-1]
+    assert (int(row[1].replace(",", "")), int(row[4])) == (last, validations)
+    assert validations > sum(1 for r in csv.DictReader(parts[-1].open()) if r["dev_wer"])  # the first part's count
+
+
 def test_the_timeline_splits_a_runs_time_between_steps_and_validations(tiny_bundle):
     run = tiny_bundle.parent
     command = [sys.executable, str(ROOT / "bench" / "run_timeline.py"), str(run)]
