@@ -69,7 +69,7 @@ class OwnedBatches:
     """A rank's batches: slices of every item's position in the table, sorted by length, then by place in the
     input (8 bytes an item, held by each rank), and each batch's start; a batch's positions are listed when asked."""
 
-    def __init__(self, ordered: torch.Tensor, starts: Sequence[int], size: int) -> None:
+    def __init__(self, ordered: torch.Tensor | None, starts: Sequence[int], size: int) -> None:  # None: no items
         self.ordered, self.starts, self.size = ordered, starts, size
 
     def __len__(self) -> int:
