@@ -20,10 +20,12 @@ from genrnn.config import (
     AVERAGINGS,
     DEFAULT_AVERAGING,
     JOB_CAPS,
+    MODE_FIELDS,
     Averaging,
     DecodingConfig,
     ExperimentConfig,
     decoding_for_mode,
+    fields_read,
     from_dict,
     is_rank_zero,
     load_config,
@@ -43,29 +45,31 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "training" / "configs"
 
 
 def add_decoding_options(parser: argparse.ArgumentParser) -> None:
-    """Options that mirror the HTTP request's decoding fields."""
+    """Options that mirror the HTTP request's decoding fields.
+
+    Each is None unless given, so that one given for a mode that does not read it can be told
+    (:func:`refuse_unread_options`); DecodingConfig's defaults fill in the others.
+    """
     d = DecodingConfig()
     group = parser.add_argument_group("decoding")
-    group.add_argument("--mode", choices=["greedy", "sample", "beam"], default=d.mode, help="decoding mode")
-    group.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (> 0)")
-    group.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k likeliest tokens (0: off)")
-    group.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass in (0, 1] (1: off)")
-    group.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    group.add_argument("--mode", choices=["greedy", "sample", "beam"], help=f"decoding mode (default: {d.mode})")
+    group.add_argument("--temperature", type=float, help=f"sampling temperature (> 0; default: {d.temperature:g})")
+    group.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (0, the default: off)")
+    group.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (1, the default: off)")
+    group.add_argument("--seed", type=int, help="random seed for sampling")
     group.add_argument(
         "--num-return-sequences",
         type=int,
-        default=d.num_return_sequences,
-        help="candidates per input (sample and beam)",
+        help=f"candidates per input (sample and beam; default: {d.num_return_sequences})",
     )
-    group.add_argument("--beam-size", type=int, default=d.beam_size, help="beam width")
-    group.add_argument("--length-penalty", type=float, default=d.length_penalty, help="beam length penalty alpha")
+    group.add_argument("--beam-size", type=int, help=f"beam width (default: {d.beam_size})")
+    group.add_argument("--length-penalty", type=float, help=f"beam length penalty (default: {d.length_penalty:g})")
     group.add_argument(
         "--length-penalty-form",
         choices=["gnmt", "average"],
-        default=d.length_penalty_form,
-        help="gnmt: ((5 + len) / 6) ** alpha; average: log-probability per token",
+        help="gnmt (the default): ((5 + len) / 6) ** alpha; average: log-probability per token",
     )
-    group.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length cap per output")
+    group.add_argument("--max-new-tokens", type=int, help=f"length cap per output (default: {d.max_new_tokens})")
 
 
 def add_quantize_option(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +107,22 @@ def decoding_from_args(args: argparse.Namespace) -> DecodingConfig:
 
 
 def _decoding_options(args: argparse.Namespace) -> dict[str, object]:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingConfig)}
+    """The decoding options given on the command line."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingConfig)}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def refuse_unread_options(args: argparse.Namespace) -> None:
+    """An option given for a mode that does not read it is a mistake: ``--beam-size 8`` alone decodes greedily.
+
+    (HTTP ignores such fields, as DESIGN.md's contract says; a command line is typed by a
+    person, who would otherwise read greedy scores as beam search's.)
+    """
+    options = _decoding_options(args)
+    mode = options.get("mode", DecodingConfig.mode)
+    for name in sorted(set(options) - fields_read(mode)):
+        modes = " or ".join(f"--mode {m}" for m, reads in MODE_FIELDS.items() if name in reads)
+        raise ConfigurationError(f"--{name.replace('_', '-')}: applies to {modes}, and this decodes with --mode {mode}")
 
 
 # -- train ---------------------------------------------------------------------------------------
@@ -211,6 +230,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from genrnn.quantization import quantize_int8
 
     # Every argument is checked before the decoding, which may take long.
+    refuse_unread_options(args)
     settings = decoding_from_args(args)
     problem = over_job_cap(settings)
     if problem:
@@ -286,7 +306,10 @@ def _generate_parser(sub) -> None:
 
 def _run_generate(args: argparse.Namespace) -> None:
     from serving.batch import GenerateJob, run_generate
+    from serving.batch_input import input_format
 
+    if input_format(Path(args.input)) != "jsonl":  # a JSONL line may choose another mode, with these as defaults
+        refuse_unread_options(args)
     run_generate(
         GenerateJob(
             model=args.model,

@@ -827,6 +827,24 @@ def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp
                 (["--data", "builtin:cmudict:"], "data: builtin:cmudict alone is its training split"),
             ]
         ),
+        # an option the mode does not read: greedy scores would pass for beam search's
+        (
+            ["evaluate", "--model", "/nonexistent", "--data", "x.tsv", "--beam-size", "8"],
+            "--beam-size: applies to --mode beam, and this decodes with --mode greedy",
+        ),
+        (
+            ["evaluate", "--model", "/nonexistent", "--data", "x.tsv", "--mode", "beam", "--seed", "1"],
+            "--seed: applies to --mode sample, and this decodes with --mode beam",
+        ),
+        (
+            ["generate", "--model", "/nonexistent", "--input", "x.txt", "--output", "y", "--num-return-sequences", "2"],
+            "--num-return-sequences: applies to --mode sample or --mode beam, and this decodes with --mode greedy",
+        ),
+        # ... but a JSONL line may choose the mode that reads it
+        (
+            ["generate", "--model", "/nonexistent", "--input", "x.jsonl", "--output", "y", "--beam-size", "8"],
+            "input file not found: x.jsonl",
+        ),
         *(
             ([*verb, "--model", "a", "--ensemble-averaging", "probabilities"], "applies to an ensemble")
             for verb in (["evaluate", "--data", "x.tsv"], ["generate", "--input", "x", "--output", "y"], ["serve"])
