@@ -1,9 +1,12 @@
-"""LitServe's request handler with a deadline on the whole request: a stuck worker's requests get a 504.
+"""LitServe's request handler, which stops waiting at a deadline or when the client goes away.
 
 LitServe's own timeout (``--timeout``) is checked when a worker takes a request, so a
 worker that never takes it, or never finishes its batch, would leave the client waiting
-for good. Here the HTTP process stops waiting at the deadline, and forgets the request:
-a reply that comes later finds no one waiting and is dropped.
+for good. Here the HTTP process stops waiting at the deadline (504), or as soon as the
+client closes its connection (counted as 499), and forgets the request: a reply that
+comes later finds no one waiting and is dropped. Either way the request's place in the
+queue is freed (:mod:`serving.tickets`), and a worker that has not taken it yet drops it
+undecoded.
 """
 
 import asyncio
@@ -13,9 +16,16 @@ from typing import Any
 from fastapi import HTTPException
 from fastapi.responses import Response
 from litserve.server import RegularRequestHandler
+from starlette.requests import Request
+from starlette.types import Receive
+
+from serving.errors import CLIENT_CLOSED
+from serving.tickets import TICKET_KEY
 
 # The uids this request submitted to the workers (one); set per request, read where it is submitted.
 _SUBMITTED: ContextVar[list[str]] = ContextVar("genrnn_submitted")
+# The request's place in the queue, from the admission middleware; carried to the worker with the request.
+_TICKET: ContextVar[Any] = ContextVar("genrnn_ticket", default=None)
 
 
 def deadline_error(deadline: float) -> HTTPException:
@@ -24,22 +34,42 @@ def deadline_error(deadline: float) -> HTTPException:
     )
 
 
+async def client_gone(receive: Receive) -> None:
+    """Return once the client has closed its connection (the request's body has been read whole)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class DeadlineRequestHandler(RegularRequestHandler):
-    """Waits for a reply at most ``server.deadline`` seconds from the request's arrival."""
+    """Waits for a reply at most ``server.deadline`` seconds, and no longer than the client does."""
+
+    async def _prepare_request(self, request: Any, request_type: Any) -> Any:
+        payload = await super()._prepare_request(request, request_type)
+        payload.ticket = _TICKET.get()
+        return payload
 
     async def _submit_request(self, payload: Any) -> tuple[str, Any]:
         uid, response_queue_id = await super()._submit_request(payload)
         _SUBMITTED.get().append(uid)
         return uid, response_queue_id
 
-    async def handle_request(self, request: Any, request_type: Any) -> Response:
+    async def handle_request(self, request: Any, request_type: Any, connection: Request) -> Response:
         submitted: list[str] = []
-        token = _SUBMITTED.set(submitted)  # the task that wait_for runs the handler in copies this context
+        # The tasks below copy this context: they read the ticket and fill ``submitted``.
+        tokens = _SUBMITTED.set(submitted), _TICKET.set(connection.scope.get(TICKET_KEY))
+        reply = asyncio.ensure_future(super().handle_request(request, request_type))
+        gone = asyncio.ensure_future(client_gone(connection.receive))
         try:
-            return await asyncio.wait_for(super().handle_request(request, request_type), self.server.deadline)
-        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
-            for uid in submitted:
-                self.server.response_buffer.pop(uid, None)
-            raise deadline_error(self.server.deadline) from None
+            done, _ = await asyncio.wait({reply, gone}, timeout=self.server.deadline, return_when="FIRST_COMPLETED")
         finally:
-            _SUBMITTED.reset(token)
+            reply.cancel()  # nothing, once it is done
+            gone.cancel()
+            _SUBMITTED.reset(tokens[0])
+            _TICKET.reset(tokens[1])
+        if reply in done:
+            return reply.result()
+        for uid in submitted:
+            self.server.response_buffer.pop(uid, None)
+        if gone in done:
+            raise HTTPException(CLIENT_CLOSED, "the client closed the connection before its reply")
+        raise deadline_error(self.server.deadline)

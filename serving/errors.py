@@ -18,6 +18,10 @@ from starlette.types import Send
 
 from serving.schemas import MAX_LISTED, TOO_LARGE
 
+# The status of a request whose client went away before its reply (nginx's): no one reads it,
+# but the request metrics count it apart from the errors a client is told.
+CLIENT_CLOSED = 499
+
 
 async def reply_error(
     send: Send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = (), field: str | None = None

@@ -13,6 +13,9 @@ request queue, so that an idle worker takes it at once instead of when the worke
 that could not fit it is done. The server shares that queue (see
 ``serving.server.Server``); a loop it did not share keeps its own.
 
+A request whose client stopped waiting (gone, or past the deadline) is dropped undecoded
+when it is taken (see :mod:`serving.tickets`).
+
 It also differs in how it waits: it blocks until a first request arrives, then
 gathers more for at most ``batch_timeout``, instead of polling the queue every
 millisecond while idle; and it marks each of its turns in the server's
@@ -33,6 +36,7 @@ from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPExcepti
 
 from serving import metrics
 from serving.liveness import WorkerBeats
+from serving.tickets import Tickets
 
 # An idle worker wakes this often, so that LitServe's loop stays responsive.
 _IDLE_WAIT = 1.0
@@ -56,6 +60,7 @@ class InputBudgetLoop(BatchedLoop):
         # Requests that did not fit a batch, oldest first: set by the server before its workers start.
         self.handed_on: Queue | None = None
         self.beats = WorkerBeats()  # the server's, allocated before its workers start
+        self.tickets: Tickets | None = None  # the queue's places: set by the server before its workers start
 
     def moved(self) -> None:
         """Mark that this worker is moving: a turn of its loop, or a decoder step of its batch."""
@@ -100,6 +105,8 @@ class InputBudgetLoop(BatchedLoop):
             if item == _SENTINEL_VALUE:
                 raise _StopLoopError()
             response_queue_id, uid, arrived, request = item
+            if not self.awaited(request):
+                continue
             waited = time.monotonic() - arrived  # monotonic clocks agree across processes on one machine
             if timeout not in (-1, False, None) and waited > timeout:
                 # Answered now: the loop may go on waiting for company for a batch, or for a second when idle.
@@ -122,6 +129,11 @@ class InputBudgetLoop(BatchedLoop):
         for arrived in arrivals:  # queued until the batch starts: the wait for it to fill counts too
             metrics.QUEUE_WAIT.observe(started - arrived)
         return batch, []
+
+    def awaited(self, request: Any) -> bool:
+        """Whether someone waits for the request's reply: its ticket still holds its place in the queue."""
+        ticket = getattr(request, "ticket", None)
+        return ticket is None or self.tickets is None or self.tickets.awaited(ticket)
 
     def put_error(self, transport: MessageTransport, response_queue_id: int, uid: str, error: HTTPException) -> None:
         """Answer one request with an HTTP error."""

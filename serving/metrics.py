@@ -62,8 +62,9 @@ MODEL_INFO = Gauge(
 
 # The statuses /v1/generate answers with. Every series a request can touch is made at zero as
 # each process starts: Prometheus' rate() and increase() miss a counter's first increment, and
-# an alert its first 500, when the series appears with it.
-STATUSES = ("200", "400", "401", "405", "413", "415", "422", "429", "500", "504")
+# an alert its first 500, when the series appears with it. (499: the client closed the connection
+# before its reply, which no one read.)
+STATUSES = ("200", "400", "401", "405", "413", "415", "422", "429", "499", "500", "503", "504")
 
 
 def _zero_series() -> None:

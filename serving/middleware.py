@@ -5,12 +5,12 @@ Each is a plain ASGI wrapper, so it can answer before the body is parsed (a reje
 request costs no parsing) and see the status code of every reply, errors included.
 """
 
+import asyncio
 import codecs
 import hashlib
 import hmac
 import json
 import time
-from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 from fastapi import HTTPException
@@ -18,8 +18,12 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import metrics
-from serving.errors import is_json_type, reply_error
+from serving.errors import CLIENT_CLOSED, is_json_type, reply_error
 from serving.liveness import WorkerBeats
+from serving.tickets import TICKET_KEY, Tickets
+
+# How often a body still arriving looks whether the server has started to stop.
+_CLOSING_POLL_SECONDS = 0.25
 
 
 def _digest(key: bytes) -> bytes:
@@ -154,63 +158,82 @@ class ApiKeyMiddleware:
         return hmac.compare_digest(_digest(presented.encode("latin-1")), self.key_digest)
 
 
-async def _whole_body(receive: Receive) -> list[Message]:
-    """Every message of a request's body, up to its last (or to the client's going away)."""
+async def _whole_body(receive: Receive, closing: Any = None) -> list[Message] | None:
+    """Every message of a request's body, up to its last (or to the client's going away).
+
+    ``None`` once ``closing`` (a shared flag) is set while the body is still arriving.
+    """
     messages = []
     while True:
-        message = await receive()
+        message = await receive() if closing is None else await _unless_closing(receive(), closing)
+        if message is None:
+            return None
         messages.append(message)
         if message["type"] != "http.request" or not message.get("more_body", False):
             return messages
 
 
+async def _unless_closing(awaitable: Any, closing: Any) -> Any:
+    """What ``awaitable`` gives, or ``None`` once ``closing.value`` is set first."""
+    task = asyncio.ensure_future(awaitable)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=_CLOSING_POLL_SECONDS)
+        if done:
+            return task.result()
+        if closing.value:
+            task.cancel()
+            return None
+
+
 class AdmissionMiddleware(PathMiddleware):
-    """Answers 429 while ``limit`` requests to ``path`` are admitted and unanswered, counted across processes.
+    """Answers 429 while every place in the queue is held (:class:`serving.tickets.Tickets`, across processes).
 
     A request is admitted once its whole body is in: a client that trickles its body, or
     never ends it, holds a connection but no place in the queue, so a few slow clients
-    cannot have every other one refused.
+    cannot have every other one refused. Nor can they hold up a stop: a body still
+    arriving once ``closing`` is set gets a 503. An admitted request's ticket goes to
+    the app in its scope (``TICKET_KEY``), and its place is freed when the app is done.
     """
 
     def __init__(
-        self, app: ASGIApp, path: str, limit: int, admitted: Synchronized, max_body_bytes: int, retry_after: int = 1
+        self, app: ASGIApp, path: str, tickets: Tickets, closing: Any, max_body_bytes: int, retry_after: int = 1
     ) -> None:
         super().__init__(app, path)
-        self.limit = limit
-        self.admitted = admitted  # an mp.Value shared by every HTTP process (they are forked from the server)
+        self.tickets = tickets
+        self.closing = closing  # a shared flag: the server has started to stop
         self.max_body_bytes = max_body_bytes  # checked by LitServe as the body arrives; named in its 413
         self.retry_after = retry_after
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            body = await _whole_body(receive)
+            body = await _whole_body(receive, self.closing)
         except HTTPException as error:  # LitServe's size check raises it as the body arrives
             detail = error.detail
             if error.status_code == 413:
                 detail = f"the body is over the server's limit of {self.max_body_bytes:,} bytes (--max-body-bytes)"
             await reply_error(send, error.status_code, detail)
             return
+        if body is None:
+            await reply_error(send, 503, "the server is stopping and takes no new requests: send it to another")
+            return
+        if body[-1]["type"] != "http.request":  # nothing will read the reply: for the metrics
+            await reply_error(send, CLIENT_CLOSED, "the client closed the connection before its body was complete")
+            return
         unread = iter(body)
 
         async def receive_body() -> Message:
             return next(unread, None) or await receive()
 
-        if body[-1]["type"] != "http.request":  # the client went away mid-body: the app sees it so
-            await self.app(scope, receive_body, send)
-            return
-        with self.admitted.get_lock():
-            full = self.admitted.value >= self.limit
-            if not full:
-                self.admitted.value += 1
-        if full:
-            detail = f"the server is saturated ({self.limit} requests waiting); retry in {self.retry_after} s"
+        ticket = self.tickets.take()
+        if ticket is None:
+            places = len(self.tickets)
+            detail = f"the server is saturated ({places} requests waiting); retry in {self.retry_after} s"
             await reply_error(send, 429, detail, [(b"retry-after", str(self.retry_after).encode())])
             return
         try:
-            await self.app(scope, receive_body, send)
+            await self.app({**scope, TICKET_KEY: ticket}, receive_body, send)
         finally:
-            with self.admitted.get_lock():
-                self.admitted.value -= 1
+            self.tickets.give_back(ticket)
 
 
 class HealthMiddleware(PathMiddleware):
@@ -242,17 +265,26 @@ class HealthMiddleware(PathMiddleware):
 
 
 class RequestMetricsMiddleware(PathMiddleware):
-    """Counts requests to ``path`` by mode and status, times them, and tracks how many are in flight."""
+    """Counts requests to ``path`` by mode and status, times them, and tracks how many are in flight.
+
+    A request is in flight from the end of its body, as the queue counts it (a client still
+    sending is not), until its reply.
+    """
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         body = bytearray()  # kept as the app reads it, for the mode label
         status = 500  # what the client gets if the app raises
+        in_flight = False
 
         async def receive_and_keep() -> Message:
+            nonlocal in_flight
             message = await receive()
             if message["type"] == "http.request":
                 body.extend(message.get("body", b""))
+                if not message.get("more_body", False) and not in_flight:
+                    in_flight = True
+                    metrics.INFLIGHT.inc()
             return message
 
         async def send_and_note(message: Message) -> None:
@@ -261,11 +293,11 @@ class RequestMetricsMiddleware(PathMiddleware):
                 status = message["status"]
             await send(message)
 
-        metrics.INFLIGHT.inc()
         try:
             await self.app(scope, receive_and_keep, send_and_note)
         finally:
-            metrics.INFLIGHT.dec()
+            if in_flight:
+                metrics.INFLIGHT.dec()
             # A mode given twice is no valid way to say one (parsed again only for a 422).
             repeated = status == 422 and repeated_field(bytes(body)) is not None
             mode = "unknown" if repeated else metrics.mode_label(bytes(body))

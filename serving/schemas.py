@@ -10,7 +10,7 @@ HTTP); the server's own caps come from :class:`Limits`.
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from genrnn.config import DecodingConfig, decoding_for_mode, fields_read
@@ -66,6 +66,16 @@ class GenerateRequest(BaseModel):
     length_penalty: float = _DEFAULTS.length_penalty
     length_penalty_form: Literal["gnmt", "average"] = _DEFAULTS.length_penalty_form
     max_new_tokens: int | None = None  # None: the engine's default, bounded by the server's cap
+    # The request's place in the queue (serving.tickets.Ticket), set by the server; no field of the body.
+    _ticket: object = PrivateAttr(default=None)
+
+    @property
+    def ticket(self) -> object:
+        return self._ticket
+
+    @ticket.setter
+    def ticket(self, ticket: object) -> None:
+        self._ticket = ticket
 
     @model_validator(mode="before")
     @classmethod

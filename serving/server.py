@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import litserve as ls
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from litserve.callbacks import Callback
@@ -58,6 +58,7 @@ from serving.config import ServeConfig, check_accelerator
 from serving.deadline import DeadlineRequestHandler
 from serving.liveness import WorkerBeats
 from serving.schemas import GenerateRequest
+from serving.tickets import Tickets
 
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_DIR_PREFIX = "genrnn-metrics-"  # then process id, random, pid namespace, host: see _new_metrics_directory
@@ -255,12 +256,14 @@ class Server(ls.LitServer):
         deadline: float,
         beats: WorkerBeats,
         exit_when_stuck: float,
+        closing: Any,
         **kwargs: Any,
     ) -> None:
         self.deadline = deadline  # seconds a request may take in all: read as LitServer's init adds the routes
         super().__init__(*args, **kwargs)
         self.forks = forks
         self.beats, self.exit_when_stuck = beats, exit_when_stuck
+        self.closing = closing  # shared with the HTTP processes: bodies still arriving are refused (503)
         self.port = 8000  # LitServer.run's default; run() sets it
         self.main_process = os.getpid()
         self.stop_signal: int | None = None  # the signal that asked this server to stop
@@ -292,6 +295,7 @@ class Server(ls.LitServer):
             return
         self.stop_signal = signum
         self.stopping = True
+        self.closing.value = 1
         event = self._shutdown_event  # LitServe's main thread waits on it in run()
         if event is None:  # the queue manager is not there yet: _init_manager sets it
             return
@@ -370,8 +374,9 @@ class Server(ls.LitServer):
         self._callback_runner.trigger_event(EventTypes.ON_SERVER_START.value, litserver=self)
         handler = DeadlineRequestHandler(lit_api, self)
 
-        async def endpoint_handler(request: request_type) -> response_type:  # FastAPI reads the annotations
-            return await handler.handle_request(request, request_type)
+        # FastAPI reads the annotations: the body, validated, and the connection (to see the client go).
+        async def endpoint_handler(request: request_type, connection: Request) -> response_type:
+            return await handler.handle_request(request, request_type, connection)
 
         auth = Depends(self.setup_auth(lit_api))
         self.app.add_api_route(lit_api.api_path, endpoint_handler, methods=["POST"], dependencies=[auth])
@@ -429,6 +434,7 @@ class Server(ls.LitServer):
             if thread.name in (MONITOR_THREAD, HTTP_MONITOR_THREAD):
                 thread.join(timeout=self.monitor_internal + 1)
         self._transport.close(send_sentinel=shutdown_reason != "keyboard_interrupt")
+        self.closing.value = 1
         for http in uvicorn_workers.values():
             http.terminate()  # uvicorn drains on SIGTERM (already told, on a signal: see request_stop)
         drain = self.drain_seconds
@@ -464,7 +470,10 @@ def build_server(
     api = GenerationAPI(
         config.model, config.limits, config.max_batch_size, config.batch_timeout, config.ensemble_averaging
     )
-    admitted = multiprocessing.Value("i", 0)  # shared by the HTTP processes forked from this one
+    # Shared by the HTTP processes forked from this one and the workers spawned with the API's loop.
+    tickets = Tickets(config.max_queue)
+    api.loop.tickets = tickets
+    closing = multiprocessing.RawValue("b", 0)  # set once the server starts to stop
 
     # Listed innermost first: each middleware wraps the ones before it. Metrics sees every reply.
     middlewares: list = [
@@ -475,8 +484,8 @@ def build_server(
             AdmissionMiddleware,
             {
                 "path": GENERATE_PATH,
-                "limit": config.max_queue,
-                "admitted": admitted,
+                "tickets": tickets,
+                "closing": closing,
                 "max_body_bytes": config.max_body_bytes,
             },
         ),
@@ -499,6 +508,7 @@ def build_server(
         deadline=config.deadline,
         beats=api.loop.beats,
         exit_when_stuck=config.exit_when_stuck,
+        closing=closing,
     )
 
     async def metrics_endpoint() -> Response:

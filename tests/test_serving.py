@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import os
 import signal
 import socket
@@ -42,6 +43,7 @@ from serving.api import Failure, GenerationAPI
 from serving.config import ServeConfig
 from serving.schemas import GenerateRequest, Limits
 from serving.server import ForkedChildrenDieWithServer, api_key, build_server
+from serving.tickets import Ticket, Tickets
 
 KEY = "s3cret-key"
 KEY_ENV = "GENRNN_TEST_API_KEY"
@@ -120,6 +122,23 @@ def test_a_request_that_waited_past_the_timeout_is_answered_504_without_decoding
     assert _batches(api, _queued(1, age=5.0), MPQueueTransport(None, [replies])) == []
     uid, (error, status, *_) = replies.get_nowait()
     assert (uid, status, error.status_code) == ("uid0", "ERROR", 504)
+
+
+def test_a_request_no_one_awaits_any_more_is_dropped_undecoded():
+    api = GenerationAPI("unused", Limits(), max_batch_size=8, batch_timeout=0.01)
+    api.request_timeout = 30.0
+    api.loop.tickets = tickets = Tickets(4)
+    queue, replies = _queued(1, 2, 3), Queue()
+    taken = [tickets.take() for _ in range(3)]
+    for ticket in taken:
+        (_, _, _, request) = queue.get()
+        request.ticket = ticket
+        queue.put((0, f"uid{ticket.place}", time.monotonic(), request))
+    tickets.give_back(taken[1])  # its client went away, or its deadline passed
+    assert tickets.take() == Ticket(place=1, number=4)  # the place is free again, under another number
+
+    assert _batches(api, queue, MPQueueTransport(None, [replies])) == [[1, 3]]
+    assert replies.empty()  # no reply for the dropped request: no one would read it
 
 
 def test_a_late_request_is_answered_at_once_not_when_the_idle_loop_wakes(monkeypatch):
@@ -488,6 +507,7 @@ SERVERS = {
     # One per shutdown test; two HTTP processes, which must both stop accepting at once.
     **{f"{stop} to the {whom}": (("--api-servers", "2"), None) for stop, whom in STOPS},
     "SIGKILL": (("--api-servers", "2"), None),
+    "clients go away": (("--max-queue", "2"), None),
     "worker dies": ((), None),
     "worker stuck": (("--timeout", "1", "--deadline", "2", "--exit-when-stuck", "3"), None),
     "queue manager dies": ((), None),
@@ -836,21 +856,66 @@ def test_a_body_with_a_byte_order_mark_is_counted_under_its_mode(keyed):
     assert after[counted] - before[counted] == 1
 
 
+def trickling(url: str) -> socket.socket:
+    """A connection that sends a request's headers and 5 bytes of its 100-byte body, then waits."""
+    host, port = url.removeprefix("http://").split(":")
+    client = socket.create_connection((host, int(port)))
+    client.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: genrnn\r\nContent-Type: application/json\r\n")
+    client.sendall(b'Content-Length: 100\r\n\r\n{"inp')
+    return client
+
+
+def sent_whole(url: str, body: dict) -> socket.socket:
+    """A connection that has sent a whole request, and reads no reply."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    client = socket.create_connection((host, int(port)))
+    client.sendall(
+        b"POST /v1/generate HTTP/1.1\r\nHost: genrnn\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return client
+
+
 def test_clients_still_sending_their_bodies_hold_no_place_in_the_queue(small):
-    host, port = small.url.removeprefix("http://").split(":")
-    trickling = []
+    closed, bad = (("genrnn_requests_total", (("mode", "unknown"), ("status", status))) for status in ("499", "400"))
+    before = small.metrics()
+    clients = [trickling(small.url) for _ in range(3)]  # as many as the queue holds
     try:
-        for _ in range(3):  # as many as the queue holds: each sends 5 bytes of a 100-byte body, then waits
-            client = socket.create_connection((host, int(port)))
-            client.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: genrnn\r\nContent-Type: application/json\r\n")
-            client.sendall(b'Content-Length: 100\r\n\r\n{"inp')
-            trickling.append(client)
-        small.wait_for_inflight(3)
+        time.sleep(0.5)  # their headers are read by now
+        assert small.metrics()["genrnn_inflight_requests", ()] == 0  # in flight once its body is in, as queued
         assert small.generate(inputs="cat").status_code == 200
     finally:
-        for client in trickling:
+        for client in clients:
             client.close()
-    small.wait_for_inflight(0)
+    # Gone mid-body: counted apart from the requests that were bad.
+    wait_until(lambda: small.metrics()[closed] == before[closed] + 3, "the clients gone to be counted")
+    assert small.metrics()[bad] == before[bad]
+
+
+def test_a_client_that_goes_away_frees_its_place_and_its_request_is_never_decoded(servers):
+    server = servers["clients go away"].ready()  # one worker, a queue of 2
+    before = server.metrics()
+    with server.paused_worker():
+        gone = [sent_whole(server.url, {"inputs": ["cat"], "mode": "beam"}) for _ in range(2)]
+        server.wait_for_inflight(2)  # the queue is full
+        for client in gone:
+            client.close()
+        server.wait_for_inflight(0)  # ... and empty again: nothing waits for their replies
+        waiting = in_background(server.generate, inputs=["dog"])
+        server.wait_for_inflight(1)
+    reply = waiting.get(timeout=60)
+    after = server.metrics()
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before[key]
+
+    assert reply.status_code == 200  # admitted, where the two would have held the queue's places
+    assert delta("genrnn_requests_total", mode="beam", status="499") == 2
+    assert delta("genrnn_output_tokens_total", mode="beam") == 0  # the worker dropped them undecoded
+    assert delta("genrnn_batch_size_count") == 1
 
 
 def test_bad_requests_are_refused_before_the_queue_and_the_server_still_answers(keyed, engine):
@@ -936,7 +1001,7 @@ def test_every_series_a_request_can_touch_is_on_metrics_from_the_start(small):
     samples = small.metrics()
 
     for mode in ("greedy", "sample", "beam", "unknown"):
-        for status in ("200", "400", "401", "405", "413", "415", "422", "429", "500", "504"):
+        for status in ("200", "400", "401", "405", "413", "415", "422", "429", "499", "500", "503", "504"):
             assert ("genrnn_requests_total", (("mode", mode), ("status", status))) in samples
         assert ("genrnn_request_duration_seconds_count", (("mode", mode),)) in samples
     for mode in ("greedy", "sample", "beam"):
@@ -1074,6 +1139,8 @@ def test_a_signal_drains_the_request_in_flight_and_every_process_exits(servers, 
         # Several connections, so that both HTTP processes are likely to hold one.
         in_flight = [in_background(server.generate, inputs=["cat", f"dog{i}"], mode="beam") for i in range(4)]
         server.wait_for_inflight(4)
+        slow = trickling(server.url)  # a body that will not be complete before the stop
+        time.sleep(0.5)  # its headers are read by now
         if whom != "process group":
             server.process.send_signal(signum)
         if whom == THEN_GROUP:  # once every HTTP process has stopped accepting, on the main process's word
@@ -1085,12 +1152,17 @@ def test_a_signal_drains_the_request_in_flight_and_every_process_exits(servers, 
             with pytest.raises(httpx.ConnectError):
                 httpx.get(f"{server.url}/health", timeout=5)
     replies = [r.get(timeout=60) for r in in_flight]
+    slow.settimeout(60)
+    with slow:
+        refused = slow.recv(4096).split(b"\r\n", 1)[0]
 
     assert [r.status_code for r in replies] == [200] * 4
+    assert refused == b"HTTP/1.1 503 Service Unavailable"  # told at once, not waited for until the drain gives up
     assert [[o["input"] for o in r.json()["outputs"]] for r in replies] == [["cat", f"dog{i}"] for i in range(4)]
     assert server.process.wait(timeout=60) == 0
     wait_until(lambda: not any(alive(p) for p in processes), "every server process to exit", 30)
-    assert "Traceback" not in server.log.read_text()
+    log = server.log.read_text()
+    assert "Traceback" not in log and "did not drain" not in log
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
