@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from genrnn.config import (
@@ -24,6 +26,17 @@ from tests.conftest import ROOT
 def test_shipped_configs_load(name):
     config = load_config(ROOT / "training" / "configs" / name)
     assert isinstance(config.model, ModelConfig)
+
+
+def test_the_quickstart_saves_resume_points_well_within_its_training_budget():
+    """Ctrl+C stops a run at once, keeping the last resume point: make run's must come before its budget ends."""
+    makefile = (ROOT / "Makefile").read_text()
+    budget = re.search(r"^GENRNN_TRAIN_TIME \?= (\d+):(\d+):(\d+):(\d+)$", makefile, re.M)
+    config_path = re.search(r"^TRAIN_CONFIG \?= (\S+)$", makefile, re.M).group(1)
+    days, hours, minutes, seconds = (int(part) for part in budget.groups())
+    budget_minutes = ((days * 24 + hours) * 60 + minutes) + seconds / 60
+
+    assert 0 < load_config(ROOT / config_path).training.checkpoint_minutes <= budget_minutes / 4
 
 
 @pytest.mark.parametrize(
