@@ -996,6 +996,9 @@ def test_the_best_checkpoint_holds_weights_and_the_resume_point_everything(g2p_f
     import torch
 
     run = tmp_path / "run"
+    # What an attempt killed before its first resume point leaves: the run starts afresh, without it.
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best-epoch=0-step=1.ckpt").write_bytes(b"an abandoned attempt's")
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "2"))
     (best_path,) = (run / "checkpoints").glob("best-*.ckpt")
     best = torch.load(best_path, map_location="cpu", weights_only=False)

@@ -446,11 +446,13 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     seeding = stamp_run(
         output, config, data_fingerprint, related, resuming=resume, dev_fingerprint=examples_fingerprint(dev_examples)
     )
-    if not resume and is_rank_zero():
-        # Afresh means without the old checkpoints (a later rerun would resume from them), and
-        # without the old teacher's table (another run would learn from it).
+    if is_rank_zero() and not (resume and last_checkpoint(output).is_file()):
+        # Afresh means without the old checkpoints: a later rerun would resume from them, and the
+        # best checkpoint of an attempt killed before its first resume point would lie beside this run's.
         shutil.rmtree(output / "checkpoints", ignore_errors=True)
-        # ... unless that table is the one that teaches this run.
+    if not resume and is_rank_zero():
+        # ... and without the old teacher's table (another run would learn from it), unless that
+        # table is the one that teaches this run.
         table, taught_by = teacher_table(output), related.get("teacher")
         if not (isinstance(taught_by, TeacherTable) and taught_by.directory.resolve() == table.resolve()):
             shutil.rmtree(table, ignore_errors=True)
