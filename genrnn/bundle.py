@@ -141,6 +141,8 @@ def ensemble_members(model: str | Path) -> list[str]:
     A directory whose own name holds a comma is the one bundle it is; empty names
     between commas (``a,``) are none.
     """
+    if not str(model).strip():
+        raise BundleError("no bundle named: --model is empty")
     if "," not in str(model) or Path(model).is_dir():
         return [str(model)]
     members = [d.strip() for d in str(model).split(",") if d.strip()]
@@ -169,7 +171,9 @@ def load_bundle(
     try:
         model_config = from_dict(ModelConfig, manifest["model"], prefix="model")
         tokenizer_config = from_dict(TokenizerConfig, manifest["tokenizer"], prefix="tokenizer")
-    except (KeyError, ConfigurationError) as error:
+    except KeyError as error:
+        raise BundleError(f"{directory / MANIFEST}: has no {error.args[0]!r} section") from None
+    except ConfigurationError as error:
         raise BundleError(f"{directory / MANIFEST}: bad configuration: {error}") from None
     source_tokenizer = Tokenizer.load(directory / SOURCE_MODEL)
     target_tokenizer = Tokenizer.load(directory / TARGET_MODEL)

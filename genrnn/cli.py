@@ -35,7 +35,7 @@ from genrnn.config import (
     replace,
 )
 from genrnn.errors import ConfigurationError, GenrnnError, Terminated
-from genrnn.files import check_writable
+from genrnn.files import check_apart, check_writable
 from genrnn.processes import die_with_the_launching_process, started_by_the_first_process
 
 if TYPE_CHECKING:  # torch is imported when a verb runs, not to parse its arguments
@@ -223,8 +223,8 @@ def _evaluate_parser(sub) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
-    from genrnn.bundle import load_bundle
-    from genrnn.data import BUILTIN_CMUDICT, read_examples
+    from genrnn.bundle import ensemble_members, load_bundle
+    from genrnn.data import BUILTIN_CMUDICT, BUILTIN_PREFIX, read_examples
     from genrnn.decoding import Generator
     from genrnn.evaluation import evaluate
     from genrnn.quantization import quantize_int8
@@ -239,6 +239,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         raise ConfigurationError(f"batch_size: must be at least 1; got {args.batch_size}")
     if args.output:
         check_writable(Path(args.output))
+        data = [] if args.data.startswith(BUILTIN_PREFIX) else [args.data]
+        check_apart(Path(args.output), [*data, *ensemble_members(args.model)])
     if args.data.rstrip(":") == BUILTIN_CMUDICT:
         raise ConfigurationError(
             f"data: {BUILTIN_CMUDICT} alone is its training split; name the split to score, as {BUILTIN_CMUDICT}:test"

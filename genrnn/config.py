@@ -538,6 +538,11 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raise ConfigurationError(f"{where}: not valid YAML ({problem})") from None
     except UnicodeDecodeError as error:
         raise ConfigurationError(f"{path}: not UTF-8 ({error.reason} at byte {error.start})") from None
+    if values is not None and not isinstance(values, dict):
+        raise ConfigurationError(
+            f"{path}: must be a mapping of sections (name, model, tokenizer, data, training, decoding); "
+            f"got a {type(values).__name__}"
+        )
     return from_dict(ExperimentConfig, values)
 
 

@@ -202,16 +202,24 @@ def _parse_jsonl_line(line: str, where: str) -> Example:
     return example
 
 
+def check_data_file(path: Path, role: str, wanted: str) -> None:
+    """Refuse a ``path`` that is no regular file (a directory, a pipe, nothing), saying which."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise DataError(f"{role}: {path} is a directory; name {wanted}")
+    if path.exists():
+        raise DataError(f"{role}: {path} is not a regular file (a pipe or a device); save it to {wanted} first")
+    raise DataError(f"{role} file not found: {path}")
+
+
 def read_file(path: str | Path) -> list[Example]:
     """Examples from a TSV (``source<TAB>target[<TAB>target…]``) or JSONL file, one a line.
 
     Lines that share a source are merged into one example with all their targets.
     """
     path = Path(path)
-    if not path.is_file():
-        if path.is_dir():
-            raise DataError(f"data: {path} is a directory; name a TSV or JSONL file")
-        raise DataError(f"data file not found: {path}")
+    check_data_file(path, "data", "a TSV or JSONL file")
     parse = _parse_jsonl_line if path.suffix.lower() == ".jsonl" else _parse_tsv_line
     examples = []
     for number, raw in numbered_lines(path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,16 @@ def verify_files(manifest_path: Path, manifest: dict[str, Any], required: set[st
     missing = required - set(files)
     if missing:
         raise BundleError(f"{manifest_path} lists no checksum for {', '.join(sorted(missing))}")
+
+
+def check_apart(output: Path, reads: Iterable[str | Path]) -> None:
+    """Refuse an output path that is, or lies inside, what the command reads (its input, a bundle)."""
+    target = output.resolve()
+    for read in reads:
+        source = Path(read).resolve()
+        if target == source or (source.is_dir() and source in target.parents):
+            what = "is" if target == source else "lies inside"
+            raise ConfigurationError(f"output: {output} {what} {read}, which this command reads; name another path")
 
 
 def check_writable(path: Path) -> None:

@@ -30,7 +30,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
-from genrnn.bundle import load_bundle
+from genrnn.bundle import ensemble_members, load_bundle
 from genrnn.config import (
     DEFAULT_AVERAGING,
     JOB_CAPS,
@@ -42,7 +42,7 @@ from genrnn.config import (
 )
 from genrnn.decoding import Generator
 from genrnn.errors import ConfigurationError, first_sigterm_only, interruption_kept
-from genrnn.files import check_writable, sha256
+from genrnn.files import check_apart, check_writable, sha256
 from genrnn.quantization import quantize_int8
 from serving.batch_input import Item, ItemTable, scan_items
 from serving.batch_parts import PartStore
@@ -298,10 +298,9 @@ def run_generate(job: GenerateJob) -> None:
         raise ConfigurationError(f"batch_size: must be at least 1; got {job.batch_size}")
     if job.output.is_dir():
         raise ConfigurationError(f"output: {job.output} is a directory; name the JSONL file to write")
-    if job.input.resolve() == job.output.resolve():
-        raise ConfigurationError(f"output: {job.output} is the input file; name another")
     # The input and the model are read first, so that a finished job's rerun tells a mistyped one.
     table = scan_items(job.input, job.settings, job.skip_bad_lines)
+    check_apart(job.output, [job.input, *ensemble_members(job.model)])
     bad_lines = table.bad_lines
     bundle = load_bundle(job.model, averaging=job.ensemble_averaging)
     store = PartStore(job.output)

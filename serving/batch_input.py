@@ -28,6 +28,7 @@ from genrnn.config import DecodingConfig, decoding_for_mode, fields_read, over_j
 from genrnn.data import (
     OVERLONG_LINE,
     NotJSON,
+    check_data_file,
     decode_line,
     is_blank,
     is_unicode_text,
@@ -323,8 +324,7 @@ def scan_items(path: str | Path, defaults: DecodingConfig, skip_bad_lines: bool 
     """Read an input file's items into a table, and its bad lines (only with ``skip_bad_lines``; else the
     first one raises)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"input file not found: {path}")
+    check_data_file(path, "input", "a text, TSV or JSONL file")
     reader = _LineReader.of(path, defaults)
     fingerprint, ids, bad = _Fingerprint(), _Ids(), []
     indices, lines, offsets, crcs, lengths = array("q"), array("q"), array("q"), array("I"), array("i")

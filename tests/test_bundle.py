@@ -178,6 +178,15 @@ def test_a_damaged_file_whose_checksum_was_updated_is_refused_in_one_line(
     assert "\n" not in str(raised.value)
 
 
+def test_a_manifest_without_a_section_names_it(bundle_dir, tmp_path):
+    copy = shutil.copytree(bundle_dir[0], tmp_path / "copy")
+    manifest = json.loads((copy / "genrnn.json").read_text())
+    del manifest["model"]
+    (copy / "genrnn.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"genrnn.json: has no 'model' section$"):
+        load_bundle(copy)
+
+
 def test_weights_that_do_not_fit_the_model_are_refused_in_one_line(bundle_dir, tmp_path):
     manifest = json.loads((bundle_dir[0] / "genrnn.json").read_text())
     copy = rewritten(bundle_dir[0], tmp_path, "genrnn.json", model={**manifest["model"], "attention": "luong"})

@@ -103,6 +103,10 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
         load_config(bad)
     # one line, naming the line at fault
     assert str(raised.value) == f"{bad}:3: not valid YAML (expected ',' or ']', but got '<stream end>')"
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- model\n- data\n")
+    with pytest.raises(ConfigurationError, match=r"listed.yaml: must be a mapping of sections \(name, .*got a list"):
+        load_config(listed)
 
 
 @pytest.mark.parametrize(

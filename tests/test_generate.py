@@ -221,8 +221,10 @@ def test_a_finished_jobs_rerun_still_checks_its_model_input_and_settings(tiny_bu
         generate(tiny_bundle, tmp_path / "no-input.txt", tmp_path / "out.jsonl")
     with pytest.raises(ConfigurationError, match="beam_size: at most 64"):
         generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "out.jsonl", settings=DecodingConfig(beam_size=999))
-    with pytest.raises(ConfigurationError, match="is the input file"):
+    with pytest.raises(ConfigurationError, match="output: .*in.txt is .*in.txt, which this command reads"):
         generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "in.txt")
+    with pytest.raises(ConfigurationError, match="out.jsonl lies inside .*, which this command reads"):
+        generate(tiny_bundle, tmp_path / "in.txt", tiny_bundle / "out.jsonl")
     generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "out.jsonl")
     assert "nothing to do" in capsys.readouterr().err
 

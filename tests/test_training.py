@@ -808,11 +808,14 @@ def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp
     [
         (["train", "--train", "/nonexistent.tsv"], "data file not found: /nonexistent.tsv"),
         (["train", "--train", "."], "data: . is a directory; name a TSV or JSONL file"),
+        (["generate", "--model", "a", "--input", ".", "--output", "y"], "input: . is a directory; name a text"),
         (["train", "--config", "/nonexistent.yaml"], "config file not found"),
         # before the data is read: the file's absence would be the error otherwise
         (["train", "--train", "/nonexistent.tsv", "--set", "tokenizer.shared=true"], "tokenizer.shared: one model"),
         (["evaluate", "--model", "/nonexistent", "--data", "x.tsv"], "bundle directory not found"),
         (["evaluate", "--model", ".", "--data", "x.tsv"], "genrnn.json is missing"),
+        (["evaluate", "--model", "", "--data", "x.tsv"], "no bundle named: --model is empty"),
+        (["train", "--train", "/nonexistent.tsv", "--output", "/dev/null"], "output: /dev/null is a file"),
         # each of these once ended in a traceback, or after the whole decoding: the model is not read first
         *(
             (["evaluate", "--model", "/nonexistent", "--data", "x.tsv", *options], message)
@@ -823,6 +826,8 @@ def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp
                 (["--max-new-tokens", "1000000000"], "max_new_tokens: at most 1024; got 1000000000"),
                 (["--mode", "beam", "--beam-size", "100000"], "beam_size: at most 64; got 100000"),
                 (["--output", "/nonexistent/scores.json"], "output: /nonexistent does not exist"),
+                (["--output", "x.tsv"], "output: x.tsv is x.tsv, which this command reads; name another path"),
+                (["--model", ".", "--output", "genrnn.json"], "output: genrnn.json lies inside ., which this command"),
                 (["--data", "builtin:cmudict"], "data: builtin:cmudict alone is its training split"),
                 (["--data", "builtin:cmudict:"], "data: builtin:cmudict alone is its training split"),
             ]
@@ -859,10 +864,29 @@ def test_user_errors_end_with_one_clear_line(args, message, tmp_path, monkeypatc
     assert message in result.stderr.strip().splitlines()[-1]
 
 
+def test_a_pipe_is_refused_as_input_with_what_to_do(tmp_path):
+    """A batch job reads its input again as it decodes it, which a pipe cannot give."""
+    pipe = tmp_path / "words"
+    os.mkfifo(pipe)
+    result = run_cli("generate", "--model", "a", "--input", str(pipe), "--output", str(tmp_path / "out"), check=False)
+    assert result.returncode == 1
+    expected = f"input: {pipe} is not a regular file (a pipe or a device); save it to a text, TSV or JSONL file first"
+    assert expected in result.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--data", "builtin:cmudict:dev"], "data.valid: builtin:cmudict:dev is the training data's own split"),
+        # the default dev set, which the command line never named, and one it named
+        (
+            ["--data", "builtin:cmudict:dev"],
+            "data.train: builtin:cmudict:dev is the split that validates training on the built-in dictionary",
+        ),
+        (
+            ["--data", "builtin:cmudict:dev", "--valid", "builtin:cmudict:dev"],
+            "data.valid: builtin:cmudict:dev is the training data's own split (builtin:cmudict:dev); validate on "
+            "another (a file)",
+        ),
         (["--devices", "abc"], "training.devices: must be a count, 'auto'"),
         # Lightning's refusal comes before the data is read: the missing file is not what is named
         (["--accelerator", "tpuu", "--train", "/nonexistent.tsv"], "training.accelerator/devices/num_nodes/strategy"),

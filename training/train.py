@@ -26,6 +26,7 @@ from torch import nn
 from genrnn.bundle import Bundle, load_bundle, save_bundle
 from genrnn.config import ExperimentConfig, ModelConfig, from_dict, is_rank_zero, parse_devices, to_dict
 from genrnn.data import (
+    BUILTIN_CMUDICT,
     DEV_SHARE,
     SHUFFLE_SEEDING,
     SHUFFLE_SEEDINGS,
@@ -73,9 +74,15 @@ def load_data(config: ExperimentConfig) -> tuple[list[Example], list[Example]]:
         return train, dev
     split = builtin_split(config.data.train)
     if split is not None and split == builtin_split(valid_spec):
+        if config.data.valid is None:  # the default dev set, which the user did not name
+            raise ConfigurationError(
+                f"data.train: {config.data.train} is the split that validates training on the built-in "
+                f"dictionary; train on {BUILTIN_CMUDICT}, or give --valid a dev file"
+            )
+        others = "a file" if split == "dev" else f"{BUILTIN_CMUDICT}:dev, or a file"
         raise ConfigurationError(
             f"data.valid: {valid_spec} is the training data's own split ({config.data.train}); "
-            "validate on another (builtin:cmudict:dev, or a file)"
+            f"validate on another ({others})"
         )
     dev = read_examples(valid_spec)
     shared = {e.source for e in train} & {e.source for e in dev}
@@ -437,6 +444,8 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     Returns the bundle's path (``None`` on ranks other than 0).
     """
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ConfigurationError(f"output: {output} is a file; name the run's directory")
     config.tokenizer.check_trainable()  # before the data is read and the run directory written
     pl.seed_everything(config.training.seed, workers=True, verbose=False)
     trainer, checkpoint = build_trainer(config, output)  # first: a device setting it refuses costs nothing
