@@ -298,6 +298,8 @@ def run_generate(job: GenerateJob) -> None:
         raise ConfigurationError(f"batch_size: must be at least 1; got {job.batch_size}")
     if job.output.is_dir():
         raise ConfigurationError(f"output: {job.output} is a directory; name the JSONL file to write")
+    if job.output.exists() and not job.output.is_file():  # /dev/stdout: it would be taken for a finished job's
+        raise ConfigurationError(f"output: {job.output} is not a regular file; the output is written whole at the end")
     # The input and the model are read first, so that a finished job's rerun tells a mistyped one.
     table = scan_items(job.input, job.settings, job.skip_bad_lines)
     check_apart(job.output, [job.input, *ensemble_members(job.model)])

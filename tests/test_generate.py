@@ -405,6 +405,7 @@ def test_an_output_path_that_cannot_be_written_is_one_line_of_error(tiny_bundle,
         (tmp_path / "in.txt" / "out.jsonl", "in.txt is not a directory"),
         (tmp_path / "missing" / "out.jsonl", "missing does not exist"),  # as evaluate says, not made
         (tmp_path, "is a directory"),
+        (Path("/dev/null"), "/dev/null is not a regular file; the output is written whole at the end"),
     ):
         assert main([*args, "--output", str(output)]) == 1
         error = capsys.readouterr().err.strip()
