@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +35,7 @@ from genrnn.config import (
     process_rank,
     replace,
 )
-from genrnn.errors import ConfigurationError, GenrnnError, Terminated
+from genrnn.errors import ConfigurationError, GenrnnError, Terminated, sigterm_raises_terminated
 from genrnn.files import check_apart, check_writable
 from genrnn.processes import die_with_the_launching_process, started_by_the_first_process
 
@@ -424,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Killed outright, the first process of a distributed run can stop no other: they go too.
     die_with_the_launching_process()
     try:
-        args.run(args)
+        with sigterm_raises_terminated() if args.command in ("train", "generate") else nullcontext():
+            args.run(args)
     except (GenrnnError, ConfigurationError) as error:
         # The first process tells the errors that every process of a distributed run meets. One it
         # started meets an error alone before the trainer runs: the first had got past the same

@@ -41,6 +41,30 @@ class Terminated(Exception):
     """SIGTERM stopped a run; the command line reports it and how to go on."""
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    # Called by a handler that took its place, it is theirs to act: Lightning's, inside a
+    # trainer's run, calls this one too, and saves before it stops.
+    if signal.getsignal(signal.SIGTERM) is _terminate:
+        raise Terminated
+
+
+@contextmanager
+def sigterm_raises_terminated() -> Iterator[None]:
+    """Meanwhile, SIGTERM raises :class:`Terminated`, except inside a trainer's run, which handles it itself.
+
+    Otherwise a SIGTERM while a run reads its data, or writes its results, ended the process
+    at once with status 143 and not a word of how to go on.
+    """
+    if threading.current_thread() is not threading.main_thread():  # where handlers are set
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def interruption_kept(trainer: Any) -> Iterator[None]:
     """Around a Lightning trainer's call: a stop by a signal is reported as one.

@@ -669,6 +669,29 @@ def test_a_signal_stops_a_job_as_such_and_the_same_command_resumes(tiny_bundle, 
     assert [o["input"] for o in read_jsonl(output)] == words[:300]
 
 
+def has_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` holds ``path`` open (Linux)."""
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:  # a descriptor closed meanwhile
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc")
+def test_sigterm_while_the_job_reads_its_input_stops_it_with_the_usual_word(tiny_bundle, tmp_path):
+    source_file = tmp_path / "in.txt"
+    source_file.write_text("abcdefgh\n" * 200_000)  # read for about a second
+    output = tmp_path / "out.jsonl"
+    command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(source_file), "--output", str(output)]
+
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = signal_when(job, lambda: has_open(job.pid, source_file), signal.SIGTERM, "the input to be read")
+
+    assert job.returncode == 143, stderr[-2000:]  # the shell's status, as when the job decodes
+    assert "genrnn generate: terminated; rerun the same command to go on where it stopped" in stderr
+    assert "Traceback" not in stderr
+
+
 @pytest.mark.parametrize("group", [False, True], ids=["to the main process", "to every process"])
 def test_sigterm_stops_a_two_process_job_that_the_same_command_resumes(tiny_bundle, words, tmp_path, group):
     source_file = tmp_path / "in.txt"
