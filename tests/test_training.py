@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import astuple
 from pathlib import Path
@@ -1097,10 +1098,16 @@ def test_a_budget_spent_before_the_first_validation_still_writes_a_bundle(g2p_fi
 
 def test_init_from_starts_the_model_at_the_bundles_weights(g2p_files, tiny_bundle, tmp_path):
     import torch
+    from pytorch_lightning.callbacks.model_checkpoint import warning_cache
 
     run = tmp_path / "run"
     options = ("--max-steps", "1", "--set", f"training.init_from={tiny_bundle}", "--set", "training.lr=1e-9")
-    run_cli(*tiny_train(g2p_files, run, *options))
+    warning_cache.clear()  # Lightning warns once a process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli(*tiny_train(g2p_files, run, *options))
+    # Ended before its first validation, as a budget may: not to be told as a bug of the module's.
+    assert not [w for w in caught if "could not find the monitored key" in str(w.message)]
     started, trained = load_bundle(tiny_bundle).model.state_dict(), load_bundle(run / "bundle").model.state_dict()
     assert all(torch.allclose(trained[name], weight, atol=1e-6) for name, weight in started.items())
     # It records what the bundle it started from trained on, beside its own data.

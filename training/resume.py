@@ -224,6 +224,14 @@ class BestCheckpoint(ModelCheckpoint):
         # Lightning's own key, so that checkpoints saved before this class keep their record.
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        # A budget that ends before the first validation leaves no score to choose by, and the
+        # bundle is made from the resume point (see training.train): Lightning's hint, that the
+        # module may not log the metric, would send a user looking for a bug.
+        if self.monitor not in monitor_candidates and not trainer.fit_loop.epoch_loop.val_loop._has_run:
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         old = state_dict.get("dirpath")
         if old and self.dirpath and old != self.dirpath:
