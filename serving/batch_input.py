@@ -132,6 +132,8 @@ def _parse_jsonl(line: str) -> Parsed:
         raise _Malformed('"source" must be a non-empty string', item_id)
     if not is_unicode_text(source):
         raise _Malformed('"source" holds a lone surrogate (\\ud800-\\udfff), not text', item_id)
+    if "max_new_tokens" in record and record["max_new_tokens"] is None:  # the default, as over HTTP
+        del record["max_new_tokens"]
     unknown = sorted(set(record) - SETTING_KEYS)
     if unknown:
         allowed = ", ".join(["id", "source", *sorted(SETTING_KEYS)])
@@ -364,8 +366,6 @@ def scan_items(path: str | Path, defaults: DecodingConfig, skip_bad_lines: bool 
         offsets.append(offset)
         crcs.append(zlib.crc32(raw))
         lengths.append(len(item.source))
-    if not indices and not bad:
-        raise DataError(f"{path}: no inputs")
     for line in bad:  # the bad lines' records come after every item's
         fingerprint.add(_bad_line_record(line))
     return ItemTable(path, reader, bad, fingerprint.hexdigest(), indices, lines, offsets, crcs, lengths)

@@ -669,6 +669,24 @@ def test_a_signal_stops_a_job_as_such_and_the_same_command_resumes(tiny_bundle, 
     assert [o["input"] for o in read_jsonl(output)] == words[:300]
 
 
+@pytest.mark.parametrize("content", ["", "\n  \n\n"], ids=["empty", "blank lines"])
+def test_an_input_without_items_gives_an_empty_output(tiny_bundle, tmp_path, content, capsys):
+    """An empty shard of a pipeline is no error."""
+    (tmp_path / "in.txt").write_text(content)
+    assert generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "out.jsonl") == []
+    assert (tmp_path / "out.jsonl").read_bytes() == b""
+    assert "0 items written" in capsys.readouterr().err
+
+
+def test_a_jsonl_line_s_null_max_new_tokens_takes_the_job_s_as_http_takes_the_server_s(tiny_bundle, tmp_path):
+    lines = ['{"source": "cat", "max_new_tokens": null}', '{"source": "cat", "max_new_tokens": 2}']
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    settings = DecodingConfig(max_new_tokens=1)
+    default, two = generate(tiny_bundle, tmp_path / "in.jsonl", tmp_path / "out.jsonl", settings=settings)
+    assert (len(default["candidates"][0]["tokens"]), default["candidates"][0]["finish_reason"]) == (1, "length")
+    assert len(two["candidates"][0]["tokens"]) <= 2
+
+
 def has_open(pid: int, path: Path) -> bool:
     """Whether process ``pid`` holds ``path`` open (Linux)."""
     try:
