@@ -308,7 +308,13 @@ def run_generate(job: GenerateJob) -> None:
     store = PartStore(job.output)
     if store.merged():  # a kill during the last cleanup: the output is whole
         shutil.rmtree(store.directory, ignore_errors=True)
+    stamp = {"items_sha256": table.fingerprint, "model_sha256": bundle.fingerprint, "quantize": job.quantize}
     if job.output.exists() and not store.directory.exists():
+        if store.made_by_another_job(stamp):
+            raise ConfigurationError(
+                f"output: {job.output} holds the outputs of another job (its input, model or decoding settings "
+                "differ); remove it, or name another output"
+            )
         print(f"genrnn generate: {job.output} exists: nothing to do (remove it to generate again)", file=sys.stderr)
         return
     check_writable(job.output)  # not before: a finished job's output may be read-only
@@ -322,7 +328,7 @@ def run_generate(job: GenerateJob) -> None:
             raise ConfigurationError("quantize: int8 decoding runs on the CPU; add --accelerator cpu")
         model = quantize_int8(model)
     store.check_stamp(
-        {"items_sha256": table.fingerprint, "model_sha256": bundle.fingerprint, "quantize": job.quantize},
+        stamp,
         earlier=partial(_earlier_stamp, job, table.fingerprint, bundle.fingerprint),
     )
 

@@ -10,6 +10,7 @@ and renamed, so the output appears complete or not at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -27,6 +28,13 @@ from genrnn.files import write_atomically
 STAMP = "job.json"
 MERGED = "merged"  # written once the output holds every part
 MERGING = "output.tmp"  # the output being merged, renamed into place once whole
+# An extended attribute of a merged output: the digest of the job's stamp, so that a rerun
+# that finds the output in place tells its own job's from another's (a copy drops it).
+JOB_ATTRIBUTE = "user.genrnn.job"
+
+
+def _stamp_digest(stamp: dict[str, Any]) -> bytes:
+    return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest().encode()
 
 
 @dataclass(frozen=True)
@@ -120,11 +128,30 @@ class PartStore:
             raise GenrnnError(f"{self.directory} holds parts but no {STAMP}; remove it to start afresh")
         write_atomically(path, json.dumps(stamp, indent=2) + "\n")  # several ranks may write it at once
 
+    def made_by_another_job(self, stamp: dict[str, Any]) -> bool:
+        """Whether the output says that a job other than ``stamp``'s merged it.
+
+        An output without the mark (merged by an earlier version, copied, or on a file
+        system without extended attributes) says nothing.
+        """
+        try:
+            return os.getxattr(self.output, JOB_ATTRIBUTE) != _stamp_digest(stamp)
+        except (OSError, AttributeError):  # no mark, or no extended attributes (AttributeError: not Linux)
+            return False
+
     def merged(self) -> bool:
         """Whether the output is in place and the parts merged into it: a kill cut the cleanup short."""
         if not (self.output.is_file() and self.directory.is_dir()):
             return False
         return (self.directory / MERGED).exists() or not self._part_paths()
+
+    def _mark(self, path: Path) -> None:
+        """Mark ``path`` with the digest of the job's stamp, where the file system keeps such marks."""
+        stamp = json.loads((self.directory / STAMP).read_text())
+        try:
+            os.setxattr(path, JOB_ATTRIBUTE, _stamp_digest(stamp))
+        except (OSError, AttributeError):  # no extended attributes here: a rerun then cannot tell
+            pass
 
     def _part_paths(self) -> list[Path]:
         return sorted(self.directory.glob("part-*.jsonl"))
@@ -208,6 +235,7 @@ class PartStore:
                     out.write(parts.line(where.part[index], where.offset[index], index))
             out.flush()
             os.fsync(out.fileno())
+        self._mark(temporary)
         os.replace(temporary, self.output)
         # From here a rerun takes the output as whole, however much of the cleanup a kill cut
         # short (it would otherwise decode again the items of the parts already removed).

@@ -212,6 +212,18 @@ def test_a_batch_out_of_memory_is_decoded_in_halves_and_an_item_that_never_fits_
         generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "other.jsonl", batch_size=8)
 
 
+def keeps_extended_attributes(directory: Path) -> bool:
+    probe = directory / "probe"
+    probe.touch()
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+    except (OSError, AttributeError):
+        return False
+    finally:
+        probe.unlink()
+    return True
+
+
 def test_a_finished_jobs_rerun_still_checks_its_model_input_and_settings(tiny_bundle, words, tmp_path, capsys):
     (tmp_path / "in.txt").write_text("\n".join(words[:3]) + "\n")
     generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "out.jsonl")
@@ -221,6 +233,12 @@ def test_a_finished_jobs_rerun_still_checks_its_model_input_and_settings(tiny_bu
         generate(tiny_bundle, tmp_path / "no-input.txt", tmp_path / "out.jsonl")
     with pytest.raises(ConfigurationError, match="beam_size: at most 64"):
         generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "out.jsonl", settings=DecodingConfig(beam_size=999))
+    if keeps_extended_attributes(tmp_path):  # else an output cannot say which job merged it
+        with pytest.raises(ConfigurationError, match="out.jsonl holds the outputs of another job"):
+            generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "out.jsonl", settings=DecodingConfig(mode="beam"))
+        (tmp_path / "other.txt").write_text("\n".join(words[3:6]) + "\n")
+        with pytest.raises(ConfigurationError, match="out.jsonl holds the outputs of another job"):
+            generate(tiny_bundle, tmp_path / "other.txt", tmp_path / "out.jsonl")
     with pytest.raises(ConfigurationError, match="output: .*in.txt is .*in.txt, which this command reads"):
         generate(tiny_bundle, tmp_path / "in.txt", tmp_path / "in.txt")
     with pytest.raises(ConfigurationError, match="out.jsonl lies inside .*, which this command reads"):
