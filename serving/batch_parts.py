@@ -102,6 +102,7 @@ class PartStore:
     def __init__(self, output: str | Path) -> None:
         self.output = Path(output)
         self.directory = parts_directory(self.output)
+        self._done: bytearray | None = None  # what done() found, until the next write
 
     def check_stamp(self, stamp: dict[str, Any], earlier: Callable[[], dict[str, Any] | None] | None = None) -> None:
         """Record what the job is (input, model, settings), or check that the parts come from the same job.
@@ -173,14 +174,19 @@ class PartStore:
                 offset += len(raw)
 
     def done(self, total: int) -> bytearray:
-        """For each of the job's ``total`` indices, whether its item is already in a part (a byte each)."""
-        done = bytearray(total)
-        if self.directory.is_dir():
-            for path in self._part_paths():
-                for index, _, _ in self._whole_lines(path):
-                    if 0 <= index < total:
-                        done[index] = 1
-        return done
+        """For each of the job's ``total`` indices, whether its item is already in a part (a byte each).
+
+        The parts are read once until the next write: the pending batches and the writer both
+        ask as a resumed job starts, and each line is parsed (seconds a million lines).
+        """
+        if self._done is None or len(self._done) != total:
+            self._done = bytearray(total)
+            if self.directory.is_dir():
+                for path in self._part_paths():
+                    for index, _, _ in self._whole_lines(path):
+                        if 0 <= index < total:
+                            self._done[index] = 1
+        return bytearray(self._done)  # a copy: the caller's to keep
 
     def open_part(self, rank: int) -> TextIO:
         """The rank's part, opened for appending after cutting off a half-written last line."""
@@ -208,9 +214,9 @@ class PartStore:
             raise GenrnnError(f"{missing} items are missing from {self.directory}; rerun to finish them")
         return where
 
-    @staticmethod
-    def write(part: TextIO, results: list[tuple[int, dict[str, Any]]]) -> None:
+    def write(self, part: TextIO, results: list[tuple[int, dict[str, Any]]]) -> None:
         """Append results and push them to disk, so that a kill loses at most the batch in flight."""
+        self._done = None
         part.write("".join(f"{index}\t{json.dumps(record, ensure_ascii=False)}\n" for index, record in results))
         part.flush()
         os.fsync(part.fileno())

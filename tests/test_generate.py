@@ -449,19 +449,23 @@ def test_the_merge_writes_input_order_from_whole_lines_first_copy_first(tmp_path
     store = PartStore(tmp_path / "out.jsonl")
     store.check_stamp({"job": 1})
     with store.open_part(0) as part:  # written out of order, with non-ASCII text and an index twice
-        PartStore.write(part, [(3, {"i": 3, "t": "é\tx"}), (0, {"i": 0}), (3, {"i": "3 again"})])
+        store.write(part, [(3, {"i": 3, "t": "é\tx"}), (0, {"i": 0}), (3, {"i": "3 again"})])
     with store.open_part(1) as part:
-        PartStore.write(part, [(2, {"i": 2}), (9, {"i": "not an item of this job"})])
+        store.write(part, [(2, {"i": 2}), (9, {"i": "not an item of this job"})])
         part.write('4\t{"i": 4')  # half-written by a kill: not there
     store.open_part(2).close()  # a rank with nothing to do: an empty part
 
+    assert list(store.done(5)) == [1, 0, 1, 1, 0]
+    with store.open_part(1) as part:  # what a later write adds is found
+        store.write(part, [(1, {"i": "late"})])
+    assert list(store.done(5)) == [1, 1, 1, 1, 0]
     with pytest.raises(GenrnnError, match="1 items are missing"):
-        store.merge(5, {1: {"i": "bad line"}})
-    store.merge(5, {1: {"i": "bad line"}, 4: {"i": "bad too"}})
+        store.merge(5, {})
+    store.merge(5, {4: {"i": "bad line"}})
 
     lines = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == [
-        {"i": 0}, {"i": "bad line"}, {"i": 2}, {"i": 3, "t": "é\tx"}, {"i": "bad too"},
+        {"i": 0}, {"i": "late"}, {"i": 2}, {"i": 3, "t": "é\tx"}, {"i": "bad line"},
     ]  # fmt: skip
     assert not store.directory.exists()
 
@@ -470,7 +474,7 @@ def test_a_part_that_changes_while_the_job_merges_it_is_refused(tmp_path, monkey
     store = PartStore(tmp_path / "out.jsonl")
     store.check_stamp({"job": 1})
     with store.open_part(0) as part:
-        PartStore.write(part, [(0, {"i": 0}), (1, {"i": 1})])
+        store.write(part, [(0, {"i": 0}), (1, {"i": 1})])
     line_starts = PartStore._line_starts
 
     def then_rewritten(self, paths, *args):
@@ -489,7 +493,7 @@ def test_a_kill_during_the_merges_cleanup_leaves_the_output_as_it_is(tmp_path, m
     store.check_stamp({"job": 1})
     for rank, indices in ((0, [0, 2]), (1, [1, 3])):
         with store.open_part(rank) as part:
-            PartStore.write(part, [(i, {"i": i}) for i in indices])
+            store.write(part, [(i, {"i": i}) for i in indices])
     unlink = Path.unlink
 
     def killed_after_one(path: Path, *args, **kwargs) -> None:
