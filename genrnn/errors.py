@@ -42,15 +42,12 @@ class Terminated(Exception):
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    # Called by a handler that took its place, it is theirs to act: Lightning's, inside a
-    # trainer's run, calls this one too, and saves before it stops.
-    if signal.getsignal(signal.SIGTERM) is _terminate:
-        raise Terminated
+    raise Terminated
 
 
 @contextmanager
 def sigterm_raises_terminated() -> Iterator[None]:
-    """Meanwhile, SIGTERM raises :class:`Terminated`, except inside a trainer's run, which handles it itself.
+    """Meanwhile, SIGTERM raises :class:`Terminated`, except where :func:`sigterm_default` says otherwise.
 
     Otherwise a SIGTERM while a run reads its data, or writes its results, ended the process
     at once with status 143 and not a word of how to go on.
@@ -66,6 +63,24 @@ def sigterm_raises_terminated() -> Iterator[None]:
 
 
 @contextmanager
+def sigterm_default() -> Iterator[None]:
+    """Meanwhile, SIGTERM ends the process at once, as by default, where it raised :class:`Terminated`.
+
+    Around what may wait on other processes in native code: a trainer's run (which sets up
+    its processes before Lightning installs its own handler) and a barrier. A Python
+    handler runs only once such a wait is over, which may be never: a rank that is stuck.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not _terminate:
+        yield
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+@contextmanager
 def interruption_kept(trainer: Any) -> Iterator[None]:
     """Around a Lightning trainer's call: a stop by a signal is reported as one.
 
@@ -76,7 +91,8 @@ def interruption_kept(trainer: Any) -> Iterator[None]:
     """
     handler = signal.getsignal(signal.SIGINT)
     try:
-        yield
+        with sigterm_default():  # Lightning's handler takes over once the run's processes are set up
+            yield
     except GenrnnError as error:
         error.in_trainer = True
         raise

@@ -41,7 +41,7 @@ from genrnn.config import (
     parse_devices,
 )
 from genrnn.decoding import Generator
-from genrnn.errors import ConfigurationError, first_sigterm_only, interruption_kept
+from genrnn.errors import ConfigurationError, first_sigterm_only, interruption_kept, sigterm_default
 from genrnn.files import check_apart, check_writable, sha256
 from genrnn.quantization import quantize_int8
 from serving.batch_input import Item, ItemTable, scan_items
@@ -338,7 +338,8 @@ def run_generate(job: GenerateJob) -> None:
     with interruption_kept(trainer):
         module, batches = GenerationModule(generator, job.input), ItemBatches(table, store, job.batch_size)
         trainer.predict(module, datamodule=batches, return_predictions=False)
-    trainer.strategy.barrier("merge")  # every rank's part is complete before rank 0 reads them
+    with sigterm_default():  # the other ranks may take long, or be stuck
+        trainer.strategy.barrier("merge")  # every rank's part is complete before rank 0 reads them
     if trainer.is_global_zero:
         store.merge(table.total, {bad.index: bad.output() for bad in bad_lines})
         print(f"genrnn generate: {table.total} items written to {job.output}", file=sys.stderr)

@@ -28,7 +28,7 @@ from genrnn.files import sha256
 from serving.batch import GenerateJob, owned_batches, run_generate
 from serving.batch_input import MAX_SOURCE_LENGTH, ItemTable, read_items, scan_items
 from serving.batch_parts import PartStore, _MappedParts
-from tests.conftest import interruptible, signal_when
+from tests.conftest import children, interruptible, signal_when
 
 GENRNN = [sys.executable, "-m", "genrnn.cli"]
 CANDIDATE_KEYS = {"text", "tokens", "logprob", "finish_reason"}
@@ -730,6 +730,31 @@ def test_sigterm_while_the_job_reads_its_input_stops_it_with_the_usual_word(tiny
     assert job.returncode == 143, stderr[-2000:]  # the shell's status, as when the job decodes
     assert "genrnn generate: terminated; rerun the same command to go on where it stopped" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
+def test_sigterm_ends_a_job_whose_first_process_waits_on_a_stuck_second(tiny_bundle, words, tmp_path):
+    """Waiting on another process happens in native code, where a Python handler never runs: not there."""
+    source_file = tmp_path / "in.txt"
+    source_file.write_text("\n".join(words[:8]) + "\n")
+    command = [*GENRNN, "generate", "--model", str(tiny_bundle), "--input", str(source_file)]
+    command += ["--output", str(tmp_path / "out.jsonl"), "--accelerator", "cpu", "--devices", "2"]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not children(job.pid):  # the second process, started as the trainer sets up its processes
+            assert job.poll() is None and time.monotonic() < deadline, "no second process was started"
+            time.sleep(0.01)
+        for pid in children(job.pid):
+            os.kill(pid, signal.SIGSTOP)  # stuck before it could meet the first
+        time.sleep(3)  # the first goes on, into its wait for the second
+        job.send_signal(signal.SIGTERM)
+        status = job.wait(timeout=60)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+
+    assert status == -signal.SIGTERM  # ended by the signal's default action, not held until the wait is over
 
 
 @pytest.mark.parametrize("group", [False, True], ids=["to the main process", "to every process"])

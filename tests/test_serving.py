@@ -44,6 +44,7 @@ from serving.config import ServeConfig
 from serving.schemas import GenerateRequest, Limits
 from serving.server import ForkedChildrenDieWithServer, api_key, build_server
 from serving.tickets import Ticket, Tickets
+from tests.conftest import children
 
 KEY = "s3cret-key"
 KEY_ENV = "GENRNN_TEST_API_KEY"
@@ -313,25 +314,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == parent]
-        found += kids
-        frontier += kids
-    return found
 
 
 def alive(pid: int) -> bool:
