@@ -255,7 +255,7 @@ def main() -> None:
         batched_options += ["--batch-timeout", args.batch_timeout]
         batched_setup += f" --batch-timeout {args.batch_timeout}"
     # A long timeout: the baseline's queue at 256 clients is measured, not cut short by 504s.
-    common = ["--max-queue", "4096", "--timeout", "300"]
+    common = ["--max-queue", "4096", "--timeout", "300", "--deadline", "600"]
     rows: list[Result] = []
     with (
         Server(args.model, args.threads, *common, *batched_options) as batched,

@@ -529,3 +529,15 @@ def test_the_timeline_splits_a_runs_time_between_steps_and_validations(tiny_bund
     assert abs(validation_seconds) < seconds  # the share is of the unrounded seconds
     # The share is printed to 1 %, and both seconds to 0.1 s: over a few seconds the latter moves the ratio too.
     assert abs(int(row[6].rstrip("%")) / 100 - validation_seconds / seconds) < 0.006 + 0.1 / seconds
+
+
+def test_the_serving_benchmark_runs_its_three_setups_without_errors(tiny_bundle):
+    """A smoke run, so that the script keeps up with the server's options (it once passed a --timeout
+    longer than the default --deadline, which the server refuses)."""
+    command = [sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(tiny_bundle)]
+    command += ["--clients", "2", "--duration", "1", "--rounds", "1", "--words", "20"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "| 2 |" in line]
+    assert len(rows) == 6  # three setups, printed as measured and again in the final table
+    assert all(row.rstrip(" |").endswith("| 0") for row in rows)  # no request failed
