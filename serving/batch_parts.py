@@ -148,9 +148,11 @@ class PartStore:
 
     def _mark(self, path: Path) -> None:
         """Mark ``path`` with the digest of the job's stamp, where the file system keeps such marks."""
-        stamp = json.loads((self.directory / STAMP).read_text())
+        recorded = self.directory / STAMP
+        if not recorded.is_file():  # parts written without a stamp (bench/merge_memory.py's): no job to name
+            return
         try:
-            os.setxattr(path, JOB_ATTRIBUTE, _stamp_digest(stamp))
+            os.setxattr(path, JOB_ATTRIBUTE, _stamp_digest(json.loads(recorded.read_text())))
         except (OSError, AttributeError):  # no extended attributes here: a rerun then cannot tell
             pass
 

@@ -541,3 +541,20 @@ def test_the_serving_benchmark_runs_its_three_setups_without_errors(tiny_bundle)
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "| 2 |" in line]
     assert len(rows) == 6  # three setups, printed as measured and again in the final table
     assert all(row.rstrip(" |").endswith("| 0") for row in rows)  # no request failed
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        ["merge_memory.py", "--items", "2000"],
+        ["input_memory.py", "--items", "2000"],
+        ["train_throughput.py", "--config", str(TINY_CONFIG), "--pairs", "500", "--steps", "2", "--rounds", "1"],
+    ],
+    ids=lambda script: script[0],
+)
+def test_the_measuring_scripts_run_on_a_small_case(script):
+    """Smoke runs, so that a script does not silently fall behind the code it measures."""
+    command = [sys.executable, str(ROOT / "bench" / script[0]), *script[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| ---" in result.stdout  # its table
