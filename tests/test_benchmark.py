@@ -549,12 +549,16 @@ def test_the_serving_benchmark_runs_its_three_setups_without_errors(tiny_bundle)
         ["merge_memory.py", "--items", "2000"],
         ["input_memory.py", "--items", "2000"],
         ["train_throughput.py", "--config", str(TINY_CONFIG), "--pairs", "500", "--steps", "2", "--rounds", "1"],
+        ["encode.py", "--model", "TINY", "--batch-sizes", "64", "--seconds", "0.1", "--rounds", "1"],
+        ["decode.py", "--model", "TINY", "--batch-sizes", "8", "--modes", "greedy", "beam", "--seconds", "0.1"]
+        + ["--naive-seconds", "0.1", "--dev-items", "20"],
     ],
     ids=lambda script: script[0],
 )
-def test_the_measuring_scripts_run_on_a_small_case(script):
+def test_the_measuring_scripts_run_on_a_small_case(script, tiny_bundle):
     """Smoke runs, so that a script does not silently fall behind the code it measures."""
-    command = [sys.executable, str(ROOT / "bench" / script[0]), *script[1:]]
+    arguments = [str(tiny_bundle) if argument == "TINY" else argument for argument in script[1:]]
+    command = [sys.executable, str(ROOT / "bench" / script[0]), *arguments]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| ---" in result.stdout  # its table
