@@ -125,10 +125,21 @@ def test_a_request_that_waited_past_the_timeout_is_answered_504_without_decoding
     assert (uid, status, error.status_code) == ("uid0", "ERROR", 504)
 
 
+def test_a_place_in_the_queue_taken_again_tells_the_old_ticket_from_the_new():
+    tickets = Tickets(2)
+    first, second = tickets.take(), tickets.take()
+    assert tickets.take() is None  # every place held: the server answers 429
+    tickets.give_back(first)
+    again = tickets.take()
+    assert again.place == first.place and not tickets.awaited(first) and tickets.awaited(again)
+    tickets.give_back(first)  # late, from a request long answered: frees nothing of the new one's
+    assert tickets.awaited(again) and tickets.awaited(second)
+
+
 def test_a_request_no_one_awaits_any_more_is_dropped_undecoded():
     api = GenerationAPI("unused", Limits(), max_batch_size=8, batch_timeout=0.01)
     api.request_timeout = 30.0
-    api.loop.tickets = tickets = Tickets(4)
+    api.loop.tickets = tickets = Tickets(3)
     queue, replies = _queued(1, 2, 3), Queue()
     taken = [tickets.take() for _ in range(3)]
     for ticket in taken:
