@@ -285,7 +285,7 @@ class OptimConfig:
 
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 2e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # on the weight matrices, not the biases (decoupled with adamw, L2 with adam)
     # plateau: cut by plateau_factor when dev stalls; warmup: linear rise over warmup_steps, then
     # inverse square-root decay; cosine: from lr down to 0 over the budget (max_steps, max_epochs
     # or max_time, whichever runs out first); constant.

@@ -988,6 +988,28 @@ def test_a_file_too_small_to_hold_out_a_dev_set_asks_for_one(tmp_path):
     assert "--valid" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_weight_decay_falls_on_the_weight_matrices_and_spares_the_biases(optimizer):
+    import torch
+
+    from training.module import Seq2SeqModule
+
+    def optimizer_of(decay: float) -> torch.optim.Optimizer:
+        values = {"training": {"optimizer": optimizer, "weight_decay": decay, "schedule": "constant"}}
+        return Seq2SeqModule(values, 40, 50).configure_optimizers()
+
+    decayed = optimizer_of(0.1)
+    by_decay = {group["weight_decay"]: group["params"] for group in decayed.param_groups}
+    assert set(by_decay) == {0.1, 0.0}
+    assert by_decay[0.1] and all(p.ndim == 2 for p in by_decay[0.1])  # embeddings, LSTM and output matrices
+    assert by_decay[0.0] and all(p.ndim == 1 for p in by_decay[0.0])  # every bias, the forget gate's among them
+    assert sum(p.numel() for group in decayed.param_groups for p in group["params"]) == sum(
+        p.numel() for p in Seq2SeqModule({}, 40, 50).parameters()
+    )
+    (plain,) = optimizer_of(0.0).param_groups  # as checkpoints saved before the split hold
+    assert plain["weight_decay"] == 0.0
+
+
 def test_bad_config_value_names_the_key(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  cell: transformer\n")

@@ -166,10 +166,24 @@ class Seq2SeqModule(pl.LightningModule):
         batches = datamodule.epoch_batches(self.trainer.world_size)
         return {"interval": "step", "frequency": max(1, int(batches * interval))}
 
+    def parameter_groups(self) -> list[dict]:
+        """The optimiser's groups: weight decay on the weight matrices (embeddings included), none on the biases.
+
+        Decaying an LSTM's forget-gate bias, set to 1 so that the cell keeps its memory from the
+        start, would take that back. Without weight decay, one group, as checkpoints saved
+        before the split hold.
+        """
+        decay = self.config.training.weight_decay
+        if not decay:
+            return [{"params": list(self.parameters())}]
+        matrices = [p for p in self.parameters() if p.ndim >= 2]
+        vectors = [p for p in self.parameters() if p.ndim < 2]
+        return [{"params": matrices, "weight_decay": decay}, {"params": vectors, "weight_decay": 0.0}]
+
     def configure_optimizers(self):
         training = self.config.training
         optimizer_class = torch.optim.AdamW if training.optimizer == "adamw" else torch.optim.Adam
-        optimizer = optimizer_class(self.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+        optimizer = optimizer_class(self.parameter_groups(), lr=training.lr, weight_decay=0.0)
         if training.schedule == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=training.plateau_factor, patience=training.plateau_patience
