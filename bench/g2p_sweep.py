@@ -50,6 +50,7 @@ NO_FEEDING = [*LUONG_DEEP, "model.input_feeding=false"]
 MORE_DROPOUT = ["model.layer_dropout=0.3", "model.output_dropout=0.3"]  # g2p.yaml has 0.2
 # annealed over the whole budget: early stopping would cut the schedule short
 COSINE = ["training.schedule=cosine", "training.early_stopping_patience=1000"]
+WEIGHT_DECAY = ["training.optimizer=adamw", "training.weight_decay=0.05"]  # g2p.yaml: adam, none
 # name → config overrides on top of --config
 VARIANTS: dict[str, list[str]] = {
     "base": [],
@@ -91,6 +92,10 @@ VARIANTS: dict[str, list[str]] = {
     # six independent draws at once, for a larger ensemble (with seed 7, 11 and 13 and the unseeded one)
     "bahdanau-deep-cosine-seed17": [*BAHDANAU_DEEP, *COSINE, "training.seed=17"],
     "bahdanau-deep-cosine-seed19": [*BAHDANAU_DEEP, *COSINE, "training.seed=19"],
+    # decoupled weight decay on the weight matrices, for the single model whose dev loss stopped
+    # falling a third of the way in: two draws, beside four without, in the round of six
+    "bahdanau-deep-cosine-wd-seed17": [*BAHDANAU_DEEP, *COSINE, *WEIGHT_DECAY, "training.seed=17"],
+    "bahdanau-deep-cosine-wd-seed19": [*BAHDANAU_DEEP, *COSINE, *WEIGHT_DECAY, "training.seed=19"],
     "bahdanau-wide-cosine": [*BAHDANAU_WIDE, *COSINE],
     # the bottom decoder layer queries the attention: only it steps a token at a time in training
     "bahdanau-deep-bottom-cosine": [*BAHDANAU_DEEP, "model.attention_query=bottom", *COSINE],
