@@ -1010,6 +1010,38 @@ def test_weight_decay_falls_on_the_weight_matrices_and_spares_the_biases(optimiz
     assert plain["weight_decay"] == 0.0
 
 
+def test_a_run_whose_weight_decay_fell_on_every_parameter_resumes_so(g2p_files, tmp_path):
+    """Its checkpoint holds one group of parameters, as genrnn saved it before the biases were spared."""
+    import torch
+
+    from training.module import Seq2SeqModule
+
+    run, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    decay = ("--set", "training.optimizer=adamw", "--set", "training.weight_decay=0.05")
+    run_cli(*tiny_train(g2p_files, run, *decay, "--max-steps", "3"))
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    optimizer = checkpoint["optimizer_states"][0]
+    assert len(optimizer["param_groups"]) == 2  # as this version saves it
+    # The same state as one group, in the module's order of parameters.
+    hyper = checkpoint["hyper_parameters"]
+    module = Seq2SeqModule(hyper["config"], hyper["source_vocab_size"], hyper["target_vocab_size"])
+    parameters = list(module.parameters())
+    grouped = [p for p in parameters if p.ndim >= 2] + [p for p in parameters if p.ndim < 2]
+    place = {id(p): index for index, p in enumerate(grouped)}
+    state = {index: optimizer["state"][place[id(p)]] for index, p in enumerate(parameters)}
+    group = {**optimizer["param_groups"][0], "params": list(range(len(parameters)))}
+    checkpoint["optimizer_states"] = [{"state": state, "param_groups": [group]}]
+    for scheduler in checkpoint["lr_schedulers"]:  # a value a group (rates, floors): one
+        scheduler.update({key: value[:1] for key, value in scheduler.items() if isinstance(value, list)})
+    torch.save(checkpoint, last)
+
+    resumed = run_cli(*tiny_train(g2p_files, run, *decay, "--max-steps", "6"))
+
+    assert "resuming from" in resumed.stdout
+    after = torch.load(last, map_location="cpu", weights_only=False)
+    assert after["global_step"] == 6 and len(after["optimizer_states"][0]["param_groups"]) == 1
+
+
 def test_bad_config_value_names_the_key(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  cell: transformer\n")

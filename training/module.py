@@ -33,6 +33,8 @@ class Seq2SeqModule(pl.LightningModule):
         self.config = from_dict(ExperimentConfig, config)
         self.model = Seq2Seq(self.config.model, source_vocab_size, target_vocab_size)
         self.distillation: Distillation | None = None
+        # Set from a resumed checkpoint whose optimiser holds one group (see parameter_groups).
+        self.decays_every_parameter = False
 
     @classmethod
     def from_config(cls, config: ExperimentConfig, source_vocab_size: int, target_vocab_size: int):
@@ -166,16 +168,25 @@ class Seq2SeqModule(pl.LightningModule):
         batches = datamodule.epoch_batches(self.trainer.world_size)
         return {"interval": "step", "frequency": max(1, int(batches * interval))}
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A run resumed from a checkpoint whose optimiser holds one group goes on as it started.
+
+        Before weight decay spared the biases, it fell on every parameter, in one group.
+        Lightning calls this before it builds the optimiser, into which it then loads the state.
+        """
+        optimizers = checkpoint.get("optimizer_states") or [{}]
+        self.decays_every_parameter = len(optimizers[0].get("param_groups", ())) == 1
+
     def parameter_groups(self) -> list[dict]:
         """The optimiser's groups: weight decay on the weight matrices (embeddings included), none on the biases.
 
         Decaying an LSTM's forget-gate bias, set to 1 so that the cell keeps its memory from the
         start, would take that back. Without weight decay, one group, as checkpoints saved
-        before the split hold.
+        before the split hold; so too for a run they started (see on_load_checkpoint).
         """
         decay = self.config.training.weight_decay
-        if not decay:
-            return [{"params": list(self.parameters())}]
+        if not decay or self.decays_every_parameter:
+            return [{"params": list(self.parameters()), "weight_decay": decay}]
         matrices = [p for p in self.parameters() if p.ndim >= 2]
         vectors = [p for p in self.parameters() if p.ndim < 2]
         return [{"params": matrices, "weight_decay": decay}, {"params": vectors, "weight_decay": 0.0}]
