@@ -37,8 +37,8 @@ class Tickets:
     def take(self) -> Ticket | None:
         """A free place, now held under a new number; ``None`` when every place is held.
 
-        The search starts after the place taken last, where the free ones usually are: the
-        places are taken in turn and freed in about the same order.
+        The search starts at the last ticket's number (modulo the places), so that the places
+        are taken in turn; as they are freed in about the same order, a free one is near.
         """
         places = len(self._held)
         with self._lock:
