@@ -140,6 +140,8 @@ def examples_fingerprint(examples: Sequence[Example]) -> str:
 
 
 def _parse_tsv_line(line: str, where: str) -> Example:
+    if _is_json_object(line):  # JSON may hold tabs between its tokens: split there, it would be misread
+        raise DataError(f"{where}: a JSON object, in a file read as TSV (by its suffix): name the file .jsonl")
     fields = line.rstrip("\t ").split("\t")  # spreadsheets export trailing tabs
     if len(fields) < 2:
         raise DataError(
@@ -149,6 +151,16 @@ def _parse_tsv_line(line: str, where: str) -> Example:
     if is_blank(source) or any(map(is_blank, targets)):
         raise DataError(f"{where}: empty source or target (or only unseen characters, such as zero-width spaces)")
     return Example(source, targets)
+
+
+def _is_json_object(line: str) -> bool:
+    """Whether the whole line is one JSON object (no TSV pair is)."""
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 class NotJSON(ValueError):

@@ -46,6 +46,8 @@ def test_tsv_and_jsonl_read_the_same_examples(tmp_path):
         ("bad.tsv", "cat\tK AE1 T\ndog K AO1 G\n", 2, "no tab"),
         ("bad.tsv", "cat\tK AE1 T\n\n\tK\n", 3, "empty"),
         ("bad.tsv", "cat\tK AE1 T\ndog\t\n", 2, "empty target"),  # not "no tab": it has one
+        # JSON lines under another suffix: split at the tabs between their tokens, they read as pairs
+        ("bad.ndjson", '{"source":\t"cat",\t"target":\t"K AE1 T"}\n', 1, "a JSON object, .* name the file .jsonl"),
         ("bad.tsv", "cat\tK AE1 T\n\u200b\tK\n", 2, "only unseen characters"),  # a zero-width space reads as nothing
         ("bad.jsonl", '{"source": "cat", "target": "\\u00ad"}\n', 1, "only unseen characters"),  # a soft hyphen
         ("bad.jsonl", '{"source": "cat", "target": "K"}\n{"source": "dog"\n', 2, "not valid JSON"),
