@@ -97,22 +97,28 @@ def train_tokenizers(
     """
     config.check_trainable()
     if config.shared:
-        shared = _trained([*sources, *targets], config.source_type, config.source_vocab_size, "source", False)
+        texts = [*sources, *targets]
+        shared = _trained(texts, config.source_type, config.source_vocab_size, "source", False, "sources and targets")
         return shared, shared
-    source = _trained(sources, config.source_type, config.source_vocab_size, "source", True)
-    target = _trained(targets, config.target_type, config.target_vocab_size, "target", False)
+    source = _trained(sources, config.source_type, config.source_vocab_size, "source", True, "sources")
+    target = _trained(targets, config.target_type, config.target_vocab_size, "target", False, "targets")
     return source, target
 
 
-def _trained(texts: Sequence[str], model_type: str, vocab_size: int, side: str, normalize: bool) -> Tokenizer:
-    """:func:`train_tokenizer`, with sentencepiece's refusal (too small a vocabulary) told as a setting's."""
+def _trained(
+    texts: Sequence[str], model_type: str, vocab_size: int, side: str, normalize: bool, corpus: str
+) -> Tokenizer:
+    """:func:`train_tokenizer`, with sentencepiece's refusal (too small a vocabulary) told as a setting's.
+
+    ``side`` names the setting (``tokenizer.{side}_vocab_size``), ``corpus`` what it was trained on.
+    """
     try:
         return train_tokenizer(texts, model_type, vocab_size, normalize)
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1]
         raise ConfigurationError(
             f"tokenizer.{side}_vocab_size: a {model_type} model of {vocab_size} pieces cannot be trained "
-            f"on the {side}s: {reason}"
+            f"on the {corpus}: {reason}"
         ) from None
 
 

@@ -64,7 +64,18 @@ def test_a_shared_model_refuses_target_settings_it_would_ignore():
 def test_a_vocabulary_smaller_than_the_alphabet_is_a_settings_error():
     config = TokenizerConfig(source_type="bpe", source_vocab_size=16)
     words = ["abcdefghijklmnopqrstuvwxyz", "quick brown fox"] * 5
-    with pytest.raises(ConfigurationError, match="tokenizer.source_vocab_size: a bpe model of 16 pieces"):
+    with pytest.raises(
+        ConfigurationError, match="tokenizer.source_vocab_size: a bpe model of 16 pieces .* the sources:"
+    ):
+        train_tokenizers(words, ["K AE1 T"] * 10, config)
+
+
+def test_a_shared_vocabulary_too_small_names_both_sides_as_its_corpus():
+    config = TokenizerConfig(
+        shared=True, source_type="bpe", source_vocab_size=16, target_type="bpe", target_vocab_size=16
+    )
+    words = ["abcdefghijklmnopqrstuvwxyz", "quick brown fox"] * 5
+    with pytest.raises(ConfigurationError, match="16 pieces cannot be trained on the sources and targets:"):
         train_tokenizers(words, ["K AE1 T"] * 10, config)
 
 
