@@ -91,6 +91,13 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def output_file(text: str) -> str:
+    """An ``--output`` of a file: ``-``, which many tools take for stdout, would be a file named ``-``."""
+    if text == "-":
+        raise argparse.ArgumentTypeError("'-' is not stdout here: the output is a file; name one")
+    return text
+
+
 def ensemble_averaging(args: argparse.Namespace) -> Averaging:
     """What ``--model``'s ensemble averages; refused for a single bundle, where it would mean nothing."""
     averaging = getattr(args, "ensemble_averaging", None)  # serve's options are absent when not given
@@ -215,7 +222,7 @@ def _evaluate_parser(sub) -> None:
     )
     add_model_option(p)
     p.add_argument("--data", required=True, help="test data: .tsv / .jsonl file or builtin:cmudict:test")
-    p.add_argument("--output", help="also write the scores here as JSON")
+    p.add_argument("--output", type=output_file, help="also write the scores here as JSON")
     p.add_argument("--batch-size", type=int, default=256, help="inputs decoded together")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     add_quantize_option(p)
@@ -296,7 +303,12 @@ def _generate_parser(sub) -> None:
     )
     add_model_option(p)
     p.add_argument("--input", required=True, help="input file: .jsonl, .tsv, or anything else as plain text")
-    p.add_argument("--output", required=True, help="output JSONL file (parts are kept in OUTPUT.parts/ until done)")
+    p.add_argument(
+        "--output",
+        type=output_file,
+        required=True,
+        help="output JSONL file (parts are kept in OUTPUT.parts/ until done)",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="inputs decoded together")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu, or auto")
     p.add_argument("--devices", default="1", help="number of devices, 'auto', or a list such as 0,1")

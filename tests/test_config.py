@@ -242,3 +242,21 @@ def test_options_must_be_spelled_out(arguments, capsys):
         build_parser().parse_args(arguments)  # the last option a prefix of one the command has
     assert usage.value.code == 2
     assert f"unrecognized arguments: {' '.join(arguments[-2:])}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["evaluate", "--model", "m", "--data", "d", "--output", "-"],
+        ["generate", "--model", "m", "--input", "i", "--output", "-"],
+    ],
+)
+def test_an_output_of_dash_is_refused_not_written_as_a_file(arguments, capsys, tmp_path, monkeypatch):
+    from genrnn.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as usage:
+        build_parser().parse_args(arguments)
+    assert usage.value.code == 2
+    assert "'-' is not stdout here: the output is a file; name one" in capsys.readouterr().err
+    assert not (tmp_path / "-").exists()
