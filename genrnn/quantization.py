@@ -8,12 +8,13 @@ import warnings
 import torch
 from torch import nn
 
+from genrnn.ensemble import Ensemble
 from genrnn.errors import ConfigurationError
 from genrnn.model import Seq2Seq
 
 
-def quantize_int8(model: Seq2Seq) -> Seq2Seq:
-    """A copy of ``model`` whose LSTM/GRU and linear layers run with int8 weights (CPU only)."""
+def quantize_int8(model: Seq2Seq | Ensemble) -> Seq2Seq | Ensemble:
+    """A copy of ``model`` (one or an ensemble) whose LSTM/GRU and linear layers run with int8 weights (CPU only)."""
     from torch.ao.quantization import quantize_dynamic
 
     device = next(model.parameters()).device
@@ -27,5 +28,8 @@ def quantize_int8(model: Seq2Seq) -> Seq2Seq:
         warnings.simplefilter("ignore")
         quantized = quantize_dynamic(copy.deepcopy(model).eval(), {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
     # The int8 recurrent layers have no oneDNN kernel: encoding by length would only add calls (BENCHMARKS.md).
-    quantized.encode_by_length = False
+    # An ensemble's members encode for it: each one is told.
+    for module in quantized.modules():
+        if isinstance(module, Seq2Seq):
+            module.encode_by_length = False
     return quantized

@@ -12,6 +12,7 @@ from torch.ao.nn.quantized import dynamic
 from genrnn.bundle import load_bundle
 from genrnn.cli import main
 from genrnn.data import pad, read_examples
+from genrnn.ensemble import Ensemble
 from genrnn.errors import ConfigurationError
 from genrnn.quantization import quantize_int8
 from genrnn.tokenizer import BOS_ID
@@ -26,6 +27,14 @@ def test_int8_replaces_recurrent_and_linear_layers_of_a_copy(tiny_bundle):
     assert isinstance(quantized.output, dynamic.Linear)
     assert torch.equal(quantized.target_embedding.weight, model.target_embedding.weight)  # embeddings stay float
     assert model.encode_by_length and not quantized.encode_by_length  # no oneDNN kernel for int8 layers to gain
+
+
+def test_int8_tells_each_member_of_an_ensemble_not_to_encode_by_length(tiny_bundle):
+    members = [load_bundle(tiny_bundle).model for _ in range(2)]
+    quantized = quantize_int8(Ensemble(members))
+    assert all(isinstance(member.encoder.layers[0], dynamic.LSTM) for member in quantized.members)
+    assert all(member.encode_by_length for member in members)
+    assert not any(member.encode_by_length for member in quantized.members)  # they encode for the ensemble
 
 
 def test_int8_log_probabilities_stay_close_to_float(tiny_bundle, g2p_files):
