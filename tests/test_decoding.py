@@ -16,7 +16,7 @@ from genrnn.bundle import load_bundle
 from genrnn.config import DecodingConfig, ModelConfig, replace
 from genrnn.decoding import Generator, filtered_distribution, length_penalty, wide_dtype
 from genrnn.model import Seq2Seq
-from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
 from tests.test_model import ATTENTION
 
 WORDS = ["cat", "dog", "house", "a", "mouse", "spelling", "x", "tree"]
@@ -207,8 +207,10 @@ def beam_reference(generator: Generator, source: str, settings: DecodingConfig) 
                 logits = logits[0, 0]
                 logits[[PAD_ID, BOS_ID]] = float("-inf")
                 logp = logits.log_softmax(-1).double()
-                extensions += [
-                    (score + float(logp[i]), (*tokens, i), next_state) for i in range(len(logp)) if i > BOS_ID
+                extensions += [  # UNK included: the engine may write it
+                    (score + float(logp[i]), (*tokens, i), next_state)
+                    for i in range(len(logp))
+                    if i not in (PAD_ID, BOS_ID)
                 ]
             extensions.sort(key=lambda e: -e[0])
             beams = []
@@ -236,6 +238,20 @@ def test_beam_search_equals_a_plain_one_with_its_stopping_rule(trained, g2p_file
         expected = beam_reference(trained, word, settings)
         got = [(*c.tokens, EOS_ID) if c.finish_reason == "eos" else tuple(c.tokens) for c in result.candidates]
         assert got == [tokens for _, tokens in expected], word
+
+
+def test_beam_search_of_an_untrained_model_equals_the_plain_one_unk_included(generator):
+    model = copy.deepcopy(generator.model)
+    with torch.no_grad():
+        model.output.bias[UNK_ID] = 1.5  # as likely as a trained model never makes it
+    generator = Generator(model, generator.source_tokenizer, generator.target_tokenizer)
+    settings = DecodingConfig(mode="beam", beam_size=3, num_return_sequences=3, max_new_tokens=8)
+    results = generator.generate(WORDS, settings)
+    for word, result in zip(WORDS, results):
+        expected = beam_reference(generator, word, settings)
+        got = [(*c.tokens, EOS_ID) if c.finish_reason == "eos" else tuple(c.tokens) for c in result.candidates]
+        assert got == [tokens for _, tokens in expected], word
+    assert any(UNK_ID in c.tokens for r in results for c in r.candidates)  # the case a trained model hides
 
 
 def test_top_k_one_and_a_tiny_temperature_equal_greedy(generator):
