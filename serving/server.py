@@ -142,13 +142,21 @@ def remove_stale_metrics_directories(parent: Path) -> None:
 
 
 def api_key(config: ServeConfig) -> str | None:
-    """The API key, when the configured environment variable holds one.
+    """The API key that ``--api-key-env`` names; ``None`` when it names none.
 
-    Without the white space around it, which no header value can carry (RFC 9110).
+    Without the white space around it, which no header value can carry (RFC 9110). A
+    variable named but unset or blank is refused: serving then without a key would open
+    ``/v1/*`` to anyone over a mistyped name or a key that a deployment never passed.
     """
     if config.api_key_env is None:
         return None
-    return os.environ.get(config.api_key_env, "").strip() or None
+    key = os.environ.get(config.api_key_env, "").strip()
+    if not key:
+        raise ConfigurationError(
+            f"--api-key-env: {config.api_key_env} is not set or is blank; set it to the key, "
+            "or leave --api-key-env out to serve without one"
+        )
+    return key
 
 
 def check_address_free(host: str, port: int) -> None:
@@ -530,14 +538,13 @@ def serve(config: ServeConfig) -> None:
     """
     check_accelerator(config.accelerator)
     check_address_free(config.host, config.port)
+    key = api_key(config)
     # A bad bundle fails here, with one line, before any process starts.
     bundle = load_bundle(config.model, averaging=config.ensemble_averaging)
     metadata = {**bundle.info(), "limits": {**asdict(config.limits), "max_body_bytes": config.max_body_bytes}}
     del bundle
-    key = api_key(config)
-    if config.api_key_env:
-        state = "set: /v1/* requires the key" if key else "not set: no key required"
-        print(f"genrnn serve: {config.api_key_env} is {state}", file=sys.stderr)
+    if key:
+        print(f"genrnn serve: {config.api_key_env} is set: /v1/* requires the key", file=sys.stderr)
 
     forks = ForkedChildrenDieWithServer()
     forks.register()

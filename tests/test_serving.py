@@ -1056,8 +1056,24 @@ def test_the_api_key_is_required_on_v1_when_set(keyed):
 def test_an_api_key_set_with_white_space_around_it_is_the_key_without(monkeypatch, tmp_path):
     monkeypatch.setenv(KEY_ENV, f" {KEY}\n")
     assert api_key(ServeConfig(model=str(tmp_path), api_key_env=KEY_ENV)) == KEY
-    monkeypatch.setenv(KEY_ENV, " \t")  # white space alone is no key, rather than the empty one
-    assert api_key(ServeConfig(model=str(tmp_path), api_key_env=KEY_ENV)) is None
+    assert api_key(ServeConfig(model=str(tmp_path))) is None  # no variable named: no key
+
+
+@pytest.mark.parametrize("value", [None, "", " \t"])
+def test_a_key_variable_named_but_unset_or_blank_stops_the_server_before_it_opens(value, monkeypatch, tiny_bundle):
+    # Serving then without a key would open /v1/* over a mistyped name or a key never passed.
+    if value is None:
+        monkeypatch.delenv(KEY_ENV, raising=False)
+    else:
+        monkeypatch.setenv(KEY_ENV, value)
+    result = subprocess.run(
+        [sys.executable, "-m", "genrnn.cli", "serve", "--model", str(tiny_bundle), "--port", str(free_port()),
+         "--api-key-env", KEY_ENV],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"--api-key-env: {KEY_ENV} is not set or is blank; set it to the key" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def raw_status(url: str, request: str) -> int:
