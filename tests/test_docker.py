@@ -9,6 +9,7 @@ to a curl that answers.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -264,6 +266,31 @@ def test_healthcheck_command_follows_the_server(server):
     assert down.returncode != 0
 
 
+def test_healthcheck_command_takes_an_empty_port_for_the_default():
+    """GENRNN_PORT set but empty keeps the server's port, 8000, as the entry script reads it."""
+    (arguments,) = [args for keyword, args in runtime_stage() if keyword == "HEALTHCHECK"]
+    check = json.loads(arguments.split(" CMD ", 1)[1])
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    try:
+        stand_in = http.server.HTTPServer(("127.0.0.1", 8000), Healthy)
+    except OSError:
+        pytest.skip("port 8000 is taken here")
+    threading.Thread(target=stand_in.serve_forever, daemon=True).start()
+    try:
+        assert subprocess.run(check, env=host_environment(GENRNN_PORT=""), timeout=30).returncode == 0
+    finally:
+        stand_in.shutdown()
+        stand_in.server_close()
+
+
 def test_entry_script_mirrors_every_serve_option():
     """One GENRNN_* variable per `genrnn serve` option (switches apart), and the image sets only those."""
     help_text = subprocess.run(
@@ -465,12 +492,17 @@ def test_compose_file_references_files_that_exist():
     named_volumes = set(compose.get("volumes") or {})
     for name, service in services.items():
         for volume in service.get("volumes", []):
-            source, target = env_default(volume).split(":")[:2]
+            if isinstance(volume, dict):  # the long form
+                source, target = env_default(volume["source"]), volume["target"]
+            else:
+                source, target = env_default(volume).split(":")[:2]
             if source in named_volumes:
                 continue
             if target == "/models/bundle":
-                # Made by training, not shipped: it must be where `make bundle` writes it.
+                # Made by training, not shipped: it must be where `make bundle` writes it, and a
+                # missing one must not be made (by root, as an empty folder) by Docker.
                 assert (DOCKER / source).resolve() == ROOT / default_bundle, volume
+                assert volume["bind"]["create_host_path"] is False and volume["read_only"] is True
                 continue
             assert (DOCKER / source).exists(), f"{name}: {volume} mounts a path that does not exist"
 
