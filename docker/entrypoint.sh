@@ -32,6 +32,7 @@ esac
 given_model=no
 for argument in "$@"; do
     case "$argument" in
+        -h | --help) exec genrnn serve --help ;;  # needs no bundle
         --model | --model=*) given_model=yes ;;
         # The image's health check and the announcement below read the variables: an argument
         # would move the server away from them (the container then reported unhealthy).
@@ -75,8 +76,8 @@ fi
 if [ -n "$missing" ]; then
     model="$missing"
     echo "genrnn: no bundle at $model (genrnn.json missing)." >&2
-    echo "  Mount one there (docker run -v \$PWD/runs/g2p-en-small/bundle:$model:ro ...), bake one in" >&2
-    echo "  (docker build --build-arg BUNDLE=runs/g2p-en-small/bundle ...), or point GENRNN_MODEL at one;" >&2
+    echo "  Mount one there (docker run --mount type=bind,source=\$PWD/runs/g2p-en-small/bundle,target=$model,readonly ...)," >&2
+    echo "  bake one in (docker build --build-arg BUNDLE=runs/g2p-en-small/bundle ...), or point GENRNN_MODEL at one;" >&2
     echo "  'make bundle' or 'genrnn train' writes one." >&2
     exit 1
 fi

@@ -331,6 +331,14 @@ def test_entry_script_runs_other_commands_as_they_are():
     assert usage.returncode == 0 and "serve" in usage.stdout
 
 
+@pytest.mark.parametrize("arguments", [["--help"], ["serve", "--help"], ["serve", "-h"]])
+def test_entry_script_shows_the_servers_help_without_a_bundle(arguments, tmp_path):
+    environment = host_environment(GENRNN_MODEL=str(tmp_path / "no-bundle"))
+    usage = subprocess.run([image_command()[0], *arguments], env=environment, capture_output=True, text=True)
+    assert usage.returncode == 0, usage.stderr
+    assert "--max-batch-size" in usage.stdout
+
+
 def test_entry_script_passes_no_shortened_port_to_the_server(tmp_path, tiny_bundle):
     # The script checks whole names: the server must refuse a prefix, which argparse would take.
     # Into a file: the script's ready watcher keeps a pipe open while the server is unreaped.
