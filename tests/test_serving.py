@@ -12,6 +12,7 @@ import asyncio
 import gzip
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,7 +45,7 @@ from serving.config import ServeConfig
 from serving.schemas import GenerateRequest, Limits
 from serving.server import ForkedChildrenDieWithServer, api_key, build_server
 from serving.tickets import Ticket, Tickets
-from tests.conftest import children
+from tests.conftest import ROOT, children
 
 KEY = "s3cret-key"
 KEY_ENV = "GENRNN_TEST_API_KEY"
@@ -992,9 +993,12 @@ def test_every_series_a_request_can_touch_is_on_metrics_from_the_start(small):
     # series made in advance is there. (A series that appears with its first increment
     # hides that increment from Prometheus' rate() and increase().)
     samples = small.metrics()
+    statuses = ("200", "400", "401", "405", "413", "415", "422", "429", "499", "500", "503", "504")
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert tuple(re.findall(r"\d+", re.search(r"\(the statuses ([^)]*) for each mode\)", readme)[1])) == statuses
 
     for mode in ("greedy", "sample", "beam", "unknown"):
-        for status in ("200", "400", "401", "405", "413", "415", "422", "429", "499", "500", "503", "504"):
+        for status in statuses:
             assert ("genrnn_requests_total", (("mode", mode), ("status", status))) in samples
         assert ("genrnn_request_duration_seconds_count", (("mode", mode),)) in samples
     for mode in ("greedy", "sample", "beam"):
