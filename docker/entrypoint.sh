@@ -91,6 +91,8 @@ case "${GENRNN_HOST:-127.0.0.1}" in
     *) shown_host="${GENRNN_HOST:-127.0.0.1}" ;;
 esac
 url="http://$shown_host:$port"
+# Where clients reach it: compose may publish the container's port as another of the host's.
+public="http://$shown_host:${GENRNN_PUBLISHED_PORT:-$port}"
 server_pid=$$
 auth=""
 if [ -n "${GENRNN_API_KEY_ENV:-}" ]; then
@@ -102,9 +104,9 @@ announce() {
             "$url/health" >/dev/null 2>&1; then
             cat <<EOF
 
-genrnn is ready at $url
-  try:     curl -s $url/v1/generate -H 'Content-Type: application/json'$auth -d '{"inputs": ["cat", "dog"], "mode": "beam"}'
-  metrics: $url/metrics    model: $url/info
+genrnn is ready at $public
+  try:     curl -s $public/v1/generate -H 'Content-Type: application/json'$auth -d '{"inputs": ["cat", "dog"], "mode": "beam"}'
+  metrics: $public/metrics    model: $public/info
 EOF
             return 0
         fi

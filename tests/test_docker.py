@@ -36,6 +36,7 @@ DOCKER = ROOT / "docker"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "genrnn.json"
 VENV_BIN = Path(sys.executable).parent
 API_KEY = "test-key-for-docker-tests"
+PUBLISHED_PORT = "18080"  # the host port compose would publish the service on
 
 # The metric families of DESIGN.md: the dashboard must show every one of them.
 DESIGN_METRICS = {
@@ -202,6 +203,7 @@ def entry_command(tiny_bundle, tmp_path_factory) -> Iterator[Served]:
             "GENRNN_TEST_API_KEY": API_KEY,
             "GENRNN_MAX_BEAM_SIZE": "4",
             "GENRNN_ACCESS_LOG": "1",
+            "GENRNN_PUBLISHED_PORT": PUBLISHED_PORT,  # as compose sets it: only the announcement reads it
         }
     )
     with log.open("w") as output:
@@ -241,6 +243,8 @@ def test_entry_command_serves_with_the_image_settings(entry_command):
     # and `docker stop`'s SIGTERM reaches it (a shell in between would not pass it on).
     command_line = Path(f"/proc/{entry_command.pid}/cmdline").read_bytes().split(b"\0")
     assert any(part.endswith(b"genrnn") for part in command_line) and b"serve" in command_line
+    # The announcement names the host's port that compose publishes, not the container's.
+    assert f"genrnn is ready at http://127.0.0.1:{PUBLISHED_PORT}\n" in entry_command.log.read_text()
     # Each kind of setting reached `genrnn serve`. GENRNN_API_KEY_ENV: the API wants the key.
     assert httpx.post(f"{server}/v1/generate", json={"inputs": "cat"}, timeout=30).status_code == 401
     reply = generate(server, inputs=["cat"], mode="beam", beam_size=2)
@@ -311,6 +315,10 @@ def test_entry_script_mirrors_every_serve_option():
     # compose passes every setting on from the shell or docker/.env, but those its own lines fix
     # (the bundle mounted at the image's GENRNN_MODEL, the address and the published port).
     environment = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["genrnn"]["environment"]
+    # The key itself, and the host's port for the URL the entry script prints, are not options.
+    shown = environment.pop("GENRNN_PUBLISHED_PORT")
+    published = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["genrnn"]["ports"]
+    assert published == [f"{shown}:8000"] and shown == "${GENRNN_PUBLISH_PORT:-8000}"
     passed = {name.removeprefix("GENRNN_").lower().replace("_", "-") for name in environment} - {"api-key"}
     assert passed == (options | switches) - {"model", "ensemble-averaging", "host", "port"}
     assert all(value == f"${{{name}:-}}" for name, value in environment.items())
