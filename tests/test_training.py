@@ -665,6 +665,45 @@ def test_a_run_directory_moved_elsewhere_resumes_with_its_best_checkpoint_and_sc
     assert sorted(p.name for p in stray.parent.iterdir()) == sorted([Path(first["best_checkpoint"]).name, "last.ckpt"])
 
 
+# Runs `genrnn train ARGS…` and dies as a kill would once it has saved its Nth best checkpoint.
+DIE_AFTER_A_BEST_CHECKPOINT = """
+import os, sys
+from genrnn.cli import main
+from pytorch_lightning.callbacks import ModelCheckpoint
+bests = int(sys.argv[1])
+saved = []
+def save_then_die(self, current, trainer, candidates, save=ModelCheckpoint._update_best_and_save):
+    save(self, current, trainer, candidates)
+    saved.append(trainer.global_step)
+    if len(saved) == bests:
+        os._exit(9)
+ModelCheckpoint._update_best_and_save = save_then_die
+main(sys.argv[2:])
+"""
+
+
+def test_a_run_killed_after_a_new_best_keeps_the_best_its_resume_point_names(g2p_files, tmp_path):
+    import torch
+
+    # Two validations an epoch, each with a lower loss, and a resume point at each epoch end:
+    # the third best replaces the second, which the resume point names; then the kill.
+    run = tmp_path / "run"
+    options = ("--set", "training.checkpoint_minutes=0", "--set", "training.monitor=val_loss")
+    args = tiny_train(g2p_files, run, "--max-epochs", "4", *options)
+    driver = tmp_path / "die_after_a_best.py"
+    driver.write_text(DIE_AFTER_A_BEST_CHECKPOINT)
+    killed = subprocess.run([sys.executable, str(driver), "3", *args], capture_output=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr.decode()[-3000:]
+
+    resume_point = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    (record,) = [state for key, state in resume_point["callbacks"].items() if key.startswith("ModelCheckpoint")]
+    assert Path(record["best_model_path"]).is_file()  # it had been deleted as the third best was saved
+    # Given a step budget that ends before any new best, the rerun writes its bundle from that one.
+    step = resume_point["global_step"]
+    run_cli(*tiny_train(g2p_files, run, "--max-epochs", "4", "--max-steps", str(step + 1), *options))
+    assert load_bundle(run / "bundle").training["best_checkpoint"] == Path(record["best_model_path"]).name
+
+
 def test_the_plateau_schedule_is_stepped_after_every_validation(g2p_files, tmp_path):
     import torch
 

@@ -181,6 +181,9 @@ class ResumePoint(Checkpoint):
     def _save(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # optimiser, schedule and loader too
         self._saved_at = time.monotonic()
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, BestCheckpoint):
+                callback.resume_point_saved(trainer)
 
 
 class StopsForGood(EarlyStopping):
@@ -216,8 +219,26 @@ class BestCheckpoint(ModelCheckpoint):
     forgot its best score (so that its next validation counted as the best, however it scored)
     but kept the old best path, from which the bundle was then read, or failed to be.
     A resumed run also deletes the best checkpoints that its record does not hold: those a
-    killed run saved after its resume point, which nothing would ever delete.
+    killed run saved after its resume point, which nothing would ever delete. And a best
+    checkpoint that a better one replaces is deleted only once the resume point records the
+    new one: a run killed in between resumes from a point whose best is the old one, which
+    it would otherwise not find, on that rerun or any after it.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._replaced: list[str] = []  # best checkpoints replaced since the resume point was saved
+
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        self._replaced.append(filepath)  # see resume_point_saved
+
+    def resume_point_saved(self, trainer: pl.Trainer) -> None:
+        """The resume point now records this callback's best: the checkpoints it replaced can go."""
+        kept = {*self.best_k_models, self.best_model_path}
+        for path in self._replaced:
+            if path not in kept:
+                super()._remove_checkpoint(trainer, path)
+        self._replaced.clear()
 
     @property
     def state_key(self) -> str:
