@@ -655,6 +655,7 @@ def test_a_run_directory_moved_elsewhere_resumes_with_its_best_checkpoint_and_sc
     # A best checkpoint saved after the resume point by a run killed before its next one: no record holds it.
     stray = tmp_path / "there" / "checkpoints" / "best-epoch=9-step=999.ckpt"
     stray.write_bytes(b"")
+    (stray.parent / "last.ckpt.4242.tmp").write_bytes(b"PK")  # a save that a kill cut short
     result = run_cli(*tiny_train(g2p_files, tmp_path / "there", "--max-epochs", "1"))
     assert "resuming from" in result.stdout
     again = json.loads((tmp_path / "there" / "bundle" / "genrnn.json").read_text())["training"]
@@ -1208,6 +1209,11 @@ def test_init_from_starts_the_model_at_the_bundles_weights(g2p_files, tiny_bundl
     inherited = {"data": facts["data"], "data_fingerprint": facts["data_fingerprint"]}
     assert load_bundle(run / "bundle").training["ancestry"] == [inherited]
     assert load_bundle(run / "bundle").ancestry() == [inherited]  # its own data is that one too
+    # Resumed from other weights of the same tokenizers, the bundle would name where they did not come from.
+    other = shutil.copytree(run / "bundle", tmp_path / "other")
+    changed = ("--max-steps", "2", "--set", f"training.init_from={other}", "--set", "training.lr=1e-9")
+    refused = run_cli(*tiny_train(g2p_files, run, *changed), check=False)
+    assert refused.returncode == 1 and "other settings (init_from: changed;" in refused.stderr
 
 
 def test_a_distilled_run_resumes_with_its_teacher_and_refuses_another(g2p_files, tiny_bundle, tmp_path):

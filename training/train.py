@@ -242,7 +242,7 @@ def build_module(
 
 
 # Recorded since after the first runs were stamped: a stamp without them resumes as before.
-LATER_STAMP_KEYS = ("batches", "optimization", "validation", "distill_weight")
+LATER_STAMP_KEYS = ("batches", "optimization", "validation", "distill_weight", "init_from")
 
 # The settings that the optimiser's and the schedule's saved state, and the loss, depend on.
 # The budget (max_steps, max_epochs, max_time) may change: a finished run may go on.
@@ -297,6 +297,8 @@ def stamp_run(
     # Only when set, so that run directories from before these keys existed still resume.
     if related:
         stamp["tokenizers_from_bundle"] = next(iter(related.values())).tokenizers_fingerprint
+    if "init_from" in related:  # the weights it began from: the bundle's record of where they came from
+        stamp["init_from"] = related["init_from"].fingerprint
     if "teacher" in related:
         stamp["teacher"] = related["teacher"].fingerprint
         stamp["distill_weight"] = config.training.distill_weight  # the loss: read only with a teacher
@@ -321,8 +323,8 @@ def stamp_run(
         wanted = {key: value for key, value in stamp.items() if key in stored or key not in LATER_STAMP_KEYS}
         if stored != wanted:
             raise ConfigurationError(
-                f"{output} holds a run with other settings ({_differences(stored, wanted)}; data, model, "
-                "tokenizer, teacher, batching, seed, optimisation and validation must stay as the run began); use "
+                f"{output} holds a run with other settings ({_differences(stored, wanted)}; data, model, tokenizer, "
+                "init_from, teacher, batching, seed, optimisation and validation must stay as the run began); use "
                 "another --output, --no-resume to start afresh there, or training.init_from=BUNDLE to go on from "
                 "its weights with new settings"
             )
@@ -459,6 +461,11 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
         # Afresh means without the old checkpoints: a later rerun would resume from them, and the
         # best checkpoint of an attempt killed before its first resume point would lie beside this run's.
         shutil.rmtree(output / "checkpoints", ignore_errors=True)
+    elif is_rank_zero():
+        # A checkpoint's temporary file that a kill left mid-save (training.resume.CheckpointBeside):
+        # as large as the checkpoint, and nothing else would ever remove it.
+        for cut_short in (output / "checkpoints").glob("*.ckpt.*.tmp"):
+            cut_short.unlink(missing_ok=True)
     if not resume and is_rank_zero():
         # ... and without the old teacher's table (another run would learn from it), unless that
         # table is the one that teaches this run.
