@@ -1,4 +1,10 @@
-"""LitServe's request handler, which stops waiting at a deadline or when the client goes away.
+"""LitServe's request handler, which admits a request to the queue and stops waiting at a deadline or when the
+client goes away.
+
+A request takes its place in the queue (:mod:`serving.tickets`) here, once FastAPI has
+validated its body: a request that can never succeed (another method, a body that is
+not JSON, a field out of range) gets its 405, 400 or 422 even while the queue is full,
+not a 429 that would have its client send it again. Past ``--max-queue``, 429.
 
 LitServe's own timeout (``--timeout``) is checked when a worker takes a request, so a
 worker that never takes it, or never finishes its batch, would leave the client waiting
@@ -20,12 +26,12 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from serving.errors import CLIENT_CLOSED
-from serving.tickets import TICKET_KEY
 
 # The uids this request submitted to the workers (one); set per request, read where it is submitted.
 _SUBMITTED: ContextVar[list[str]] = ContextVar("genrnn_submitted")
-# The request's place in the queue, from the admission middleware; carried to the worker with the request.
+# The request's place in the queue; carried to the worker with the request.
 _TICKET: ContextVar[Any] = ContextVar("genrnn_ticket", default=None)
+RETRY_AFTER_SECONDS = 1  # what a 429 tells its client to wait
 
 
 def deadline_error(deadline: float) -> HTTPException:
@@ -40,8 +46,17 @@ async def client_gone(receive: Receive) -> None:
         pass
 
 
+def saturated_error(places: int) -> HTTPException:
+    return HTTPException(
+        429,
+        f"the server is saturated ({places} requests waiting); retry in {RETRY_AFTER_SECONDS} s",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
 class DeadlineRequestHandler(RegularRequestHandler):
-    """Waits for a reply at most ``server.deadline`` seconds, and no longer than the client does."""
+    """Takes a place in ``server.tickets`` (or answers 429), then waits for a reply at most ``server.deadline``
+    seconds, and no longer than the client does; the place is free again once it stops waiting."""
 
     async def _prepare_request(self, request: Any, request_type: Any) -> Any:
         payload = await super()._prepare_request(request, request_type)
@@ -54,9 +69,13 @@ class DeadlineRequestHandler(RegularRequestHandler):
         return uid, response_queue_id
 
     async def handle_request(self, request: Any, request_type: Any, connection: Request) -> Response:
+        tickets = self.server.tickets
+        ticket = tickets.take()
+        if ticket is None:
+            raise saturated_error(len(tickets))
         submitted: list[str] = []
         # The tasks below copy this context: they read the ticket and fill ``submitted``.
-        tokens = _SUBMITTED.set(submitted), _TICKET.set(connection.scope.get(TICKET_KEY))
+        tokens = _SUBMITTED.set(submitted), _TICKET.set(ticket)
         reply = asyncio.ensure_future(super().handle_request(request, request_type))
         gone = asyncio.ensure_future(client_gone(connection.receive))
         try:
@@ -66,6 +85,7 @@ class DeadlineRequestHandler(RegularRequestHandler):
             gone.cancel()
             _SUBMITTED.reset(tokens[0])
             _TICKET.reset(tokens[1])
+            tickets.give_back(ticket)
         if reply in done:
             return reply.result()
         for uid in submitted:

@@ -1,4 +1,4 @@
-"""ASGI middlewares of the HTTP processes: UTF-8 bodies, repeated keys, API key, admission (429), request metrics,
+"""ASGI middlewares of the HTTP processes: whole bodies, UTF-8 bodies, repeated keys, API key, request metrics,
 health.
 
 Each is a plain ASGI wrapper, so it can answer before the body is parsed (a rejected
@@ -20,7 +20,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving import metrics
 from serving.errors import CLIENT_CLOSED, is_json_type, reply_error
 from serving.liveness import WorkerBeats
-from serving.tickets import TICKET_KEY, Tickets
 
 # How often a body still arriving looks whether the server has started to stop.
 _CLOSING_POLL_SECONDS = 0.25
@@ -185,24 +184,20 @@ async def _unless_closing(awaitable: Any, closing: Any) -> Any:
             return None
 
 
-class AdmissionMiddleware(PathMiddleware):
-    """Answers 429 while every place in the queue is held (:class:`serving.tickets.Tickets`, across processes).
+class WholeBodyMiddleware(PathMiddleware):
+    """Reads a request's whole body before the app sees it: 413 over the limit, 499 once the client is gone,
+    503 when the server starts to stop meanwhile.
 
-    A request is admitted once its whole body is in: a client that trickles its body, or
-    never ends it, holds a connection but no place in the queue, so a few slow clients
-    cannot have every other one refused. Nor can they hold up a stop: a body still
-    arriving once ``closing`` is set gets a 503. An admitted request's ticket goes to
-    the app in its scope (``TICKET_KEY``), and its place is freed when the app is done.
+    So a request takes its place in the queue (:mod:`serving.deadline`) only once its whole
+    body is in: a client that trickles its body, or never ends it, holds a connection but
+    no place, and a few slow clients cannot have every other one refused. Nor can they
+    hold up a stop: a body still arriving once ``closing`` is set gets a 503.
     """
 
-    def __init__(
-        self, app: ASGIApp, path: str, tickets: Tickets, closing: Any, max_body_bytes: int, retry_after: int = 1
-    ) -> None:
+    def __init__(self, app: ASGIApp, path: str, closing: Any, max_body_bytes: int) -> None:
         super().__init__(app, path)
-        self.tickets = tickets
         self.closing = closing  # a shared flag: the server has started to stop
         self.max_body_bytes = max_body_bytes  # checked by LitServe as the body arrives; named in its 413
-        self.retry_after = retry_after
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -224,16 +219,7 @@ class AdmissionMiddleware(PathMiddleware):
         async def receive_body() -> Message:
             return next(unread, None) or await receive()
 
-        ticket = self.tickets.take()
-        if ticket is None:
-            places = len(self.tickets)
-            detail = f"the server is saturated ({places} requests waiting); retry in {self.retry_after} s"
-            await reply_error(send, 429, detail, [(b"retry-after", str(self.retry_after).encode())])
-            return
-        try:
-            await self.app({**scope, TICKET_KEY: ticket}, receive_body, send)
-        finally:
-            self.tickets.give_back(ticket)
+        await self.app(scope, receive_body, send)
 
 
 class HealthMiddleware(PathMiddleware):

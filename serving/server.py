@@ -1,7 +1,7 @@
 """The entry point of ``genrnn serve``: wire the API, middlewares and metrics into LitServe, and run it.
 
 Processes: this main process; ``--api-servers`` HTTP processes (forked: they inherit
-the request caps and the admission counter set up here); ``--workers-per-device``
+the request caps and the queue's places set up here); ``--workers-per-device``
 inference workers per device (spawned: each loads the bundle in ``setup``); and
 LitServe's queue manager.
 
@@ -262,12 +262,14 @@ class Server(ls.LitServer):
         *args: Any,
         forks: ForkedChildrenDieWithServer,
         deadline: float,
+        tickets: Tickets,
         beats: WorkerBeats,
         exit_when_stuck: float,
         closing: Any,
         **kwargs: Any,
     ) -> None:
         self.deadline = deadline  # seconds a request may take in all: read as LitServer's init adds the routes
+        self.tickets = tickets  # the queue's places, taken by each request once validated (serving.deadline)
         super().__init__(*args, **kwargs)
         self.forks = forks
         self.beats, self.exit_when_stuck = beats, exit_when_stuck
@@ -349,7 +351,7 @@ class Server(ls.LitServer):
     def _watch(self, processes: list[multiprocessing.Process]) -> None:
         """Stop the server as a failure when an HTTP process dies or a worker is stuck for good.
 
-        LitServe watches only whether the workers live. The admission slots of the requests
+        LitServe watches only whether the workers live. The queue places of the requests
         a dead HTTP process held would never come back (429 for good), and with its only
         HTTP process gone the server would go on living and serving nothing. A worker
         still for ``exit_when_stuck`` seconds (a wedged GPU) is not coming back either:
@@ -466,12 +468,12 @@ def build_server(
     from serving.api import GENERATE_PATH, GenerationAPI
     from serving.errors import http_error_reply, validation_error_reply
     from serving.middleware import (
-        AdmissionMiddleware,
         ApiKeyMiddleware,
         HealthMiddleware,
         RepeatedKeyMiddleware,
         RequestMetricsMiddleware,
         Utf8BodyMiddleware,
+        WholeBodyMiddleware,
     )
 
     GenerateRequest.limits = config.limits
@@ -487,16 +489,8 @@ def build_server(
     middlewares: list = [
         (HealthMiddleware, {"path": "/health", "beats": api.loop.beats, "deadline": config.deadline}),
         (Utf8BodyMiddleware, {"path": GENERATE_PATH}),
-        (RepeatedKeyMiddleware, {"path": GENERATE_PATH}),  # reads the body that admission has whole
-        (
-            AdmissionMiddleware,
-            {
-                "path": GENERATE_PATH,
-                "tickets": tickets,
-                "closing": closing,
-                "max_body_bytes": config.max_body_bytes,
-            },
-        ),
+        (RepeatedKeyMiddleware, {"path": GENERATE_PATH}),  # reads the body that the next one has whole
+        (WholeBodyMiddleware, {"path": GENERATE_PATH, "closing": closing, "max_body_bytes": config.max_body_bytes}),
     ]
     if key:
         middlewares.append((ApiKeyMiddleware, {"prefix": "/v1/", "key": key}))
@@ -514,6 +508,7 @@ def build_server(
         callbacks=[WorkerSignals()],
         forks=forks,
         deadline=config.deadline,
+        tickets=tickets,
         beats=api.loop.beats,
         exit_when_stuck=config.exit_when_stuck,
         closing=closing,

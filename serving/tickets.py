@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from multiprocessing.sharedctypes import RawArray, RawValue
 from typing import Any
 
-# The ASGI scope key under which an admitted request's ticket goes from the admission middleware to its handler.
-TICKET_KEY = "genrnn.ticket"
-
 
 @dataclass(frozen=True)
 class Ticket:

@@ -1112,6 +1112,23 @@ def test_past_the_queue_limit_requests_get_429_with_retry_after(small):
     assert small.generate(inputs="cat").status_code == 200
 
 
+def test_a_full_queue_still_tells_a_request_that_can_never_succeed_what_is_wrong(small):
+    # A 429 would have its client send it again, and again; it takes no place either.
+    with small.paused_worker():
+        waiting = [in_background(small.generate, inputs=[f"w{i}"]) for i in range(3)]
+        small.wait_for_inflight(3)
+        wrong_method = small.client.get("/v1/generate")
+        not_json = small.client.post("/v1/generate", content=b"not json", headers={"Content-Type": "application/json"})
+        unknown_field = small.generate(inputs="cat", bogus=1)
+        out_of_range = small.generate(inputs="cat", mode="sample", temperature=-1)
+        saturated = small.generate(inputs="cat")
+
+    assert [wrong_method.status_code, not_json.status_code, unknown_field.status_code] == [405, 422, 422]
+    assert out_of_range.status_code == 422 and "temperature" in out_of_range.text
+    assert saturated.status_code == 429
+    assert all(w.get(timeout=60).status_code in (200, 504) for w in waiting)
+
+
 def test_a_request_that_waits_past_the_timeout_gets_504(small):
     with small.paused_worker():
         waiting = [in_background(small.generate, inputs=[f"w{i}"]) for i in range(2)]
