@@ -150,6 +150,8 @@ def api_key(config: ServeConfig) -> str | None:
     """
     if config.api_key_env is None:
         return None
+    if not config.api_key_env.strip():
+        raise ConfigurationError("--api-key-env: name the environment variable that holds the key")
     key = os.environ.get(config.api_key_env, "").strip()
     if not key:
         raise ConfigurationError(

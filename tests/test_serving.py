@@ -1061,6 +1061,8 @@ def test_an_api_key_set_with_white_space_around_it_is_the_key_without(monkeypatc
     monkeypatch.setenv(KEY_ENV, f" {KEY}\n")
     assert api_key(ServeConfig(model=str(tmp_path), api_key_env=KEY_ENV)) == KEY
     assert api_key(ServeConfig(model=str(tmp_path))) is None  # no variable named: no key
+    with pytest.raises(ConfigurationError, match="--api-key-env: name the environment variable that holds the key"):
+        api_key(ServeConfig(model=str(tmp_path), api_key_env=" "))
 
 
 @pytest.mark.parametrize("value", [None, "", " \t"])

@@ -1234,6 +1234,10 @@ def test_a_distilled_run_resumes_with_its_teacher_and_refuses_another(g2p_files,
     weight = ("--set", "training.distill_weight=1")
     weighed = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *teacher, *weight), check=False)
     assert weighed.returncode == 1 and "other settings (distill_weight: 0.5 (this run: 1.0);" in weighed.stderr
+    # Begun without init_from: a bundle named now would be taken for the weights' origin.
+    begun = ("--set", f"training.init_from={tiny_bundle}")
+    named = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *teacher, *begun), check=False)
+    assert named.returncode == 1 and "other settings (init_from: added;" in named.stderr
     resumed = run_cli(*tiny_train(g2p_files, run, "--max-steps", "40", *teacher))
     assert "resuming from" in resumed.stdout
     # The teacher does not run again: the run reads the table it kept.

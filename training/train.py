@@ -297,8 +297,9 @@ def stamp_run(
     # Only when set, so that run directories from before these keys existed still resume.
     if related:
         stamp["tokenizers_from_bundle"] = next(iter(related.values())).tokenizers_fingerprint
-    if "init_from" in related:  # the weights it began from: the bundle's record of where they came from
-        stamp["init_from"] = related["init_from"].fingerprint
+    # The weights it began from, the bundle's record of where they came from: null too, so that a
+    # stamp without the key is one from before it, not a run that began from no bundle.
+    stamp["init_from"] = related["init_from"].fingerprint if "init_from" in related else None
     if "teacher" in related:
         stamp["teacher"] = related["teacher"].fingerprint
         stamp["distill_weight"] = config.training.distill_weight  # the loss: read only with a teacher
