@@ -1131,7 +1131,8 @@ def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):
     run = tmp_path / "run"
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1"))
     stamp = json.loads((run / "run.json").read_text())
-    assert set(stamp) == {"data", "model", "tokenizer", "batches", "optimization", "validation"}  # no teacher keys
+    assert set(stamp) == {"data", "model", "tokenizer", "batches", "optimization", "validation", "init_from"}
+    assert stamp["init_from"] is None  # begun from no bundle; and no teacher keys
     result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", train="test"), check=False)
     assert result.returncode == 1 and "holds a run with other settings (data: changed;" in result.stderr
     # Other batches would make the checkpoint's count of served batches skip the wrong ones; another
@@ -1160,6 +1161,7 @@ def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):
         assert "resuming from" in run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1")).stdout
         assert json.loads((run / "run.json").read_text())["batches"]["seeding"] == "seed+epoch"
     del stamp["batches"], stamp["optimization"], stamp["validation"], stamp["model"]["attention_query"]
+    del stamp["init_from"]
     (run / "run.json").write_text(json.dumps(stamp))
     result = run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--set", "model.decoder_hidden=24"), check=False)
     assert result.returncode == 1 and "other settings (model.decoder_hidden: " in result.stderr
