@@ -13,7 +13,8 @@ with ``--teacher-table DIR``, from a table that an earlier sweep kept, without
 any variant of this one. Then the ensembles named below are scored from the
 variants' and students' bundles (those with the same members as one before them
 are skipped), once for each ``--ensemble-averaging`` (one that
-averages log-probabilities is named with ``-log-probabilities``); with
+averages log-probabilities is named with ``-log-probabilities``), unless
+``--no-ensembles`` says to score the variants alone; with
 ``--keep-teacher-table``, the variants' table is made meanwhile, in
 ``OUTPUT/teacher-table-run/teacher-table``, for the students of a later sweep.
 With ``--train FILE`` (a distilled train file, ``bench/g2p_distill.py``) every
@@ -51,6 +52,7 @@ MORE_DROPOUT = ["model.layer_dropout=0.3", "model.output_dropout=0.3"]  # g2p.ya
 # annealed over the whole budget: early stopping would cut the schedule short
 COSINE = ["training.schedule=cosine", "training.early_stopping_patience=1000"]
 WEIGHT_DECAY = ["training.optimizer=adamw", "training.weight_decay=0.05"]  # g2p.yaml: adam, none
+MORE_WEIGHT_DECAY = ["training.optimizer=adamw", "training.weight_decay=0.1"]
 # name → config overrides on top of --config
 VARIANTS: dict[str, list[str]] = {
     "base": [],
@@ -96,6 +98,12 @@ VARIANTS: dict[str, list[str]] = {
     # falling a third of the way in: two draws, beside four without, in the round of six
     "bahdanau-deep-cosine-wd-seed17": [*BAHDANAU_DEEP, *COSINE, *WEIGHT_DECAY, "training.seed=17"],
     "bahdanau-deep-cosine-wd-seed19": [*BAHDANAU_DEEP, *COSINE, *WEIGHT_DECAY, "training.seed=19"],
+    # the round after: the two -wd- draws led the six by 0.2 points of dev on average, so two more
+    # draws of it and two at twice the rate, four at once
+    "bahdanau-deep-cosine-wd-seed23": [*BAHDANAU_DEEP, *COSINE, *WEIGHT_DECAY, "training.seed=23"],
+    "bahdanau-deep-cosine-wd-seed29": [*BAHDANAU_DEEP, *COSINE, *WEIGHT_DECAY, "training.seed=29"],
+    "bahdanau-deep-cosine-wd2-seed31": [*BAHDANAU_DEEP, *COSINE, *MORE_WEIGHT_DECAY, "training.seed=31"],
+    "bahdanau-deep-cosine-wd2-seed37": [*BAHDANAU_DEEP, *COSINE, *MORE_WEIGHT_DECAY, "training.seed=37"],
     "bahdanau-wide-cosine": [*BAHDANAU_WIDE, *COSINE],
     # the bottom decoder layer queries the attention: only it steps a token at a time in training
     "bahdanau-deep-bottom-cosine": [*BAHDANAU_DEEP, "model.attention_query=bottom", *COSINE],
@@ -310,6 +318,9 @@ def main() -> None:
         default=DEFAULT_AVERAGING,
         help=f"what the ensembles average, comma-separated to score each way: {', '.join(AVERAGINGS)}",
     )
+    parser.add_argument(
+        "--no-ensembles", dest="ensembles", action="store_false", help="score no ensemble: the variants alone"
+    )
     parser.add_argument("--threads", type=int, help="CPU threads per process (default: cores / variants)")
     parser.add_argument("--teacher-table", help="a kept teacher table that teaches the students instead")
     parser.add_argument("--go-on", metavar="DD:HH:MM:SS", help="then the variant best on dev goes on for this long")
@@ -354,7 +365,7 @@ def main() -> None:
         write_summary(output, [*names, *students])
 
     ensembles, scored = {}, {}  # scored: each set of members → the first ensemble that has it
-    for name, members in ENSEMBLES.items():
+    for name, members in ENSEMBLES.items() if args.ensembles else ():
         present = [m for m in members if m in trained or m in students]
         if len(present) > 1:
             bundles = ",".join(str(output / m / "bundle") for m in present)

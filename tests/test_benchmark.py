@@ -276,6 +276,11 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     base.write_text(json.dumps(written))
     assert json.loads((output / "summary.json").read_text())["luong"] == summary["luong"]
 
+    # told to score no ensemble, a rerun sums up the variants alone
+    alone = subprocess.run([*command, "--no-ensembles"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert alone.returncode == 0 and "start" not in alone.stdout, alone.stderr[-3000:]
+    assert list(json.loads((output / "summary.json").read_text())) == ["base", "luong"]
+
     # asked for both averagings, it scores the ensemble again averaging log-probabilities, and only that
     both = subprocess.run(
         [*command, "--ensemble-averaging", "probabilities,log-probabilities"], capture_output=True, text=True, cwd=ROOT
