@@ -449,13 +449,23 @@ class Server:
             os.kill(worker, signal.SIGCONT)
 
     def wait_for_inflight(self, count: int) -> None:
-        wait_until(lambda: self.metrics()["genrnn_inflight_requests", ()] == count, f"{count} requests in flight")
+        seen: list[float] = []
+
+        def reached() -> bool:
+            seen.append(self.metrics()["genrnn_inflight_requests", ()])
+            return seen[-1] == count
+
+        def last_seen() -> str:
+            return f"; {seen[-1]:g} in flight, server log:\n{self.log.read_text()[-3000:]}"
+
+        wait_until(reached, f"{count} requests in flight", explain=last_seen)
 
 
-def wait_until(condition: Callable[[], bool], what: str, seconds: float = 60) -> None:
+def wait_until(condition: Callable[[], bool], what: str, seconds: float = 60, explain: Callable[[], str] = str) -> None:
+    """Poll ``condition`` until it holds; fail after ``seconds``, naming ``what`` and what ``explain`` adds."""
     deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}{explain()}"
         time.sleep(0.05)
 
 
