@@ -511,7 +511,7 @@ SERVERS = {
     # One per shutdown test; two HTTP processes, which must both stop accepting at once.
     **{f"{stop} to the {whom}": (("--api-servers", "2"), None) for stop, whom in STOPS},
     "SIGKILL": (("--api-servers", "2"), None),
-    "clients go away": (("--max-queue", "2"), None),
+    "clients go away": (("--max-queue", "2", "--access-log"), None),  # the log says what came in, should it fail
     "worker dies": ((), None),
     "worker stuck": (("--timeout", "1", "--deadline", "2", "--exit-when-stuck", "3"), None),
     "queue manager dies": ((), None),
