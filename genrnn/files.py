@@ -50,9 +50,24 @@ def with_usual_permissions(path: Path) -> None:
     safetensors writes its files 0600, so that a server running as another user (a
     container's) could not read the weights beside the rest of the bundle.
     """
-    umask = os.umask(0)  # reading the umask means setting it: set back at once
+    path.chmod(0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` where Linux has it.
+
+    Elsewhere it is read by setting it and back, and a file another thread creates in
+    that instant gets the wrong permissions.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
     os.umask(umask)
-    path.chmod(0o666 & ~umask)
+    return umask
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:

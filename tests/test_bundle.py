@@ -16,6 +16,7 @@ from genrnn.cli import ensemble_averaging
 from genrnn.config import DecodingConfig, ModelConfig, TokenizerConfig
 from genrnn.decoding import Generator
 from genrnn.errors import BundleError, ConfigurationError
+from genrnn.files import current_umask
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import train_tokenizers
 
@@ -48,6 +49,16 @@ def test_every_file_of_a_bundle_is_as_readable_as_the_umask_allows(tmp_path, uma
     # a container's server runs as its own user: it reads a mounted bundle as "others"
     modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "b").iterdir()}
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
+def test_the_umask_is_read_without_setting_it(monkeypatch):
+    previous = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", None)  # other threads may be creating files: it must stay as it is
+        assert current_umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
 
 
 def test_round_trip_gives_identical_outputs(bundle_dir):
