@@ -456,7 +456,8 @@ class Server:
             return seen[-1] == count
 
         def last_seen() -> str:
-            return f"; {seen[-1]:g} in flight, server log:\n{self.log.read_text()[-3000:]}"
+            requests = [line for line in self.log.read_text().splitlines() if "/metrics" not in line]
+            return f"; {seen[-1]:g} in flight, server log (but /metrics):\n" + "\n".join(requests[-40:])
 
         wait_until(reached, f"{count} requests in flight", explain=last_seen)
 
