@@ -276,10 +276,13 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     base.write_text(json.dumps(written))
     assert json.loads((output / "summary.json").read_text())["luong"] == summary["luong"]
 
-    # told to score no ensemble, a rerun sums up the variants alone
+    # told to score no ensemble, a rerun sums up the variants alone, scoring none where one is missing
+    (output / "ensemble-all").rename(output / "scored-ensemble")
     alone = subprocess.run([*command, "--no-ensembles"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert alone.returncode == 0 and "start" not in alone.stdout, alone.stderr[-3000:]
     assert list(json.loads((output / "summary.json").read_text())) == ["base", "luong"]
+    assert not (output / "ensemble-all").exists()
+    (output / "scored-ensemble").rename(output / "ensemble-all")
 
     # asked for both averagings, it scores the ensemble again averaging log-probabilities, and only that
     both = subprocess.run(
