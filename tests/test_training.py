@@ -1173,6 +1173,29 @@ def test_a_run_directory_refuses_to_resume_on_other_data(g2p_files, tmp_path):
     run_cli(*tiny_train(g2p_files, run, "--max-epochs", "1", "--no-resume", train="test"))
 
 
+def test_a_fresh_start_stopped_as_it_stamps_the_run_leaves_no_old_checkpoint_to_resume(
+    g2p_files, tmp_path, monkeypatch
+):
+    import training.train
+
+    run = tmp_path / "run"
+    run_cli(*tiny_train(g2p_files, run, "--max-steps", "2"))
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    stamp_run = training.train.stamp_run
+
+    def stamp_then_ctrl_c(*args, **kwargs):
+        seeding = stamp_run(*args, **kwargs)
+        raise KeyboardInterrupt  # as if Ctrl+C came right after the new settings were stamped
+        return seeding
+
+    new_settings = ("--max-steps", "2", "--set", "training.lr=0.01")
+    monkeypatch.setattr(training.train, "stamp_run", stamp_then_ctrl_c)
+    assert run_cli(*tiny_train(g2p_files, run, *new_settings, "--no-resume"), check=False).returncode == 130
+    monkeypatch.undo()
+    # Rerun as the message says: the old run's weights must not go on under the new stamp.
+    assert "resuming from" not in run_cli(*tiny_train(g2p_files, run, *new_settings)).stdout
+
+
 def test_a_budget_spent_before_the_first_validation_still_writes_a_bundle(g2p_files, tmp_path):
     import torch
 

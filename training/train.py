@@ -455,12 +455,10 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     train_examples, dev_examples = load_data(config)
     data_fingerprint = examples_fingerprint(train_examples)
     related = load_related_bundles(config)
-    seeding = stamp_run(
-        output, config, data_fingerprint, related, resuming=resume, dev_fingerprint=examples_fingerprint(dev_examples)
-    )
     if is_rank_zero() and not (resume and last_checkpoint(output).is_file()):
         # Afresh means without the old checkpoints: a later rerun would resume from them, and the
         # best checkpoint of an attempt killed before its first resume point would lie beside this run's.
+        # Before the new stamp, so that a run stopped in between cannot resume them under it.
         shutil.rmtree(output / "checkpoints", ignore_errors=True)
     elif is_rank_zero():
         # A checkpoint's temporary file that a kill left mid-save (training.resume.CheckpointBeside):
@@ -473,6 +471,9 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
         table, taught_by = teacher_table(output), related.get("teacher")
         if not (isinstance(taught_by, TeacherTable) and taught_by.directory.resolve() == table.resolve()):
             shutil.rmtree(table, ignore_errors=True)
+    seeding = stamp_run(
+        output, config, data_fingerprint, related, resuming=resume, dev_fingerprint=examples_fingerprint(dev_examples)
+    )
     lent = next(iter(related.values()), None)
     if lent is not None:
         source_tokenizer, target_tokenizer = lent.source_tokenizer, lent.target_tokenizer
