@@ -148,6 +148,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 MAX_LAYERS = 64  # per stack; a manifest edited by hand could otherwise ask for millions
+MAX_WIDTH = 65_536  # units of an embedding or a layer: one such LSTM layer is already 17 G parameters
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,8 @@ class ModelConfig:
             _require(getattr(self, name) >= 1, f"model.{name}", "must be at least 1")
         for name in ("encoder_layers", "decoder_layers"):  # far past any recurrent stack that trains
             _require(getattr(self, name) <= MAX_LAYERS, f"model.{name}", f"must be at most {MAX_LAYERS}")
+        for name in ("embedding_dim", "encoder_hidden", "decoder_hidden", "attention_size"):
+            _require(getattr(self, name) <= MAX_WIDTH, f"model.{name}", f"must be at most {MAX_WIDTH:,}")
         for name in ("embedding_dropout", "layer_dropout", "output_dropout"):
             _require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "must be in [0, 1)")
         if self.bridge == "last":
@@ -216,6 +219,19 @@ class ModelConfig:
                 "model.tie_embeddings",
                 f"needs embedding_dim ({self.embedding_dim}) equal to decoder_hidden ({self.decoder_hidden})",
             )
+
+    def check_trainable(self) -> None:
+        """Refuse a decoder that would never see the source: a zero bridge without attention.
+
+        Checked where a run starts, not in every config, so that a bundle trained before
+        the check loads as it did.
+        """
+        _require(
+            self.bridge != "zero" or self.attention != "none",
+            "model.bridge",
+            "'zero' starts the decoder from zeros, so without attention it never sees the source; "
+            "use 'bridge' or 'last', or set model.attention",
+        )
 
     @property
     def encoder_output_size(self) -> int:
@@ -360,6 +376,18 @@ class OptimConfig:
             match = re.fullmatch(r"([0-9]{1,9}):([0-9]{2}):([0-9]{2}):([0-9]{2})", self.max_time)
             _require(match is not None, "training.max_time", f"must be DD:HH:MM:SS; got {self.max_time!r}")
             _require(any(int(p) for p in match.groups()), "training.max_time", "must be more than zero")
+
+    def check_trainable(self) -> None:
+        """Refuse a cosine schedule without a budget to decay over (it would hold the rate where it starts).
+
+        Checked where a run starts, not in every config, so that a run stamped before the
+        check loads as it did.
+        """
+        _require(
+            self.schedule != "cosine" or self.max_steps > 0 or self.max_epochs > 0 or self.max_time is not None,
+            "training.schedule",
+            "'cosine' decays the rate over the budget: set max_steps, max_epochs or max_time",
+        )
 
 
 MAX_TEMPERATURE = 100.0  # far past uniform already; beyond float32's range, logits / temperature is NaN

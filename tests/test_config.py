@@ -46,6 +46,8 @@ def test_the_quickstart_saves_resume_points_well_within_its_training_budget():
         ({"model": {"hidden": 3}}, "model.hidden: unknown key"),
         ({"model": {"encoder_layers": 0}}, "model.encoder_layers: must be at least 1"),
         ({"model": {"decoder_layers": 10_000_000}}, "model.decoder_layers: must be at most 64"),
+        ({"model": {"embedding_dim": 10**20}}, "model.embedding_dim: must be at most 65,536"),  # past int64
+        ({"model": {"attention_size": 5_000_000_000}}, "model.attention_size: must be at most 65,536"),
         ({"model": {"layer_dropout": 1.5}}, "model.layer_dropout"),
         ({"model": {"bidirectional": "yes"}}, "model.bidirectional: must be true or false"),
         ({"training": {"lr": "fast"}}, "training.lr: must be a number"),

@@ -853,6 +853,11 @@ def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp
         (["train", "--config", "/nonexistent.yaml"], "config file not found"),
         # before the data is read: the file's absence would be the error otherwise
         (["train", "--train", "/nonexistent.tsv", "--set", "tokenizer.shared=true"], "tokenizer.shared: one model"),
+        (["train", "--train", "/nonexistent.tsv", "--set", "model.bridge=zero"], "without attention it never sees"),
+        (
+            ["train", "--train", "/nonexistent.tsv", "--max-epochs", "-1", "--set", "training.schedule=cosine"],
+            "training.schedule: 'cosine' decays the rate over the budget",
+        ),
         (["evaluate", "--model", "/nonexistent", "--data", "x.tsv"], "bundle directory not found"),
         (["evaluate", "--model", ".", "--data", "x.tsv"], "genrnn.json is missing"),
         (["evaluate", "--model", "", "--data", "x.tsv"], "no bundle named: --model is empty"),
@@ -1194,6 +1199,26 @@ def test_a_fresh_start_stopped_as_it_stamps_the_run_leaves_no_old_checkpoint_to_
     monkeypatch.undo()
     # Rerun as the message says: the old run's weights must not go on under the new stamp.
     assert "resuming from" not in run_cli(*tiny_train(g2p_files, run, *new_settings)).stdout
+
+
+def memory_refuses(size: int) -> bool:
+    """Whether this kernel refuses one allocation of ``size`` bytes at once, rather than promising it."""
+    with open("/proc/meminfo") as file:
+        kib = {line.split(":")[0]: int(line.split()[1]) for line in file}
+    with open("/proc/sys/vm/overcommit_memory") as file:
+        heuristic = file.read().strip() != "1"
+    return heuristic and size > 1024 * (kib["MemTotal"] + kib["SwapTotal"])
+
+
+@pytest.mark.skipif(
+    not (sys.platform == "linux" and memory_refuses(4 * 4 * 2**32)),
+    reason="the kernel may promise the memory and then kill the test as the weights are drawn",
+)
+def test_a_model_too_large_for_memory_is_one_line_not_a_traceback(g2p_files, tmp_path):
+    # one recurrent matrix of 4 × 65,536 × 65,536 float32s: 64 GiB
+    result = run_cli(*tiny_train(g2p_files, tmp_path / "run", "--set", "model.encoder_hidden=65536"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "genrnn train: error: model: cannot be built with these sizes: " in result.stderr
 
 
 def test_a_budget_spent_before_the_first_validation_still_writes_a_bundle(g2p_files, tmp_path):

@@ -230,7 +230,10 @@ def build_module(
     config: ExperimentConfig, related: dict[str, Bundle | TeacherTable], vocab_sizes: tuple[int, int]
 ) -> Seq2SeqModule:
     """The module to train: started at ``init_from``'s weights and taught by ``teacher``, where those are set."""
-    module = Seq2SeqModule.from_config(config, *vocab_sizes)
+    try:
+        module = Seq2SeqModule.from_config(config, *vocab_sizes)
+    except RuntimeError as error:  # memory for the weights, which the sizes alone cannot promise
+        raise ConfigurationError(f"model: cannot be built with these sizes: {error}") from None
     if "init_from" in related:
         module.model.load_state_dict(related["init_from"].model.state_dict())
     teacher = related.get("teacher")
@@ -449,7 +452,8 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ConfigurationError(f"output: {output} is a file; name the run's directory")
-    config.tokenizer.check_trainable()  # before the data is read and the run directory written
+    for section in (config.model, config.tokenizer, config.training):  # before the data is read and the run written
+        section.check_trainable()
     pl.seed_everything(config.training.seed, workers=True, verbose=False)
     trainer, checkpoint = build_trainer(config, output)  # first: a device setting it refuses costs nothing
     train_examples, dev_examples = load_data(config)
