@@ -105,9 +105,12 @@ class InputBudgetLoop(BatchedLoop):
             if item == _SENTINEL_VALUE:
                 raise _StopLoopError()
             response_queue_id, uid, arrived, request = item
-            if not self.awaited(request):
-                continue
             waited = time.monotonic() - arrived  # monotonic clocks agree across processes on one machine
+            if not self.awaited(request):
+                # Its client left, or had its 504 at the deadline: dropped, but the wait was real,
+                # and with stuck workers it is the wait that an operator watches grow.
+                metrics.QUEUE_WAIT.observe(waited)
+                continue
             if timeout not in (-1, False, None) and waited > timeout:
                 # Answered now: the loop may go on waiting for company for a batch, or for a second when idle.
                 metrics.QUEUE_WAIT.observe(waited)

@@ -921,6 +921,7 @@ def test_a_client_that_goes_away_frees_its_place_and_its_request_is_never_decode
     assert delta("genrnn_requests_total", mode="beam", status="499") == 2
     assert delta("genrnn_output_tokens_total", mode="beam") == 0  # the worker dropped them undecoded
     assert delta("genrnn_batch_size_count") == 1
+    assert delta("genrnn_queue_wait_seconds_count") == 3  # but they waited in the queue as long as it was stuck
 
 
 def test_bad_requests_are_refused_before_the_queue_and_the_server_still_answers(keyed, engine):
