@@ -22,6 +22,10 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+MAX_QUEUE = 1_000_000  # places, 8 bytes each, allocated as the server starts; far more than a deadline lets it answer
+MAX_PROCESSES = 256  # inference workers per device, or HTTP processes: each is a process of its own
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything ``genrnn serve`` needs; the defaults are the command line's."""
@@ -66,6 +70,10 @@ class ServeConfig:
         for name in ("workers_per_device", "max_batch_size", "max_queue", "max_body_bytes"):
             _require(getattr(self, name) >= 1, _option(name), "must be at least 1")
         _require(self.api_servers is None or self.api_servers >= 1, "--api-servers", "must be at least 1")
+        _require(self.max_queue <= MAX_QUEUE, "--max-queue", f"must be at most {MAX_QUEUE:,}")
+        for name in ("workers_per_device", "api_servers"):
+            count = getattr(self, name)
+            _require(count is None or count <= MAX_PROCESSES, _option(name), f"must be at most {MAX_PROCESSES}")
         _require(self.batch_timeout >= 0, "--batch-timeout", "must be 0 or more")
         _require(self.timeout > self.batch_timeout, "--timeout", "must be longer than --batch-timeout")
         _require(self.deadline > self.timeout, "--deadline", "must be longer than --timeout")

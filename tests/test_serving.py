@@ -237,12 +237,19 @@ def test_serve_refuses_bad_options_and_bundles_with_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path), "--deadline", "60", "--exit-when-stuck", "60"]) == 1
     assert ServeConfig("bundle", deadline=1000).exit_when_stuck == 3000  # a long deadline alone stays valid
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 1
+    # sizes that the server would allocate or spawn before it said a word (a queue of 10^11 places hung)
+    assert main(["serve", "--model", str(tmp_path), "--max-queue", "100000000000"]) == 1
+    assert main(["serve", "--model", str(tmp_path), "--workers-per-device", "100000"]) == 1
+    assert main(["serve", "--model", str(tmp_path), "--api-servers", "100000"]) == 1
     errors = capsys.readouterr().err.splitlines()
     assert errors == [
         "genrnn serve: error: --port: must be in 1024..65535; got 80",
         "genrnn serve: error: --deadline: must be longer than --timeout",
         "genrnn serve: error: --exit-when-stuck: must be 0 (never) or longer than --deadline",
         f"genrnn serve: error: bundle directory not found: {tmp_path / 'missing'}",
+        "genrnn serve: error: --max-queue: must be at most 1,000,000",
+        "genrnn serve: error: --workers-per-device: must be at most 256",
+        "genrnn serve: error: --api-servers: must be at most 256",
     ]
     # An address another process listens on is told before the model loads, naming the address.
     with socket.socket() as taken:
