@@ -23,7 +23,10 @@ TIME``, last, the variant best on dev goes on from its weights for that long at
 ``--go-on-lr`` (run ``VARIANT-on``): a rerun of a finished sweep with it trains that
 alone.
 ``summary.json`` gathers every result and ``summary.md`` holds the table rows;
-rerunning resumes unfinished runs and skips finished ones.
+rerunning resumes unfinished runs and skips finished ones. A finished variant that
+this call asks for otherwise (its configuration, ``--set``, budget, train file or
+beam sizes) stops the call before anything starts; what was made from the variants
+(ensembles, students, a run going on) is made again where asked for otherwise.
 """
 
 from __future__ import annotations
@@ -198,23 +201,55 @@ def run_all(jobs: dict[str, list[str]], output: Path, threads: int) -> dict[str,
     return status
 
 
-def forget_if_scored_otherwise(results: Path, bundles: str, averaging: str) -> None:
-    """Drop an ensemble's results scored from other members or averaged otherwise, so that it is scored again."""
-    if not results.is_file():
-        return
-    scored = json.loads(results.read_text())
-    if scored["config"] != bundles or scored.get("averaging", DEFAULT_AVERAGING) != averaging:
-        results.unlink()
+def asked_of(args: argparse.Namespace, budget: str, sets: list[str]) -> dict[str, Any]:
+    """What this call asks of a run it trains, as :func:`differences` compares it with a finished one."""
+    train = str(args.train or Path(args.data_dir) / "g014b2b.train")  # as the benchmark names it
+    return {"config": args.config, "overrides": sets, "max_time": budget, "train": train, **scored_as(args)}
 
 
-def forget_if_trained_otherwise(run: Path, **asked: Any) -> None:
-    """Drop a finished run whose training settings differ from those ``asked``, so that it is trained again."""
-    results = run / "results.json"
-    if not results.is_file():
-        return
-    trained = json.loads(results.read_text())["training"]["config"]["training"]
-    if any(trained[key] != value for key, value in asked.items()):
+def scored_as(args: argparse.Namespace) -> dict[str, Any]:
+    """How this call asks every run to be scored: the beam sizes that dev chooses among."""
+    from g2p_benchmark import beam_sizes  # this script's neighbour; here, as it imports torch
+
+    return {"beam sizes": list(beam_sizes(args.beam_size))}
+
+
+def differences(run: Path, asked: dict[str, Any]) -> list[str]:
+    """How the finished run's settings differ from those ``asked`` (none where it has not finished)."""
+    path = run / "results.json"
+    if not path.is_file():
+        return []
+    results = json.loads(path.read_text())
+    tried = [*results["scores"], *results.get("dev_only", {})]
+    recorded = {"beam sizes": sorted(int(mode.removeprefix("beam")) for mode in tried if mode != "greedy")}
+    if results["training"]:  # an ensemble's has none: its members trained
+        config = results["training"]["config"]
+        recorded |= {"config": results["config"], "overrides": results["overrides"]}
+        recorded |= {"max_time": config["training"]["max_time"], "train": config["data"]["train"]}
+    else:
+        recorded |= {"config": results["config"], "averaging": results.get("averaging", DEFAULT_AVERAGING)}
+    return [f"{key} {recorded[key]}, asked {value}" for key, value in asked.items() if recorded[key] != value]
+
+
+def forget_if_made_otherwise(run: Path, asked: dict[str, Any]) -> None:
+    """Drop a finished run made from the variants (an ensemble, a student, a run going on) that this call
+    asks for otherwise, so that it is made again.
+
+    Its variants' paths are among its settings, not their weights: after a variant is removed and
+    trained again, remove what was made from it too.
+    """
+    if differences(run, asked):
         shutil.rmtree(run)
+
+
+def refuse_if_trained_otherwise(run: Path, asked: dict[str, Any]) -> None:
+    """Stop where a variant finished with other settings than this call asks: its figures are not this call's."""
+    found = differences(run, asked)
+    if found:
+        raise SystemExit(
+            f"{run} holds a run trained or scored otherwise ({'; '.join(found)}): use another --output, "
+            "or remove it to train it again"
+        )
 
 
 def chosen_decoding(results: dict) -> str:
@@ -240,7 +275,7 @@ def go_on_job(args: argparse.Namespace, trained: list[str], output: Path) -> dic
     sets = [*args.set, *VARIANTS[best], f"training.init_from={start}", f"training.lr={args.go_on_lr}"]
     print(f"{best} is best on dev ({dev_wer(output / best):.2%}): it goes on", flush=True)
     run = output / f"{best}-on"
-    forget_if_trained_otherwise(run, init_from=start, lr=args.go_on_lr, max_time=args.go_on)
+    forget_if_made_otherwise(run, asked_of(args, args.go_on, sets))
     return {run.name: training_command(args, run, args.go_on, sets)}
 
 
@@ -297,8 +332,9 @@ def student_jobs(args: argparse.Namespace, names: list[str], trained: list[str],
                 print(f"skip {name}: {missing}", flush=True)
                 continue
             sets.append(f"training.init_from={output / student.variant / 'bundle'}")
-        forget_if_trained_otherwise(output / name, teacher=teachers)
-        jobs[name] = training_command(args, output / name, args.student_time or args.max_time, sets)
+        budget = args.student_time or args.max_time
+        forget_if_made_otherwise(output / name, asked_of(args, budget, sets))
+        jobs[name] = training_command(args, output / name, budget, sets)
     return jobs
 
 
@@ -351,9 +387,10 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, len(names)))
 
-    training = {
-        name: training_command(args, output / name, args.max_time, [*args.set, *VARIANTS[name]]) for name in names
-    }
+    sets = {name: [*args.set, *VARIANTS[name]] for name in names}
+    for name in names:  # before anything starts
+        refuse_if_trained_otherwise(output / name, asked_of(args, args.max_time, sets[name]))
+    training = {name: training_command(args, output / name, args.max_time, sets[name]) for name in names}
     status = run_all(training, output, threads)
     trained = [name for name in names if status.get(name, 0) == 0 and (output / name / "results.json").is_file()]
     write_summary(output, names)  # the single models' figures, should the rest not finish
@@ -376,7 +413,8 @@ def main() -> None:
             scored[members_key] = name
             for averaging in averagings:
                 run = name if averaging == DEFAULT_AVERAGING else f"{name}-{averaging}"
-                forget_if_scored_otherwise(output / run / "results.json", bundles, averaging)
+                asked = {"config": bundles, "averaging": averaging, **scored_as(args)}
+                forget_if_made_otherwise(output / run, asked)
                 ensembles[run] = benchmark_command(
                     args, output / run, "--model", bundles, "--ensemble-averaging", averaging
                 )

@@ -265,6 +265,16 @@ def test_the_sweep_trains_variants_side_by_side_then_scores_their_ensemble(split
     assert len(rows) == 2 + 3 * 2 and rows[-1].replace("**", "").startswith("| ensemble-all | beam2 |")
     assert sum(row.count("**") for row in rows) == 3 * 3 * 2  # each run's choice: decoding, test WER and PER
 
+    # asked for a variant otherwise, a rerun stops before it trains or scores anything: the figures found are not
+    # the ones asked for (and removing them is for the user to choose)
+    for other, found in (
+        (["--max-time", "00:00:06:00"], "max_time 00:00:05:00, asked 00:00:06:00"),
+        (["--beam-size", "2,3"], "beam sizes [2], asked [2, 3]"),
+    ):
+        refused = subprocess.run([*command, *other], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert refused.returncode != 0 and "start" not in refused.stdout
+        assert f"{output / 'base'} holds a run trained or scored otherwise ({found})" in refused.stderr
+
     # a rerun finds every result in place and trains nothing again; one written before results held
     # dev's choice is still marked with it
     base = output / "base" / "results.json"
