@@ -57,12 +57,16 @@ for name in $SERVE_SWITCHES; do
 done
 
 # A missing bundle is the usual first mistake in a container: say where one should be.
-# Several bundles joined by commas are an ensemble: each must be there.
+# Several bundles joined by commas are an ensemble: each must be there. A directory whose own
+# name holds a comma is the one bundle it is, as genrnn reads it.
 missing=""
 if [ "$given_model" = no ]; then
     set -f  # a bundle's name is not a pattern
     old_ifs=$IFS
     IFS=,
+    if [ -d "${GENRNN_MODEL:-}" ]; then
+        IFS=""  # not split
+    fi
     for member in ${GENRNN_MODEL:-}; do
         member=$(echo "$member" | sed 's/^ *//; s/ *$//')  # genrnn allows spaces after the commas
         if [ ! -f "$member/genrnn.json" ]; then

@@ -382,12 +382,16 @@ def test_entry_script_names_the_missing_bundle(tmp_path, tiny_bundle):
         )
         assert result.returncode != 0
         assert f"no bundle at {missing} (genrnn.json missing)" in result.stderr
-    # An ensemble whose members are all there passes on to the server (here, to its help). Into a file:
-    # the script's ready watcher keeps a pipe open for as long as the server's process is unreaped.
-    ensemble = host_environment(GENRNN_MODEL=f"{tiny_bundle},{tiny_bundle}")
-    with (tmp_path / "help.txt").open("w") as output:
-        status = subprocess.run([image_command()[0], "serve", "--help"], env=ensemble, stdout=output, timeout=60)
-    assert status.returncode == 0 and "--ensemble-averaging" in (tmp_path / "help.txt").read_text()
+    # An ensemble whose members are all there passes on to the server, as does one bundle whose directory's
+    # name holds a comma (genrnn reads it as that bundle): here the server refuses a queue of no places.
+    # Into a file: the script's ready watcher keeps a pipe open for as long as the server's process is unreaped.
+    comma = shutil.copytree(tiny_bundle, tmp_path / "tiny,v2")
+    for model in (f"{tiny_bundle},{tiny_bundle}", str(comma)):
+        environment = host_environment(GENRNN_MODEL=model, GENRNN_MAX_QUEUE="0")
+        with (tmp_path / "said.txt").open("w") as output:
+            status = subprocess.run([image_command()[0]], env=environment, stderr=output, timeout=60)
+        said = (tmp_path / "said.txt").read_text()
+        assert status.returncode != 0 and "--max-queue: must be at least 1" in said and "no bundle" not in said, said
 
 
 # -- Prometheus ----------------------------------------------------------------------------------
