@@ -361,11 +361,13 @@ def _serve_parser(sub) -> None:
     p.add_argument("--port", type=int, help="port to listen on (default 8000)")
     p.add_argument("--accelerator", help="auto (default: a GPU when there is one), cpu, cuda (or gpu) or mps")
     p.add_argument("--devices", help="number of devices, or auto (default: all of the accelerator's)")
-    p.add_argument("--workers-per-device", type=int, help="inference processes per device (default 1)")
-    p.add_argument("--api-servers", type=int, help="HTTP processes (default: one per inference worker)")
+    p.add_argument("--workers-per-device", type=int, help="inference processes per device (default 1, at most 256)")
+    p.add_argument("--api-servers", type=int, help="HTTP processes (default: one per inference worker; at most 256)")
     p.add_argument("--max-batch-size", type=int, help="most inputs decoded together (default 64)")
     p.add_argument("--batch-timeout", type=float, help="seconds a batch waits to fill (default 0.005)")
-    p.add_argument("--max-queue", type=int, help="requests in the server at once; beyond it, 429 (default 256)")
+    p.add_argument(
+        "--max-queue", type=int, help="requests in the server at once; beyond it, 429 (default 256, at most 1,000,000)"
+    )
     p.add_argument("--timeout", type=float, help="seconds a request may wait for a worker; beyond it, 504 (default 30)")
     p.add_argument("--deadline", type=float, help="seconds a request may take in all; beyond it, 504 (default 300)")
     p.add_argument(
