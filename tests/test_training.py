@@ -305,6 +305,8 @@ def test_a_finished_run_given_more_epochs_goes_on_as_an_unbroken_run_with_weight
     for key in ("state_dict", "current_model_state"):  # the average, and the trained weights
         for name, tensor in unbroken[key].items():
             torch.testing.assert_close(resumed[key][name], tensor, msg=lambda m, at=f"{key} {name}": f"{at}: {m}")
+    # under Lightning's own key, which resume points saved by Lightning's class hold
+    assert resumed["callbacks"]["EMAWeightAveraging"] == unbroken["callbacks"]["EMAWeightAveraging"]
 
 
 @pytest.mark.parametrize("processes", [1, 2])

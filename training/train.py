@@ -14,11 +14,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.accelerators import CPUAccelerator
-from pytorch_lightning.callbacks import (
-    EMAWeightAveraging,
-    LearningRateMonitor,
-    TQDMProgressBar,
-)
+from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -42,6 +38,7 @@ from genrnn.data import (
 from genrnn.errors import BundleError, ConfigurationError, DataError, interruption_kept
 from genrnn.files import write_atomically
 from genrnn.tokenizer import Tokenizer, train_tokenizers
+from training.averaging import DeviceEMA
 from training.datamodule import PairDataModule
 from training.distillation import (
     TABLE_MANIFEST,
@@ -391,7 +388,7 @@ def build_trainer(config: ExperimentConfig, output: Path) -> tuple[pl.Trainer, B
     ]
     if training.ema_decay:
         # Validation, checkpoints and hence the bundle see the averaged weights.
-        callbacks.append(EMAWeightAveraging(decay=training.ema_decay))
+        callbacks.append(DeviceEMA(decay=training.ema_decay))
     interval = training.val_check_interval
     try:
         trainer = pl.Trainer(
