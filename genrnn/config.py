@@ -351,7 +351,7 @@ class OptimConfig:
         _require(0.0 <= self.ema_decay < 1.0, "training.ema_decay", "must be in [0, 1); 0 switches it off")
         _require(0.0 < self.distill_weight <= 1.0, "training.distill_weight", "must be in (0, 1]")
         _require(
-            self.init_from is None or "," not in self.init_from,
+            self.init_from is None or "," not in self.init_from or Path(self.init_from).is_dir(),  # as bundles read it
             "training.init_from",
             "names one bundle; an ensemble cannot start a single model",
         )

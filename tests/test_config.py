@@ -92,6 +92,14 @@ def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
     assert merged["model"] == {"cell": "lstm", "layers": 1}  # a merge's keys may be given again
 
 
+def test_a_bundle_whose_directory_name_holds_a_comma_may_start_a_run(tmp_path):
+    one = tmp_path / "run,2" / "bundle"  # read as that one bundle, as bundles are wherever named
+    with pytest.raises(ConfigurationError, match="training.init_from: names one bundle"):
+        from_dict(ExperimentConfig, {"training": {"init_from": str(one)}})
+    one.mkdir(parents=True)
+    assert from_dict(ExperimentConfig, {"training": {"init_from": str(one)}}).training.init_from == str(one)
+
+
 def test_numbers_in_exponent_notation_are_numbers():
     assert from_dict(ExperimentConfig, {"training": {"lr": "1e-3"}}).training.lr == 0.001
 

@@ -19,7 +19,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from genrnn.bundle import Bundle, load_bundle, save_bundle
+from genrnn.bundle import Bundle, ensemble_members, load_bundle, save_bundle
 from genrnn.config import ExperimentConfig, ModelConfig, from_dict, is_rank_zero, parse_devices, to_dict
 from genrnn.data import (
     BUILTIN_CMUDICT,
@@ -36,7 +36,7 @@ from genrnn.data import (
     training_pairs,
 )
 from genrnn.errors import BundleError, ConfigurationError, DataError, interruption_kept
-from genrnn.files import write_atomically
+from genrnn.files import check_apart, write_atomically
 from genrnn.tokenizer import Tokenizer, train_tokenizers
 from training.averaging import DeviceEMA
 from training.datamodule import PairDataModule
@@ -451,6 +451,9 @@ def train(config: ExperimentConfig, output: str | Path, resume: bool = True) -> 
         raise ConfigurationError(f"output: {output} is a file; name the run's directory")
     for section in (config.model, config.tokenizer, config.training):  # before the data is read and the run written
         section.check_trainable()
+    # The run's bundle must not be written over one it starts from or learns from.
+    named = [config.training.init_from, config.training.teacher]
+    check_apart(output / "bundle", [member for name in named if name for member in ensemble_members(name)])
     pl.seed_everything(config.training.seed, workers=True, verbose=False)
     trainer, checkpoint = build_trainer(config, output)  # first: a device setting it refuses costs nothing
     train_examples, dev_examples = load_data(config)
