@@ -1,5 +1,5 @@
 """ASGI middlewares of the HTTP processes: whole bodies, UTF-8 bodies, repeated keys, API key, request metrics,
-health.
+health, HEAD.
 
 Each is a plain ASGI wrapper, so it can answer before the body is parsed (a rejected
 request costs no parsing) and see the status code of every reply, errors included.
@@ -220,6 +220,31 @@ class WholeBodyMiddleware(PathMiddleware):
             return next(unread, None) or await receive()
 
         await self.app(scope, receive_body, send)
+
+
+class HeadMiddleware:
+    """Answers HEAD as GET without the body, as a server must wherever it answers GET (RFC 9110, 9.3.2).
+
+    FastAPI's routes take only the methods they name, and LitServe's ``/health`` and ``/info``
+    name GET alone: a load balancer or uptime check that asks with HEAD had 405 and saw the server down.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_alone(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b""}  # Content-Length stays GET's, as it should
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_alone)
 
 
 class HealthMiddleware(PathMiddleware):

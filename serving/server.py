@@ -471,6 +471,7 @@ def build_server(
     from serving.errors import http_error_reply, validation_error_reply
     from serving.middleware import (
         ApiKeyMiddleware,
+        HeadMiddleware,
         HealthMiddleware,
         RepeatedKeyMiddleware,
         RequestMetricsMiddleware,
@@ -497,6 +498,7 @@ def build_server(
     if key:
         middlewares.append((ApiKeyMiddleware, {"prefix": "/v1/", "key": key}))
     middlewares.append((RequestMetricsMiddleware, {"path": GENERATE_PATH}))
+    middlewares.append((HeadMiddleware, {}))  # outermost: the others see the GET it stands for
 
     server = Server(
         api,

@@ -1113,6 +1113,14 @@ def test_health_and_metrics_stay_open_with_an_api_key(keyed):
     assert httpx.get(f"{keyed.url}/metrics").status_code == 200
 
 
+def test_head_is_answered_as_get_without_the_body(small):
+    for path in ("/health", "/info", "/metrics"):
+        got, head = httpx.get(small.url + path), httpx.head(small.url + path)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers.get("content-type") == got.headers.get("content-type")  # /health's "ok" names none
+    assert httpx.head(f"{small.url}/v1/generate").status_code == 405  # POST alone
+
+
 def test_without_a_key_configured_no_key_is_needed(small):
     assert httpx.post(f"{small.url}/v1/generate", json={"inputs": "cat"}).status_code == 200
 
