@@ -194,14 +194,16 @@ def test_the_distillation_table_on_the_gpu_gives_the_cpus_loss_without_waiting(t
 def test_the_moving_average_of_the_weights_stays_on_the_gpu(g2p_files, tmp_path, monkeypatch):
     from torch.optim.swa_utils import AveragedModel
 
-    devices = set()
+    devices, counts = set(), set()
     update = AveragedModel.update_parameters
 
     def noting_where(self, model):
         devices.update(p.device.type for p in self.parameters())
+        counts.add(self.n_averaged.device.type)
         return update(self, model)
 
     monkeypatch.setattr(AveragedModel, "update_parameters", noting_where)
     options = ("--max-steps", "5", "--set", "training.ema_decay=0.9")
     run_cli(*[a if a != "cpu" else "gpu" for a in tiny_train(g2p_files, tmp_path / "run", *options)])
     assert devices == {"cuda"}  # not the host's memory, which each step would copy every weight to
+    assert counts == {"cpu"}  # where reading it, as each update does, waits for nothing on the GPU
