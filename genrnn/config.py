@@ -378,15 +378,22 @@ class OptimConfig:
             _require(any(int(p) for p in match.groups()), "training.max_time", "must be more than zero")
 
     def check_trainable(self) -> None:
-        """Refuse a cosine schedule without a budget to decay over (it would hold the rate where it starts).
+        """Refuse a cosine schedule without a budget to decay over (it would hold the rate where it starts),
+        and weights trained in float16.
 
         Checked where a run starts, not in every config, so that a run stamped before the
-        check loads as it did.
+        checks loads as it did.
         """
         _require(
             self.schedule != "cosine" or self.max_steps > 0 or self.max_epochs > 0 or self.max_time is not None,
             "training.schedule",
             "'cosine' decays the rate over the budget: set max_steps, max_epochs or max_time",
+        )
+        _require(
+            self.precision != "16-true",
+            "training.precision",
+            "16-true keeps the weights in float16, where Adam's epsilon (1e-8) is 0: a weight without a gradient "
+            "(the padding's embedding) becomes NaN at the first step; use 16-mixed, bf16-mixed or bf16-true",
         )
 
 

@@ -856,6 +856,7 @@ def test_a_run_resumes_only_on_as_many_processes_and_says_so_once(g2p_files, tmp
         # before the data is read: the file's absence would be the error otherwise
         (["train", "--train", "/nonexistent.tsv", "--set", "tokenizer.shared=true"], "tokenizer.shared: one model"),
         (["train", "--train", "/nonexistent.tsv", "--set", "model.bridge=zero"], "without attention it never sees"),
+        (["train", "--train", "/nonexistent.tsv", "--precision", "16-true"], "where Adam's epsilon (1e-8) is 0"),
         *(  # the run's bundle would be written over the one it goes on from or learns from
             (
                 ["train", "--train", "/nonexistent.tsv", "--output", "r/a", "--set", f"training.{key}=r/a/bundle"],
