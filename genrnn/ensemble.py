@@ -36,6 +36,9 @@ class Ensemble(nn.Module):
         self.source_vocab_size = members[0].source_vocab_size
         self.target_vocab_size = members[0].target_vocab_size
         self._sizes = [len(m.state_layout()) for m in members]  # state tensors per member
+        # Made once, where the members are (and moved with them), rather than sent to the device each step.
+        device = next(members[0].parameters()).device
+        self.register_buffer("never_emitted", torch.tensor([PAD_ID, BOS_ID], device=device), persistent=False)
 
     def encode(self, source: torch.Tensor, source_lengths: torch.Tensor) -> Encoded:
         encoded = [m.encode(source, source_lengths) for m in self.members]
@@ -45,12 +48,11 @@ class Ensemble(nn.Module):
     def decode(self, target_in: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Log-probabilities of the averaged distribution ``(batch, steps, vocab)``, and the new state."""
         log_probs, new_state, start = [], [], 0
-        never_emitted = torch.tensor([PAD_ID, BOS_ID], device=target_in.device)
         for member, size in zip(self.members, self._sizes):
             logits, member_state = member.decode(target_in, state[start : start + size])
             # Each member's distribution as it decodes alone, without the tokens never emitted:
             # a member that gives them mass would otherwise weigh less in the mixture.
-            logits = logits.float().index_fill(-1, never_emitted, float("-inf"))
+            logits = logits.float().index_fill(-1, self.never_emitted, float("-inf"))
             log_probs.append(logits.log_softmax(dim=-1))
             new_state.extend(member_state)
             start += size
