@@ -158,6 +158,14 @@ def _check_not_one_string(sources: Sequence[str]) -> None:
         raise TypeError(f"sources: a list of strings, and this is one string; decode it as [{sources[:20]!r}]")
 
 
+def still_running(finished: torch.Tensor, ended: int) -> torch.Tensor:
+    """The indices of the rows not ``finished``, in order, given how many did (``ended``, known on the host).
+
+    A stable sort puts them first: unlike ``nonzero``, it needs no wait for the device to learn how many.
+    """
+    return torch.argsort(finished.to(torch.uint8), stable=True)[: finished.numel() - ended]
+
+
 def _select_rows(state: State, index: torch.Tensor) -> State:
     return tuple(s.index_select(1, index) for s in state)
 
@@ -383,7 +391,7 @@ class Generator:
             if ended == finished.numel():
                 break
             if ended:
-                keep = (~finished).nonzero().squeeze(1)
+                keep = still_running(finished, ended)
                 live = {k: v.index_select(0, keep) for k, v in live.items()}
                 state = _select_rows(state, keep)
                 tokens = tokens.index_select(0, keep)
@@ -520,13 +528,14 @@ class Generator:
             finished = enough | at_cap[:, 0] | ~torch.isfinite(scores).any(dim=1)
             state = _select_rows(state, (torch.arange(b, device=device)[:, None] * width + source_beam).view(-1))
             tokens = tokens.view(-1)
-            if bool(finished.any()):
-                ended = live["request"][finished]
+            ended = finished.nonzero().squeeze(1)  # the step's one wait for the device
+            if ended.numel():
+                requests = live["request"].index_select(0, ended)
                 for key, value in fin.items():
-                    done[key][ended] = value[finished]
-                if bool(finished.all()):
+                    done[key].index_copy_(0, requests, value.index_select(0, ended))
+                if ended.numel() == b:
                     break
-                keep = (~finished).nonzero().squeeze(1)
+                keep = still_running(finished, ended.numel())
                 live = {k: v.index_select(0, keep) for k, v in live.items()}
                 fin = {k: v.index_select(0, keep) for k, v in fin.items()}
                 scores = scores[keep]
