@@ -4,8 +4,9 @@
 
 Training logs its loss every few steps with the wall time of each. An interval with
 no validation in it gives the time of a step; an interval with one takes longer,
-and the excess over its steps at the median rate is that validation's time. Prints
-one table row per run.
+and the excess over its steps at the median rate is that validation's time. The
+validations after the last logged loss (a run's last, as a rule) end an interval of
+their own, at the last of them. Prints one table row per run.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 class Timeline:
     """One run's training time split between steps and validations."""
 
-    steps: int
-    seconds: float  # from the first logged step to the last
+    steps: int  # the last logged step: a loss's, or a validation's after it
+    seconds: float  # from the first logged loss to the last logged step
     seconds_per_step: float  # the median over intervals without a validation
     validations: int
     validation_seconds: float  # summed
@@ -33,14 +34,14 @@ class Timeline:
         return self.validation_seconds / self.seconds
 
 
-def _part(events: Path) -> tuple[list, list[int]]:
-    """One part's logged losses (``ScalarEvent``s: step, wall time) and the steps it validated at."""
+def _part(events: Path) -> tuple[list, list]:
+    """One part's logged losses and validations (``ScalarEvent``s: step, wall time as it was logged)."""
     accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
     accumulator.Reload()
     logged = accumulator.Tags()["scalars"]
     losses = accumulator.Scalars("train_loss") if "train_loss" in logged else []
-    validated = [event.step for event in accumulator.Scalars("dev_wer")] if "dev_wer" in logged else []
-    return losses, validated
+    validations = accumulator.Scalars("dev_wer") if "dev_wer" in logged else []
+    return losses, validations
 
 
 def timeline(run: Path) -> Timeline:
@@ -52,21 +53,26 @@ def timeline(run: Path) -> Timeline:
     if not paths:
         raise SystemExit(f"{run}: no TensorBoard events under {run / 'tensorboard'}")
     parts = sorted((p for p in map(_part, paths) if p[0]), key=lambda part: part[0][0].wall_time)
-    plain, with_validation = [], []  # (steps, seconds) of each interval between two logged losses
-    for losses, validated in parts:
-        for a, b in zip(losses, losses[1:]):
-            validates = any(a.step < step <= b.step for step in validated)
-            (with_validation if validates else plain).append((b.step - a.step, b.wall_time - a.wall_time))
+    plain, with_validation = [], []  # (steps, seconds[, validations]) of each interval
+    total, last_step = 0.0, 0
+    for losses, validations in parts:
+        after_last = [v for v in validations if v.step > losses[-1].step]
+        marks = [*losses, after_last[-1]] if after_last else losses  # the part's logged steps, in order
+        for a, b in zip(marks, marks[1:]):
+            held = sum(a.step < v.step <= b.step for v in validations)
+            interval = (b.step - a.step, b.wall_time - a.wall_time)
+            (with_validation.append((*interval, held)) if held else plain.append(interval))
+        total += marks[-1].wall_time - marks[0].wall_time
+        last_step = marks[-1].step
     if not plain:  # losses are logged every 20 steps: a short run has no interval without a validation
         raise SystemExit(f"{run}: too short to time: no two logged losses without a validation between them")
     per_step = statistics.median(seconds / steps for steps, seconds in plain)
-    excess = [seconds - steps * per_step for steps, seconds in with_validation]
     return Timeline(
-        steps=parts[-1][0][-1].step,
-        seconds=sum(losses[-1].wall_time - losses[0].wall_time for losses, _ in parts),
+        steps=last_step,
+        seconds=total,
         seconds_per_step=per_step,
-        validations=len(excess),
-        validation_seconds=sum(excess),
+        validations=sum(held for *_, held in with_validation),
+        validation_seconds=sum(interval_seconds - steps * per_step for steps, interval_seconds, _ in with_validation),
     )
 
 
