@@ -10,8 +10,9 @@ the file when it is decoded, and once with the reference: every ``Item`` held, t
 stamp's digest taken of the whole list of records, the batches lists of items (genrnn's
 reading before the table).
 Each runs in a process of its own; the table gives the growth of the process's anonymous
-memory while it reads (sampled every 5 ms), the reading's wall-clock time, and for the
-table the time to read back a batch of 256 items (the cost each batch pays later).
+memory while it reads (sampled every millisecond by another process), the reading's
+wall-clock time, and for the table the time to read back a batch of 256 items (the cost
+each batch pays later).
 """
 
 from __future__ import annotations
