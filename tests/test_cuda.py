@@ -206,4 +206,4 @@ def test_the_moving_average_of_the_weights_stays_on_the_gpu(g2p_files, tmp_path,
     options = ("--max-steps", "5", "--set", "training.ema_decay=0.9")
     run_cli(*[a if a != "cpu" else "gpu" for a in tiny_train(g2p_files, tmp_path / "run", *options)])
     assert devices == {"cuda"}  # not the host's memory, which each step would copy every weight to
-    assert counts == {"cpu"}  # where reading it, as each update does, waits for nothing on the GPU
+    assert counts == {"cuda"}  # beside them: on the host, each parameter's update would copy it over, and wait

@@ -22,6 +22,7 @@ class DeviceEMA(EMAWeightAveraging):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         # Made, and restored from a resume point, by now; the model is on its device. The count of
-        # updates stays on the host, where the average's checks of it (`n_averaged > 0`) wait for nothing.
+        # updates goes too: the average's two checks of it wait for the GPU, but a count left on the
+        # host would be copied to the device once a parameter, each copy a wait.
         if self._average_model is not None:
-            self._average_model.module.to(pl_module.device)
+            self._average_model.to(pl_module.device)
