@@ -14,7 +14,10 @@ from genrnn.model import Seq2Seq
 
 
 def quantize_int8(model: Seq2Seq | Ensemble) -> Seq2Seq | Ensemble:
-    """A copy of ``model`` (one or an ensemble) whose LSTM/GRU and linear layers run with int8 weights (CPU only)."""
+    """A copy of ``model`` (one or an ensemble) whose LSTM/GRU and linear layers run with int8 weights (CPU only).
+
+    A plain RNN's recurrent layers stay float32: torch has no dynamic int8 kernel for ``nn.RNN``.
+    """
     from torch.ao.quantization import quantize_dynamic
 
     device = next(model.parameters()).device
