@@ -223,28 +223,21 @@ class WholeBodyMiddleware(PathMiddleware):
 
 
 class HeadMiddleware:
-    """Answers HEAD as GET without the body, as a server must wherever it answers GET (RFC 9110, 9.3.2).
+    """Answers HEAD as GET, as a server must wherever it answers GET (RFC 9110, 9.3.2).
 
     FastAPI's routes take only the methods they name, and LitServe's ``/health`` and ``/info``
     name GET alone: a load balancer or uptime check that asks with HEAD had 405 and saw the server down.
+    The app answers the GET whole, so that the middlewares outside (LitServe's compression) give it
+    GET's headers; uvicorn, whose own scope still says HEAD, sends no body.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_headers_alone(message: Message) -> None:
-            if message["type"] == "http.response.body":
-                if message.get("more_body", False):
-                    return
-                message = {"type": "http.response.body", "body": b""}  # Content-Length stays GET's, as it should
-            await send(message)
-
-        await self.app({**scope, "method": "GET"}, receive, send_headers_alone)
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
 
 
 class HealthMiddleware(PathMiddleware):

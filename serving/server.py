@@ -498,7 +498,7 @@ def build_server(
     if key:
         middlewares.append((ApiKeyMiddleware, {"prefix": "/v1/", "key": key}))
     middlewares.append((RequestMetricsMiddleware, {"path": GENERATE_PATH}))
-    middlewares.append((HeadMiddleware, {}))  # outermost: the others see the GET it stands for
+    middlewares.append((HeadMiddleware, {}))  # outermost of ours: they see the GET it stands for
 
     server = Server(
         api,

@@ -1117,7 +1117,10 @@ def test_head_is_answered_as_get_without_the_body(small):
     for path in ("/health", "/info", "/metrics"):
         got, head = httpx.get(small.url + path), httpx.head(small.url + path)
         assert (head.status_code, head.content) == (200, b""), path
-        assert head.headers.get("content-type") == got.headers.get("content-type")  # /health's "ok" names none
+        for header in ("content-type", "content-encoding"):  # /health's "ok" has neither; the others are gzipped
+            assert head.headers.get(header) == got.headers.get(header), (path, header)
+    got, head = httpx.get(small.url + "/info"), httpx.head(small.url + "/info")  # the same reply, compressed
+    assert head.headers["content-length"] == got.headers["content-length"]
     assert httpx.head(f"{small.url}/v1/generate").status_code == 405  # POST alone
 
 
