@@ -34,12 +34,14 @@ VARIANTS = ("reference: every record in a dict", "genrnn: line offsets, parts ma
 # lock while the work holds it, and miss brief peaks (it read a third to a half low).
 SAMPLER = """
 import select, sys
-status, peak = f"/proc/{sys.argv[1]}/status", 0
+def anonymous_kib():
+    with open(f"/proc/{sys.argv[1]}/status") as lines:
+        return next(int(line.split()[1]) for line in lines if line.startswith("RssAnon:"))
+peak = anonymous_kib()
 print("ready", flush=True)
 while not select.select([sys.stdin], [], [], 0.001)[0]:
-    with open(status) as lines:
-        peak = max(peak, next(int(line.split()[1]) for line in lines if line.startswith("RssAnon:")))
-print(peak)
+    peak = max(peak, anonymous_kib())
+print(max(peak, anonymous_kib()))  # the last moment too
 """
 
 
@@ -58,12 +60,15 @@ class AnonymousGrowth:
         self.start, self.peak = anonymous_mib(), 0.0
         command = [sys.executable, "-c", SAMPLER, str(os.getpid())]
         self.sampler = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.sampler.stdout.readline()  # sampling from here on
+        if self.sampler.stdout.readline() != "ready\n":  # sampling from here on
+            raise SystemExit("the memory sampler did not start (it reads /proc/PID/status: Linux)")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        peak_kib = int(self.sampler.communicate("stop\n")[0])  # the rest of its output: the peak
-        self.peak = max(0.0, peak_kib / 1024 - self.start)
+        said = self.sampler.communicate("stop\n")[0]  # the rest of its output: the peak
+        if self.sampler.returncode != 0 or not said.strip().isdigit():
+            raise SystemExit(f"the memory sampler failed (exit {self.sampler.returncode}): {said!r}")
+        self.peak = int(said) / 1024 - self.start
 
 
 def record(index: int) -> dict:
