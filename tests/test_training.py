@@ -968,9 +968,22 @@ def test_training_that_could_not_mean_anything_is_refused_in_one_line(g2p_files,
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_a_bfloat16_precision_this_cpu_cannot_run_is_refused_in_one_line(g2p_files, tmp_path, precision):
-    if cpu_runs_recurrent_at(precision, "lstm"):
-        pytest.skip(f"this CPU runs LSTMs at {precision}")
+def test_where_the_probe_says_this_cpu_runs_bfloat16_a_run_at_that_precision_trains(g2p_files, tmp_path, precision):
+    if not cpu_runs_recurrent_at(precision, "lstm"):
+        pytest.skip(f"this CPU's LSTM kernel cannot run {precision} (the refusal's test is below)")
+    import torch
+
+    run_cli(*tiny_train(g2p_files, tmp_path / "run", "--precision", precision, "--max-steps", "2"))
+    model = load_bundle(tmp_path / "run" / "bundle").model
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_a_bfloat16_precision_this_cpu_cannot_run_is_refused_in_one_line(g2p_files, tmp_path, monkeypatch, precision):
+    import training.train
+
+    # A CPU without bfloat16 instructions, as the probe would find it: most CPUs that run CI have them.
+    monkeypatch.setattr(training.train, "cpu_runs_recurrent_at", lambda precision, cell: False)
     result = run_cli(
         *tiny_train(g2p_files, tmp_path / "run", "--precision", precision, "--max-steps", "1"), check=False
     )
