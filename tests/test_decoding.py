@@ -40,8 +40,8 @@ def small_config(**overrides) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def generator() -> Generator:
-    """An untrained model whose EOS is likely: greedy and beam outputs end at once, while samples end at
-    different steps (tests of long outputs make their own, or use ``trained``)."""
+    """An untrained model whose EOS is likely: every word decodes alike and short (greedy and beam end at
+    once), which tests of refusals, seeds and plumbing need; tests of what decoding finds use ``trained``."""
     torch.manual_seed(3)
     source = train_tokenizer(WORDS * 3, "char", 64)
     target = train_tokenizer(["K AE1 T", "D AO1 G", "HH AW1 S", "AH0", "T R IY1"] * 3, "word", 64)
@@ -131,16 +131,16 @@ def test_sums_are_float64_but_on_mps_which_has_none():
     assert wide_dtype(torch.device("mps")) == torch.float32
 
 
-def test_every_mode_decodes_with_float32_sums_as_on_mps(generator, monkeypatch):
+def test_every_mode_decodes_with_float32_sums_as_on_mps(trained, monkeypatch):
     """The engine's path on MPS, taken on the CPU: the same outputs, scores to float32's precision."""
     settings = [
         DecodingConfig(mode="greedy", max_new_tokens=10),
         DecodingConfig(mode="sample", seed=3, num_return_sequences=3, top_p=0.9, max_new_tokens=10),
         DecodingConfig(mode="beam", beam_size=4, num_return_sequences=2, max_new_tokens=10),
     ]
-    wide = [generator.generate(WORDS, s) for s in settings]
+    wide = [trained.generate(WORDS, s) for s in settings]
     monkeypatch.setattr(decoding, "wide_dtype", lambda device: torch.float32)
-    narrow = [generator.generate(WORDS, s) for s in settings]
+    narrow = [trained.generate(WORDS, s) for s in settings]
     for w, n in zip(wide, narrow):
         for a, b in zip(w, n):
             assert [c.tokens for c in a.candidates] == [c.tokens for c in b.candidates]
@@ -152,9 +152,9 @@ def normalised(candidate, alpha: float) -> float:
     return candidate.logprob / float(length_penalty(torch.tensor(length), torch.tensor(alpha), torch.tensor(False)))
 
 
-def test_beam_returns_distinct_hypotheses_in_score_order(generator):
+def test_beam_returns_distinct_hypotheses_in_score_order(trained):
     settings = DecodingConfig(mode="beam", beam_size=5, num_return_sequences=5, max_new_tokens=8, length_penalty=0.6)
-    for result in generator.generate(WORDS, settings):
+    for result in trained.generate(WORDS, settings):
         candidates = result.candidates
         assert len(candidates) == 5
         assert len({tuple(c.tokens) for c in candidates}) == 5
@@ -252,11 +252,11 @@ def test_beam_search_of_an_untrained_model_equals_the_plain_one_unk_included(gen
     assert any(UNK_ID in c.tokens for r in results for c in r.candidates)  # the case a trained model hides
 
 
-def test_top_k_one_and_a_tiny_temperature_equal_greedy(generator):
-    greedy = generator.generate(WORDS, DecodingConfig(mode="greedy", max_new_tokens=10))
-    top1 = generator.generate(WORDS, DecodingConfig(mode="sample", top_k=1, seed=1, max_new_tokens=10))
-    cold = generator.generate(WORDS, DecodingConfig(mode="sample", temperature=1e-4, seed=2, max_new_tokens=10))
-    frozen = generator.generate(WORDS, DecodingConfig(mode="sample", temperature=1e-30, seed=3, max_new_tokens=10))
+def test_top_k_one_and_a_tiny_temperature_equal_greedy(trained):
+    greedy = trained.generate(WORDS, DecodingConfig(mode="greedy", max_new_tokens=10))
+    top1 = trained.generate(WORDS, DecodingConfig(mode="sample", top_k=1, seed=1, max_new_tokens=10))
+    cold = trained.generate(WORDS, DecodingConfig(mode="sample", temperature=1e-4, seed=2, max_new_tokens=10))
+    frozen = trained.generate(WORDS, DecodingConfig(mode="sample", temperature=1e-30, seed=3, max_new_tokens=10))
     for g, a, b, c in zip(greedy, top1, cold, frozen):
         assert g.candidates[0].tokens == a.candidates[0].tokens == b.candidates[0].tokens == c.candidates[0].tokens
 
