@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+import unicodedata
 
 import pytest
 
@@ -191,9 +193,13 @@ def test_batch_size_caps_the_number_of_pairs():
 def test_ranks_share_the_batches_evenly_without_overlap():
     lengths = [random.Random(i).randint(1, 30) for i in range(301)]
     ranks = [list(TokenBudgetBatchSampler(lengths, 120, seed=3, num_replicas=2, rank=r)) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1])
+    alone = list(TokenBudgetBatchSampler(lengths, 120, seed=3))  # the same pass, on one process
+    assert len(ranks[0]) == len(ranks[1]) == math.ceil(len(alone) / 2)
     covered = {i for batches in ranks for b in batches for i in b}
     assert covered == set(range(301))
+    # Without overlap: each batch is one rank's, but for the one repeated to even an odd count.
+    served = [tuple(b) for batches in ranks for b in batches]
+    assert len(served) - len(set(served)) == len(alone) % 2
 
 
 @pytest.mark.parametrize(
@@ -224,6 +230,9 @@ def test_a_character_is_blank_exactly_when_the_tokenizer_reads_nothing_of_it(nor
     characters = [chr(c) for c in range(0x30000) if not 0xD800 <= c < 0xE000]  # every plane in use; no surrogates
     read_as_nothing = {c for c, ids in zip(characters, tokenizer.encode(characters)) if not ids}
     assert not read_as_nothing - {c for c in characters if is_blank(c)}
+    # ... and no letter, digit, punctuation or symbol is, but for sentencepiece's space mark and U+FFFD
+    readable = {c for c in characters if unicodedata.category(c)[0] in "LNPS"}
+    assert {c for c in readable if is_blank(c)} == {"\u2581", "\ufffd"}
 
 
 def test_a_length_counts_the_characters_nfkc_makes_up_to_a_cap():

@@ -73,9 +73,10 @@ def test_last_bridge_copies_the_final_encoder_layers():
         model.source_embedding(source), lengths, batch_first=True, enforce_sorted=False
     )
     _, (h, c) = model.encoder(packed)
-    h = h.view(3, 2, 3, 5)
-    expected_h = torch.cat([h[1:, 0], h[1:, 1]], dim=-1)  # last two layers, forward ‖ backward
-    torch.testing.assert_close(encoded.state[0], expected_h)
+    for copied, final in zip(encoded.state[:2], (h, c)):  # the cell state as the hidden state
+        final = final.view(3, 2, 3, 5)
+        expected = torch.cat([final[1:, 0], final[1:, 1]], dim=-1)  # last two layers, forward ‖ backward
+        torch.testing.assert_close(copied, expected)
 
 
 def test_last_bridge_rejects_sizes_that_do_not_fit():
