@@ -63,13 +63,25 @@ def test_int8_is_refused_for_a_model_not_in_float32(tiny_bundle):
         quantize_int8(model)
 
 
-def test_generate_and_evaluate_take_quantize_int8(tiny_bundle, g2p_files, tmp_path, capsys):
+def test_generate_and_evaluate_take_quantize_int8(tiny_bundle, g2p_files, tmp_path, capsys, monkeypatch):
+    import genrnn.quantization
+    import serving.batch
+
+    quantized = []  # the models each command quantized: the real function, watched
+
+    def watched(model, quantize=genrnn.quantization.quantize_int8):
+        quantized.append(model)
+        return quantize(model)
+
+    monkeypatch.setattr(genrnn.quantization, "quantize_int8", watched)  # evaluate imports it as it runs
+    monkeypatch.setattr(serving.batch, "quantize_int8", watched)
     words = tmp_path / "words.txt"
     words.write_text("".join(e.source + "\n" for e in read_examples(g2p_files["dev"])[:10]))
     output = tmp_path / "out.jsonl"
     model = ["--model", str(tiny_bundle), "--quantize", "int8"]
     assert main(["generate", *model, "--input", str(words), "--output", str(output), "--accelerator", "cpu"]) == 0
-    assert len(output.read_text().splitlines()) == 10
+    assert len(output.read_text().splitlines()) == 10 and len(quantized) == 1
     assert main(["evaluate", *model, "--data", str(g2p_files["dev"]), "--output", str(tmp_path / "s.json")]) == 0
+    assert len(quantized) == 2
     assert "WER" in capsys.readouterr().out
     assert json.loads((tmp_path / "s.json").read_text())["items"] == len(read_examples(g2p_files["dev"]))
