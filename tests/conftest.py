@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,15 +115,19 @@ def g2p_files(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def train_tiny(train: Path, valid: Path | None, directory: Path) -> Path:
-    """A tiny G2P bundle trained for real (a few seconds on a CPU); without ``valid``, dev is held out of ``train``."""
+def train_tiny(train: Path, valid: Path | None, directory: Path, epochs: int = 8, **model: Any) -> Path:
+    """A tiny G2P bundle trained for real (a few seconds on a CPU); without ``valid``, dev is held out of ``train``.
+
+    ``model``: settings of the model other than the tiny config's (``attention="luong"``, say).
+    """
     from training.train import train as run
 
     config = load_config(TINY_CONFIG)
     config = replace(
         config,
+        model=replace(config.model, **model),
         data=replace(config.data, train=str(train), valid=str(valid) if valid else None),
-        training=replace(config.training, max_epochs=8, accelerator="cpu"),
+        training=replace(config.training, max_epochs=epochs, accelerator="cpu"),
     )
     bundle = run(config, directory)
     assert bundle is not None

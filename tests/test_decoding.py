@@ -18,6 +18,7 @@ from genrnn.config import DecodingConfig, ModelConfig, replace
 from genrnn.decoding import Generator, filtered_distribution, length_penalty, wide_dtype
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
+from tests.conftest import train_tiny
 from tests.test_model import ATTENTION
 
 WORDS = ["cat", "dog", "house", "a", "mouse", "spelling", "x", "tree"]
@@ -440,14 +441,10 @@ def test_max_new_tokens_over_the_cap_is_refused(generator):
 
 
 @pytest.mark.parametrize("attention", ATTENTION)
-def test_every_mode_runs_on_an_attention_model(generator, attention):
-    torch.manual_seed(4)
-    config = small_config(decoder_layers=2, **ATTENTION[attention])  # two: a bottom query differs from a top one
-    model = Seq2Seq(config, generator.source_tokenizer.vocab_size, generator.target_tokenizer.vocab_size)
-    with torch.no_grad():
-        model.output.bias[EOS_ID] = 2.0
-    attending = Generator(model, generator.source_tokenizer, generator.target_tokenizer)
+def test_every_mode_runs_on_an_attention_model(kinds, attention):
+    attending = kinds[attention]  # two decoder layers: a bottom query differs from a top one
     greedy = attending.generate(WORDS, DecodingConfig(mode="greedy", max_new_tokens=10))
+    assert max(len(g.candidates[0].tokens) for g in greedy) > 1
     for word, result in zip(WORDS, greedy):
         assert result.candidates[0].tokens == greedy_reference(attending, word, 10)
     beam = attending.generate(WORDS, DecodingConfig(mode="beam", beam_size=1, max_new_tokens=10))
@@ -491,20 +488,23 @@ def test_a_capped_output_ends_with_reason_length(generator):
 ARCHITECTURES = {"none": {}, **ATTENTION}
 
 
-def double_generator(architecture: str, tokenizers: Generator) -> Generator:
-    """A random two-layer model in float64, where a row computes alike alone and in a batch: results compare with ==."""
-    torch.manual_seed(6)
-    config = small_config(decoder_layers=2, encoder_layers=2, **ARCHITECTURES[architecture])
-    source, target = tokenizers.source_tokenizer, tokenizers.target_tokenizer
-    model = Seq2Seq(config, source.vocab_size, target.vocab_size).double().eval()
-    with torch.no_grad():
-        model.output.bias[EOS_ID] = 1.0
-    return Generator(model, source, target, seed=0)
+@pytest.fixture(scope="module")
+def kinds(g2p_files, tmp_path_factory) -> dict[str, Generator]:
+    """A tiny model of each architecture with two decoder layers, trained for two epochs (seconds), so that
+    its outputs differ by word and run several steps; in float64, where a row computes alike alone and
+    in a batch: results compare with ==."""
+    generators = {}
+    for name, architecture in ARCHITECTURES.items():
+        directory = tmp_path_factory.mktemp(f"kind-{name}")
+        bundle_dir = train_tiny(g2p_files["train"], g2p_files["dev"], directory, 2, decoder_layers=2, **architecture)
+        bundle = load_bundle(bundle_dir)
+        generators[name] = Generator(bundle.model.double(), bundle.source_tokenizer, bundle.target_tokenizer, seed=0)
+    return generators
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_every_request_of_a_mixed_batch_decodes_as_it_would_alone(generator, architecture):
-    engine = double_generator(architecture, generator)
+def test_every_request_of_a_mixed_batch_decodes_as_it_would_alone(kinds, architecture):
+    engine = kinds[architecture]
     words = [*WORDS, "", "a" * 30]  # an empty input and a long one beside the rest
     # Only a seeded sample is its own: an unseeded one draws from the engine's stream.
     settings = [replace(s, seed=7) if s.mode == "sample" else s for s in mixed_batch(words)]
@@ -512,16 +512,21 @@ def test_every_request_of_a_mixed_batch_decodes_as_it_would_alone(generator, arc
     for word, setting, result in zip(words, settings, together):
         alone = engine.generate([word], setting)[0]
         assert [c.to_dict() for c in result.candidates] == [c.to_dict() for c in alone.candidates], word
+    # Beam requests ended at different steps, so that the batch went on without the first to end.
+    beams = [r for s, r in zip(settings, together) if s.mode == "beam"]
+    assert len({max(len(c.tokens) for c in r.candidates) for r in beams}) > 1
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_reported_log_probabilities_are_the_training_forwards(generator, architecture):
+def test_reported_log_probabilities_are_the_training_forwards(kinds, architecture):
     """The engine steps one position at a time; training runs the teacher-forced forward: they agree."""
-    engine = double_generator(architecture, generator)
+    engine = kinds[architecture]
     settings = [DecodingConfig(mode="greedy"), DecodingConfig(mode="beam", beam_size=3, num_return_sequences=3)]
     model = engine.model
+    lengths = set()
     for setting in settings:
         for word, result in zip(WORDS, engine.generate(WORDS, setting)):
+            lengths.update(len(c.tokens) for c in result.candidates)
             ids = engine.source_tokenizer.encode([word])[0]
             for candidate in result.candidates:
                 outputs = candidate.tokens + ([EOS_ID] if candidate.finish_reason == "eos" else [])
@@ -532,3 +537,4 @@ def test_reported_log_probabilities_are_the_training_forwards(generator, archite
                 expected = logits.log_softmax(-1).gather(1, torch.tensor(outputs)[:, None]).sum()
                 # The engine's softmax is float32 (its sums float64), whatever the weights.
                 assert candidate.logprob == pytest.approx(float(expected), abs=1e-5), (word, setting.mode)
+    assert max(lengths) >= 3  # long enough for beams to have been reordered to their parents' states
