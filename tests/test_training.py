@@ -1118,6 +1118,35 @@ def test_bad_config_value_names_the_key(tmp_path):
     assert os.path.exists(config)
 
 
+def test_the_moving_average_updates_every_weight_in_one_fused_operation():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from genrnn.config import load_config
+    from training.averaging import DeviceEMA
+    from training.module import Seq2SeqModule
+
+    module = Seq2SeqModule.from_config(load_config(TINY_CONFIG), 40, 60)
+    average = DeviceEMA(decay=0.9)
+    average.setup(None, module, "fit")
+    average._average_model.update_parameters(module)  # the first update copies the weights
+
+    class Operations(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Operations() as operations:
+        average._average_model.update_parameters(module)
+    # Lightning's own update multiplies, adds and copies each weight: on a GPU, each a kernel launched.
+    assert operations.names.count("aten::_foreach_lerp_") == 1
+    assert not {"aten::mul", "aten::add", "aten::copy_", "aten::lerp_"} & set(operations.names)
+
+
 def test_weight_averaging_puts_the_averaged_weights_in_the_bundle(g2p_files, tmp_path):
     import torch
 

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import EMAWeightAveraging
+from pytorch_lightning.callbacks import EMAWeightAveraging, WeightAveraging
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
-class DeviceEMA(EMAWeightAveraging):
-    """Lightning's moving average of the weights, moved to the model's device as fit starts.
+class DeviceEMA(WeightAveraging):
+    """Lightning's moving average of the weights, moved to the model's device as fit starts, and
+    updated by one fused operation over all weights.
 
     Lightning makes the average as fit sets up, before the model moves to its device, so on
     a GPU it stayed in host memory: every step copied all the weights to the host and
-    averaged them there, and every validation copied the average back.
+    averaged them there, and every validation copied the average back. And it updates one
+    weight at a time, a few operations each: on a GPU, each a kernel to launch.
     """
+
+    def __init__(self, decay: float) -> None:
+        # Lightning's EMAWeightAveraging with its defaults (an update after every step), but for the
+        # update: torch's fused form of the same average, equal up to rounding.
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
 
     @property
     def state_key(self) -> str:
@@ -22,7 +30,7 @@ class DeviceEMA(EMAWeightAveraging):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         # Made, and restored from a resume point, by now; the model is on its device. The count of
-        # updates goes too: the average's two checks of it wait for the GPU, but a count left on the
-        # host would be copied to the device once a parameter, each copy a wait.
+        # updates goes too: each update's two checks of it wait for the GPU, as copying it there at
+        # each update would.
         if self._average_model is not None:
             self._average_model.to(pl_module.device)
