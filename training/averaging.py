@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import EMAWeightAveraging, WeightAveraging
+from torch import Tensor
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
@@ -20,7 +23,7 @@ class DeviceEMA(WeightAveraging):
     def __init__(self, decay: float) -> None:
         # Lightning's EMAWeightAveraging with its defaults (an update after every step), but for the
         # update: torch's fused form of the same average, equal up to rounding.
-        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+        super().__init__(multi_avg_fn=_in_the_averages_type(get_ema_multi_avg_fn(decay)))
 
     @property
     def state_key(self) -> str:
@@ -30,7 +33,17 @@ class DeviceEMA(WeightAveraging):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         # Made, and restored from a resume point, by now; the model is on its device. The count of
-        # updates goes too: each update's two checks of it wait for the GPU, as copying it there at
-        # each update would.
+        # updates goes too: each update's two checks of it then wait for the GPU, where left on the
+        # host it would be copied there at each update, a wait as well.
         if self._average_model is not None:
             self._average_model.to(pl_module.device)
+
+
+def _in_the_averages_type(update: Callable) -> Callable:
+    """``update`` given each weight in its average's type: the average is made before the weights take
+    their precision (``bf16-true``), and the fused update takes one type."""
+
+    def update_as_the_average(average: list[Tensor], current: list[Tensor], count: Tensor) -> None:
+        update(average, [weight.to(kept.dtype) for kept, weight in zip(average, current)], count)
+
+    return update_as_the_average
