@@ -12,6 +12,7 @@ from torch.ao.nn.quantized import dynamic
 from genrnn.bundle import load_bundle
 from genrnn.cli import main
 from genrnn.data import pad, read_examples
+from genrnn.decoding import Generator
 from genrnn.ensemble import Ensemble
 from genrnn.errors import ConfigurationError
 from genrnn.quantization import quantize_int8
@@ -67,21 +68,26 @@ def test_generate_and_evaluate_take_quantize_int8(tiny_bundle, g2p_files, tmp_pa
     import genrnn.quantization
     import serving.batch
 
-    quantized = []  # the models each command quantized: the real function, watched
+    quantized, decoding = [], []  # the models each command quantized (the real function, watched), and decoded
 
     def watched(model, quantize=genrnn.quantization.quantize_int8):
-        quantized.append(model)
-        return quantize(model)
+        quantized.append(quantize(model))
+        return quantized[-1]
+
+    def noting(self, model, *args, init=Generator.__init__, **kwargs):
+        decoding.append(model)
+        init(self, model, *args, **kwargs)
 
     monkeypatch.setattr(genrnn.quantization, "quantize_int8", watched)  # evaluate imports it as it runs
     monkeypatch.setattr(serving.batch, "quantize_int8", watched)
+    monkeypatch.setattr(Generator, "__init__", noting)
     words = tmp_path / "words.txt"
     words.write_text("".join(e.source + "\n" for e in read_examples(g2p_files["dev"])[:10]))
     output = tmp_path / "out.jsonl"
     model = ["--model", str(tiny_bundle), "--quantize", "int8"]
     assert main(["generate", *model, "--input", str(words), "--output", str(output), "--accelerator", "cpu"]) == 0
-    assert len(output.read_text().splitlines()) == 10 and len(quantized) == 1
+    assert len(output.read_text().splitlines()) == 10 and len(quantized) == 1 and decoding[-1] is quantized[-1]
     assert main(["evaluate", *model, "--data", str(g2p_files["dev"]), "--output", str(tmp_path / "s.json")]) == 0
-    assert len(quantized) == 2
+    assert len(quantized) == 2 and decoding[-1] is quantized[-1]
     assert "WER" in capsys.readouterr().out
     assert json.loads((tmp_path / "s.json").read_text())["items"] == len(read_examples(g2p_files["dev"]))
