@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from genrnn.config import load_config, replace
 from genrnn.data import read_examples, tsv_line
@@ -113,6 +115,30 @@ def g2p_files(tmp_path_factory) -> dict[str, Path]:
         "dev": write_tsv(directory / "dev.tsv", read_examples("builtin:cmudict:dev")[::20]),
         "test": write_tsv(directory / "test.tsv", read_examples("builtin:cmudict:test")[::20]),
     }
+
+
+class Operations(TorchDispatchMode):
+    """Records the torch operations dispatched inside ``with Operations() as operations:`` (``names``), and
+    counts those that make the host wait for a GPU, on whatever device they run (``host_waits``): reading a
+    scalar (``int()``, ``bool()``, ``.item()``), ``nonzero``, and indexing with a boolean mask. Set
+    ``watching`` to False to leave a stretch out."""
+
+    WAITS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.host_waits = 0
+        self.watching = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if self.watching:
+            indices = args[1] if name.startswith("aten::index") and isinstance(args[1], (list, tuple)) else ()
+            masks = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+            self.names.append(name)
+            self.host_waits += name in self.WAITS or masks
+        return func(*args, **(kwargs or {}))
 
 
 def train_tiny(train: Path, valid: Path | None, directory: Path, epochs: int = 8, **model: Any) -> Path:

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from genrnn import decoding
 from genrnn.bundle import load_bundle
@@ -18,7 +17,7 @@ from genrnn.config import DecodingConfig, ModelConfig, replace
 from genrnn.decoding import Generator, filtered_distribution, length_penalty, wide_dtype
 from genrnn.model import Seq2Seq
 from genrnn.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
-from tests.conftest import train_tiny
+from tests.conftest import Operations, train_tiny
 from tests.test_model import ATTENTION
 
 WORDS = ["cat", "dog", "house", "a", "mouse", "spelling", "x", "tree"]
@@ -318,28 +317,9 @@ def trained(tiny_bundle) -> Generator:
     return Generator(bundle.model, bundle.source_tokenizer, bundle.target_tokenizer, seed=5)
 
 
-class HostWaits(TorchDispatchMode):
-    """Counts the operations that would make the host wait for a GPU, on whatever device they run:
-    reading a scalar (``int()``, ``bool()``, ``.item()``), ``nonzero``, and indexing with a boolean mask.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.watching = True
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        indices = args[1] if name.startswith("aten::index") and isinstance(args[1], (list, tuple)) else ()
-        masks = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
-        waits = name in ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select") or masks
-        self.count += self.watching and waits
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
 def test_decoding_waits_for_the_device_once_a_step_also_where_rows_finish(trained, monkeypatch, mode):
-    waits, steps = HostWaits(), []
+    waits, steps = Operations(), []
     step, encode = trained._step_logprobs, trained.model.encode
 
     def counted_step(*args, **kwargs):
@@ -359,7 +339,7 @@ def test_decoding_waits_for_the_device_once_a_step_also_where_rows_finish(traine
         outputs = trained.generate(WORDS, DecodingConfig(mode=mode, seed=3, beam_size=3, max_new_tokens=12))
 
     assert len({len(o.candidates[0].tokens) for o in outputs}) > 1  # rows did finish at different steps
-    assert waits.count == len(steps)  # the step's check for finished rows, and nothing else
+    assert waits.host_waits == len(steps)  # the step's check for finished rows, and nothing else
 
 
 def mixed_batch(words: list[str]) -> list[DecodingConfig]:

@@ -1122,9 +1122,9 @@ def test_bad_config_value_names_the_key(tmp_path):
 
 def test_the_moving_average_updates_every_weight_in_one_fused_operation():
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from genrnn.config import load_config
+    from tests.conftest import Operations
     from training.averaging import DeviceEMA
     from training.module import Seq2SeqModule
 
@@ -1132,15 +1132,6 @@ def test_the_moving_average_updates_every_weight_in_one_fused_operation():
     average = DeviceEMA(decay=0.9)
     average.setup(None, module, "fit")
     average._average_model.update_parameters(module)  # the first update copies the weights
-
-    class Operations(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func._schema.name)
-            return func(*args, **(kwargs or {}))
 
     with torch.no_grad(), Operations() as operations:
         average._average_model.update_parameters(module)
@@ -1243,9 +1234,8 @@ def test_a_fresh_start_stopped_as_it_stamps_the_run_leaves_no_old_checkpoint_to_
     stamp_run = training.train.stamp_run
 
     def stamp_then_ctrl_c(*args, **kwargs):
-        seeding = stamp_run(*args, **kwargs)
+        stamp_run(*args, **kwargs)
         raise KeyboardInterrupt  # as if Ctrl+C came right after the new settings were stamped
-        return seeding
 
     new_settings = ("--max-steps", "2", "--set", "training.lr=0.01")
     monkeypatch.setattr(training.train, "stamp_run", stamp_then_ctrl_c)
